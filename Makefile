@@ -1,0 +1,36 @@
+# One venv, installed by the project's own files. `make quickstart` and `make test` are the README's two commands.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup quickstart test test-slow lint bench clean
+
+$(BIN)/visiontune: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[dev]"
+	@touch $@
+
+setup: $(BIN)/visiontune
+
+quickstart: setup
+	$(BIN)/visiontune train recipes/classify/mnist-efficientnet-lite0.yaml --overwrite
+
+test: setup
+	$(BIN)/python -m pytest -q -x --durations=10
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+bench: setup
+	$(BIN)/python benchmarks/bench_overhead.py
+	$(BIN)/python benchmarks/bench_dataloader.py
+
+clean:
+	rm -rf runs .pytest_cache

