@@ -42,7 +42,12 @@ def train(
     from visiontune.tasks import get_task
 
     config = load_recipe(find_recipe(recipe), overrides)
-    run_dir = get_task(config.task).train(config, overwrite=overwrite, resume=resume)
+    try:
+        run_dir = get_task(config.task).train(config, overwrite=overwrite, resume=resume)
+    except KeyboardInterrupt:
+        typer.secho(f"Interrupted. Completed checkpoints in {config.output_dir} are kept; continue with "
+                    f"`visiontune train {recipe} --resume`.", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(130) from None
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(f"Run folder: {run_dir}\nReport: {run_dir / 'report.md'} and {run_dir / 'report.html'}")
 
@@ -112,12 +117,11 @@ def assets() -> None:
 
 
 def main() -> None:
+    # Library chatter (weight-loading bars, expected head re-initialisation reports) hides our own messages.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         app()
     except VisiontuneError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        typer.secho("Interrupted. Completed checkpoints are kept; continue with `visiontune train RECIPE --resume`.",
-                    fg=typer.colors.YELLOW, err=True)
-        sys.exit(130)

@@ -82,7 +82,7 @@ def _hf(name: str, class_names: list[str] | None) -> ImageClassifier:
 
     kwargs = {}
     if class_names:
-        kwargs = {"num_labels": len(class_names), "id2label": dict(enumerate(class_names)),
+        kwargs = {"id2label": dict(enumerate(class_names)),
                   "label2id": {n: i for i, n in enumerate(class_names)}, "ignore_mismatched_sizes": True}
     try:
         backbone = AutoModelForImageClassification.from_pretrained(name, **kwargs)
@@ -110,12 +110,21 @@ def _hf_preprocess(name: str, backbone) -> Preprocess:
     try:
         proc = AutoImageProcessor.from_pretrained(name)
         mean, std = tuple(proc.image_mean), tuple(proc.image_std)
-        s = proc.size
-        size = s.get("shortest_edge") or s.get("height") or size if isinstance(s, dict) else s
+        size = _edge(proc.size) or size
     except Exception:  # no processor saved: fall back to config + ImageNet statistics
         pass
-    size = size[0] if isinstance(size, (list, tuple)) else size
     return Preprocess(int(size), mean, std, "bilinear")
+
+
+def _edge(size) -> int | None:
+    """The square input edge from an image processor's `size` (an int, a dict or a transformers SizeDict)."""
+    if isinstance(size, int):
+        return size
+    for key in ("shortest_edge", "height"):
+        value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+        if value:
+            return int(value)
+    return None
 
 
 def _imagenet_names(n: int) -> list[str]:

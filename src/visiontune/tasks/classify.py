@@ -68,7 +68,12 @@ class ClassifyTask:
         trainer = build_trainer(model, cfg, data, plan, run_dir)
         if checkpoint is None:
             _write_eval(run_dir, "before", trainer, "before")
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        try:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        finally:
+            for callback in trainer.callback_handler.callbacks:
+                if isinstance(callback, RichProgress):
+                    callback.stop()
         weights = _keep_better_ema(trainer, plan.ema, cfg.train.metric)
         after = _write_eval(run_dir, "after", trainer, "after", weights=weights)
         trainer.record_rank(run_dir)

@@ -28,7 +28,8 @@ class RichProgress(TrainerCallback):
         self.progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[ips]:.1f} img/s"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=self.console, transient=False)
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=self.console, transient=False,
+            redirect_stdout=False, redirect_stderr=False)
         self.progress.start()
         self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step,
                                            **self.fields)
@@ -52,6 +53,10 @@ class RichProgress(TrainerCallback):
             self.progress.console.print(f"step {state.global_step} eval {shown}")
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.stop()
+
+    def stop(self) -> None:
+        """Also called when training is interrupted, so the terminal is left clean for the error message."""
         if self.progress is not None:
             self.progress.stop()
             self.progress = None

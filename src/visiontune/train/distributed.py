@@ -21,6 +21,11 @@ def check_process_group(num_processes: int) -> None:
     """Refuse to train when the launcher started N processes but they are not one synchronised group of N."""
     import torch.distributed as dist
 
+    if "WORLD_SIZE" not in os.environ and "MASTER_ADDR" in os.environ and os.environ.get("ACCELERATE_USE_CPU"):
+        # accelerate's simple launcher sets MASTER_ADDR for num_processes > 1 but starts only one process on CPU.
+        raise DistributedError(
+            "`accelerate launch --cpu --num_processes N` started a single process, not N; launch with "
+            "`visiontune train --nproc N` or `torchrun --nproc_per_node N -m visiontune train ...` instead.")
     expected = launched_world_size()
     actual = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     if expected != num_processes or expected != actual:

@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny models saved to local folders (built once per session) and an in-process CLI runner."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir(tmp_path_factory) -> Path:
+    from visiontune.fixtures import write_all
+
+    out = tmp_path_factory.mktemp("fixtures")
+    write_all(out)
+    return out
+
+
+@pytest.fixture
+def write_recipe(tmp_path):
+    """write_recipe(dict) -> path of a YAML recipe in tmp_path."""
+
+    def write(config: dict, name: str = "recipe.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def tiny_recipe(fixtures_dir, tmp_path):
+    """A fast classify recipe on the tiny timm ViT and the generated image folder."""
+
+    def make(**sections) -> dict:
+        config = {
+            "task": "classify",
+            "model": str(fixtures_dir / "timm-vit"),
+            "output_dir": str(tmp_path / "run"),
+            "data": {"train": str(fixtures_dir / "images"), "val_split": 0.25, "augment": {"preset": "none"},
+                     "workers": 0},
+            "train": {"epochs": 2, "batch_size": 8, "lr": 3e-3, "logging_steps": 1, "warmup_ratio": 0.0},
+        }
+        for key, value in sections.items():
+            if isinstance(value, dict):
+                config.setdefault(key, {}).update(value)
+            else:
+                config[key] = value
+        return config
+
+    return make
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run `visiontune ARGS` in-process; returns (exit code, stdout, stderr)."""
+    from visiontune.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["visiontune", *map(str, args)])
+        code = 0
+        try:
+            main()
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
