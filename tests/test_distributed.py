@@ -18,8 +18,9 @@ def _env() -> dict:
 def _check_ranks(run: Path, train_size: int, epochs: int) -> None:
     ranks = [json.loads((run / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world_size"] == 2 for r in ranks)
-    assert all(r["samples_seen"] > 0 for r in ranks), "a rank did not train"
-    assert sum(r["samples_seen"] for r in ranks) == train_size * epochs
+    # Each rank trains on its own half of every epoch (the sampler pads to whole, even batches).
+    half = -(-train_size // 2) * epochs
+    assert all(half <= r["samples_seen"] <= half + 4 * epochs for r in ranks), ranks
     assert ranks[0]["weight_checksum"] == ranks[1]["weight_checksum"], "ranks ended with different weights"
 
 
