@@ -65,10 +65,10 @@ def test_validate_cli_reports_one_sentence(tiny_recipe, write_recipe, cli):
 def test_help_and_validate_do_not_import_torch(tiny_recipe, write_recipe):
     path = write_recipe(tiny_recipe())
     code = (
-        "import sys; sys.argv=['visiontune','validate',%r]\n"
+        f"import sys; sys.argv=['visiontune','validate',{str(path)!r}]\n"
         "from visiontune.cli import main\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
-        "assert 'torch' not in sys.modules, 'torch imported'\n" % str(path)
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
     out = subprocess.run([sys.executable, "-m", "visiontune", "--help"], capture_output=True, text=True, check=True)

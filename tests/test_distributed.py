@@ -25,7 +25,10 @@ def _check_ranks(run: Path, train_size: int, epochs: int) -> None:
 
 
 def test_nproc_2_runs_two_synchronised_ranks(tiny_recipe, write_recipe):
-    recipe = tiny_recipe(train={"epochs": 2, "batch_size": 4})
+    # Gradual unfreezing under DDP takes the gradient-masking path (the DDP reducer's parameter set is fixed).
+    schedule = [{"epoch": 0, "blocks": 0}, {"epoch": 1, "blocks": "all"}]
+    recipe = tiny_recipe(train={"epochs": 2, "batch_size": 4},
+                         tune={"method": "gradual_unfreeze", "unfreeze": schedule})
     path = write_recipe(recipe)
     proc = subprocess.run([sys.executable, "-m", "visiontune", "train", str(path), "--nproc", "2"],
                           env=_env(), capture_output=True, text=True, timeout=300)

@@ -134,3 +134,42 @@ def test_unresolvable_model_is_one_sentence(model, tiny_recipe, write_recipe, cl
     code, _, err = cli("train", write_recipe(tiny_recipe(model=model)))
     assert code == 2 and "Traceback" not in err
     assert model.split(":")[-1] in err
+
+
+def test_bad_image_stops_before_training_then_skip_reports_it(tiny_recipe, write_recipe, cli, fixtures_dir, tmp_path):
+    import shutil
+
+    images = tmp_path / "images"
+    shutil.copytree(fixtures_dir / "images", images)
+    (images / "class_2" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    recipe = tiny_recipe(data={"train": str(images)}, train={"max_steps": 2})
+    code, _, err = cli("train", write_recipe(recipe))
+    assert code == 2 and "broken.png" in err and "on_bad_sample" in err and "Traceback" not in err
+    run = Path(recipe["output_dir"])
+    assert not list(run.glob("checkpoints/checkpoint-*")), "training started despite a bad sample"
+
+    code, _, err = cli("train", write_recipe(recipe), "data.on_bad_sample=skip", "--overwrite")
+    assert code == 0, err
+    summary = json.loads((run / "summary.json").read_text())
+    assert [s["ref"].endswith("broken.png") for s in summary["skipped_samples"]] == [True]
+    assert "broken.png" in (run / "report.md").read_text()
+
+
+def test_bf16_grad_checkpointing_and_wandb_offline(tiny_recipe, write_recipe, cli):
+    recipe = tiny_recipe(train={"precision": "bf16", "grad_checkpointing": True, "max_steps": 2},
+                         track={"wandb": True, "wandb_mode": "offline"})
+    code, _, err = cli("train", write_recipe(recipe))
+    assert code == 0, err
+    run = Path(recipe["output_dir"])
+    assert list((run / "wandb").glob("offline-run-*")), "no offline W&B run written"
+
+
+def test_fixtures_command_writes_loadable_models(cli, tmp_path):
+    code, out, err = cli("fixtures", tmp_path / "fx")
+    assert code == 0, err
+    from visiontune.models.resolve import resolve_classifier
+
+    for name in ("timm-vit", "timm-cnn", "hf-vit"):
+        assert name in out
+        model = resolve_classifier(str(tmp_path / "fx" / name), ["a", "b"]).eval()
+        assert model(torch.zeros(1, 3, 32, 32))["logits"].shape == (1, 2)

@@ -116,6 +116,15 @@ def assets() -> None:
         typer.echo(f"builtin:{asset.name:20} {asset.kind:8} {asset.description} [{asset.package}]")
 
 
+@app.command()
+def fixtures(out: Path = typer.Argument(..., help="Folder to write tiny models and a generated image set into.")) -> None:
+    """Write tiny random-weight models and images, to smoke-test a recipe offline before renting a GPU."""
+    from visiontune.fixtures import write_all
+
+    for name, path in write_all(out).items():
+        typer.echo(f"{name:10} {path}")
+
+
 def main() -> None:
     # Library chatter (weight-loading bars, expected head re-initialisation reports) hides our own messages.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -29,7 +29,8 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         try:
             return open_image(source, self.max_pixels, self.draft_size)
         except BadImage as err:
-            raise DataError(f"{d.ref(i)} {err}; fix or remove it (data.on_bad_sample=skip drops bad samples).") from None
+            hint = "fix or remove it (data.on_bad_sample=skip drops bad samples)"
+            raise DataError(f"{d.ref(i)} {err}; {hint}.") from None
 
     def __getitem__(self, i: int) -> dict:
         return {"pixel_values": self.transform(self.load(i)), "labels": self.data.labels[i]}

@@ -49,7 +49,8 @@ def _timm(model_id: str, class_names: list[str] | None, pretrained: bool) -> Ima
         backbone = timm.create_model(model_id, pretrained=pretrained, **kwargs)
     except RuntimeError as err:
         if "Unknown model" in str(err):
-            raise ModelError(f"model: timm:{model_id} is not a timm model; `timm.list_models('*name*')` lists them.")
+            hint = "`timm.list_models('*name*')` lists them"
+            raise ModelError(f"model: timm:{model_id} is not a timm model; {hint}.") from None
         raise
     except OSError as err:
         raise ModelError(f"model: timm:{model_id} weights cannot be loaded offline ({err}); use a local folder "
