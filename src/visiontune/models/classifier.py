@@ -62,7 +62,9 @@ class ImageClassifier(nn.Module):
         if self.kind == "timm":
             from timm.models import save_for_hf
 
+            # Architecture args a local-dir model was built with; the class count is the current head's.
             args = dict(getattr(self.backbone, "pretrained_model_args", None) or {})
+            args.pop("num_classes", None)
             save_for_hf(self.backbone, str(directory), model_config={"label_names": self.class_names},
                         model_args=args or None, safe_serialization=True)
         else:
