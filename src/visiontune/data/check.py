@@ -58,5 +58,7 @@ def clean(data: LabeledImages, policy: str, max_pixels: int, role: str) -> tuple
 def _hf_image(data: LabeledImages, i: int):
     value = data.hf_dataset[int(data.items[i])][data.image_column]
     if isinstance(value, dict):  # undecoded datasets.Image: {"bytes": ..., "path": ...}
-        return value.get("bytes") or value.get("path")
+        value = value.get("bytes") or value.get("path")
+    if value is None:
+        raise BadImage("has no image")
     return value

@@ -25,8 +25,8 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         d = self.data
         if d.kind == "array":
             return Image.fromarray(d.items[i]).convert("RGB")
-        source = d.items[i] if d.kind == "file" else _hf_image(d, i)
         try:
+            source = d.items[i] if d.kind == "file" else _hf_image(d, i)
             return open_image(source, self.max_pixels, self.draft_size)
         except BadImage as err:
             hint = "fix or remove it (data.on_bad_sample=skip drops bad samples)"
@@ -46,9 +46,11 @@ def stratified_split(data: LabeledImages, fraction: float, seed: int) -> tuple[L
     n_val = int(round(fraction * len(data)))
     if n_val < 1 or n_val >= len(data):
         raise DataError(f"data.val_split={fraction} leaves no train or no val samples from {len(data)}; change it.")
-    stratifiable = present.size > 1 and present.min() >= 2 and n_val >= present.size
+    # sklearn needs at least one sample per class on each side to stratify.
+    stratifiable = present.size > 1 and present.min() >= 2 and present.size <= min(n_val, len(data) - n_val)
     stratify = labels if stratifiable else None
-    train_idx, val_idx = train_test_split(idx, test_size=fraction, random_state=seed, stratify=stratify)
+    # An integer size, so the split is exactly the n_val checked above (a fraction would be rounded up by sklearn).
+    train_idx, val_idx = train_test_split(idx, test_size=n_val, random_state=seed, stratify=stratify)
     return data.subset(sorted(train_idx.tolist())), data.subset(sorted(val_idx.tolist()))
 
 

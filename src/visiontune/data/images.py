@@ -59,6 +59,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())
+        if hi == lo and img.mode.startswith("I;16"):  # a flat 16-bit image keeps its level (white stays white)
+            lo, hi = 0.0, 65535.0
         scale = 255.0 / (hi - lo) if hi > lo else 0.0
         img = Image.fromarray(((arr - lo) * scale).astype(np.uint8), mode="L")
     if img.mode == "P" or img.mode == "PA":

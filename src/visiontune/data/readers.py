@@ -83,33 +83,46 @@ def _read_imagefolder(root: Path, class_names: list[str] | None) -> LabeledImage
 
 
 def _read_csv(path: Path, class_names: list[str] | None) -> LabeledImages:
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    return _from_rows(path, rows, class_names, start_line=2)
+    rows, lines = [], []
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheet exports start with a BOM
+        reader = csv.DictReader(f)
+        for row in reader:  # blank lines are skipped, so keep each row's own line number for messages
+            rows.append(row)
+            lines.append(reader.line_num)
+    return _from_rows(path, rows, lines, class_names)
 
 
 def _read_jsonl(path: Path, class_names: list[str] | None) -> LabeledImages:
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
+    rows, lines = [], []
+    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError as err:
             raise DataError(f"{path} line {n} is not valid JSON ({err.msg}); fix or remove that line.") from None
-    return _from_rows(path, rows, class_names, start_line=1)
+        if not isinstance(row, dict):
+            raise DataError(f"{path} line {n} is not a JSON object; write each record as "
+                            '{"path": ..., "label": ...}.')
+        rows.append(row)
+        lines.append(n)
+    return _from_rows(path, rows, lines, class_names)
 
 
-def _from_rows(path: Path, rows: list[dict], class_names: list[str] | None, start_line: int) -> LabeledImages:
+def _from_rows(path: Path, rows: list[dict], lines: list[int], class_names: list[str] | None) -> LabeledImages:
     if not rows:
         raise DataError(f"{path} has no records; add `path,label` rows.")
     path_key = next((k for k in ("path", "image", "file", "filename") if k in rows[0]), None)
     if path_key is None or "label" not in rows[0]:
         raise DataError(f"{path} needs columns `path` and `label` (found {sorted(rows[0])}); rename the columns.")
+    for n, row in zip(lines, rows, strict=True):
+        missing = [k for k in (path_key, "label") if row.get(k) in (None, "")]
+        if missing:
+            raise DataError(f"{path} line {n} has no {' or '.join(missing)}; fill it in or remove that line.")
     names = class_names or sorted({str(r["label"]) for r in rows}, key=_natural_key)
     index = _class_index(names, str(path))
     items, labels = [], []
-    for n, row in enumerate(rows, start=start_line):
+    for n, row in zip(lines, rows, strict=True):
         label = str(row.get("label"))
         if label not in index:
             raise DataError(f"{path} line {n}: label {label!r} is not in the class list {names}; "
@@ -136,18 +149,23 @@ def _read_hf(spec: str | Path, split: str, image_column: str | None, label_colum
     for col, key in ((image_col, "data.image_column"), (label_col, "data.label_column")):
         if col not in ds.column_names:
             raise DataError(f"Dataset {spec} has no column {col!r} ({key}); columns are {ds.column_names}.")
+    if isinstance(ds.features[image_col], datasets.Image) and ds.features[image_col].decode:
+        # Keep the bytes: open_image decodes them, so the pixel cap applies and bad bytes become a BadSample.
+        ds = ds.cast_column(image_col, datasets.Image(decode=False))
     feature = ds.features[label_col]
     raw = ds[label_col]
     if hasattr(feature, "names"):
         names = class_names or list(feature.names)
-        raw = [feature.names[i] for i in raw]
+        # Out-of-range ids (-1 marks unlabelled records) must fail below, not wrap round to the last class.
+        raw = [feature.names[i] if isinstance(i, int) and 0 <= i < len(feature.names) else i for i in raw]
     else:
         names = class_names or sorted({str(v) for v in raw}, key=_natural_key)
     index = _class_index(names, str(spec))
     labels = []
     for i, value in enumerate(raw):
         if str(value) not in index:
-            raise DataError(f"Dataset {spec} record {i}: label {value!r} is not in the class list {names}.")
+            raise DataError(f"Dataset {spec} record {i}: label {value!r} is not in the class list {names}; "
+                            "fix or drop that record, or add the label to data.class_names.")
         labels.append(index[str(value)])
     return LabeledImages(list(range(len(ds))), labels, names, str(spec), "hf", ds, image_col)
 

@@ -55,8 +55,13 @@ class ImageClassifier(nn.Module):
             return True
         return False
 
-    def save(self, directory: str | Path) -> Path:
-        """Write a folder that plain timm / transformers load, plus `visiontune.json` (classes, preprocessing)."""
+    def save(self, directory: str | Path, adapter_dir: str | Path | None = None) -> Path:
+        """Write a folder that plain timm / transformers load, plus `visiontune.json` (classes, preprocessing).
+
+        A LoRA backbone is merged first (its PEFT adapter is kept in `adapter_dir` when given)."""
+        from visiontune.adapters.lora import merge_lora
+
+        merge_lora(self, adapter_dir)
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if self.kind == "timm":

@@ -18,7 +18,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from visiontune.adapters.freeze import GradualUnfreeze, set_trainable
 from visiontune.adapters.layers import layer_groups
-from visiontune.adapters.lora import apply_lora, merge_lora
+from visiontune.adapters.lora import apply_lora
 from visiontune.config import ClassifyConfig, dump_config
 from visiontune.data.check import BadSample, clean
 from visiontune.data.dataset import Collator, ImageClassificationDataset, stratified_split
@@ -52,6 +52,8 @@ class TuningPlan:
 
 
 class ClassifyTask:
+    reads_own_classes = False  # evaluate(): data labels map onto the model's saved classes
+
     def train(self, cfg: ClassifyConfig, overwrite: bool = False, resume: bool = False) -> Path:
         start = time.perf_counter()
         run_dir = Path(cfg.output_dir)
@@ -62,9 +64,8 @@ class ClassifyTask:
         else:
             checkpoint = last_checkpoint(run_dir) if resume else None
         data = load_split(cfg)
-        model = resolve_classifier(cfg.model, data.train.class_names, cfg.pretrained)
-        model.preprocess = _with_size(model.preprocess, cfg.data.image_size)
-        plan = plan_tuning(model, cfg)
+        model = self.build_model(cfg, data.train.class_names)
+        plan = self.plan_tuning(model, cfg)
         trainer = build_trainer(model, cfg, data, plan, run_dir)
         if checkpoint is None:
             _write_eval(run_dir, "before", trainer, "before")
@@ -81,10 +82,27 @@ class ClassifyTask:
             _save_outputs(model, trainer, data, run_dir, after, time.perf_counter() - start)
         return run_dir
 
+    def build_model(self, cfg: ClassifyConfig, class_names: list[str]) -> ImageClassifier:
+        model = resolve_classifier(cfg.model, class_names, cfg.pretrained)
+        model.preprocess = _with_size(model.preprocess, cfg.data.image_size)
+        return model
+
+    def plan_tuning(self, model: ImageClassifier, cfg: ClassifyConfig) -> TuningPlan:
+        return plan_tuning(model, cfg)
+
+    def load_model(self, name: str, class_names: list[str] | None = None) -> ImageClassifier:
+        """A trained model for eval/predict (`class_names` only matters for tasks whose head is built from text)."""
+        return resolve_classifier(name)
+
     def evaluate(self, model: str, data: str, out_dir: Path | None = None, batch_size: int = 64,
                  workers: int = 2, on_bad_sample: str = "error") -> dict:
-        clf = resolve_classifier(model).eval()
-        images, skipped = clean(read_dataset(data, class_names=clf.class_names), on_bad_sample, 89_478_485, "eval")
+        if self.reads_own_classes:  # zero-shot style heads are built from the data's class names
+            dataset = read_dataset(data)
+            clf = self.load_model(model, dataset.class_names).eval()
+        else:
+            clf = self.load_model(model).eval()
+            dataset = read_dataset(data, class_names=clf.class_names)
+        images, skipped = clean(dataset, on_bad_sample, 89_478_485, "eval")
         ds = ImageClassificationDataset(images, eval_transform(clf.preprocess), 89_478_485)
         loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=Collator())
         with torch.inference_mode():
@@ -98,7 +116,7 @@ class ClassifyTask:
         return report
 
     def predict(self, model: str, inputs: list[str], top_k: int = 5) -> list[dict]:
-        clf = resolve_classifier(model).eval()
+        clf = self.load_model(model).eval()
         transform = eval_transform(clf.preprocess)
         results = []
         for path in inputs:
@@ -228,8 +246,7 @@ def _save_outputs(model: ImageClassifier, trainer: VisiontuneTrainer, data: Spli
                   after: dict, wall_time: float) -> None:
     from visiontune.report import write_report
 
-    merge_lora(model, adapter_dir=run_dir / "adapter")
-    model.save(run_dir / "model")
+    model.save(run_dir / "model", adapter_dir=run_dir / "adapter")
     summary = {
         "wall_time_s": round(wall_time, 1),
         "train_samples": len(data.train),
