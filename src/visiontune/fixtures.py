@@ -80,5 +80,59 @@ def write_all(out: Path) -> dict[str, Path]:
         "timm-vit": tiny_timm_vit(out / "timm-vit"),
         "timm-cnn": tiny_timm_cnn(out / "timm-cnn"),
         "hf-vit": tiny_hf_vit(out / "hf-vit"),
+        "clip": tiny_clip(out / "clip"),
+        "siglip": tiny_siglip(out / "siglip"),
         "images": image_folder(out / "images"),
     }
+
+
+_WORDS = ("a photo of the an image with picture small large bright dark handwritten digit number zero one two three four "
+          "five six seven eight nine cat dog car bird red green blue stripes colour class this is").split()
+
+
+def word_tokenizer(out: Path, max_length: int = 16):
+    """A deterministic word-level fast tokenizer (pad=0, unk=1, bos=2, eos=3) — trained BPE for CLIP is not
+    reproducible run to run, and the tiny dual encoders only need stable ids."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<unk>", "<bos>", "<eos>", *sorted(set(_WORDS))])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>", special_tokens=[("<bos>", 2),
+                                                                                                   ("<eos>", 3)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>",
+                                  eos_token="<eos>", model_max_length=max_length)
+    tok.save_pretrained(out)
+    return tok
+
+
+def tiny_clip(out: Path) -> Path:
+    """transformers CLIPModel (32 px, width 32, projection 16) + tokenizer + image processor."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    tok = word_tokenizer(out)
+    text = {"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "max_position_embeddings": 16, "pad_token_id": 0, "bos_token_id": 2,
+            "eos_token_id": 3}
+    vision = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 2, "num_attention_heads": 2}
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(out)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
+    return out
+
+
+def tiny_siglip(out: Path) -> Path:
+    """transformers SiglipModel (32 px, width 32) + tokenizer + image processor."""
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    tok = word_tokenizer(out)
+    text = {"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "max_position_embeddings": 16, "pad_token_id": 0, "bos_token_id": 2,
+            "eos_token_id": 3, "projection_size": 32}
+    vision = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 2, "num_attention_heads": 2}
+    SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).save_pretrained(out)
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(out)
+    return out

@@ -12,11 +12,17 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from visiontune.config.clip_schema import ClipClassifyConfig, ClipContinualConfig, ClipContrastiveConfig
 from visiontune.config.schema import ClassifyConfig
 from visiontune.errors import RecipeError
 
 # Task name -> its typed config. The task implementation is looked up in `visiontune.tasks` (lazily, with torch).
-CONFIGS: dict[str, type[BaseModel]] = {"classify": ClassifyConfig}
+CONFIGS: dict[str, type[BaseModel]] = {
+    "classify": ClassifyConfig,
+    "clip_classify": ClipClassifyConfig,
+    "clip_continual": ClipContinualConfig,
+    "clip_contrastive": ClipContrastiveConfig,
+}
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> BaseModel:

@@ -65,6 +65,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
         img = Image.fromarray(((arr - lo) * scale).astype(np.uint8), mode="L")
     if img.mode == "P" or img.mode == "PA":
         img = img.convert("RGBA")
+    if img.mode == "La":  # premultiplied; PIL cannot convert La to RGBA directly
+        img = img.convert("LA")
     if img.mode in ("RGBA", "LA", "La", "RGBa"):
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, img.convert("RGBA"))
