@@ -39,18 +39,19 @@ def _check_templates(templates: list[str] | str) -> list[str] | str:
     return templates
 
 
+def _check_names(names: list[str] | None) -> list[str] | None:
+    if names is not None and (not names or len(set(names)) != len(names)):
+        raise ValueError("class names must be non-empty and without duplicates")
+    return names
+
+
 class ClipDataConfig(DataConfig):
     templates: list[str] | Literal["builtin"] = Field("builtin", description="Prompt templates with one `{}`.")
-    class_names: list[str] | None = Field(None, description="Readable class names (in label order) for prompts.")
+    prompt_names: list[str] | None = Field(None, description="Readable class names for the prompts, in label order "
+                                                              "(default: the dataset's class names).")
 
     _templates = field_validator("templates")(classmethod(lambda cls, v: _check_templates(v)))
-
-    @field_validator("class_names")
-    @classmethod
-    def _unique(cls, names: list[str] | None) -> list[str] | None:
-        if names is not None and (not names or len(set(names)) != len(names)):
-            raise ValueError("class_names must be non-empty and without duplicates")
-        return names
+    _prompt_names = field_validator("prompt_names")(classmethod(lambda cls, v: _check_names(v)))
 
 
 class WiseFtConfig(Strict):
@@ -82,12 +83,21 @@ class ClipClassifyConfig(Strict):
     skip_training: bool = Field(False, description="Evaluate zero-shot only.")
     wise_ft: WiseFtConfig | None = None
 
+    @model_validator(mode="after")
+    def _wise_ft_needs_mergeable_weights(self) -> ClipClassifyConfig:
+        if self.wise_ft is not None and self.tune.method == "l_lora":
+            raise ValueError("wise_ft needs tune.method full or lora (L-LoRA weights are not a plain model)")
+        return self
+
 
 class ContinualTask(Strict):
     name: str
     train: str
     val: str | None = None
-    class_names: list[str] | None = None
+    class_names: list[str] | None = Field(None, description="Fixes the task's label set and order.")
+    prompt_names: list[str] | None = Field(None, description="Readable class names for the prompts.")
+
+    _prompt_names = field_validator("prompt_names")(classmethod(lambda cls, v: _check_names(v)))
 
 
 class ClipSharedData(Strict):

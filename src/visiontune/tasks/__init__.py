@@ -9,6 +9,7 @@ from visiontune.tasks.base import Task
 # task name -> "module:Class"; imported lazily so the CLI stays light.
 TASKS: dict[str, str] = {
     "classify": "visiontune.tasks.classify:ClassifyTask",
+    "clip_classify": "visiontune.tasks.clip_classify:ClipClassifyTask",
 }
 
 

@@ -98,20 +98,28 @@ class ClassifyTask:
                  workers: int = 2, on_bad_sample: str = "error") -> dict:
         if self.reads_own_classes:  # zero-shot style heads are built from the data's class names
             dataset = read_dataset(data)
-            clf = self.load_model(model, dataset.class_names).eval()
+            clf = self.load_model(model, dataset.class_names)
         else:
-            clf = self.load_model(model).eval()
+            clf = self.load_model(model)
             dataset = read_dataset(data, class_names=clf.class_names)
         images, skipped = clean(dataset, on_bad_sample, 89_478_485, "eval")
+        report = self.evaluate_loaded(clf, images, out_dir, batch_size, workers)
+        report["skipped_samples"] = [{"ref": b.ref, "reason": b.reason} for b in skipped]
+        if out_dir is not None:
+            (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
+        return report
+
+    def evaluate_loaded(self, clf: torch.nn.Module, images: LabeledImages, out_dir: Path | None = None,
+                        batch_size: int = 64, workers: int = 0) -> dict:
+        """Metrics (and predictions.csv in out_dir) of an in-memory model on checked data."""
+        clf.eval()
         ds = ImageClassificationDataset(images, eval_transform(clf.preprocess), 89_478_485)
         loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=Collator())
         with torch.inference_mode():
             logits = torch.cat([clf(batch["pixel_values"])["logits"] for batch in loader])
         report = classification_report(logits, torch.tensor(images.labels), clf.class_names)
-        report["skipped_samples"] = [{"ref": b.ref, "reason": b.reason} for b in skipped]
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
             _write_predictions(out_dir / "predictions.csv", images, logits, clf.class_names)
         return report
 
