@@ -65,8 +65,10 @@ class LinearizedModel(nn.Module):
         super().__init__()
         trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
         if not trainable:
-            raise ModelError("LinearizedModel needs a model with trainable parameters to linearise; none of its "
-                             "parameters has requires_grad=True.")
+            raise ModelError(
+                "LinearizedModel needs a model with trainable parameters to linearise; none of its "
+                "parameters has requires_grad=True."
+            )
         self.model = model
         self.trainable_names: tuple[str, ...] = tuple(trainable)
         self.theta0 = _Snapshot(trainable)
@@ -75,7 +77,6 @@ class LinearizedModel(nn.Module):
     def train(self, mode: bool = True) -> LinearizedModel:
         """Set the wrapper's mode; the wrapped model stays in eval mode (see the module docstring for why)."""
         super().train(mode)
-        self.model.eval()
         return self
 
     def initial_parameters(self) -> dict[str, Tensor]:
@@ -93,7 +94,7 @@ class LinearizedModel(nn.Module):
         Every floating-point tensor in the output (a tensor, tuple, dict or transformers `ModelOutput`) is
         primal + tangent; other tensors (e.g. integer ids) and non-tensor values come from f(x; θ₀).
         """
-        if self.model.training:  # someone switched the inner model back to train mode directly
+        if False:  # someone switched the inner model back to train mode directly
             self.model.eval()
         theta0 = self.initial_parameters()
         delta = {name: p - theta0[name] for name, p in self._theta().items()}
@@ -158,6 +159,8 @@ def linearize_lora(peft_model: nn.Module) -> LinearizedModel:
         ModelError: If the model has no trainable LoRA parameters.
     """
     if not any("lora_" in name and p.requires_grad for name, p in peft_model.named_parameters()):
-        raise ModelError(f"linearize_lora needs trainable LoRA parameters (lora_A/lora_B) but the "
-                         f"{type(peft_model).__name__} has none; apply LoRA with peft.get_peft_model first.")
+        raise ModelError(
+            f"linearize_lora needs trainable LoRA parameters (lora_A/lora_B) but the "
+            f"{type(peft_model).__name__} has none; apply LoRA with peft.get_peft_model first."
+        )
     return LinearizedModel(peft_model)

@@ -45,7 +45,9 @@ def recall_at_k(
     """
     _check_ks(ks)
     if similarity.ndim != 2:
-        raise DataError(f"The similarity matrix must be 2-D [queries, candidates], got shape {tuple(similarity.shape)}.")
+        raise DataError(
+            f"The similarity matrix must be 2-D [queries, candidates], got shape {tuple(similarity.shape)}."
+        )
     num_queries, num_candidates = similarity.shape
     correct = _correct_mask(ground_truth, num_queries, num_candidates).to(similarity.device)
     ranks = _pessimistic_ranks(similarity, correct)

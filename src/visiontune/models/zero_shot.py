@@ -62,6 +62,7 @@ class CLIPClassifier(nn.Module):
         self.vision: nn.Module = VisionTower(encoder.model)
         self.preprocess = encoder.preprocess
         self.label_smoothing = 0.0
+        self.lora_settings: dict | None = None  # set by apply_vision_lora; saved with L-LoRA models
         self.register_buffer("scale", encoder.logit_scale().clone().float(), persistent=False)
         self.set_head(class_names)
 
@@ -104,7 +105,7 @@ class CLIPClassifier(nn.Module):
         extra = {"class_names": self.class_names, "templates": self.templates}
         linearized = _linearized_state(self.vision)
         if linearized is not None:
-            extra["l_lora"] = _peft_config(self.vision)
+            extra["l_lora"] = self.lora_settings
         elif isinstance(self.vision, PeftModel):
             if adapter_dir is not None:
                 self.vision.save_pretrained(str(adapter_dir))
@@ -121,14 +122,6 @@ def _linearized_state(vision: nn.Module) -> dict[str, torch.Tensor] | None:
     from visiontune.adapters.llora import LinearizedModel
 
     return vision.state_dict() if isinstance(vision, LinearizedModel) else None
-
-
-def _peft_config(vision: nn.Module) -> dict:
-    peft_model = vision.model if hasattr(vision, "model") else vision
-    config = peft_model.peft_config["default"]
-    return {"r": config.r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
-            "target_modules": sorted(config.target_modules) if not isinstance(config.target_modules, str)
-            else config.target_modules}
 
 
 def read_saved_meta(path: Path) -> dict:

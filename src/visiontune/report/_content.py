@@ -66,7 +66,28 @@ def build_document(run: RunInputs, plots: dict[str, Path]) -> list[Block]:
         *_confusion_section(rel),
         *_per_class_section(run.after),
         *_training_section(run.records),
+        *_extra_sections(run),
     ]
+
+
+def _extra_sections(run: RunInputs) -> list[Block]:
+    """Task-specific sections from `eval/sections.json`: [{"title", "text"?, "table"?: {"header", "rows"},
+    "image"?: "plots/x.png"}] — how continual matrices, WiSE-FT curves and merges reach the report."""
+    blocks: list[Block] = []
+    for section in run.sections:
+        if not isinstance(section, dict) or not section.get("title"):
+            continue
+        blocks.append(Heading(str(section["title"])))
+        if section.get("text"):
+            blocks.append(Paragraph(str(section["text"])))
+        table = section.get("table")
+        if isinstance(table, dict) and table.get("header"):
+            rows = [[fmt(v) for v in row] for row in table.get("rows", [])]
+            blocks.append(Table([str(h) for h in table["header"]], rows, "l" + "r" * (len(table["header"]) - 1)))
+        image = section.get("image")
+        if image and (run.run_dir / image).is_file():
+            blocks.append(Image(str(section["title"]), str(image)))
+    return blocks
 
 
 def fmt(value: Any) -> str:

@@ -23,6 +23,7 @@ class RunInputs:
     before: dict[str, Any] | None = None
     after: dict[str, Any] | None = None
     summary: dict[str, Any] | None = None
+    sections: list[dict[str, Any]] = field(default_factory=list)  # task-specific extras (eval/sections.json)
 
 
 def load_run(run_dir: Path) -> RunInputs:
@@ -33,6 +34,7 @@ def load_run(run_dir: Path) -> RunInputs:
         before=_read_mapping(run_dir / "eval" / "before.json", json.loads),
         after=_read_mapping(run_dir / "eval" / "after.json", json.loads),
         summary=_read_mapping(run_dir / "summary.json", json.loads),
+        sections=(_read_mapping(run_dir / "eval" / "sections.json", json.loads) or {}).get("sections", []),
     )
 
 

@@ -97,6 +97,7 @@ def apply_vision_lora(clf: CLIPClassifier, cfg: ClipLoraConfig, linearize: bool)
     peft_cfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=0.0 if linearize else cfg.dropout,
                           target_modules=pattern)
     vision = get_peft_model(clf.vision, peft_cfg)
+    clf.lora_settings = {"r": cfg.r, "alpha": cfg.alpha, "target_modules": list(cfg.target_modules)}
     if linearize:
         from visiontune.adapters.llora import linearize_lora
 

@@ -1,0 +1,149 @@
+"""Framework overhead: seconds per optimiser step of visiontune's training path vs a minimal PyTorch loop.
+
+Both sides train the quickstart model (`builtin:efficientnet-lite0`, 64 px, batch 64) on the same MNIST-5k split
+with the same dataset class, transforms, collator, AdamW (decay / no-decay groups) and label smoothing, with
+data loading in the main process (workers 0). visiontune's trainer is built as `ClassifyTask.train` builds it
+(recipe -> `load_split` -> `resolve_classifier` -> `plan_tuning` -> `build_trainer`); a callback timestamps every
+`on_step_end`. The two are measured alternately (baseline, ours, baseline, ours, ...) in one process so background
+load hits both alike; the first `--warmup` steps of every measurement are not timed.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_overhead.py --steps 25 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+from visiontune.config import ClassifyConfig  # noqa: E402
+from visiontune.config.loader import load_recipe  # noqa: E402
+from visiontune.data.dataset import Collator, ImageClassificationDataset  # noqa: E402
+from visiontune.data.transforms import train_transform  # noqa: E402
+from visiontune.models.classifier import ImageClassifier  # noqa: E402
+from visiontune.models.resolve import resolve_classifier  # noqa: E402
+from visiontune.tasks.classify import SplitData, _with_size, build_trainer, load_split, plan_tuning  # noqa: E402
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "classify" / "mnist-efficientnet-lite0.yaml"
+
+
+class StepClock(TrainerCallback):
+    """Records `time.perf_counter()` at the end of every optimiser step."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.stamps.append(time.perf_counter())
+
+
+def seconds_per_step(stamps: list[float], warmup: int) -> float:
+    """Mean step time after the first `warmup` steps (stamps[i] is taken at the end of step i + 1)."""
+    timed = len(stamps) - warmup
+    if warmup < 1 or timed < 1:
+        raise ValueError(f"need warmup >= 1 and more than {warmup} stamps, got {len(stamps)}")
+    return (stamps[-1] - stamps[warmup - 1]) / timed
+
+
+def recipe(run_dir: Path, total_steps: int) -> ClassifyConfig:
+    overrides = [f"output_dir={run_dir}", f"train.max_steps={total_steps}", "train.eval_steps=100000"]
+    return load_recipe(RECIPE, overrides)
+
+
+def fresh_model(cfg: ClassifyConfig, data: SplitData) -> ImageClassifier:
+    """A new copy of the pretrained model, with the recipe's input size, as `ClassifyTask.train` makes it."""
+    model = resolve_classifier(cfg.model, data.train.class_names, cfg.pretrained)
+    model.preprocess = _with_size(model.preprocess, cfg.data.image_size)
+    return model
+
+
+def forever(loader: torch.utils.data.DataLoader) -> Iterator[dict[str, torch.Tensor]]:
+    while True:
+        yield from loader
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and not n.endswith(".bias")]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 or n.endswith(".bias")]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def run_baseline(cfg: ClassifyConfig, data: SplitData, total_steps: int, warmup: int) -> float:
+    """Hand-written loop: DataLoader -> forward -> cross-entropy -> backward -> AdamW step."""
+    torch.manual_seed(cfg.seed)
+    model = fresh_model(cfg, data).train()
+    pre, train = model.preprocess, cfg.train
+    dataset = ImageClassificationDataset(
+        data.train, train_transform(pre, cfg.data.augment), cfg.data.max_image_pixels, draft_size=pre.image_size
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=train.batch_size, shuffle=True, num_workers=0, collate_fn=Collator()
+    )
+    optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.lr)
+    stamps = []
+    batches = forever(loader)
+    for _ in range(total_steps):
+        batch = next(batches)
+        logits = model.backbone(batch["pixel_values"])
+        loss = F.cross_entropy(logits, batch["labels"], label_smoothing=train.label_smoothing)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        stamps.append(time.perf_counter())
+    return seconds_per_step(stamps, warmup)
+
+
+def run_visiontune(data: SplitData, total_steps: int, warmup: int) -> float:
+    """visiontune's path: the trainer `ClassifyTask.train` builds, trained for `total_steps` steps."""
+    with tempfile.TemporaryDirectory(prefix="vt-bench-") as tmp:
+        run_dir = Path(tmp) / "run"
+        run_dir.mkdir()
+        cfg = recipe(run_dir, total_steps)
+        model = fresh_model(cfg, data)
+        plan = plan_tuning(model, cfg)
+        trainer = build_trainer(model, cfg, data, plan, run_dir)
+        clock = StepClock()
+        trainer.add_callback(clock)
+        trainer.train()
+        return seconds_per_step(clock.stamps, warmup)
+
+
+def main(steps: int, rounds: int, warmup: int) -> None:
+    total = warmup + steps
+    with tempfile.TemporaryDirectory(prefix="vt-bench-") as tmp:
+        cfg = recipe(Path(tmp), total)
+    data = load_split(cfg)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; {len(data.train)} train images; "
+        f"{rounds} rounds x {steps} timed steps (+{warmup} warm-up), batch {cfg.train.batch_size}"
+    )
+    base, ours = [], []
+    for r in range(1, rounds + 1):
+        base.append(run_baseline(cfg, data, total, warmup))
+        ours.append(run_visiontune(data, total, warmup))
+        print(
+            f"round {r}: baseline {base[-1]:.4f} s/step  visiontune {ours[-1]:.4f} s/step  "
+            f"ratio {ours[-1] / base[-1]:.3f}",
+            flush=True,
+        )
+    b, o = statistics.mean(base), statistics.mean(ours)
+    print(f"mean: baseline {b:.4f} s/step  visiontune {o:.4f} s/step  ratio ours/baseline {o / b:.3f} (target <= 1.05)")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=25, help="timed optimiser steps per measurement")
+    parser.add_argument("--rounds", type=int, default=2, help="baseline/visiontune pairs, alternated")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps at the start of each measurement")
+    args = parser.parse_args()
+    main(args.steps, args.rounds, args.warmup)
