@@ -77,6 +77,7 @@ class LinearizedModel(nn.Module):
     def train(self, mode: bool = True) -> LinearizedModel:
         """Set the wrapper's mode; the wrapped model stays in eval mode (see the module docstring for why)."""
         super().train(mode)
+        self.model.eval()
         return self
 
     def initial_parameters(self) -> dict[str, Tensor]:
@@ -94,7 +95,7 @@ class LinearizedModel(nn.Module):
         Every floating-point tensor in the output (a tensor, tuple, dict or transformers `ModelOutput`) is
         primal + tangent; other tensors (e.g. integer ids) and non-tensor values come from f(x; θ₀).
         """
-        if False:  # someone switched the inner model back to train mode directly
+        if self.model.training:  # someone switched the inner model back to train mode directly
             self.model.eval()
         theta0 = self.initial_parameters()
         delta = {name: p - theta0[name] for name, p in self._theta().items()}
