@@ -335,3 +335,21 @@ def test_large_val_split_leaves_some_train(fraction):
 def test_split_that_leaves_no_val_or_no_train(fraction, n):
     with _error(rf"data.val_split={fraction} leaves no train or no val samples from {n}; change it"):
         stratified_split(_labelled([n // 2, n - n // 2]), fraction, seed=0)
+
+
+def test_builtin_digit_subset_renumbers_labels():
+    from visiontune.data.readers import read_dataset
+
+    data = read_dataset("builtin:mnist-5k:5-9")
+    assert len(data) == 2500 and data.class_names == ["5", "6", "7", "8", "9"]
+    assert sorted(set(data.labels)) == [0, 1, 2, 3, 4]
+    assert read_dataset("builtin:digits:1,3").class_names == ["1", "3"]
+
+
+@pytest.mark.parametrize("spec", ["builtin:digits:3-12", "builtin:digits:x", "builtin:digits:1,1"])
+def test_builtin_digit_subset_rejects_bad_specs(spec):
+    from visiontune.data.readers import read_dataset
+    from visiontune.errors import DataError
+
+    with pytest.raises(DataError, match="digit subset"):
+        read_dataset(spec)
