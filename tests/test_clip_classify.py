@@ -142,3 +142,24 @@ def test_bad_templates_and_prompt_names_are_refused(clip_recipe, write_recipe, c
 def test_unresolvable_model_is_refused():
     with pytest.raises(ModelError, match="offline"):
         resolve_dual_encoder("openai/clip-not-cached")
+
+
+def test_lora_merge_gives_the_same_embeddings(fixtures_dir, tmp_path):
+    from visiontune.config.clip_schema import ClipLoraConfig
+    from visiontune.tasks.clip_classify import apply_vision_lora, load_clip_classifier
+
+    clf = CLIPClassifier(resolve_dual_encoder(str(fixtures_dir / "clip")), NAMES, "builtin")
+    apply_vision_lora(clf, ClipLoraConfig(r=4, dropout=0.0), linearize=False)
+    with torch.no_grad():
+        for name, p in clf.vision.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a trained-looking adapter, so merging actually changes weights
+    pixels = torch.randn(4, 3, 32, 32)
+    clf.eval()
+    with torch.no_grad():
+        adapted = clf.vision(pixels)
+    clf.save(tmp_path / "merged", adapter_dir=tmp_path / "adapter")
+    reloaded = load_clip_classifier(str(tmp_path / "merged")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.vision(pixels), adapted, rtol=1e-4, atol=1e-5)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
