@@ -47,8 +47,12 @@ def tiny_recipe(fixtures_dir, tmp_path):
             "task": "classify",
             "model": str(fixtures_dir / "timm-vit"),
             "output_dir": str(tmp_path / "run"),
-            "data": {"train": str(fixtures_dir / "images"), "val_split": 0.25, "augment": {"preset": "none"},
-                     "workers": 0},
+            "data": {
+                "train": str(fixtures_dir / "images"),
+                "val_split": 0.25,
+                "augment": {"preset": "none"},
+                "workers": 0,
+            },
             "train": {"epochs": 2, "batch_size": 8, "lr": 3e-3, "logging_steps": 1, "warmup_ratio": 0.0},
         }
         for key, value in sections.items():

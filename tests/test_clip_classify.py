@@ -21,8 +21,14 @@ def clip_recipe(fixtures_dir, tmp_path):
             "task": "clip_classify",
             "model": str(fixtures_dir / family),
             "output_dir": str(tmp_path / "run"),
-            "data": {"train": str(fixtures_dir / "images"), "val_split": 0.25, "augment": {"preset": "none"},
-                     "workers": 0, "prompt_names": NAMES, "templates": ["a photo of a {}", "a {} image"]},
+            "data": {
+                "train": str(fixtures_dir / "images"),
+                "val_split": 0.25,
+                "augment": {"preset": "none"},
+                "workers": 0,
+                "prompt_names": NAMES,
+                "templates": ["a photo of a {}", "a {} image"],
+            },
             "train": {"epochs": 2, "batch_size": 8, "lr": 1e-3, "logging_steps": 1},
         }
         for key, value in sections.items():
@@ -53,7 +59,7 @@ def test_zero_shot_head_matches_hand_computation(family, fixtures_dir):
     clf = CLIPClassifier(encoder, NAMES, templates).eval()
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        image = F.normalize(getattr(model.get_image_features(pixel_values=pixels), "pooler_output"), dim=-1)
+        image = F.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
         logits = clf(pixels)["logits"]
     torch.testing.assert_close(logits, model.logit_scale.exp() * image @ head.T)
 
@@ -74,8 +80,8 @@ def test_train_records_zero_shot_then_fine_tuned(method, clip_recipe, write_reci
 
     task = ClipClassifyTask()
     clf = task.load_model(str(run), NAMES)
-    from visiontune.tasks.classify import load_split
     from visiontune.config import load_recipe
+    from visiontune.tasks.classify import load_split
 
     split = load_split(load_recipe(write_recipe(recipe)))
     again = task.evaluate_loaded(clf, split.val)["metrics"]
@@ -105,8 +111,9 @@ def test_skip_training_reports_zero_shot(clip_recipe, write_recipe, cli):
 
 
 def test_wise_ft_endpoints_reproduce_zero_shot_and_fine_tuned(clip_recipe, write_recipe, cli, fixtures_dir):
-    recipe = clip_recipe(wise_ft={"alphas": [0.0, 0.5, 1.0], "control": str(fixtures_dir / "images")},
-                         train={"max_steps": 4, "lr": 1e-2})
+    recipe = clip_recipe(
+        wise_ft={"alphas": [0.0, 0.5, 1.0], "control": str(fixtures_dir / "images")}, train={"max_steps": 4, "lr": 1e-2}
+    )
     code, _, err = cli("train", write_recipe(recipe))
     assert code == 0, err
     run = Path(recipe["output_dir"])

@@ -57,15 +57,24 @@ def test_two_task_sequence_writes_matrix_and_report(fixtures_dir, tmp_path, writ
 def test_task_without_data_is_named(fixtures_dir, tmp_path, write_recipe, cli):
     (tmp_path / "empty").mkdir()
     recipe = {
-        "task": "clip_continual", "model": str(fixtures_dir / "clip"), "output_dir": str(tmp_path / "run"),
-        "tasks": [{"name": "ok", "train": str(fixtures_dir / "images")}, {"name": "hollow", "train": str(tmp_path / "empty")}],
+        "task": "clip_continual",
+        "model": str(fixtures_dir / "clip"),
+        "output_dir": str(tmp_path / "run"),
+        "tasks": [
+            {"name": "ok", "train": str(fixtures_dir / "images")},
+            {"name": "hollow", "train": str(tmp_path / "empty")},
+        ],
     }
     code, _, err = cli("train", write_recipe(recipe))
     assert code == 2 and "hollow" in err and "Traceback" not in err
 
 
 def test_sequence_needs_two_distinct_tasks(fixtures_dir, tmp_path, write_recipe, cli):
-    recipe = {"task": "clip_continual", "model": "m", "output_dir": str(tmp_path / "run"),
-              "tasks": [{"name": "a", "train": "x"}, {"name": "a", "train": "y"}]}
+    recipe = {
+        "task": "clip_continual",
+        "model": "m",
+        "output_dir": str(tmp_path / "run"),
+        "tasks": [{"name": "a", "train": "x"}, {"name": "a", "train": "y"}],
+    }
     code, _, err = cli("validate", write_recipe(recipe))
     assert code == 2 and "distinct" in err

@@ -20,20 +20,46 @@ def two_fine_tunes(fixtures_dir, tmp_path_factory):
     runs = []
     for seed, lr in ((1, 5e-3), (2, 1e-2)):
         out = tmp_path_factory.mktemp(f"ft{seed}") / "run"
-        cfg = parse_config(yaml.safe_load(yaml.safe_dump({
-            "task": "clip_classify", "model": str(fixtures_dir / "clip"), "output_dir": str(out), "seed": seed,
-            "data": {"train": str(fixtures_dir / "images"), "workers": 0, "prompt_names": ["red", "green", "blue"]},
-            "train": {"max_steps": 3, "batch_size": 8, "lr": lr}})))
+        cfg = parse_config(
+            yaml.safe_load(
+                yaml.safe_dump(
+                    {
+                        "task": "clip_classify",
+                        "model": str(fixtures_dir / "clip"),
+                        "output_dir": str(out),
+                        "seed": seed,
+                        "data": {
+                            "train": str(fixtures_dir / "images"),
+                            "workers": 0,
+                            "prompt_names": ["red", "green", "blue"],
+                        },
+                        "train": {"max_steps": 3, "batch_size": 8, "lr": lr},
+                    }
+                )
+            )
+        )
         runs.append(get_task("clip_classify").train(cfg))
     return runs
 
 
-@pytest.mark.parametrize("method,options", [("average", []), ("task_arithmetic", ["--scaling", "0.5"]),
-                                            ("ties", ["--scaling", "1.0", "--density", "0.5"])])
+@pytest.mark.parametrize(
+    "method,options",
+    [("average", []), ("task_arithmetic", ["--scaling", "0.5"]), ("ties", ["--scaling", "1.0", "--density", "0.5"])],
+)
 def test_merge_writes_model_and_evaluates(method, options, two_fine_tunes, fixtures_dir, tmp_path, cli):
     out = tmp_path / "merged"
-    code, stdout, err = cli("merge", fixtures_dir / "clip", *two_fine_tunes, "--out", out, "--method", method,
-                            *options, "--data", fixtures_dir / "images")
+    code, stdout, err = cli(
+        "merge",
+        fixtures_dir / "clip",
+        *two_fine_tunes,
+        "--out",
+        out,
+        "--method",
+        method,
+        *options,
+        "--data",
+        fixtures_dir / "images",
+    )
     assert code == 0, err
     result = json.loads((out / "merge.json").read_text())
     assert set(result["results"][0]) == {"data", "base (zero-shot)", "fine-tune 1", "fine-tune 2", "merged"}
@@ -51,7 +77,16 @@ def test_merge_writes_model_and_evaluates(method, options, two_fine_tunes, fixtu
 def test_merge_refuses_unknown_method_and_options(two_fine_tunes, fixtures_dir, tmp_path, cli):
     code, _, err = cli("merge", fixtures_dir / "clip", *two_fine_tunes, "--out", tmp_path / "m", "--method", "soup")
     assert code == 2 and "average" in err
-    code, _, err = cli("merge", fixtures_dir / "clip", *two_fine_tunes, "--out", tmp_path / "m", "--method",
-                       "average", "--density", "0.3")
+    code, _, err = cli(
+        "merge",
+        fixtures_dir / "clip",
+        *two_fine_tunes,
+        "--out",
+        tmp_path / "m",
+        "--method",
+        "average",
+        "--density",
+        "0.3",
+    )
     assert code == 2 and "density" in err
     assert not Path(tmp_path / "m").exists()

@@ -27,11 +27,17 @@ def _check_ranks(run: Path, train_size: int, epochs: int) -> None:
 def test_nproc_2_runs_two_synchronised_ranks(tiny_recipe, write_recipe):
     # Gradual unfreezing under DDP takes the gradient-masking path (the DDP reducer's parameter set is fixed).
     schedule = [{"epoch": 0, "blocks": 0}, {"epoch": 1, "blocks": "all"}]
-    recipe = tiny_recipe(train={"epochs": 2, "batch_size": 4},
-                         tune={"method": "gradual_unfreeze", "unfreeze": schedule})
+    recipe = tiny_recipe(
+        train={"epochs": 2, "batch_size": 4}, tune={"method": "gradual_unfreeze", "unfreeze": schedule}
+    )
     path = write_recipe(recipe)
-    proc = subprocess.run([sys.executable, "-m", "visiontune", "train", str(path), "--nproc", "2"],
-                          env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "visiontune", "train", str(path), "--nproc", "2"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     _check_ranks(Path(recipe["output_dir"]), train_size=27, epochs=2)
     assert (Path(recipe["output_dir"]) / "report.md").is_file()
@@ -42,9 +48,23 @@ def test_plain_torchrun_without_cpu_flag_still_synchronises(tiny_recipe, write_r
     recipe = tiny_recipe(train={"epochs": 1, "batch_size": 4})
     path = write_recipe(recipe)
     env = {k: v for k, v in _env().items() if k != "ACCELERATE_USE_CPU"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "visiontune", "train", str(path)], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "visiontune",
+            "train",
+            str(path),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     _check_ranks(Path(recipe["output_dir"]), train_size=27, epochs=1)
 

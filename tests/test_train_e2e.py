@@ -17,9 +17,19 @@ def test_train_eval_predict_report(tiny_recipe, write_recipe, cli, fixtures_dir)
     code, out, err = cli("train", recipe)
     assert code == 0, err
     run = Path(tiny_recipe()["output_dir"])
-    for name in ["config.yaml", "metrics.jsonl", "report.md", "report.html", "summary.json", "eval/before.json",
-                 "eval/after.json", "eval/predictions.csv", "model/config.json", "model/model.safetensors",
-                 "model/visiontune.json"]:
+    for name in [
+        "config.yaml",
+        "metrics.jsonl",
+        "report.md",
+        "report.html",
+        "summary.json",
+        "eval/before.json",
+        "eval/after.json",
+        "eval/predictions.csv",
+        "model/config.json",
+        "model/model.safetensors",
+        "model/visiontune.json",
+    ]:
         assert (run / name).is_file(), name
     assert list((run / "tb").glob("events.out.tfevents.*")), "no TensorBoard events in the run folder"
     assert list((run / "checkpoints").glob("checkpoint-*"))
@@ -100,8 +110,11 @@ def test_linear_probe_trains_only_the_head(tiny_recipe, write_recipe, cli, fixtu
 
 def test_gradual_unfreeze_follows_schedule(tiny_recipe, write_recipe, cli, fixtures_dir):
     schedule = [{"epoch": 0, "blocks": 0}, {"epoch": 1, "blocks": "all"}]
-    recipe = write_recipe(tiny_recipe(tune={"method": "gradual_unfreeze", "unfreeze": schedule},
-                                      train={"epochs": 2, "save_total_limit": 5}))
+    recipe = write_recipe(
+        tiny_recipe(
+            tune={"method": "gradual_unfreeze", "unfreeze": schedule}, train={"epochs": 2, "save_total_limit": 5}
+        )
+    )
     assert cli("train", recipe)[0] == 0
     run = Path(tiny_recipe()["output_dir"])
     original = load_file(str(fixtures_dir / "timm-vit" / "model.safetensors"))
@@ -118,8 +131,13 @@ def test_gradual_unfreeze_follows_schedule(tiny_recipe, write_recipe, cli, fixtu
 
 
 def test_ema_strong_augment_and_layer_decay(tiny_recipe, write_recipe, cli):
-    recipe = write_recipe(tiny_recipe(data={"augment": {"preset": "strong"}}, tune={"layer_decay": 0.7},
-                                      train={"ema": {"decay": 0.9}, "max_steps": 4, "label_smoothing": 0.1}))
+    recipe = write_recipe(
+        tiny_recipe(
+            data={"augment": {"preset": "strong"}},
+            tune={"layer_decay": 0.7},
+            train={"ema": {"decay": 0.9}, "max_steps": 4, "label_smoothing": 0.1},
+        )
+    )
     code, _, err = cli("train", recipe)
     assert code == 0, err
     run = Path(tiny_recipe()["output_dir"])
@@ -156,8 +174,10 @@ def test_bad_image_stops_before_training_then_skip_reports_it(tiny_recipe, write
 
 
 def test_bf16_grad_checkpointing_and_wandb_offline(tiny_recipe, write_recipe, cli):
-    recipe = tiny_recipe(train={"precision": "bf16", "grad_checkpointing": True, "max_steps": 2},
-                         track={"wandb": True, "wandb_mode": "offline"})
+    recipe = tiny_recipe(
+        train={"precision": "bf16", "grad_checkpointing": True, "max_steps": 2},
+        track={"wandb": True, "wandb_mode": "offline"},
+    )
     code, _, err = cli("train", write_recipe(recipe))
     assert code == 0, err
     run = Path(recipe["output_dir"])

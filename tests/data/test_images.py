@@ -294,8 +294,7 @@ def test_dataset_items_and_collator(tmp_path):
 
 def test_dataset_over_arrays_gives_rgb_tensors():
     arrays = np.stack([np.full((8, 8), 0, np.uint8), np.full((8, 8), 255, np.uint8)])
-    ds = ImageClassificationDataset(LabeledImages(arrays, [0, 1], ["a", "b"], "mem", "array"),
-                                    eval_transform(PRE), CAP)
+    ds = ImageClassificationDataset(LabeledImages(arrays, [0, 1], ["a", "b"], "mem", "array"), eval_transform(PRE), CAP)
     assert torch.allclose(ds[0]["pixel_values"], -torch.ones(3, 32, 32))
     assert torch.allclose(ds[1]["pixel_values"], torch.ones(3, 32, 32))
 

@@ -124,11 +124,13 @@ def test_csv_paths_are_relative_to_the_file(meta):
 
 def test_jsonl_paths_are_relative_to_the_file(meta):
     jsonl = meta / "labels.jsonl"
-    rows = [{"image": "pics/r.png", "label": "red"}, {"image": "pics/g.png", "label": "green"},
-            {"image": "pics/b.png", "label": "blue"}]
+    rows = [
+        {"image": "pics/r.png", "label": "red"},
+        {"image": "pics/g.png", "label": "green"},
+        {"image": "pics/b.png", "label": "blue"},
+    ]
     jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
-    _check_rgb_records(read_dataset(str(jsonl), class_names=["red", "green", "blue"]), meta,
-                       ["red", "green", "blue"])
+    _check_rgb_records(read_dataset(str(jsonl), class_names=["red", "green", "blue"]), meta, ["red", "green", "blue"])
 
 
 def test_numeric_labels_sort_naturally(meta):
@@ -148,8 +150,10 @@ def test_csv_with_byte_order_mark(meta):
 def test_csv_unknown_label_names_file_and_line(meta):
     csv = meta / "labels.csv"
     csv.write_text("path,label\npics/r.png,red\n\npics/g.png,purple\n")  # blank line 3: the bad row is line 4
-    with _error(rf"{csv} line 4: label 'purple' is not in the class list \['red', 'green'\]; "
-                r"fix the label or add it to data.class_names"):
+    with _error(
+        rf"{csv} line 4: label 'purple' is not in the class list \['red', 'green'\]; "
+        r"fix the label or add it to data.class_names"
+    ):
         read_dataset(str(csv), class_names=["red", "green"])
 
 
@@ -208,8 +212,10 @@ def _save_hf(path: Path, labels: list[int], names=("cat", "dog", "bird"), label_
 
     label_feature = label_feature or datasets.ClassLabel(names=list(names))
     features = datasets.Features({"img": datasets.Image(), "target": label_feature})
-    images = [_png_bytes(COLOURS[names[i]]) if isinstance(i, int) and 0 <= i < len(names) else _png_bytes((9, 9, 9))
-              for i in labels]
+    images = [
+        _png_bytes(COLOURS[names[i]]) if isinstance(i, int) and 0 <= i < len(names) else _png_bytes((9, 9, 9))
+        for i in labels
+    ]
     ds = datasets.Dataset.from_dict({"img": images, "target": labels}, features=features)
     (datasets.DatasetDict({dict_split: ds}) if dict_split else ds).save_to_disk(str(path))
     return path
@@ -233,8 +239,10 @@ def test_saved_dataset_dict_and_default_columns(tmp_path):
 
     path = _save_hf(tmp_path / "hf", [1, 1, 0], dict_split="validation")
     # 'img' is a default image column, 'target' is not a default label column:
-    with _error(rf"Dataset {path}: set data.label_column; none of \['label', 'labels', 'fine_label'\] is among "
-                r"\['img', 'target'\]"):
+    with _error(
+        rf"Dataset {path}: set data.label_column; none of \['label', 'labels', 'fine_label'\] is among "
+        r"\['img', 'target'\]"
+    ):
         read_dataset(str(path))
     data = read_dataset(str(path), label_column="target", split="train")  # missing split: the first one
     assert data.labels == [1, 1, 0] and data.image_column == "img"
@@ -295,8 +303,9 @@ def test_unsupported_file(tmp_path):
 
 def _labelled(counts: list[int]) -> LabeledImages:
     labels = [c for c, n in enumerate(counts) for _ in range(n)]
-    return LabeledImages([f"f{i}.png" for i in range(len(labels))], labels, [f"c{c}" for c in range(len(counts))],
-                         "mem")
+    return LabeledImages(
+        [f"f{i}.png" for i in range(len(labels))], labels, [f"c{c}" for c in range(len(counts))], "mem"
+    )
 
 
 def test_split_is_seeded_and_stratified():

@@ -20,8 +20,14 @@ def set_trainable(model: nn.Module, names: set[str]) -> None:
 
 
 class GradualUnfreeze(TrainerCallback):
-    def __init__(self, model: nn.Module, groups: list[list[str]], head: list[str], schedule: list[UnfreezeStep],
-                 distributed: bool):
+    def __init__(
+        self,
+        model: nn.Module,
+        groups: list[list[str]],
+        head: list[str],
+        schedule: list[UnfreezeStep],
+        distributed: bool,
+    ):
         self.model, self.groups, self.head, self.schedule = model, groups, head, schedule
         self.distributed = distributed
         self.active: set[str] = set()

@@ -53,5 +53,5 @@ def _indexed_groups(body: list[str]) -> list[list[str]]:
 
 def trainable_names(groups: list[list[str]], head: list[str], blocks: int | str) -> set[str]:
     """Head plus the last `blocks` groups ("all": everything)."""
-    chosen = groups if blocks == "all" else groups[len(groups) - int(blocks):] if int(blocks) > 0 else []
+    chosen = groups if blocks == "all" else groups[len(groups) - int(blocks) :] if int(blocks) > 0 else []
     return set(head).union(*chosen) if chosen else set(head)

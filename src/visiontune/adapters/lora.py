@@ -20,11 +20,14 @@ def apply_lora(model: ImageClassifier, cfg: LoraConfig) -> None:
     targets = [t for t in _AUTO_TARGETS if t in linear] if cfg.target_modules == "auto" else cfg.target_modules
     missing = [t for t in targets if t not in linear]
     if not targets or missing:
-        raise ModelError(f"tune.lora.target_modules {missing or cfg.target_modules} match no Linear layer of "
-                         f"{model.kind} backbone; the Linear layers are named {linear}.")
+        raise ModelError(
+            f"tune.lora.target_modules {missing or cfg.target_modules} match no Linear layer of "
+            f"{model.kind} backbone; the Linear layers are named {linear}."
+        )
     head = [h.removeprefix("backbone.") for h in model.head_names()]
-    peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                              modules_to_save=head)
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, modules_to_save=head
+    )
     model.backbone = get_peft_model(model.backbone, peft_cfg)
 
 

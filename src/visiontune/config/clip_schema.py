@@ -20,8 +20,9 @@ class ClipLoraConfig(Strict):
     r: int = Field(16, gt=0)
     alpha: int = Field(32, gt=0)
     dropout: float = Field(0.1, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"],
-                                      description="Module names inside the vision tower.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"], description="Module names inside the vision tower."
+    )
 
 
 class ClipTuneConfig(Strict):
@@ -47,8 +48,9 @@ def _check_names(names: list[str] | None) -> list[str] | None:
 
 class ClipDataConfig(DataConfig):
     templates: list[str] | Literal["builtin"] = Field("builtin", description="Prompt templates with one `{}`.")
-    prompt_names: list[str] | None = Field(None, description="Readable class names for the prompts, in label order "
-                                                              "(default: the dataset's class names).")
+    prompt_names: list[str] | None = Field(
+        None, description="Readable class names for the prompts, in label order (default: the dataset's class names)."
+    )
 
     _templates = field_validator("templates")(classmethod(lambda cls, v: _check_templates(v)))
     _prompt_names = field_validator("prompt_names")(classmethod(lambda cls, v: _check_names(v)))

@@ -29,8 +29,9 @@ class DataConfig(Strict):
     val_split: float = Field(0.1, gt=0, lt=1, description="Held-out fraction when `val` is not given (stratified).")
     image_size: int | None = Field(None, gt=0, description="Input size; the backbone's pretrained size if unset.")
     augment: AugmentConfig = AugmentConfig()
-    workers: int | Literal["auto"] = Field("auto", description="DataLoader workers; auto: 0 for in-memory data, "
-                                                              "else up to 4 by CPU count.")
+    workers: int | Literal["auto"] = Field(
+        "auto", description="DataLoader workers; auto: 0 for in-memory data, else up to 4 by CPU count."
+    )
     on_bad_sample: Literal["error", "skip"] = "error"
     max_image_pixels: int = Field(89_478_485, gt=0, description="Decompression-bomb guard (PIL's default).")
     image_column: str | None = None
@@ -53,8 +54,11 @@ class UnfreezeStep(Strict):
 class TuneConfig(Strict):
     method: Literal["full", "linear_probe", "gradual_unfreeze", "lora"] = "full"
     unfreeze: list[UnfreezeStep] = Field(
-        default_factory=lambda: [UnfreezeStep(epoch=0, blocks=0), UnfreezeStep(epoch=1, blocks=2),
-                                 UnfreezeStep(epoch=2, blocks="all")],
+        default_factory=lambda: [
+            UnfreezeStep(epoch=0, blocks=0),
+            UnfreezeStep(epoch=1, blocks=2),
+            UnfreezeStep(epoch=2, blocks="all"),
+        ],
         description="Schedule for `gradual_unfreeze`.",
     )
     layer_decay: float | None = Field(None, gt=0, le=1, description="Layer-wise LR decay factor (e.g. 0.75).")

@@ -44,8 +44,10 @@ def clean(data: LabeledImages, policy: str, max_pixels: int, role: str) -> tuple
     if bad and policy == "error":
         listed = "; ".join(f"{b.ref} {b.reason}" for b in bad[:5])
         more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
-        raise DataError(f"{len(bad)} bad {role} sample(s) in {data.origin}: {listed}{more}. Fix or remove them, "
-                        "or set data.on_bad_sample=skip to train without them.")
+        raise DataError(
+            f"{len(bad)} bad {role} sample(s) in {data.origin}: {listed}{more}. Fix or remove them, "
+            "or set data.on_bad_sample=skip to train without them."
+        )
     if not bad:
         return data, []
     bad_index = {b.index for b in bad}

@@ -38,15 +38,27 @@ class LabeledImages:
 
     def subset(self, indices: Sequence[int]) -> LabeledImages:
         items = [self.items[i] for i in indices] if self.kind != "array" else self.items[list(indices)]
-        return LabeledImages(items, [self.labels[i] for i in indices], self.class_names, self.origin, self.kind,
-                             self.hf_dataset, self.image_column)
+        return LabeledImages(
+            items,
+            [self.labels[i] for i in indices],
+            self.class_names,
+            self.origin,
+            self.kind,
+            self.hf_dataset,
+            self.image_column,
+        )
 
     def __len__(self) -> int:
         return len(self.labels)
 
 
-def read_dataset(spec: str, class_names: list[str] | None = None, image_column: str | None = None,
-                 label_column: str | None = None, split: str = "train") -> LabeledImages:
+def read_dataset(
+    spec: str,
+    class_names: list[str] | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    split: str = "train",
+) -> LabeledImages:
     """Dispatch on the form of `spec` (a path's type or the `builtin:` prefix); see the module docstring."""
     if spec.startswith("builtin:"):
         return _read_builtin(spec.removeprefix("builtin:"))
@@ -102,8 +114,9 @@ def _read_jsonl(path: Path, class_names: list[str] | None) -> LabeledImages:
         except json.JSONDecodeError as err:
             raise DataError(f"{path} line {n} is not valid JSON ({err.msg}); fix or remove that line.") from None
         if not isinstance(row, dict):
-            raise DataError(f"{path} line {n} is not a JSON object; write each record as "
-                            '{"path": ..., "label": ...}.')
+            raise DataError(
+                f'{path} line {n} is not a JSON object; write each record as {{"path": ..., "label": ...}}.'
+            )
         rows.append(row)
         lines.append(n)
     return _from_rows(path, rows, lines, class_names)
@@ -125,22 +138,27 @@ def _from_rows(path: Path, rows: list[dict], lines: list[int], class_names: list
     for n, row in zip(lines, rows, strict=True):
         label = str(row.get("label"))
         if label not in index:
-            raise DataError(f"{path} line {n}: label {label!r} is not in the class list {names}; "
-                            "fix the label or add it to data.class_names.")
+            raise DataError(
+                f"{path} line {n}: label {label!r} is not in the class list {names}; "
+                "fix the label or add it to data.class_names."
+            )
         items.append((path.parent / str(row[path_key])).resolve())
         labels.append(index[label])
     return LabeledImages(items, labels, names, str(path))
 
 
-def _read_hf(spec: str | Path, split: str, image_column: str | None, label_column: str | None,
-             class_names: list[str] | None) -> LabeledImages:
+def _read_hf(
+    spec: str | Path, split: str, image_column: str | None, label_column: str | None, class_names: list[str] | None
+) -> LabeledImages:
     import datasets
 
     try:
         ds = datasets.load_from_disk(str(spec)) if isinstance(spec, Path) else datasets.load_dataset(spec)
     except Exception as err:  # datasets raises many types; the user needs one sentence
-        raise DataError(f"Cannot load dataset {spec} ({type(err).__name__}: {err}); offline, use a folder saved "
-                        "with `Dataset.save_to_disk`.") from None
+        raise DataError(
+            f"Cannot load dataset {spec} ({type(err).__name__}: {err}); offline, use a folder saved "
+            "with `Dataset.save_to_disk`."
+        ) from None
     if isinstance(ds, datasets.DatasetDict):
         pick = split if split in ds else next(iter(ds))
         ds = ds[pick]
@@ -164,8 +182,10 @@ def _read_hf(spec: str | Path, split: str, image_column: str | None, label_colum
     labels = []
     for i, value in enumerate(raw):
         if str(value) not in index:
-            raise DataError(f"Dataset {spec} record {i}: label {value!r} is not in the class list {names}; "
-                            "fix or drop that record, or add the label to data.class_names.")
+            raise DataError(
+                f"Dataset {spec} record {i}: label {value!r} is not in the class list {names}; "
+                "fix or drop that record, or add the label to data.class_names."
+            )
         labels.append(index[str(value)])
     return LabeledImages(list(range(len(ds))), labels, names, str(spec), "hf", ds, image_col)
 

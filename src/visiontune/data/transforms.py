@@ -20,8 +20,12 @@ class Preprocess:
     interpolation: str = "bicubic"
 
     def to_dict(self) -> dict:
-        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std),
-                "interpolation": self.interpolation}
+        return {
+            "image_size": self.image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+        }
 
 
 def _interp(name: str) -> v2.InterpolationMode:
@@ -56,7 +60,8 @@ def batch_mixer(aug: AugmentConfig, num_classes: int) -> v2.Transform | None:
     mixup = aug.mixup if aug.mixup is not None else (0.2 if aug.preset == "strong" else 0.0)
     cutmix = aug.cutmix if aug.cutmix is not None else (1.0 if aug.preset == "strong" else 0.0)
     mixers = ([v2.MixUp(alpha=mixup, num_classes=num_classes)] if mixup > 0 else []) + (
-        [v2.CutMix(alpha=cutmix, num_classes=num_classes)] if cutmix > 0 else [])
+        [v2.CutMix(alpha=cutmix, num_classes=num_classes)] if cutmix > 0 else []
+    )
     if not mixers:
         return None
     return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)

@@ -28,8 +28,10 @@ def classification_report(logits: torch.Tensor, labels: torch.Tensor, class_name
     precision = multiclass_precision(logits, labels, n, average=None).tolist()
     recall = multiclass_recall(logits, labels, n, average=None).tolist()
     support = torch.bincount(labels, minlength=n).tolist()
-    per_class = [{"label": c, "precision": p, "recall": r, "support": s}
-                 for c, p, r, s in zip(class_names, precision, recall, support, strict=True)]
+    per_class = [
+        {"label": c, "precision": p, "recall": r, "support": s}
+        for c, p, r, s in zip(class_names, precision, recall, support, strict=True)
+    ]
     confusion = multiclass_confusion_matrix(logits, labels, n).tolist()
     return {"metrics": metrics, "per_class": per_class, "confusion_matrix": confusion, "class_names": class_names}
 

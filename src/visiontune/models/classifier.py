@@ -70,8 +70,13 @@ class ImageClassifier(nn.Module):
             # Architecture args a local-dir model was built with; the class count is the current head's.
             args = dict(getattr(self.backbone, "pretrained_model_args", None) or {})
             args.pop("num_classes", None)
-            save_for_hf(self.backbone, str(directory), model_config={"label_names": self.class_names},
-                        model_args=args or None, safe_serialization=True)
+            save_for_hf(
+                self.backbone,
+                str(directory),
+                model_config={"label_names": self.class_names},
+                model_args=args or None,
+                safe_serialization=True,
+            )
         else:
             self.backbone.config.id2label = dict(enumerate(self.class_names))
             self.backbone.config.label2id = {n: i for i, n in enumerate(self.class_names)}

@@ -19,8 +19,16 @@ from visiontune.models.classifier import META_FILE
 
 # model_type -> how its text side is tokenised (SigLIP was trained on max_length padding and pools the last token).
 FAMILIES = {"clip": "longest", "siglip": "max_length", "siglip2": "max_length", "lite0-minilm": "longest"}
-OTHER_TASKS = {"llava": "vlm_sft", "idefics3": "vlm_sft", "smolvlm": "vlm_sft", "qwen2_vl": "vlm_sft",
-               "qwen2_5_vl": "vlm_sft", "vit": "classify", "convnext": "classify", "resnet": "classify"}
+OTHER_TASKS = {
+    "llava": "vlm_sft",
+    "idefics3": "vlm_sft",
+    "smolvlm": "vlm_sft",
+    "qwen2_vl": "vlm_sft",
+    "qwen2_5_vl": "vlm_sft",
+    "vit": "classify",
+    "convnext": "classify",
+    "resnet": "classify",
+}
 
 
 @dataclass
@@ -41,14 +49,15 @@ class DualEncoder:
         device = next(self.model.parameters()).device
         out = []
         for i in range(0, len(texts), batch_size):
-            batch = self.tokenize(texts[i:i + batch_size]).to(device)
+            batch = self.tokenize(texts[i : i + batch_size]).to(device)
             out.append(F.normalize(text_features(self.model, **batch), dim=-1))
         return torch.cat(out)  # [T, D]
 
     def tokenize(self, texts: list[str]):
         limit = max_text_length(self.model, self.tokenizer)
-        return self.tokenizer(texts, padding=FAMILIES[self.family], truncation=True, max_length=limit,
-                              return_tensors="pt")
+        return self.tokenizer(
+            texts, padding=FAMILIES[self.family], truncation=True, max_length=limit, return_tensors="pt"
+        )
 
     def logit_scale(self) -> torch.Tensor:
         return self.model.logit_scale.detach().exp().reshape(())
@@ -62,8 +71,13 @@ class DualEncoder:
         self.tokenizer.save_pretrained(directory)
         if self.image_processor is not None:
             self.image_processor.save_pretrained(directory)
-        meta = {"kind": "dual_encoder", "family": self.family, "preprocess": self.preprocess.to_dict(),
-                **self.meta, **(extra_meta or {})}
+        meta = {
+            "kind": "dual_encoder",
+            "family": self.family,
+            "preprocess": self.preprocess.to_dict(),
+            **self.meta,
+            **(extra_meta or {}),
+        }
         (directory / META_FILE).write_text(json.dumps(meta, indent=2))
         return directory
 
@@ -106,18 +120,20 @@ def _transformers(name: str, meta: dict) -> DualEncoder:
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as err:
-        raise ModelError(f"model: {name} cannot be resolved offline ({str(err).splitlines()[0]}); give a local "
-                         "CLIP/SigLIP folder or builtin:lite0-minilm.") from None
+        raise ModelError(
+            f"model: {name} cannot be resolved offline ({str(err).splitlines()[0]}); give a local "
+            "CLIP/SigLIP folder or builtin:lite0-minilm."
+        ) from None
     family = config.model_type
     if family not in FAMILIES:
         fits = OTHER_TASKS.get(family, "classify or vlm_sft")
-        raise ModelError(f"model: {name} is a `{family}` model, not a CLIP-style dual encoder; it fits "
-                         f"task: {fits}.")
+        raise ModelError(f"model: {name} is a `{family}` model, not a CLIP-style dual encoder; it fits task: {fits}.")
     model = AutoModel.from_pretrained(name)
     tokenizer = AutoTokenizer.from_pretrained(name)
     processor = AutoImageProcessor.from_pretrained(name)
-    preprocess = _preprocess_from(meta) or Preprocess(_edge(processor), tuple(processor.image_mean),
-                                                      tuple(processor.image_std), "bicubic")
+    preprocess = _preprocess_from(meta) or Preprocess(
+        _edge(processor), tuple(processor.image_mean), tuple(processor.image_std), "bicubic"
+    )
     return DualEncoder(model, tokenizer, preprocess, family, name, processor, _carry(meta))
 
 
@@ -127,16 +143,28 @@ def _builtin_pretrained() -> DualEncoder:
     from visiontune.assets import minilm_dir
 
     model = BuiltinDualEncoder.build(minilm_dir(), pretrained=True)
-    return DualEncoder(model, AutoTokenizer.from_pretrained(minilm_dir()), BuiltinDualEncoder.PREPROCESS,
-                       "lite0-minilm", "builtin:lite0-minilm")
+    return DualEncoder(
+        model,
+        AutoTokenizer.from_pretrained(minilm_dir()),
+        BuiltinDualEncoder.PREPROCESS,
+        "lite0-minilm",
+        "builtin:lite0-minilm",
+    )
 
 
 def _builtin_saved(path: Path, meta: dict) -> DualEncoder:
     from transformers import AutoTokenizer
 
     model = BuiltinDualEncoder.load(path)
-    return DualEncoder(model, AutoTokenizer.from_pretrained(path), _preprocess_from(meta), "lite0-minilm",
-                       str(path), None, _carry(meta))
+    return DualEncoder(
+        model,
+        AutoTokenizer.from_pretrained(path),
+        _preprocess_from(meta),
+        "lite0-minilm",
+        str(path),
+        None,
+        _carry(meta),
+    )
 
 
 def _read_meta(path: Path) -> dict:
@@ -185,8 +213,11 @@ class BuiltinDualEncoder(nn.Module):
 
         from visiontune.assets import efficientnet_lite0_state_dict
 
-        text = AutoModel.from_pretrained(text_dir) if pretrained else AutoModel.from_config(
-            AutoConfig.from_pretrained(text_dir))
+        text = (
+            AutoModel.from_pretrained(text_dir)
+            if pretrained
+            else AutoModel.from_config(AutoConfig.from_pretrained(text_dir))
+        )
         model = cls(text)
         if pretrained:
             weights = {k: v for k, v in efficientnet_lite0_state_dict().items() if not k.startswith("classifier.")}
@@ -196,8 +227,9 @@ class BuiltinDualEncoder(nn.Module):
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.visual_projection(self.vision_model(pixel_values))  # [B, D]
 
-    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                          **_: Any) -> torch.Tensor:
+    def get_text_features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: Any
+    ) -> torch.Tensor:
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         hidden = self.text_model(input_ids=input_ids, attention_mask=mask).last_hidden_state  # [B, T, H]
         weights = mask.unsqueeze(-1).to(hidden.dtype)

@@ -22,8 +22,9 @@ def resolve_classifier(name: str, class_names: list[str] | None = None, pretrain
         path = path / "model" if (path / "model").is_dir() and not (path / "config.json").exists() else path
         return _local(path, class_names)
     if path.exists() or name.startswith((".", "/", "~")):
-        raise ModelError(f"model: {name} is not a model folder; give a folder with config.json, a hub id, "
-                         "timm:NAME or builtin:NAME.")
+        raise ModelError(
+            f"model: {name} is not a model folder; give a folder with config.json, a hub id, timm:NAME or builtin:NAME."
+        )
     return _hf(name, class_names)
 
 
@@ -53,8 +54,10 @@ def _timm(model_id: str, class_names: list[str] | None, pretrained: bool) -> Ima
             raise ModelError(f"model: timm:{model_id} is not a timm model; {hint}.") from None
         raise
     except OSError as err:
-        raise ModelError(f"model: timm:{model_id} weights cannot be loaded offline ({err}); use a local folder "
-                         "(timm:local-dir:/path), set pretrained=false, or download the weights first.") from None
+        raise ModelError(
+            f"model: timm:{model_id} weights cannot be loaded offline ({err}); use a local folder "
+            "(timm:local-dir:/path), set pretrained=false, or download the weights first."
+        ) from None
     names = class_names or backbone.pretrained_cfg.get("label_names") or _imagenet_names(backbone.num_classes)
     return ImageClassifier(backbone, "timm", list(names), _timm_preprocess(backbone))
 
@@ -73,8 +76,9 @@ def _local(path: Path, class_names: list[str] | None) -> ImageClassifier:
         model = _hf(str(path), class_names)
     if meta and class_names is None:
         model.class_names = meta["class_names"]
-        model.preprocess = Preprocess(**{**meta["preprocess"], "mean": tuple(meta["preprocess"]["mean"]),
-                                         "std": tuple(meta["preprocess"]["std"])})
+        model.preprocess = Preprocess(
+            **{**meta["preprocess"], "mean": tuple(meta["preprocess"]["mean"]), "std": tuple(meta["preprocess"]["std"])}
+        )
     return model
 
 
@@ -83,14 +87,19 @@ def _hf(name: str, class_names: list[str] | None) -> ImageClassifier:
 
     kwargs = {}
     if class_names:
-        kwargs = {"id2label": dict(enumerate(class_names)),
-                  "label2id": {n: i for i, n in enumerate(class_names)}, "ignore_mismatched_sizes": True}
+        kwargs = {
+            "id2label": dict(enumerate(class_names)),
+            "label2id": {n: i for i, n in enumerate(class_names)},
+            "ignore_mismatched_sizes": True,
+        }
     try:
         backbone = AutoModelForImageClassification.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as err:
-        raise ModelError(f"model: {name} cannot be resolved offline as a transformers image classifier "
-                         f"({str(err).splitlines()[0]}); give a local folder, timm:NAME or builtin:NAME "
-                         "(`visiontune assets`).") from None
+        raise ModelError(
+            f"model: {name} cannot be resolved offline as a transformers image classifier "
+            f"({str(err).splitlines()[0]}); give a local folder, timm:NAME or builtin:NAME "
+            "(`visiontune assets`)."
+        ) from None
     id2label = backbone.config.id2label
     names = class_names or [id2label[i] for i in sorted(id2label)]
     return ImageClassifier(backbone, "hf", names, _hf_preprocess(name, backbone))

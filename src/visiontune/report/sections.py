@@ -7,8 +7,14 @@ from pathlib import Path
 from typing import Any
 
 
-def add_section(run_dir: Path, title: str, text: str | None = None, header: list[str] | None = None,
-                rows: list[list[Any]] | None = None, image: str | None = None) -> None:
+def add_section(
+    run_dir: Path,
+    title: str,
+    text: str | None = None,
+    header: list[str] | None = None,
+    rows: list[list[Any]] | None = None,
+    image: str | None = None,
+) -> None:
     path = run_dir / "eval" / "sections.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     data = json.loads(path.read_text()) if path.is_file() else {"sections": []}

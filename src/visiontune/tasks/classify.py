@@ -94,8 +94,15 @@ class ClassifyTask:
         """A trained model for eval/predict (`class_names` only matters for tasks whose head is built from text)."""
         return resolve_classifier(name)
 
-    def evaluate(self, model: str, data: str, out_dir: Path | None = None, batch_size: int = 64,
-                 workers: int = 2, on_bad_sample: str = "error") -> dict:
+    def evaluate(
+        self,
+        model: str,
+        data: str,
+        out_dir: Path | None = None,
+        batch_size: int = 64,
+        workers: int = 2,
+        on_bad_sample: str = "error",
+    ) -> dict:
         if self.reads_own_classes:  # zero-shot style heads are built from the data's class names
             dataset = read_dataset(data)
             clf = self.load_model(model, dataset.class_names)
@@ -109,8 +116,14 @@ class ClassifyTask:
             (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
         return report
 
-    def evaluate_loaded(self, clf: torch.nn.Module, images: LabeledImages, out_dir: Path | None = None,
-                        batch_size: int = 64, workers: int = 0) -> dict:
+    def evaluate_loaded(
+        self,
+        clf: torch.nn.Module,
+        images: LabeledImages,
+        out_dir: Path | None = None,
+        batch_size: int = 64,
+        workers: int = 0,
+    ) -> dict:
         """Metrics (and predictions.csv in out_dir) of an in-memory model on checked data."""
         clf.eval()
         ds = ImageClassificationDataset(images, eval_transform(clf.preprocess), 89_478_485)
@@ -135,8 +148,14 @@ class ClassifyTask:
             with torch.inference_mode():
                 probs = clf(transform(image)[None])["logits"].float().softmax(-1)[0]
             top = probs.topk(min(top_k, len(probs)))
-            results.append({"input": path, "top": [(clf.class_names[i], p) for p, i in
-                                                   zip(top.values.tolist(), top.indices.tolist(), strict=True)]})
+            results.append(
+                {
+                    "input": path,
+                    "top": [
+                        (clf.class_names[i], p) for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+                    ],
+                }
+            )
         return results
 
 
@@ -177,25 +196,35 @@ def plan_tuning(model: ImageClassifier, cfg: ClassifyConfig) -> TuningPlan:
     return plan
 
 
-def build_trainer(model: ImageClassifier, cfg: ClassifyConfig, data: SplitData, plan: TuningPlan,
-                  run_dir: Path) -> VisiontuneTrainer:
+def build_trainer(
+    model: ImageClassifier, cfg: ClassifyConfig, data: SplitData, plan: TuningPlan, run_dir: Path
+) -> VisiontuneTrainer:
     report_to = _setup_wandb(cfg, run_dir)
-    args = training_arguments(cfg.train, run_dir, cfg.seed, _workers(cfg.data.workers, data.train), report_to,
-                              greater_is_better="loss" not in cfg.train.metric)
+    args = training_arguments(
+        cfg.train,
+        run_dir,
+        cfg.seed,
+        _workers(cfg.data.workers, data.train),
+        report_to,
+        greater_is_better="loss" not in cfg.train.metric,
+    )
     check_process_group(args.world_size)
     pre, aug = model.preprocess, cfg.data.augment
     trainer = VisiontuneTrainer(
         model=model,
         args=args,
-        train_dataset=ImageClassificationDataset(data.train, train_transform(pre, aug), cfg.data.max_image_pixels,
-                                                 draft_size=pre.image_size),
-        eval_dataset=ImageClassificationDataset(data.val, eval_transform(pre), cfg.data.max_image_pixels,
-                                                draft_size=pre.image_size),
+        train_dataset=ImageClassificationDataset(
+            data.train, train_transform(pre, aug), cfg.data.max_image_pixels, draft_size=pre.image_size
+        ),
+        eval_dataset=ImageClassificationDataset(
+            data.val, eval_transform(pre), cfg.data.max_image_pixels, draft_size=pre.image_size
+        ),
         data_collator=Collator(),
         compute_metrics=ClassificationMetrics(data.train.class_names),
         optimizers=(build_optimizer(model, cfg.train, plan.include, plan.layer_scales), None),
-        callbacks=_callbacks(cfg, plan, run_dir, images_per_step=cfg.train.batch_size * cfg.train.grad_accum
-                             * args.world_size),
+        callbacks=_callbacks(
+            cfg, plan, run_dir, images_per_step=cfg.train.batch_size * cfg.train.grad_accum * args.world_size
+        ),
     )
     trainer.batch_mixer = batch_mixer(aug, len(data.train.class_names))
     trainer.remove_callback(PrinterCallback)
@@ -250,8 +279,9 @@ def _keep_better_ema(trainer: VisiontuneTrainer, ema: WeightEma | None, metric: 
     return "ema" if better_ema else "trained"
 
 
-def _save_outputs(model: ImageClassifier, trainer: VisiontuneTrainer, data: SplitData, run_dir: Path,
-                  after: dict, wall_time: float) -> None:
+def _save_outputs(
+    model: ImageClassifier, trainer: VisiontuneTrainer, data: SplitData, run_dir: Path, after: dict, wall_time: float
+) -> None:
     from visiontune.report import write_report
 
     model.save(run_dir / "model", adapter_dir=run_dir / "adapter")
@@ -265,8 +295,9 @@ def _save_outputs(model: ImageClassifier, trainer: VisiontuneTrainer, data: Spli
         "final_metrics": after["metrics"],
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    _write_predictions(run_dir / "eval" / "predictions.csv", data.val, trainer.compute_metrics.last_logits,
-                       data.train.class_names)
+    _write_predictions(
+        run_dir / "eval" / "predictions.csv", data.val, trainer.compute_metrics.last_logits, data.train.class_names
+    )
     write_report(run_dir)
 
 

@@ -75,8 +75,10 @@ def prompt_names(configured: list[str] | None, class_names: list[str]) -> list[s
     if configured is None:
         return class_names
     if len(configured) != len(class_names):
-        raise DataError(f"data.prompt_names has {len(configured)} names but the data has {len(class_names)} "
-                        f"classes {class_names}; give one readable name per class, in label order.")
+        raise DataError(
+            f"data.prompt_names has {len(configured)} names but the data has {len(class_names)} "
+            f"classes {class_names}; give one readable name per class, in label order."
+        )
     return configured
 
 
@@ -87,15 +89,23 @@ def apply_vision_lora(clf: CLIPClassifier, cfg: ClipLoraConfig, linearize: bool)
     from peft import LoraConfig, get_peft_model
     from torch import nn
 
-    vision_linear = sorted({n.rsplit(".", 1)[-1] for n, m in clf.vision.named_modules()
-                            if isinstance(m, nn.Linear) and ".vision_model." in f".{n}"})
+    vision_linear = sorted(
+        {
+            n.rsplit(".", 1)[-1]
+            for n, m in clf.vision.named_modules()
+            if isinstance(m, nn.Linear) and ".vision_model." in f".{n}"
+        }
+    )
     missing = [t for t in cfg.target_modules if t not in vision_linear]
     if missing:
-        raise ModelError(f"tune.lora.target_modules {missing} match no Linear layer of the vision tower; its Linear "
-                         f"layers are named {vision_linear}.")
+        raise ModelError(
+            f"tune.lora.target_modules {missing} match no Linear layer of the vision tower; its Linear "
+            f"layers are named {vision_linear}."
+        )
     pattern = rf".*\.vision_model\..*\.({'|'.join(map(re.escape, cfg.target_modules))})"
-    peft_cfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=0.0 if linearize else cfg.dropout,
-                          target_modules=pattern)
+    peft_cfg = LoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=0.0 if linearize else cfg.dropout, target_modules=pattern
+    )
     vision = get_peft_model(clf.vision, peft_cfg)
     clf.lora_settings = {"r": cfg.r, "alpha": cfg.alpha, "target_modules": list(cfg.target_modules)}
     if linearize:

@@ -44,8 +44,13 @@ class ClipContinualTask(ClipClassifyTask):
             matrix.append([self._accuracy(clf, names[j], splits[j]) if j <= i else None for j in range(len(order))])
         clf.set_head(names[-1])
         clf.save(run_dir / "model")
-        result = {"tasks": [t.name for t in order], "zero_shot": zero_shot, "matrix": matrix,
-                  **continual_metrics(matrix), "wall_time_s": round(time.perf_counter() - start, 1)}
+        result = {
+            "tasks": [t.name for t in order],
+            "zero_shot": zero_shot,
+            "matrix": matrix,
+            **continual_metrics(matrix),
+            "wall_time_s": round(time.perf_counter() - start, 1),
+        }
         _write_outputs(run_dir, result)
         return run_dir
 
@@ -88,10 +93,12 @@ def _ordered(cfg: ClipContinualConfig) -> list[ContinualTask]:
 
 def _task_config(cfg: ClipContinualConfig, task: ContinualTask, out: Path) -> ClipClassifyConfig:
     shared = cfg.data.model_dump()
-    data = ClipDataConfig(train=task.train, val=task.val, class_names=task.class_names,
-                          prompt_names=task.prompt_names, **shared)
-    return ClipClassifyConfig(model=cfg.model, output_dir=str(out), seed=cfg.seed, data=data, tune=cfg.tune,
-                              train=cfg.train, track=cfg.track)
+    data = ClipDataConfig(
+        train=task.train, val=task.val, class_names=task.class_names, prompt_names=task.prompt_names, **shared
+    )
+    return ClipClassifyConfig(
+        model=cfg.model, output_dir=str(out), seed=cfg.seed, data=data, tune=cfg.tune, train=cfg.train, track=cfg.track
+    )
 
 
 def _load(task: ContinualTask, cfg: ClipClassifyConfig) -> SplitData:
@@ -124,12 +131,21 @@ def _write_outputs(run_dir: Path, result: dict) -> None:
     (run_dir / "summary.json").write_text(json.dumps({"wall_time_s": result["wall_time_s"]}, indent=2))
     plot_matrix(result, run_dir / "plots" / "continual_matrix.png")
     tasks = result["tasks"]
-    rows = [["zero-shot", *result["zero_shot"]]] + [[f"after {t}", *row] for t, row in zip(tasks, result["matrix"],
-                                                                                         strict=True)]
-    text = (f"Average accuracy {result['average_accuracy']:.4f}, forgetting {result['forgetting']:.4f}, "
-            f"backward transfer {result['backward_transfer']:.4f}.")
-    add_section(run_dir, "Continual accuracy matrix", text=text, header=["", *tasks], rows=rows,
-                image="plots/continual_matrix.png")
+    rows = [["zero-shot", *result["zero_shot"]]] + [
+        [f"after {t}", *row] for t, row in zip(tasks, result["matrix"], strict=True)
+    ]
+    text = (
+        f"Average accuracy {result['average_accuracy']:.4f}, forgetting {result['forgetting']:.4f}, "
+        f"backward transfer {result['backward_transfer']:.4f}."
+    )
+    add_section(
+        run_dir,
+        "Continual accuracy matrix",
+        text=text,
+        header=["", *tasks],
+        rows=rows,
+        image="plots/continual_matrix.png",
+    )
     write_report(run_dir)
 
 

@@ -16,8 +16,7 @@ from visiontune.tasks.clip_classify import ClipClassifyTask, load_clip_classifie
 OPTIONS = {"average": set(), "task_arithmetic": {"scaling"}, "ties": {"scaling", "density"}}
 
 
-def merge_clip(base: str, fine_tuned: list[str], method: str, out: Path, data: list[str],
-               **options: float) -> dict:
+def merge_clip(base: str, fine_tuned: list[str], method: str, out: Path, data: list[str], **options: float) -> dict:
     if method not in MERGE_METHODS:
         raise RecipeError(f"--method {method} is not a merge method; use one of {sorted(MERGE_METHODS)}.")
     unknown = set(options) - OPTIONS[method]
@@ -26,8 +25,9 @@ def merge_clip(base: str, fine_tuned: list[str], method: str, out: Path, data: l
     if len(fine_tuned) < 2:
         raise RecipeError("merge needs at least two fine-tuned models.")
     encoder = resolve_dual_encoder(base)
-    base_state = {k: v for k, v in encoder.model.state_dict().items() if k.startswith(("vision_model.",
-                                                                                       "visual_projection."))}
+    base_state = {
+        k: v for k, v in encoder.model.state_dict().items() if k.startswith(("vision_model.", "visual_projection."))
+    }
     tuned_states = [load_clip_classifier(ft, ["_"]).vision_state() for ft in fine_tuned]
     merged = MERGE_METHODS[method](base_state, tuned_states, **options)
     encoder.model.load_state_dict(merged, strict=False)
@@ -40,8 +40,11 @@ def merge_clip(base: str, fine_tuned: list[str], method: str, out: Path, data: l
 def evaluate_all(base: str, fine_tuned: list[str], merged: Path, data: list[str]) -> list[dict]:
     """Accuracy of base (zero-shot), each fine-tune and the merge on every dataset given."""
     task = ClipClassifyTask()
-    models = {"base (zero-shot)": base, **{f"fine-tune {i + 1}": ft for i, ft in enumerate(fine_tuned)},
-              "merged": str(merged)}
+    models = {
+        "base (zero-shot)": base,
+        **{f"fine-tune {i + 1}": ft for i, ft in enumerate(fine_tuned)},
+        "merged": str(merged),
+    }
     rows = []
     for spec in data:
         images = clean(read_dataset(spec), "error", 89_478_485, "merge eval")[0]

@@ -30,16 +30,16 @@ def sweep(cfg: ClipClassifyConfig, run_dir: Path) -> list[dict]:
     control = _control(wise.control, cfg.data.max_image_pixels)
     rows = []
     for alpha in wise.alphas:
-        tuned.encoder.model.load_state_dict(interpolate(zero_shot.vision_state(), _ft_state(run_dir), alpha),
-                                            strict=False)
+        tuned.encoder.model.load_state_dict(
+            interpolate(zero_shot.vision_state(), _ft_state(run_dir), alpha), strict=False
+        )
         row = {"alpha": alpha, "target_accuracy": _accuracy(task, tuned, target_names, target)}
         if control is not None:
             row["control_accuracy"] = _accuracy(task, tuned, control.class_names, control)
         row["mean_accuracy"] = sum(v for k, v in row.items() if k.endswith("_accuracy")) / (1 + (control is not None))
         rows.append(row)
     chosen = _choose(rows, wise.choose)
-    tuned.encoder.model.load_state_dict(interpolate(zero_shot.vision_state(), _ft_state(run_dir), chosen),
-                                        strict=False)
+    tuned.encoder.model.load_state_dict(interpolate(zero_shot.vision_state(), _ft_state(run_dir), chosen), strict=False)
     tuned.set_head(target_names)
     tuned.save(run_dir / "wise_ft_model")
     (run_dir / "eval" / "wise_ft.json").write_text(json.dumps({"rows": rows, "chosen_alpha": chosen}, indent=2))
@@ -53,9 +53,14 @@ def _report(run_dir: Path, rows: list[dict], chosen: float) -> None:
     from visiontune.report.sections import add_section
 
     keys = [k for k in ("alpha", "target_accuracy", "control_accuracy", "mean_accuracy") if k in rows[0]]
-    add_section(run_dir, "WiSE-FT: zero-shot / fine-tuned weight mixing",
-                text=f"Chosen α = {chosen}, saved as `wise_ft_model/`.", header=keys,
-                rows=[[r[k] for k in keys] for r in rows], image="plots/wise_ft.png")
+    add_section(
+        run_dir,
+        "WiSE-FT: zero-shot / fine-tuned weight mixing",
+        text=f"Chosen α = {chosen}, saved as `wise_ft_model/`.",
+        header=keys,
+        rows=[[r[k] for k in keys] for r in rows],
+        image="plots/wise_ft.png",
+    )
     write_report(run_dir)
 
 

@@ -26,13 +26,20 @@ class RichProgress(TrainerCallback):
         if not state.is_world_process_zero:
             return
         self.progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[ips]:.1f} img/s"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=self.console, transient=False,
-            redirect_stdout=False, redirect_stderr=False)
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
         self.progress.start()
-        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step,
-                                           **self.fields)
+        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, **self.fields)
         self.start, self.start_step = time.perf_counter(), state.global_step
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -48,8 +55,11 @@ class RichProgress(TrainerCallback):
         self.fields["loss"] = logs.get("loss", self.fields["loss"])
         self.fields["lr"] = logs.get("learning_rate", self.fields["lr"])
         if "eval_loss" in logs:
-            shown = {k.removeprefix("eval_"): round(v, 4) for k, v in logs.items()
-                     if isinstance(v, float) and not k.endswith(("runtime", "per_second"))}
+            shown = {
+                k.removeprefix("eval_"): round(v, 4)
+                for k, v in logs.items()
+                if isinstance(v, float) and not k.endswith(("runtime", "per_second"))
+            }
             self.progress.console.print(f"step {state.global_step} eval {shown}")
 
     def on_train_end(self, args, state, control, **kwargs):

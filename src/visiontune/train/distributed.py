@@ -25,7 +25,8 @@ def check_process_group(num_processes: int) -> None:
         # accelerate's simple launcher sets MASTER_ADDR for num_processes > 1 but starts only one process on CPU.
         raise DistributedError(
             "`accelerate launch --cpu --num_processes N` started a single process, not N; launch with "
-            "`visiontune train --nproc N` or `torchrun --nproc_per_node N -m visiontune train ...` instead.")
+            "`visiontune train --nproc N` or `torchrun --nproc_per_node N -m visiontune train ...` instead."
+        )
     expected = launched_world_size()
     actual = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     if expected != num_processes or expected != actual:
@@ -33,11 +34,14 @@ def check_process_group(num_processes: int) -> None:
             f"The launcher set WORLD_SIZE={expected} but training would run {num_processes} process(es) in a group "
             f"of {actual}: the ranks would not synchronise. On CPU launch with `visiontune train --nproc N` or "
             "`torchrun --nproc_per_node N -m visiontune train ...` (we set the CPU backend); do not use "
-            "`accelerate launch --cpu`, which silently runs one process.")
+            "`accelerate launch --cpu`, which silently runs one process."
+        )
     accelerate_n = os.environ.get("ACCELERATE_NUM_PROCESSES")
     if accelerate_n and int(accelerate_n) != actual:
-        raise DistributedError(f"accelerate asked for {accelerate_n} processes but {actual} joined the group; "
-                               "on CPU use `visiontune train --nproc N` instead of `accelerate launch --cpu`.")
+        raise DistributedError(
+            f"accelerate asked for {accelerate_n} processes but {actual} joined the group; "
+            "on CPU use `visiontune train --nproc N` instead of `accelerate launch --cpu`."
+        )
 
 
 def relaunch(nproc: int, argv: list[str]) -> int:
@@ -50,8 +54,16 @@ def relaunch(nproc: int, argv: list[str]) -> int:
             env["ACCELERATE_USE_CPU"] = "true"
     except ImportError:
         pass
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "visiontune", *_without_nproc(argv)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "visiontune",
+        *_without_nproc(argv),
+    ]
     return subprocess.call(cmd, env=env)
 
 

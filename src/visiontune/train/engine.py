@@ -58,16 +58,21 @@ class VisiontuneTrainer(Trainer):
         """Write `ranks/rank{R}.json`: samples trained on and a weight checksum (DDP ranks must agree)."""
         model = self.accelerator.unwrap_model(self.model)
         checksum = float(sum(p.detach().double().abs().sum() for p in model.parameters()))
-        record = {"rank": self.args.process_index, "world_size": self.args.world_size,
-                  "samples_seen": self.samples_seen, "weight_checksum": checksum}
+        record = {
+            "rank": self.args.process_index,
+            "world_size": self.args.world_size,
+            "samples_seen": self.samples_seen,
+            "weight_checksum": checksum,
+        }
         out = run_dir / "ranks"
         out.mkdir(exist_ok=True)
         (out / f"rank{self.args.process_index}.json").write_text(json.dumps(record))
         return record
 
 
-def training_arguments(cfg: TrainConfig, run_dir: Path, seed: int, workers: int, report_to: list[str],
-                       greater_is_better: bool) -> TrainingArguments:
+def training_arguments(
+    cfg: TrainConfig, run_dir: Path, seed: int, workers: int, report_to: list[str], greater_is_better: bool
+) -> TrainingArguments:
     use_cpu = cfg.cpu if cfg.cpu is not None else not torch.cuda.is_available()
     per_epoch = cfg.eval_steps is None
     return TrainingArguments(

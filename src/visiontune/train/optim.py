@@ -12,8 +12,9 @@ from torch import nn
 from visiontune.config.schema import TrainConfig
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, include: set[str] | None = None,
-                    layer_scales: dict[str, float] | None = None) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig, include: set[str] | None = None, layer_scales: dict[str, float] | None = None
+) -> torch.optim.Optimizer:
     """`include`: names to optimise (default: those with requires_grad). `layer_scales`: name -> LR multiplier."""
     buckets: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():

@@ -17,13 +17,17 @@ def prepare_run_dir(path: Path, overwrite: bool, resume: bool) -> Path | None:
     if resume:
         ckpt = last_checkpoint(path)
         if ckpt is None:
-            raise RunDirError(f"--resume: {path} has no complete checkpoint yet; start it without --resume "
-                              "(add --overwrite to replace what is there).")
+            raise RunDirError(
+                f"--resume: {path} has no complete checkpoint yet; start it without --resume "
+                "(add --overwrite to replace what is there)."
+            )
         return ckpt
     if path.exists() and any(path.iterdir()):
         if not overwrite:
-            raise RunDirError(f"Run folder {path} already exists; pass --resume to continue it, --overwrite to "
-                              "replace it, or set output_dir to a new folder.")
+            raise RunDirError(
+                f"Run folder {path} already exists; pass --resume to continue it, --overwrite to "
+                "replace it, or set output_dir to a new folder."
+            )
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     return None
