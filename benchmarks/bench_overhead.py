@@ -47,12 +47,11 @@ class StepClock(TrainerCallback):
         self.stamps.append(time.perf_counter())
 
 
-def seconds_per_step(stamps: list[float], warmup: int) -> float:
-    """Mean step time after the first `warmup` steps (stamps[i] is taken at the end of step i + 1)."""
-    timed = len(stamps) - warmup
-    if warmup < 1 or timed < 1:
+def step_times(stamps: list[float], warmup: int) -> list[float]:
+    """Durations of the steps after the first `warmup` (stamps[i] is taken at the end of step i + 1)."""
+    if warmup < 1 or len(stamps) <= warmup:
         raise ValueError(f"need warmup >= 1 and more than {warmup} stamps, got {len(stamps)}")
-    return (stamps[-1] - stamps[warmup - 1]) / timed
+    return [b - a for a, b in zip(stamps[warmup - 1 : -1], stamps[warmup:], strict=True)]
 
 
 def recipe(run_dir: Path, total_steps: int) -> ClassifyConfig:
@@ -78,7 +77,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def run_baseline(cfg: ClassifyConfig, data: SplitData, total_steps: int, warmup: int) -> float:
+def run_baseline(cfg: ClassifyConfig, data: SplitData, total_steps: int, warmup: int) -> list[float]:
     """Hand-written loop: DataLoader -> forward -> cross-entropy -> backward -> AdamW step."""
     torch.manual_seed(cfg.seed)
     model = fresh_model(cfg, data).train()
@@ -100,10 +99,10 @@ def run_baseline(cfg: ClassifyConfig, data: SplitData, total_steps: int, warmup:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         stamps.append(time.perf_counter())
-    return seconds_per_step(stamps, warmup)
+    return step_times(stamps, warmup)
 
 
-def run_visiontune(data: SplitData, total_steps: int, warmup: int) -> float:
+def run_visiontune(data: SplitData, total_steps: int, warmup: int) -> list[float]:
     """visiontune's path: the trainer `ClassifyTask.train` builds, trained for `total_steps` steps."""
     with tempfile.TemporaryDirectory(prefix="vt-bench-") as tmp:
         run_dir = Path(tmp) / "run"
@@ -115,7 +114,7 @@ def run_visiontune(data: SplitData, total_steps: int, warmup: int) -> float:
         clock = StepClock()
         trainer.add_callback(clock)
         trainer.train()
-        return seconds_per_step(clock.stamps, warmup)
+        return step_times(clock.stamps, warmup)
 
 
 def main(steps: int, rounds: int, warmup: int) -> None:
@@ -127,17 +126,22 @@ def main(steps: int, rounds: int, warmup: int) -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; {len(data.train)} train images; "
         f"{rounds} rounds x {steps} timed steps (+{warmup} warm-up), batch {cfg.train.batch_size}"
     )
-    base, ours = [], []
+    base: list[float] = []
+    ours: list[float] = []
     for r in range(1, rounds + 1):
-        base.append(run_baseline(cfg, data, total, warmup))
-        ours.append(run_visiontune(data, total, warmup))
-        print(
-            f"round {r}: baseline {base[-1]:.4f} s/step  visiontune {ours[-1]:.4f} s/step  "
-            f"ratio {ours[-1] / base[-1]:.3f}",
-            flush=True,
-        )
-    b, o = statistics.mean(base), statistics.mean(ours)
-    print(f"mean: baseline {b:.4f} s/step  visiontune {o:.4f} s/step  ratio ours/baseline {o / b:.3f} (target <= 1.05)")
+        b, o = run_baseline(cfg, data, total, warmup), run_visiontune(data, total, warmup)
+        base, ours = base + b, ours + o
+        report(f"round {r}", statistics.mean(b), statistics.mean(o))
+    report("mean", statistics.mean(base), statistics.mean(ours), " (target <= 1.05)")
+    report("median", statistics.median(base), statistics.median(ours), " (robust to load spikes)")
+
+
+def report(label: str, base: float, ours: float, note: str = "") -> None:
+    print(
+        f"{label}: baseline {base:.4f} s/step  visiontune {ours:.4f} s/step  ratio ours/baseline {ours / base:.3f}"
+        + note,
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,23 @@ from pydantic import Field, field_validator, model_validator
 from visiontune.config.schema import AugmentConfig, DataConfig, Strict, TrackConfig, TrainConfig
 
 
+class ClipTrainConfig(TrainConfig):
+    """CLIP fine-tuning defaults (FusionBench's): small LR, no weight decay, no warmup. A recipe's own `train:`
+    section starts from these, not from the image-classifier defaults."""
+
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    epochs: float = Field(1, gt=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+
+
+class ContrastiveTrainConfig(TrainConfig):
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    epochs: float = Field(1, gt=0)
+    metric: str = "mean_recall"
+
+
 class ClipLoraConfig(Strict):
     r: int = Field(16, gt=0)
     alpha: int = Field(32, gt=0)
@@ -78,7 +95,7 @@ class ClipClassifyConfig(Strict):
     seed: int = 42
     data: ClipDataConfig
     tune: ClipTuneConfig = ClipTuneConfig()
-    train: TrainConfig = TrainConfig(lr=1e-5, weight_decay=0.0, epochs=1, warmup_ratio=0.0)
+    train: ClipTrainConfig = ClipTrainConfig()
     track: TrackConfig = TrackConfig()
     init_from: str | None = Field(None, description="Load vision weights (state dict file) before training.")
     export_state_to: str | None = Field(None, description="Also write the vision state dict to this file.")
@@ -127,7 +144,7 @@ class ClipContinualConfig(Strict):
     shuffle: bool = Field(False, description="Shuffle the task order with `seed`.")
     data: ClipSharedData = ClipSharedData()
     tune: ClipTuneConfig = ClipTuneConfig()
-    train: TrainConfig = TrainConfig(lr=1e-5, weight_decay=0.0, epochs=1, warmup_ratio=0.0)
+    train: ClipTrainConfig = ClipTrainConfig()
     track: TrackConfig = TrackConfig()
 
     @model_validator(mode="after")
@@ -164,5 +181,5 @@ class ClipContrastiveConfig(Strict):
     seed: int = 42
     data: CaptionDataConfig
     trainable: Literal["both", "vision", "text", "projections"] = "both"
-    train: TrainConfig = TrainConfig(lr=1e-5, weight_decay=0.1, epochs=1, warmup_ratio=0.05, metric="mean_recall")
+    train: ContrastiveTrainConfig = ContrastiveTrainConfig()
     track: TrackConfig = TrackConfig()

@@ -10,6 +10,16 @@ from pydantic import Field, model_validator
 from visiontune.config.schema import Strict, TrackConfig, TrainConfig
 
 
+class VlmTrainConfig(TrainConfig):
+    """SFT defaults (LoRA-sized LR, loss as the model-selection metric)."""
+
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    epochs: float = Field(1, gt=0)
+    batch_size: int = Field(4, gt=0)
+    metric: str = "loss"
+
+
 class VlmDataConfig(Strict):
     train: str = Field(description="JSON/JSONL (ShareGPT, LLaVA or messages style), dataset_info.json, or dataset.")
     val: str | None = None
@@ -51,7 +61,7 @@ class VlmSftConfig(Strict):
     chat_template: str | None = Field(None, description="Jinja template when the processor has none.")
     data: VlmDataConfig
     tune: VlmTuneConfig = VlmTuneConfig()
-    train: TrainConfig = TrainConfig(lr=2e-4, weight_decay=0.0, epochs=1, batch_size=4, metric="loss")
+    train: VlmTrainConfig = VlmTrainConfig()
     eval: VlmEvalConfig = VlmEvalConfig()
     track: TrackConfig = TrackConfig()
 

@@ -10,6 +10,7 @@ from visiontune.tasks.base import Task
 TASKS: dict[str, str] = {
     "classify": "visiontune.tasks.classify:ClassifyTask",
     "clip_classify": "visiontune.tasks.clip_classify:ClipClassifyTask",
+    "clip_contrastive": "visiontune.tasks.clip_contrastive:ClipContrastiveTask",
     "clip_continual": "visiontune.tasks.clip_continual:ClipContinualTask",
 }
 
