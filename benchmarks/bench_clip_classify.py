@@ -4,38 +4,41 @@ For each tune.method (full, lora, l_lora) both sides train the same `CLIPClassif
 
 * model: a small random-weight transformers CLIP built here (vision 64 px, patch 8, width 128, 4 layers, 4 heads;
   text width 64, 2 layers; projection 64) saved to a temp folder with `visiontune.fixtures.word_tokenizer` and a
-  `CLIPImageProcessor`, loaded through `ClipClassifyTask.build_model` (so the zero-shot head is built from
-  prompts of `data.prompt_names` ["red", "green", "blue"]);
+  `CLIPImageProcessor`, loaded through `ClipClassifyTask.build_model`, so the zero-shot head is built from the
+  builtin templates with `data.prompt_names` ["red", "green", "blue"];
 * data: `visiontune.fixtures.image_folder(classes=3, per_class=64, size=64)` for training (192 images = 6 full
-  batches of 32) plus a small separate val folder, so no stratified split and no partial batches;
+  batches of 32) plus a small separate val folder, so there is no stratified split and no partial batch;
 * visiontune: the trainer `ClassifyTask.train` builds — `parse_config({task: clip_classify, ...})` ->
   `load_split` -> `ClipClassifyTask().build_model` -> `.plan_tuning` -> `build_trainer` — with
-  `train.max_steps` = warm-up + timed steps, `train.eval_steps` huge and `data.workers` 0. A callback stamps
-  `time.perf_counter()`, `trainer.samples_seen` and the peak RSS at every `on_step_end`; the evaluation and
-  checkpoint the Trainer runs after its last step fall outside both the timed window and the memory figure;
+  `train.max_steps` = warm-up + timed steps, `train.eval_steps` huge, `data.workers` 0 and every other setting at
+  the task's defaults (light augmentation, cosine schedule, grad clipping, logging, tensorboard). A callback stamps
+  wall time, process CPU time and `trainer.samples_seen` at every `on_step_end`, and takes the peak RSS at the
+  last one, so the evaluation + checkpoint the Trainer runs after its final step are outside both figures;
 * baseline: a fresh `CLIPClassifier` from the same `build_model`, made trainable by the same functions
-  (`freeze_all_but_vision` for full, `apply_vision_lora(..., linearize=...)` for LoRA / L-LoRA, same seed, so the
-  network and its trainable set are identical), the same `ImageClassificationDataset` construction as
-  `build_trainer` (same transforms) and `Collator` in a DataLoader (batch 32, shuffle, workers 0), AdamW on the
-  trainable parameters (decay / no-decay groups, as `build_optimizer`), and forward -> loss.backward() ->
-  step -> zero_grad in a plain loop. It does no grad clipping, LR schedule or logging (the Trainer does).
+  `plan_tuning` calls (`freeze_all_but_vision` for full, `apply_vision_lora(..., linearize=...)` for LoRA /
+  L-LoRA; same seed, so the network and its trainable set are identical), an `ImageClassificationDataset` built as
+  `build_trainer` builds it (same transforms) with `Collator` in a DataLoader (batch 32, shuffle, workers 0),
+  AdamW on the trainable parameters (decay / no-decay groups, like `build_optimizer`), and forward ->
+  loss.backward() -> step -> zero_grad in a plain loop, without clipping, schedule or logging.
 
 Images/s = images trained between the end of warm-up step `--warmup` and the end of the last step, divided by
-that time.
+the wall time between them; img/CPU-s divides by the process CPU time instead, which is what to compare when other
+jobs share the cores (with `--threads 1` the two agree on a quiet machine). Ratios are visiontune / baseline of
+the medians over rounds.
 
-Memory is process peak RSS (`resource.getrusage(RUSAGE_SELF).ru_maxrss`, KiB on Linux), the number that matters
-on CPU (tracemalloc would miss torch's C++ allocations). ru_maxrss only ever rises within a process, so every
-measurement runs in its own fresh process: a `forkserver` that has imported torch / transformers / peft /
-visiontune once forks one child per (method, side), which keeps the per-measurement start-up to a fork instead of a
-~10 s re-import. The figure reported is "peak RSS delta" = ru_maxrss at the end of the last training step minus
-the current RSS (/proc/self/statm) once the model is built and its trainable set applied, i.e. what the training
-machinery (DataLoader, optimizer state, activations, gradients — and for visiontune the Trainer itself) adds on
-top of the same loaded model. The absolute peak is printed too.
+Memory is process peak RSS from `resource.getrusage(RUSAGE_SELF).ru_maxrss` (KiB on Linux): on CPU that is the
+number that matters, and tracemalloc would miss torch's C++ allocations. ru_maxrss never goes down within a
+process, so every measurement runs in a fresh process: a `forkserver` that has imported torch / transformers /
+peft / visiontune once forks one child per (method, side) — a fork instead of a ~10 s import each time. "Peak RSS
+delta" = ru_maxrss at the end of the last timed step minus the current RSS (/proc/self/statm) once the model is
+built and its trainable set applied: what the training machinery (DataLoader, optimizer state, activations,
+gradients, and for visiontune the Trainer itself) adds on top of the same loaded model. The absolute peak is
+printed too; the table keeps the largest figures over rounds.
 
-Measurements are interleaved (per round and method: baseline then visiontune, order flipped every other round)
-so background load on a shared machine hits both sides alike; ratios are computed from the per-side means.
+Measurements are interleaved (per round and method: baseline then visiontune, the order flipped every other
+round) so background load hits both sides alike.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_clip_classify.py --steps 12 --warmup 3 --rounds 2
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_clip_classify.py --steps 12 --warmup 3 --rounds 3 --threads 1
 """
 
 from __future__ import annotations
@@ -149,8 +152,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def measure(side: str, method: str, root: str, total_steps: int, warmup: int, batch_size: int,
-            threads: int | None) -> dict:
+            threads: int | None, verbose: bool) -> dict:
     """One measurement, run in a fresh forked child: images/s and RSS figures of `side` for `method`."""
+    if not verbose:  # progress bars and eval lines of the run; an exception still reaches the parent
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
     if threads:
         torch.set_num_threads(threads)
     root_dir = Path(root)
@@ -194,13 +201,17 @@ def measure(side: str, method: str, root: str, total_steps: int, warmup: int, ba
             optimizer.zero_grad(set_to_none=True)
             seen += int(batch["labels"].shape[0])
             stamps.append(stamp(seen))
+            # Drop this step's graph now: a `loss` kept until the next forward holds tensors of the backward graph
+            # (some 20 MiB with LoRA, 60 with L-LoRA here), which Trainer, returning loss.detach(), does not.
+            del batch, loss
         peak = peak_rss_kib()
     ips, cpu_ips = images_per_second(stamps, warmup)
     return {"ips": ips, "cpu_ips": cpu_ips, "delta_mib": (peak - ready) / MiB, "peak_mib": peak / MiB,
             "trainable": trainable, "threads": torch.get_num_threads()}
 
 
-def main(steps: int, warmup: int, rounds: int, batch_size: int, methods: list[str], threads: int | None) -> None:
+def main(steps: int, warmup: int, rounds: int, batch_size: int, methods: list[str], threads: int | None,
+         verbose: bool) -> None:
     total = warmup + steps
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
@@ -211,14 +222,15 @@ def main(steps: int, warmup: int, rounds: int, batch_size: int, methods: list[st
         image_folder(root / "val", classes=3, per_class=4, size=64, seed=1)
         print(f"torch {torch.__version__}; {rounds} rounds x {steps} timed steps (+{warmup} warm-up), "
               f"batch {batch_size}, 192 train images at 64 px; one forked process per measurement", flush=True)
+        settings = (tmp, total, warmup, batch_size, threads, verbose)
         results: dict[tuple[str, str], list[dict]] = {}
         for r in range(rounds):
             for method in methods:
                 sides = ("baseline", "visiontune") if r % 2 == 0 else ("visiontune", "baseline")
                 for side in sides:
                     start = time.perf_counter()
-                    with ProcessPoolExecutor(1, mp_context=ctx, max_tasks_per_child=1) as pool:
-                        res = pool.submit(measure, side, method, tmp, total, warmup, batch_size, threads).result()
+                    with ProcessPoolExecutor(1, mp_context=ctx, max_tasks_per_child=1) as pool:  # a fresh process
+                        res = pool.submit(measure, side, method, *settings).result()
                     res["wall_s"] = time.perf_counter() - start
                     results.setdefault((method, side), []).append(res)
                 b, o = results[(method, "baseline")][-1], results[(method, "visiontune")][-1]
@@ -263,5 +275,6 @@ if __name__ == "__main__":
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads in each measurement (default: torch's); 1 is steadier on "
                              "cores shared with other jobs")
+    parser.add_argument("--verbose", action="store_true", help="show the measurement processes' own output")
     args = parser.parse_args()
-    main(args.steps, args.warmup, args.rounds, args.batch_size, args.methods, args.threads)
+    main(args.steps, args.warmup, args.rounds, args.batch_size, args.methods, args.threads, args.verbose)

@@ -148,13 +148,47 @@ def merge(
 
 
 @app.command()
+def export(
+    run: str = typer.Argument(..., help="A vlm_sft run folder (or a PEFT adapter folder)."),
+    merge: bool = typer.Option(False, "--merge", help="Fold LoRA into the base weights (plain transformers)."),
+    out: Path = typer.Option(None, "--out", help="Target folder (default RUN/merged)."),
+) -> None:
+    """Export a trained VLM: the merged model + processor that plain transformers loads."""
+    if not merge:
+        typer.echo(f"The PEFT adapter is already in {Path(run) / 'adapter'}; pass --merge for a merged model.")
+        return
+    from visiontune.tasks.vlm_export import export_merged
+
+    typer.echo(f"Merged model: {export_merged(run, out)}")
+
+
+@app.command()
+def compare(
+    base: str = typer.Argument(..., help="Base model (folder or hub id)."),
+    tuned: str = typer.Argument(..., help="Tuned run folder or model."),
+    data: str = typer.Option(..., "--data", help="Conversations to answer (any supported format)."),
+    out: Path = typer.Option(Path("compare"), "--out", help="Folder for compare.md / compare.json."),
+    metrics: list[str] = typer.Option(["exact_match", "anls"], "--metric", help="Repeat for several."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+) -> None:
+    """Evaluate a base and a tuned VLM on the same data; side-by-side report with wins and losses."""
+    from visiontune.tasks.vlm_export import compare as run_compare
+
+    result = run_compare(base, tuned, data, out, metrics, max_new_tokens)
+    for name, value in result["metrics"]["tuned"].items():
+        typer.echo(f"{name:>14}: base {result['metrics']['base'][name]:.4f}  tuned {value:.4f}")
+    typer.echo(f"Report: {out / 'compare.md'}")
+
+
+@app.command()
 def fixtures(
     out: Path = typer.Argument(..., help="Folder to write tiny models and a generated image set into."),
 ) -> None:
     """Write tiny random-weight models and images, to smoke-test a recipe offline before renting a GPU."""
     from visiontune.fixtures import write_all
+    from visiontune.vlm_fixtures import write_all_vlms
 
-    for name, path in write_all(out).items():
+    for name, path in {**write_all(out), **write_all_vlms(out / "vlm")}.items():
         typer.echo(f"{name:10} {path}")
 
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from visiontune.config.clip_schema import ClipClassifyConfig, ClipContinualConfig, ClipContrastiveConfig
 from visiontune.config.schema import ClassifyConfig
+from visiontune.config.vlm_schema import VlmSftConfig
 from visiontune.errors import RecipeError
 
 # Task name -> its typed config. The task implementation is looked up in `visiontune.tasks` (lazily, with torch).
@@ -22,6 +23,7 @@ CONFIGS: dict[str, type[BaseModel]] = {
     "clip_classify": ClipClassifyConfig,
     "clip_continual": ClipContinualConfig,
     "clip_contrastive": ClipContrastiveConfig,
+    "vlm_sft": VlmSftConfig,
 }
 
 

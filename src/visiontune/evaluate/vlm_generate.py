@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from visiontune.data.conversations import IMAGE_TOKEN, Conversation, Turn, load_images, to_messages
-from visiontune.data.vlm_tokenize import PIXEL_KEYS, _nested_images, cap_pixels, render
+from visiontune.data.conversations import IMAGE_TOKEN, Conversation, load_images, to_messages
+from visiontune.data.vlm_tokenize import _nested_images, cap_pixels, render
 
 
 def generation_report(model: Any, processor: Any, convs: list[Conversation], metrics: list[str],
@@ -68,8 +68,6 @@ def load_trained(source: str) -> tuple[Any, Any]:
             path = path / sub
             break
     if (path / "adapter_config.json").is_file():
-        from peft import AutoPeftModelForImageTextToText  # noqa: F401  (exists in peft 0.21)
-
         from peft import PeftModel
 
         config = json.loads((path / "adapter_config.json").read_text())
@@ -77,5 +75,3 @@ def load_trained(source: str) -> tuple[Any, Any]:
         return PeftModel.from_pretrained(base, str(path)).eval(), AutoProcessor.from_pretrained(path)
     return AutoModelForImageTextToText.from_pretrained(str(path)).eval(), AutoProcessor.from_pretrained(str(path))
 
-
-_ = (PIXEL_KEYS, Turn)

@@ -132,9 +132,9 @@ def _four_bit(family: str) -> Any:
     from transformers import BitsAndBytesConfig
 
     parts = FAMILY_PARTS[family]
-    skip = [p.rstrip(".").removeprefix("model.") for p in (*parts.vision, *parts.projector)] + ["lm_head"]
+    skip = [p.rstrip(".") for p in (*parts.vision, *parts.projector)] + ["lm_head"]
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=skip)
+                              bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=skip)
 
 
 def trainable_summary(model: nn.Module) -> dict[str, int]:

@@ -12,6 +12,7 @@ TASKS: dict[str, str] = {
     "clip_classify": "visiontune.tasks.clip_classify:ClipClassifyTask",
     "clip_contrastive": "visiontune.tasks.clip_contrastive:ClipContrastiveTask",
     "clip_continual": "visiontune.tasks.clip_continual:ClipContinualTask",
+    "vlm_sft": "visiontune.tasks.vlm_sft:VlmSftTask",
 }
 
 
