@@ -17,7 +17,7 @@ GOLDEN = {
     "idefics3": [" red<end_of_utterance>\n", " yes red<end_of_utterance>\n"],
     "qwen2_vl": ["red<|im_end|>\n", "yes red<|im_end|>\n"],
     "qwen2_5_vl": ["red<|im_end|>\n", "yes red<|im_end|>\n"],
-    "llava": ["red ", "yes red "],  # llava-1.5's template has no end-of-turn token
+    "llava": ["red </s>", "yes red </s>"],  # llava-1.5's template has no end-of-turn token: we add eos
 }
 
 
@@ -176,3 +176,30 @@ def test_compare_writes_side_by_side_report(vlm_recipe, write_recipe, cli, tmp_p
     assert code == 0, err
     text = (tmp_path / "cmp" / "compare.md").read_text()
     assert "Biggest wins" in text and "Biggest losses" in text and "| exact_match |" in text
+
+
+def test_two_ranks_train_the_same_adapter(vlm_recipe, write_recipe):
+    import os
+    import subprocess
+    import sys
+
+    recipe = vlm_recipe(train={"max_steps": 2, "batch_size": 1}, eval={"max_samples": 1})
+    path = write_recipe(recipe)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "visiontune", "train", str(path), "--nproc", "2"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = Path(recipe["output_dir"])
+    ranks = [json.loads((run / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world_size"] == 2 and r["samples_seen"] == 2 for r in ranks)
+    assert ranks[0]["weight_checksum"] == ranks[1]["weight_checksum"]
+
+
+def test_deepspeed_without_the_package_is_one_sentence(vlm_recipe, write_recipe, cli):
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is not None:
+        pytest.skip("deepspeed is installed here")
+    code, _, err = cli("train", write_recipe(vlm_recipe(train={"deepspeed": "configs/deepspeed/zero2.json"})))
+    assert code == 2 and "pip install deepspeed" in err

@@ -98,6 +98,8 @@ class TrainConfig(Strict):
     logging_steps: int = Field(10, gt=0)
     resume: bool = False
     cpu: bool | None = Field(None, description="Force CPU; default: CPU when no GPU is visible.")
+    deepspeed: str | None = Field(None, description="DeepSpeed JSON config (configs/deepspeed/zero2.json, zero3.json).")
+    fsdp: str | None = Field(None, description="FSDP policy for transformers, e.g. `full_shard auto_wrap`.")
 
 
 class TrackConfig(Strict):

@@ -55,9 +55,12 @@ def tokenize(processor: Any, conv: Conversation, max_length: int, max_pixels: in
     full_text = render(processor, messages)
     full = _encode(processor, full_text, images)
     ids = full["input_ids"]
-    labels = list(ids) if train_on == "all" else _assistant_labels(processor, messages, full_text, images, ids)
     extra = {k: v for k, v in full.items() if k not in ("input_ids", "attention_mask") and _token_aligned(v, ids)}
-    record = Tokenized(ids, labels, extra, conv.ref)
+    if train_on == "all":
+        record = Tokenized(ids, list(ids), extra, conv.ref)
+    else:
+        spans = _assistant_spans(processor, messages, full_text, images, ids)
+        record = _with_end_of_turn(processor, Tokenized(ids, _labels(ids, spans), extra, conv.ref), spans)
     return _fit(processor, record, max_length)
 
 
@@ -65,15 +68,39 @@ def render(processor: Any, messages: list[dict], generation_prompt: bool = False
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def _assistant_labels(processor: Any, messages: list[dict], full_text: str, images: list, ids: list[int]) -> list[int]:
-    labels = [IGNORE] * len(ids)
+def _assistant_spans(
+    processor: Any, messages: list[dict], full_text: str, images: list, ids: list[int]
+) -> list[tuple[int, int]]:
+    spans = []
     for k, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start = _boundary(processor, render(processor, messages[:k], generation_prompt=True), full_text, images, ids)
-        end = _boundary(processor, render(processor, messages[: k + 1]), full_text, images, ids)
+        if message["role"] == "assistant":
+            start = _boundary(processor, render(processor, messages[:k], generation_prompt=True), full_text, images, ids)
+            spans.append((start, _boundary(processor, render(processor, messages[: k + 1]), full_text, images, ids)))
+    return spans
+
+
+def _labels(ids: list[int], spans: list[tuple[int, int]]) -> list[int]:
+    labels = [IGNORE] * len(ids)
+    for start, end in spans:
         labels[start:end] = ids[start:end]
     return labels
+
+
+def _with_end_of_turn(processor: Any, record: Tokenized, spans: list[tuple[int, int]]) -> Tokenized:
+    """Templates that close an answer with no special token (llava-1.5) would teach a model never to stop: append
+    the tokenizer's eos to each such answer, trained, as the original LLaVA training did."""
+    tok = processor.tokenizer
+    special = set(tok.all_special_ids)
+    ids, labels = list(record.input_ids), list(record.labels)
+    extra = {k: list(v) for k, v in record.extra.items()}
+    for start, end in reversed(spans):
+        if tok.eos_token_id is None or any(t in special for t in ids[start:end]):
+            continue
+        ids.insert(end, tok.eos_token_id)
+        labels.insert(end, tok.eos_token_id)
+        for values in extra.values():
+            values.insert(end, 0)
+    return Tokenized(ids, labels, extra, record.ref)
 
 
 def _boundary(processor: Any, prefix: str, full_text: str, images: list, ids: list[int]) -> int:

@@ -75,6 +75,7 @@ class VlmSftTask:
                 if isinstance(callback, RichProgress):
                     callback.stop()
         after = _write_eval(run_dir, "after", trainer.model, processor, data.val, cfg)
+        trainer.record_rank(run_dir)
         if is_main_process():
             save_outputs(trainer.model, processor, cfg, run_dir, data, after, time.perf_counter() - start)
         return run_dir

@@ -70,9 +70,21 @@ class VisiontuneTrainer(Trainer):
         return record
 
 
+def _check_deepspeed(cfg: TrainConfig) -> None:
+    import importlib.util
+
+    from visiontune.errors import RecipeError
+
+    if cfg.deepspeed and importlib.util.find_spec("deepspeed") is None:
+        raise RecipeError("train.deepspeed needs the deepspeed package: `pip install deepspeed==0.19.8` (or remove it).")
+    if cfg.deepspeed and not os.path.isfile(cfg.deepspeed):
+        raise RecipeError(f"train.deepspeed: {cfg.deepspeed} does not exist; see configs/deepspeed/ for examples.")
+
+
 def training_arguments(
     cfg: TrainConfig, run_dir: Path, seed: int, workers: int, report_to: list[str], greater_is_better: bool
 ) -> TrainingArguments:
+    _check_deepspeed(cfg)
     use_cpu = cfg.cpu if cfg.cpu is not None else not torch.cuda.is_available()
     per_epoch = cfg.eval_steps is None
     return TrainingArguments(
@@ -106,5 +118,7 @@ def training_arguments(
         disable_tqdm=True,
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,
+        deepspeed=cfg.deepspeed,
+        fsdp=cfg.fsdp or "",
         ddp_backend="gloo" if use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
     )
