@@ -196,6 +196,9 @@ def main() -> None:
     # Library chatter (weight-loading bars, expected head re-initialisation reports) hides our own messages.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # an optional CPU kernel download it cannot do offline
     try:
         app()
     except VisiontuneError as err:

@@ -125,9 +125,10 @@ def test_train_eval_export(family, method, vlm_recipe, write_recipe, cli):
     assert torch.equal(a, b)
 
 
-def test_qlora_trains_on_cpu(vlm_recipe, write_recipe, cli):
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_qlora_trains_on_cpu(family, vlm_recipe, write_recipe, cli):
     pytest.importorskip("bitsandbytes")
-    recipe = vlm_recipe("llava", tune={"method": "qlora"}, train={"max_steps": 2})
+    recipe = vlm_recipe(family, tune={"method": "qlora"}, train={"max_steps": 2})
     code, _, err = cli("train", write_recipe(recipe))
     assert code == 0, err
     config = json.loads((Path(recipe["output_dir"]) / "adapter" / "adapter_config.json").read_text())
