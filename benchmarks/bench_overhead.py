@@ -3,11 +3,13 @@
 Both sides train the quickstart model (`builtin:efficientnet-lite0`, 64 px, batch 64) on the same MNIST-5k split
 with the same dataset class, transforms, collator, AdamW (decay / no-decay groups) and label smoothing, with
 data loading in the main process (workers 0). visiontune's trainer is built as `ClassifyTask.train` builds it
-(recipe -> `load_split` -> `resolve_classifier` -> `plan_tuning` -> `build_trainer`); a callback timestamps every
-`on_step_end`. The two are measured alternately (baseline, ours, baseline, ours, ...) in one process so background
-load hits both alike; the first `--warmup` steps of every measurement are not timed.
+(recipe -> `load_split` -> `.build_model` (`resolve_classifier`) -> `.plan_tuning` -> `build_trainer`); a
+callback timestamps every `on_step_end`. The two are measured alternately (baseline, ours, baseline, ours, ...) in
+one process so background load hits both alike; the first `--warmup` steps of every measurement are not timed.
+Wall and process-CPU time per step are both reported. On cores shared with other jobs, `--threads 1` keeps the
+figures stable (with two torch threads and a busy second core, step times swing several-fold).
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_overhead.py --steps 25 --rounds 2
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_overhead.py --steps 25 --rounds 2 [--threads 1]
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,27 +33,33 @@ from visiontune.config.loader import load_recipe  # noqa: E402
 from visiontune.data.dataset import Collator, ImageClassificationDataset  # noqa: E402
 from visiontune.data.transforms import train_transform  # noqa: E402
 from visiontune.models.classifier import ImageClassifier  # noqa: E402
-from visiontune.models.resolve import resolve_classifier  # noqa: E402
-from visiontune.tasks.classify import SplitData, _with_size, build_trainer, load_split, plan_tuning  # noqa: E402
+from visiontune.tasks.classify import ClassifyTask, SplitData, build_trainer, load_split  # noqa: E402
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "classify" / "mnist-efficientnet-lite0.yaml"
 
 
+Stamp = tuple[float, float]  # (wall seconds, process CPU seconds)
+
+
+def stamp() -> Stamp:
+    return time.perf_counter(), time.process_time()
+
+
 class StepClock(TrainerCallback):
-    """Records `time.perf_counter()` at the end of every optimiser step."""
+    """Records wall and CPU time at the end of every optimiser step."""
 
     def __init__(self) -> None:
-        self.stamps: list[float] = []
+        self.stamps: list[Stamp] = []
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.stamps.append(time.perf_counter())
+        self.stamps.append(stamp())
 
 
-def step_times(stamps: list[float], warmup: int) -> list[float]:
-    """Durations of the steps after the first `warmup` (stamps[i] is taken at the end of step i + 1)."""
+def step_times(stamps: list[Stamp], warmup: int) -> list[Stamp]:
+    """(wall, CPU) durations of the steps after the first `warmup` (stamps[i] is taken at the end of step i + 1)."""
     if warmup < 1 or len(stamps) <= warmup:
         raise ValueError(f"need warmup >= 1 and more than {warmup} stamps, got {len(stamps)}")
-    return [b - a for a, b in zip(stamps[warmup - 1 : -1], stamps[warmup:], strict=True)]
+    return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(stamps[warmup - 1 : -1], stamps[warmup:], strict=True)]
 
 
 def recipe(run_dir: Path, total_steps: int) -> ClassifyConfig:
@@ -61,9 +69,7 @@ def recipe(run_dir: Path, total_steps: int) -> ClassifyConfig:
 
 def fresh_model(cfg: ClassifyConfig, data: SplitData) -> ImageClassifier:
     """A new copy of the pretrained model, with the recipe's input size, as `ClassifyTask.train` makes it."""
-    model = resolve_classifier(cfg.model, data.train.class_names, cfg.pretrained)
-    model.preprocess = _with_size(model.preprocess, cfg.data.image_size)
-    return model
+    return ClassifyTask().build_model(cfg, data.train.class_names)
 
 
 def forever(loader: torch.utils.data.DataLoader) -> Iterator[dict[str, torch.Tensor]]:
@@ -77,7 +83,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def run_baseline(cfg: ClassifyConfig, data: SplitData, total_steps: int, warmup: int) -> list[float]:
+def run_baseline(cfg: ClassifyConfig, data: SplitData, total_steps: int, warmup: int) -> list[Stamp]:
     """Hand-written loop: DataLoader -> forward -> cross-entropy -> backward -> AdamW step."""
     torch.manual_seed(cfg.seed)
     model = fresh_model(cfg, data).train()
@@ -98,18 +104,19 @@ def run_baseline(cfg: ClassifyConfig, data: SplitData, total_steps: int, warmup:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        stamps.append(time.perf_counter())
+        del batch, logits, loss  # as Trainer does; held into the next forward they cost ~4 % here
+        stamps.append(stamp())
     return step_times(stamps, warmup)
 
 
-def run_visiontune(data: SplitData, total_steps: int, warmup: int) -> list[float]:
+def run_visiontune(data: SplitData, total_steps: int, warmup: int) -> list[Stamp]:
     """visiontune's path: the trainer `ClassifyTask.train` builds, trained for `total_steps` steps."""
     with tempfile.TemporaryDirectory(prefix="vt-bench-") as tmp:
         run_dir = Path(tmp) / "run"
         run_dir.mkdir()
         cfg = recipe(run_dir, total_steps)
         model = fresh_model(cfg, data)
-        plan = plan_tuning(model, cfg)
+        plan = ClassifyTask().plan_tuning(model, cfg)
         trainer = build_trainer(model, cfg, data, plan, run_dir)
         clock = StepClock()
         trainer.add_callback(clock)
@@ -117,7 +124,9 @@ def run_visiontune(data: SplitData, total_steps: int, warmup: int) -> list[float
         return step_times(clock.stamps, warmup)
 
 
-def main(steps: int, rounds: int, warmup: int) -> None:
+def main(steps: int, rounds: int, warmup: int, threads: int) -> None:
+    if threads > 0:
+        torch.set_num_threads(threads)
     total = warmup + steps
     with tempfile.TemporaryDirectory(prefix="vt-bench-") as tmp:
         cfg = recipe(Path(tmp), total)
@@ -126,20 +135,22 @@ def main(steps: int, rounds: int, warmup: int) -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; {len(data.train)} train images; "
         f"{rounds} rounds x {steps} timed steps (+{warmup} warm-up), batch {cfg.train.batch_size}"
     )
-    base: list[float] = []
-    ours: list[float] = []
+    base: list[Stamp] = []
+    ours: list[Stamp] = []
     for r in range(1, rounds + 1):
         b, o = run_baseline(cfg, data, total, warmup), run_visiontune(data, total, warmup)
         base, ours = base + b, ours + o
-        report(f"round {r}", statistics.mean(b), statistics.mean(o))
-    report("mean", statistics.mean(base), statistics.mean(ours), " (target <= 1.05)")
-    report("median", statistics.median(base), statistics.median(ours), " (robust to load spikes)")
+        report(f"round {r}", b, o, statistics.mean)
+    report("mean", base, ours, statistics.mean, " (target <= 1.05)")
+    report("median", base, ours, statistics.median, " (robust to load spikes)")
 
 
-def report(label: str, base: float, ours: float, note: str = "") -> None:
+def report(label: str, base: list[Stamp], ours: list[Stamp], stat: Callable[[list[float]], float], note: str = ""):
+    """Wall s/step and CPU s/step (process time: not inflated while other jobs hold the cores) of both sides."""
+    (bw, bc), (ow, oc) = ([stat(list(col)) for col in zip(*side, strict=True)] for side in (base, ours))
     print(
-        f"{label}: baseline {base:.4f} s/step  visiontune {ours:.4f} s/step  ratio ours/baseline {ours / base:.3f}"
-        + note,
+        f"{label}: wall s/step baseline {bw:.4f} visiontune {ow:.4f} ratio {ow / bw:.3f} | "
+        f"CPU s/step baseline {bc:.4f} visiontune {oc:.4f} ratio {oc / bc:.3f}{note}",
         flush=True,
     )
 
@@ -149,5 +160,6 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=25, help="timed optimiser steps per measurement")
     parser.add_argument("--rounds", type=int, default=2, help="baseline/visiontune pairs, alternated")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps at the start of each measurement")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
-    main(args.steps, args.rounds, args.warmup)
+    main(args.steps, args.rounds, args.warmup, args.threads)

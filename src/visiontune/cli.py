@@ -181,6 +181,23 @@ def compare(
 
 
 @app.command()
+def convert(
+    kind: str = typer.Argument(..., metavar="KIND", help="Dataset kind: cord | chartqa."),
+    data: Path = typer.Argument(
+        ..., metavar="INPUT", help="Saved `datasets` folder, a folder of images + .json (cord) or a JSON/JSONL file."
+    ),
+    out: Path = typer.Option(..., "--out", help="Conversation JSON to write; in-dataset images go to its images/."),
+    image_root: Path = typer.Option(None, "--image-root", help="Folder the input's image paths are relative to."),
+    prompt: str = typer.Option(None, "--prompt", help="User text (cord) or a template with {query} (chartqa)."),
+) -> None:
+    """Turn a task dataset (CORD receipts, ChartQA) into LLaMA-Factory conversations for vlm_sft."""
+    from visiontune.data.convert import convert as convert_dataset
+
+    count = convert_dataset(kind, data, out, image_root=image_root, prompt=prompt)
+    typer.echo(f"Wrote {count} {kind} conversation records to {out}")
+
+
+@app.command()
 def fixtures(
     out: Path = typer.Argument(..., help="Folder to write tiny models and a generated image set into."),
 ) -> None:

@@ -66,6 +66,16 @@ class CLIPClassifier(nn.Module):
         self.register_buffer("scale", encoder.logit_scale().clone().float(), persistent=False)
         self.set_head(class_names)
 
+    def train(self, mode: bool = True) -> CLIPClassifier:
+        """BatchNorm layers (the built-in EfficientNet tower) keep their running statistics: the zero-shot head was
+        aligned to features normalised by them, and small fine-tuning batches would otherwise shift every feature
+        between train and eval mode (measured: 97% zero-shot fell to 51% after one epoch)."""
+        super().train(mode)
+        for module in self.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        return self
+
     def set_head(self, class_names: list[str]) -> None:
         """Swap in the zero-shot head of another class list (continual tasks, evaluation on new data)."""
         self.class_names = list(class_names)
