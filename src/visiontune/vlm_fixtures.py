@@ -249,3 +249,34 @@ def tiny_vlm(family: str, out: Path) -> Path:
 
 def write_all_vlms(out: Path) -> dict[str, Path]:
     return {family: tiny_vlm(family, out / family) for family in FAMILIES}
+
+
+# Qwen/Qwen2.5-0.5B-Instruct's template, reduced to the ChatML turns (no tool calls): text-only LMs take strings.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+LM_FAMILIES = ("qwen2", "llama")
+
+
+def tiny_causal_lm(family: str, out: Path) -> Path:
+    """A 2-layer text-only causal LM + tokenizer with a ChatML template: the `language:` of vlm_assemble tests."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Tokenizer
+
+    if family not in LM_FAMILIES:
+        raise ValueError(f"unknown LM family {family!r}; choose one of {', '.join(LM_FAMILIES)}")
+    specials = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]}
+    tok = _train(Qwen2Tokenizer(), specials) if family == "qwen2" else _llama_tokenizer(specials)
+    tok.chat_template = CHATML_TEMPLATE
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, **_text_config(tok), tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(config)
+    out.mkdir(parents=True, exist_ok=True)
+    model.generation_config.eos_token_id = [tok.eos_token_id]
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from visiontune.config.assemble_schema import VlmAssembleConfig
 from visiontune.config.clip_schema import ClipClassifyConfig, ClipContinualConfig, ClipContrastiveConfig
 from visiontune.config.schema import ClassifyConfig
 from visiontune.config.vlm_schema import VlmSftConfig
@@ -24,6 +25,7 @@ CONFIGS: dict[str, type[BaseModel]] = {
     "clip_continual": ClipContinualConfig,
     "clip_contrastive": ClipContrastiveConfig,
     "vlm_sft": VlmSftConfig,
+    "vlm_assemble": VlmAssembleConfig,
 }
 
 

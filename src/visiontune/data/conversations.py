@@ -102,6 +102,10 @@ def read_conversations(
         unknown = sorted(set(columns) - set(COLUMN_KEYS))
         if unknown:
             raise DataError(f"columns has unknown key(s) {unknown}; use only {list(COLUMN_KEYS)}.")
+    if str(spec).startswith("builtin:"):
+        from visiontune.data.builtin_conversations import read_builtin_conversations
+
+        return read_builtin_conversations(str(spec).removeprefix("builtin:"))
     path = Path(spec).expanduser()
     root = Path(image_root).expanduser().resolve() if image_root else None
     request = _Request(root, dataset_name, dict(columns) if columns else None, split)

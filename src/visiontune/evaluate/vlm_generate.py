@@ -76,6 +76,10 @@ def load_trained(source: str) -> tuple[Any, Any]:
         if (path / sub).is_dir():
             path = path / sub
             break
+    from visiontune.models.assembled import is_assembled, load_assembled
+
+    if is_assembled(path):
+        return load_assembled(path)
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel
 

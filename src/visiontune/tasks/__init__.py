@@ -13,6 +13,7 @@ TASKS: dict[str, str] = {
     "clip_contrastive": "visiontune.tasks.clip_contrastive:ClipContrastiveTask",
     "clip_continual": "visiontune.tasks.clip_continual:ClipContinualTask",
     "vlm_sft": "visiontune.tasks.vlm_sft:VlmSftTask",
+    "vlm_assemble": "visiontune.tasks.vlm_assemble:VlmAssembleTask",
 }
 
 

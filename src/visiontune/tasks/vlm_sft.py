@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,17 +92,21 @@ class VlmSftTask:
         raise VisiontuneError("predict is for classifiers; for a VLM use `visiontune eval RUN --data FILE`.")
 
 
-def prepare_data(cfg: VlmSftConfig, processor: Any, run_dir: Path) -> VlmData:
-    """Read, check and tokenise (or load the cached tokenisation of) the train records; split off val."""
+def prepare_data(cfg: Any, processor: Any, run_dir: Path, read: Callable[[str], list[Conversation]] | None = None,
+                 model_key: str | None = None) -> VlmData:
+    """Read, check and tokenise (or load the cached tokenisation of) the train records; split off val.
+
+    `read` turns a data spec into conversations (default: `read_conversations`); `model_key` names the model in
+    the tokenisation cache key (default: `cfg.model`). vlm_assemble passes both."""
     d = cfg.data
-    train = read_conversations(d.train, image_root=d.image_root, dataset_name=d.dataset_name)
-    train, bad = check_conversations(train, d.on_bad_sample)
+    read = read or (lambda spec: read_conversations(spec, image_root=d.image_root, dataset_name=d.dataset_name))
+    train, bad = check_conversations(read(d.train), d.on_bad_sample)
     if d.val:
-        val, bad_val = check_conversations(read_conversations(d.val, image_root=d.image_root), d.on_bad_sample)
+        val, bad_val = check_conversations(read(d.val), d.on_bad_sample)
         bad += bad_val
     else:
         train, val = _split(train, d.val_split, cfg.seed)
-    tokens, bad_tokens = _tokenize_all(cfg, processor, train)
+    tokens, bad_tokens = _tokenize_all(cfg, processor, train, model_key or cfg.model)
     if not tokens:
         raise DataError(f"No record of {d.train} fits for training (first problem: {bad_tokens[0][0]} "
                         f"{bad_tokens[0][1]}).")
@@ -110,11 +115,12 @@ def prepare_data(cfg: VlmSftConfig, processor: Any, run_dir: Path) -> VlmData:
     return VlmData(train, val, tokens, bad + bad_tokens)
 
 
-def _tokenize_all(cfg: VlmSftConfig, processor: Any, convs: list[Conversation]) -> tuple[list[Tokenized], list]:
+def _tokenize_all(cfg: Any, processor: Any, convs: list[Conversation], model_key: str) -> tuple[list[Tokenized], list]:
     d = cfg.data
     settings = {"max_length": d.max_length, "max_pixels": d.max_image_pixels, "train_on": d.train_on,
-                "template": processor.chat_template, "n": len(convs), "refs": [c.ref for c in convs[:3]]}
-    key = cache_key(cfg.model, [Path(d.train)], settings)
+                "template": processor.chat_template, "n": len(convs), "refs": [c.ref for c in convs[:3]],
+                "image_tokens": getattr(processor, "num_image_tokens", None)}
+    key = cache_key(model_key, [Path(d.train)], settings)
     cache = _cache_dir() / f"{key}.pt"
     if d.cache and cache.is_file():
         cached = torch.load(cache, weights_only=False)
@@ -153,7 +159,8 @@ def _split(convs: list[Conversation], fraction: float, seed: int) -> tuple[list[
     return [c for i, c in enumerate(convs) if i not in val_idx], [c for i, c in enumerate(convs) if i in val_idx]
 
 
-def build_trainer(model: Any, processor: Any, cfg: VlmSftConfig, data: VlmData, run_dir: Path) -> VisiontuneTrainer:
+def build_trainer(model: Any, processor: Any, cfg: Any, data: VlmData, run_dir: Path,
+                  trainer_class: type[VisiontuneTrainer] | None = None) -> VisiontuneTrainer:
     args = training_arguments(cfg.train, run_dir, cfg.seed, cfg.data.workers, _report_to(cfg),
                               greater_is_better=False)
     args.eval_strategy = "no"  # generation metrics run before/after; the training loss is logged every step
@@ -163,7 +170,7 @@ def build_trainer(model: Any, processor: Any, cfg: VlmSftConfig, data: VlmData, 
         args.train_sampling_strategy = "group_by_length"
     check_process_group(args.world_size)
     collator = VlmCollator(processor, cfg.data.max_image_pixels)
-    trainer = VlmTrainer(model=model, args=args, train_dataset=TokenizedDataset(data.train_tokens, data.train),
+    trainer = (trainer_class or VlmTrainer)(model=model, args=args, train_dataset=TokenizedDataset(data.train_tokens, data.train),
                          data_collator=collator, callbacks=[RichProgress(cfg.train.batch_size),
                                                             MetricsJsonl(run_dir / "metrics.jsonl")])
     trainer.collator_stats = collator
@@ -192,8 +199,7 @@ def _report_to(cfg: VlmSftConfig) -> list[str]:
     return ["wandb"] if cfg.track.wandb else []
 
 
-def _write_eval(run_dir: Path, name: str, model: Any, processor: Any, val: list[Conversation],
-                cfg: VlmSftConfig) -> dict:
+def _write_eval(run_dir: Path, name: str, model: Any, processor: Any, val: list[Conversation], cfg: Any) -> dict:
     if not val:
         return {"metrics": {}}
     limit = cfg.eval.max_samples or len(val)
