@@ -149,11 +149,17 @@ def merge(
 
 @app.command()
 def export(
-    run: str = typer.Argument(..., help="A vlm_sft run folder (or a PEFT adapter folder)."),
+    run: str = typer.Argument(..., help="A vlm_sft or vlm_assemble run folder (or a PEFT adapter folder)."),
     merge: bool = typer.Option(False, "--merge", help="Fold LoRA into the base weights (plain transformers)."),
-    out: Path = typer.Option(None, "--out", help="Target folder (default RUN/merged)."),
+    llava: bool = typer.Option(False, "--llava", help="vlm_assemble: write LlavaForConditionalGeneration."),
+    out: Path = typer.Option(None, "--out", help="Target folder (default RUN/merged or RUN/llava)."),
 ) -> None:
     """Export a trained VLM: the merged model + processor that plain transformers loads."""
+    if llava:
+        from visiontune.tasks.vlm_export import export_assembled_llava
+
+        typer.echo(f"LLaVA model: {export_assembled_llava(run, out)}")
+        return
     if not merge:
         typer.echo(f"The PEFT adapter is already in {Path(run) / 'adapter'}; pass --merge for a merged model.")
         return

@@ -223,3 +223,23 @@ def test_empty_caption_names_the_record(parts, colour_data, tmp_path):
 def test_recipe_needs_its_sources():
     with pytest.raises(RecipeError, match="set both `vision` and `language`"):
         parse_config({"task": "vlm_assemble", "stage": "align", "output_dir": "x", "data": {"train": "y"}})
+
+
+def test_resume_from_a_projector_only_checkpoint_matches_the_uninterrupted_run(parts, colour_data, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    recipe = _recipe(parts, colour_data, tmp_path, "align")
+    recipe["train"] |= {"max_steps": 4, "eval_steps": 2, "save_total_limit": 5}
+    recipe["eval"] = {"max_samples": 1, "max_new_tokens": 1}
+    whole = VlmAssembleTask().train(parse_config(recipe))
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(whole, interrupted)
+    for later in ("model", "llava", "eval", "summary.json"):  # as if killed right after checkpoint-2
+        shutil.rmtree(interrupted / later) if (interrupted / later).is_dir() else (interrupted / later).unlink()
+    shutil.rmtree(interrupted / "checkpoints" / "checkpoint-4")
+    VlmAssembleTask().train(parse_config(recipe | {"output_dir": str(interrupted)}), resume=True)
+    expected = load_file(whole / "model" / "projector.safetensors")
+    resumed = load_file(interrupted / "model" / "projector.safetensors")
+    assert all(torch.allclose(expected[k], resumed[k], atol=1e-6) for k in expected)

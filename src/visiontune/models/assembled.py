@@ -214,14 +214,28 @@ def build_assembled(vision_name: str, language_name: str, projector: dict[str, A
     vision, image_processor = resolve_vision(vision_name, vision_layer, drop_cls, image_size)
     language, tokenizer = resolve_language(language_name)
     _prepare_tokenizer(tokenizer, chat_template, language_name)
-    if len(tokenizer) > language.get_input_embeddings().num_embeddings:
-        language.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    _grow_vocabulary(language, len(tokenizer))
     torch.manual_seed(seed)
     proj = build_projector(projector["kind"], vision.width, language.config.hidden_size,
                            **projector_options(projector, vision))
     processor = AssembledProcessor(tokenizer, image_processor, proj.output_tokens(vision.num_patches))
     meta = {"vision_source": vision_name, "language_source": language_name, "projector": projector}
     return AssembledVlm(vision, proj, language, processor.image_token_id, meta), processor
+
+
+def _grow_vocabulary(language: nn.Module, size: int) -> None:
+    """Room for the `<image>` token. The new rows are the mean of the old ones, not random draws: a tied LM head
+    scores every position against them, and a rebuilt model (resume) must get exactly the same frozen weights."""
+    old = language.get_input_embeddings().num_embeddings
+    if size <= old:
+        return
+    language.resize_token_embeddings(size, mean_resizing=False)
+    with torch.no_grad():
+        for layer in (language.get_input_embeddings(), language.get_output_embeddings()):
+            if layer is not None:
+                layer.weight[old:] = layer.weight[:old].mean(dim=0)
+                if getattr(layer, "bias", None) is not None:
+                    layer.bias[old:] = layer.bias[:old].mean()
 
 
 def resolve_language(name: str) -> tuple[nn.Module, Any]:

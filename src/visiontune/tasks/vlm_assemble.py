@@ -23,6 +23,7 @@ from visiontune.config import dump_config
 from visiontune.config.assemble_schema import VlmAssembleConfig
 from visiontune.data.conversations import IMAGE_TOKEN, Conversation, Turn, read_conversations
 from visiontune.errors import DataError, RecipeError
+from visiontune.models.vlm import enable_grad_checkpointing
 from visiontune.models.assembled import AssembledProcessor, AssembledVlm, build_assembled, is_assembled, load_assembled
 from visiontune.tasks.vlm_sft import VlmData, VlmTrainer, _write_eval, build_trainer, prepare_data
 from visiontune.train.callbacks import RichProgress
@@ -48,7 +49,7 @@ class VlmAssembleTask:
         trainer = build_trainer(model, processor, cfg, data, run_dir, trainer_class=AssembleTrainer)
         trainer.scheduled_sampling = cfg.scheduled_sampling
         if cfg.train.grad_checkpointing:
-            model.language.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_grad_checkpointing(model.language)
         if checkpoint is None:
             _write_eval(run_dir, "before", model, processor, data.val, cfg)
             if cfg.stage == "align":  # the base LM answering without images: the floor the images must beat
@@ -264,7 +265,33 @@ def save_outputs(model: AssembledVlm, processor: AssembledProcessor, cfg: VlmAss
                "trainable_parameters": counts, "final_metrics": after.get("metrics", {}),
                "per_question": per_question(after), "llava_export": blocker or "llava/"}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    _report_sections(run_dir, cfg, counts, summary["per_question"], blocker)
     write_report(run_dir)
+
+
+def _report_sections(run_dir: Path, cfg: VlmAssembleConfig, counts: dict[str, int], per_q: dict,
+                     blocker: str | None) -> None:
+    from visiontune.report.sections import add_section
+
+    text = f"Stage {cfg.stage}; " + ("exported as LLaVA in llava/." if blocker is None else f"no LLaVA export: "
+                                       f"{blocker}; model/ loads with visiontune eval.")
+    add_section(run_dir, "Assembled model", text, ["part", "trainable parameters"],
+                [[part, f"{n:,}"] for part, n in counts.items()])
+    if per_q:
+        before = per_question(_read_eval(run_dir, "before"))
+        alone = per_question(_read_eval(run_dir, "text_only"))
+        rows = [[q, v["n"], _fmt(alone.get(q)), _fmt(before.get(q)), _fmt(v)] for q, v in per_q.items()]
+        add_section(run_dir, "Exact match per question", "Text only = the language model alone, images removed.",
+                    ["question", "n", "text only", "before", "after"], rows)
+
+
+def _read_eval(run_dir: Path, name: str) -> dict:
+    path = run_dir / "eval" / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _fmt(entry: dict | None) -> str:
+    return "" if entry is None else f"{entry['exact_match']:.3f}"
 
 
 def per_question(report: dict) -> dict[str, dict[str, float]]:

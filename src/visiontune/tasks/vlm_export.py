@@ -26,6 +26,21 @@ def export_merged(run: str, out: Path | None = None) -> Path:
     return out
 
 
+def export_assembled_llava(run: str, out: Path | None = None) -> Path:
+    """A vlm_assemble run's model as `LlavaForConditionalGeneration` + `LlavaProcessor` (when its parts allow)."""
+    from visiontune.models.assembled import is_assembled, load_assembled
+    from visiontune.models.llava_export import export_llava
+
+    folder = Path(run) / "model" if (Path(run) / "model").is_dir() else Path(run)
+    if not is_assembled(folder):
+        raise RunDirError(f"{run} is not a vlm_assemble run (no model/visiontune.json of an assembled VLM).")
+    out = out or Path(run) / "llava"
+    if out.exists() and any(out.iterdir()):
+        raise RunDirError(f"{out} already exists; remove it or pass --out to another folder.")
+    model, processor = load_assembled(folder)
+    return export_llava(model, processor, out)
+
+
 def compare(base: str, tuned: str, data: str, out: Path, metrics: list[str], max_new_tokens: int = 64) -> dict:
     """Evaluate both models on the same data; write compare.json and compare.md (metrics, answers, wins/losses)."""
     from visiontune.evaluate.generation import anls_score

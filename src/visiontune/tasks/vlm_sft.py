@@ -26,7 +26,7 @@ from visiontune.data.vlm_collate import VlmCollator
 from visiontune.data.vlm_tokenize import BadRecord, Tokenized, cache_key, tokenize
 from visiontune.errors import DataError
 from visiontune.evaluate.vlm_generate import generation_report
-from visiontune.models.vlm import apply_tuning, load_vlm, trainable_summary
+from visiontune.models.vlm import apply_tuning, enable_grad_checkpointing, load_vlm, trainable_summary
 from visiontune.train.callbacks import MetricsJsonl, RichProgress
 from visiontune.train.distributed import check_process_group, is_main_process
 from visiontune.train.engine import VisiontuneTrainer, training_arguments
@@ -66,6 +66,8 @@ class VlmSftTask:
         model, processor = load_vlm(cfg)
         data = prepare_data(cfg, processor, run_dir)
         model = apply_tuning(model, cfg.tune)
+        if cfg.train.grad_checkpointing:
+            enable_grad_checkpointing(model)
         trainer = build_trainer(model, processor, cfg, data, run_dir)
         if checkpoint is None:
             _write_eval(run_dir, "before", model, processor, data.val, cfg)
