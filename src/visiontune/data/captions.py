@@ -202,22 +202,30 @@ def _read_hf(path: Path, split: str) -> CaptionPairs:
     return pairs
 
 
+# builtin caption set -> (digit arrays it captions, captions per digit, shuffled order)
+CAPTION_SETS = {"mnist-5k-captions": ("mnist-5k-captions", CAPTIONS_PER_DIGIT, False),
+                "mnist-5k-heldout-captions": ("mnist-5k-heldout", 1, True)}
+
+
 def _read_builtin(name: str, seed: int) -> CaptionPairs:
     from visiontune.assets import get_asset, load_digit_arrays
 
     get_asset(name, "dataset")  # an unknown name fails with the list of built-in datasets
-    if name != "mnist-5k-captions":
+    if name not in CAPTION_SETS:
         raise DataError(
-            f"builtin:{name} has labels, not captions; use builtin:mnist-5k-captions or a caption file "
-            "for data.train, and labelled data for data.zero_shot."
+            f"builtin:{name} has labels, not captions; use one of {sorted(f'builtin:{n}' for n in CAPTION_SETS)} "
+            "or a caption file for data.train, and labelled data for data.zero_shot."
         )
-    images, labels, _ = load_digit_arrays(name)
+    source, per_digit, shuffled = CAPTION_SETS[name]
+    images, labels, _ = load_digit_arrays(source)
     rng = np.random.default_rng(seed)
+    order = rng.permutation(len(labels)) if shuffled else np.arange(len(labels))  # mixed classes for eval heads
     pairs = CaptionPairs([], [], [], [], f"builtin:{name}", "array")
-    for k, (image, label) in enumerate(zip(images, labels.tolist(), strict=True)):
-        for p in rng.choice(len(MNIST_PHRASINGS), CAPTIONS_PER_DIGIT, replace=False):
+    for k in order.tolist():
+        label = int(labels[k])
+        for p in rng.choice(len(MNIST_PHRASINGS), per_digit, replace=False):
             caption = MNIST_PHRASINGS[p].format(word=DIGIT_WORDS[label], n=label)
-            _append(pairs, image, caption, k, f"builtin:{name} record {k}")
+            _append(pairs, images[k], caption, k, f"builtin:{name} record {k}")
     return pairs
 
 

@@ -52,7 +52,7 @@ class VlmAssembleTask:
             enable_grad_checkpointing(model.language)
         if checkpoint is None:
             _write_eval(run_dir, "before", model, processor, data.val, cfg)
-            if cfg.stage == "align":  # the base LM answering without images: the floor the images must beat
+            if cfg.stage == "instruct":  # the LM answering without images: the floor the images must beat
                 _write_eval(run_dir, "text_only", model, processor, [_without_images(c) for c in data.val], cfg)
         try:
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
