@@ -35,14 +35,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from bench_vlm_sft import MiB, Counter, StepClock, current_rss_kib, quiet, rates  # noqa: E402
+from bench_vlm_sft import Counter, MiB, StepClock, current_rss_kib, quiet, rates  # noqa: E402
 
 BATCH = 8
 MODES = {
     "align": {"stage": "align", "data": {"train": "builtin:mnist-5k-captions"}},
     "instruct-lora": {"stage": "instruct", "data": {"train": "builtin:mnist-5k-qa"}, "tune": {"language": "lora"}},
-    "instruct-full": {"stage": "instruct", "data": {"train": "builtin:mnist-5k-qa"}, "tune": {"language": "full"},
-                      "train": {"lr": 5e-5}},
+    "instruct-full": {
+        "stage": "instruct",
+        "data": {"train": "builtin:mnist-5k-qa"},
+        "tune": {"language": "full"},
+        "train": {"lr": 5e-5},
+    },
 }
 
 
@@ -50,11 +54,24 @@ def recipe(mode: str, run_dir: Path, total_steps: int):
     from visiontune.config.loader import parse_config
 
     spec = MODES[mode]
-    raw = {"task": "vlm_assemble", "stage": spec["stage"], "vision": "builtin:efficientnet-lite0",
-           "language": "builtin:smollm2-135m-instruct", "image_size": 96, "output_dir": str(run_dir),
-           "data": {**spec["data"], "limit": 400, "val_split": 0}, "tune": spec.get("tune", {}),
-           "train": {"batch_size": BATCH, "max_steps": total_steps, "eval_steps": 10**6, "warmup_ratio": 0.0,
-                     "logging_steps": 5, **spec.get("train", {})}}
+    raw = {
+        "task": "vlm_assemble",
+        "stage": spec["stage"],
+        "vision": "builtin:efficientnet-lite0",
+        "language": "builtin:smollm2-135m-instruct",
+        "image_size": 96,
+        "output_dir": str(run_dir),
+        "data": {**spec["data"], "limit": 400, "val_split": 0},
+        "tune": spec.get("tune", {}),
+        "train": {
+            "batch_size": BATCH,
+            "max_steps": total_steps,
+            "eval_steps": 10**6,
+            "warmup_ratio": 0.0,
+            "logging_steps": 5,
+            **spec.get("train", {}),
+        },
+    }
     return parse_config(raw)
 
 
@@ -94,8 +111,12 @@ def measure_loop(mode: str, root: str, total_steps: int, warmup: int, threads: i
     run_dir = Path(tempfile.mkdtemp(prefix=f"loop-{mode}-", dir=root))
     cfg, model, processor, data, ready = prepared(mode, run_dir, total_steps)
     torch.manual_seed(cfg.seed)
-    loader = torch.utils.data.DataLoader(TokenizedDataset(data.train_tokens, data.train), batch_size=BATCH,
-                                         shuffle=True, collate_fn=VlmCollator(processor, cfg.data.max_image_pixels))
+    loader = torch.utils.data.DataLoader(
+        TokenizedDataset(data.train_tokens, data.train),
+        batch_size=BATCH,
+        shuffle=True,
+        collate_fn=VlmCollator(processor, cfg.data.max_image_pixels),
+    )
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=0.0)
     model.train()
@@ -129,8 +150,12 @@ def _peak() -> int:
 
 def summarise(stamps, peak: int, ready: int, warmup: int, model) -> dict:
     out = rates(stamps, warmup)
-    out.update(peak_mib=peak / MiB, delta_mib=(peak - ready) / MiB, threads=torch.get_num_threads(),
-               trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
+    out.update(
+        peak_mib=peak / MiB,
+        delta_mib=(peak - ready) / MiB,
+        threads=torch.get_num_threads(),
+        trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+    )
     return out
 
 
@@ -154,23 +179,30 @@ def main(steps: int, warmup: int, rounds: int, modes: list[str], threads: int | 
     with tempfile.TemporaryDirectory(prefix="vt-bench-assemble-") as root:
         for mode in modes:
             for r in range(rounds):
-                for side in (["visiontune", "loop"] if r % 2 == 0 else ["loop", "visiontune"]):
+                for side in ["visiontune", "loop"] if r % 2 == 0 else ["loop", "visiontune"]:
                     res = run(ctx, SIDES[side], mode, root, total, warmup, threads, verbose)
                     results.setdefault((mode, side), []).append(res)
-                    print(f"{mode:13s} round {r + 1} {side:10s}: {res['tps']:6.1f} tok/s {res['cpu_tps']:6.1f} "
-                          f"tok/CPU-s padding {res['padding']:.3f} real/step {res['real_per_step']:.0f} "
-                          f"peak {res['peak_mib']:.0f} MiB (delta {res['delta_mib']:.0f}) "
-                          f"{res['trainable']:,} trainable", flush=True)
+                    print(
+                        f"{mode:13s} round {r + 1} {side:10s}: {res['tps']:6.1f} tok/s {res['cpu_tps']:6.1f} "
+                        f"tok/CPU-s padding {res['padding']:.3f} real/step {res['real_per_step']:.0f} "
+                        f"peak {res['peak_mib']:.0f} MiB (delta {res['delta_mib']:.0f}) "
+                        f"{res['trainable']:,} trainable",
+                        flush=True,
+                    )
     print("\n| mode | side | tok/s | tok/CPU-s | vt/loop tok/s | padding | peak RSS (MiB) | delta (MiB) | trainable |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for mode in modes:
-        med = {s: {k: statistics.median(x[k] for x in results[(mode, s)]) for k in results[(mode, s)][0]}
-               for s in ("visiontune", "loop")}
+        med = {
+            s: {k: statistics.median(x[k] for x in results[(mode, s)]) for k in results[(mode, s)][0]}
+            for s in ("visiontune", "loop")
+        }
         for side in ("visiontune", "loop"):
             m = med[side]
             ratio = med["visiontune"]["tps"] / m["tps"]
-            print(f"| {mode} | {side} | {m['tps']:.1f} | {m['cpu_tps']:.1f} | {ratio:.3f} | {m['padding']:.3f} | "
-                  f"{m['peak_mib']:.0f} | {m['delta_mib']:.0f} | {int(m['trainable']):,} |")
+            print(
+                f"| {mode} | {side} | {m['tps']:.1f} | {m['cpu_tps']:.1f} | {ratio:.3f} | {m['padding']:.3f} | "
+                f"{m['peak_mib']:.0f} | {m['delta_mib']:.0f} | {int(m['trainable']):,} |"
+            )
 
 
 if __name__ == "__main__":

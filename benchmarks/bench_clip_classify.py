@@ -73,9 +73,18 @@ MiB = 1024  # ru_maxrss is in KiB on Linux
 # Imported once by the forkserver, so each measurement child starts with them loaded (a fork, not a ~10 s import).
 # Named explicitly: Python 3.11's default preload of `__main__` never happens (it looks for a `main_path` key that
 # `get_preparation_data` does not produce), and children re-run this script, which is cheap once these are loaded.
-PRELOAD = ["torch", "torch.utils.tensorboard", "transformers", "transformers.trainer",
-           "transformers.models.clip.modeling_clip", "peft", "visiontune.tasks.classify",
-           "visiontune.tasks.clip_classify", "visiontune.adapters.llora", "visiontune.fixtures"]
+PRELOAD = [
+    "torch",
+    "torch.utils.tensorboard",
+    "transformers",
+    "transformers.trainer",
+    "transformers.models.clip.modeling_clip",
+    "peft",
+    "visiontune.tasks.classify",
+    "visiontune.tasks.clip_classify",
+    "visiontune.adapters.llora",
+    "visiontune.fixtures",
+]
 hf_logging.disable_progress_bar()  # "Loading weights" bars in every child
 
 
@@ -84,11 +93,25 @@ def build_clip(out: Path) -> Path:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     tok = word_tokenizer(out)
-    text = {"vocab_size": len(tok), "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "max_position_embeddings": 16, "pad_token_id": 0, "bos_token_id": 2,
-            "eos_token_id": 3}
-    vision = {"image_size": 64, "patch_size": 8, "hidden_size": 128, "intermediate_size": 512,
-              "num_hidden_layers": 4, "num_attention_heads": 4}
+    text = {
+        "vocab_size": len(tok),
+        "hidden_size": 64,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 16,
+        "pad_token_id": 0,
+        "bos_token_id": 2,
+        "eos_token_id": 3,
+    }
+    vision = {
+        "image_size": 64,
+        "patch_size": 8,
+        "hidden_size": 128,
+        "intermediate_size": 512,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+    }
     torch.manual_seed(0)
     CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=64)).save_pretrained(out)
     CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(out)
@@ -96,14 +119,21 @@ def build_clip(out: Path) -> Path:
 
 
 def recipe(root: Path, method: str, run_dir: Path, total_steps: int, batch_size: int):
-    return parse_config({
-        "task": "clip_classify",
-        "model": str(root / "clip"),
-        "output_dir": str(run_dir),
-        "data": {"train": str(root / "train"), "val": str(root / "val"), "workers": 0, "prompt_names": PROMPT_NAMES},
-        "tune": {"method": method},
-        "train": {"max_steps": total_steps, "eval_steps": 1_000_000, "batch_size": batch_size},
-    })
+    return parse_config(
+        {
+            "task": "clip_classify",
+            "model": str(root / "clip"),
+            "output_dir": str(run_dir),
+            "data": {
+                "train": str(root / "train"),
+                "val": str(root / "val"),
+                "workers": 0,
+                "prompt_names": PROMPT_NAMES,
+            },
+            "tune": {"method": method},
+            "train": {"max_steps": total_steps, "eval_steps": 1_000_000, "batch_size": batch_size},
+        }
+    )
 
 
 def current_rss_kib() -> int:
@@ -151,8 +181,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def measure(side: str, method: str, root: str, total_steps: int, warmup: int, batch_size: int,
-            threads: int | None, verbose: bool) -> dict:
+def measure(
+    side: str,
+    method: str,
+    root: str,
+    total_steps: int,
+    warmup: int,
+    batch_size: int,
+    threads: int | None,
+    verbose: bool,
+) -> dict:
     """One measurement, run in a fresh forked child: images/s and RSS figures of `side` for `method`."""
     if not verbose:  # progress bars and eval lines of the run; an exception still reaches the parent
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -187,10 +225,12 @@ def measure(side: str, method: str, root: str, total_steps: int, warmup: int, ba
     else:
         model.train()
         pre = model.preprocess
-        dataset = ImageClassificationDataset(data.train, train_transform(pre, cfg.data.augment),
-                                             cfg.data.max_image_pixels, draft_size=pre.image_size)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=0,
-                                             collate_fn=Collator())
+        dataset = ImageClassificationDataset(
+            data.train, train_transform(pre, cfg.data.augment), cfg.data.max_image_pixels, draft_size=pre.image_size
+        )
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, shuffle=True, num_workers=0, collate_fn=Collator()
+        )
         optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
         stamps, seen, batches = [], 0, forever(loader)
         for _ in range(total_steps):
@@ -206,12 +246,19 @@ def measure(side: str, method: str, root: str, total_steps: int, warmup: int, ba
             del batch, loss
         peak = peak_rss_kib()
     ips, cpu_ips = images_per_second(stamps, warmup)
-    return {"ips": ips, "cpu_ips": cpu_ips, "delta_mib": (peak - ready) / MiB, "peak_mib": peak / MiB,
-            "trainable": trainable, "threads": torch.get_num_threads()}
+    return {
+        "ips": ips,
+        "cpu_ips": cpu_ips,
+        "delta_mib": (peak - ready) / MiB,
+        "peak_mib": peak / MiB,
+        "trainable": trainable,
+        "threads": torch.get_num_threads(),
+    }
 
 
-def main(steps: int, warmup: int, rounds: int, batch_size: int, methods: list[str], threads: int | None,
-         verbose: bool) -> None:
+def main(
+    steps: int, warmup: int, rounds: int, batch_size: int, methods: list[str], threads: int | None, verbose: bool
+) -> None:
     total = warmup + steps
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
@@ -220,8 +267,11 @@ def main(steps: int, warmup: int, rounds: int, batch_size: int, methods: list[st
         build_clip(root / "clip")
         image_folder(root / "train", classes=3, per_class=64, size=64)
         image_folder(root / "val", classes=3, per_class=4, size=64, seed=1)
-        print(f"torch {torch.__version__}; {rounds} rounds x {steps} timed steps (+{warmup} warm-up), "
-              f"batch {batch_size}, 192 train images at 64 px; one forked process per measurement", flush=True)
+        print(
+            f"torch {torch.__version__}; {rounds} rounds x {steps} timed steps (+{warmup} warm-up), "
+            f"batch {batch_size}, 192 train images at 64 px; one forked process per measurement",
+            flush=True,
+        )
         settings = (tmp, total, warmup, batch_size, threads, verbose)
         results: dict[tuple[str, str], list[dict]] = {}
         for r in range(rounds):
@@ -234,10 +284,13 @@ def main(steps: int, warmup: int, rounds: int, batch_size: int, methods: list[st
                     res["wall_s"] = time.perf_counter() - start
                     results.setdefault((method, side), []).append(res)
                 b, o = results[(method, "baseline")][-1], results[(method, "visiontune")][-1]
-                print(f"round {r + 1} {method:6s}: baseline {b['ips']:7.1f} img/s  visiontune {o['ips']:7.1f} img/s"
-                      f"  ratio {o['ips'] / b['ips']:.3f}  CPU ratio {o['cpu_ips'] / b['cpu_ips']:.3f}"
-                      f"  ({o['trainable']:,} trainable params,"
-                      f" {o['threads']} threads, {b['wall_s']:.0f}+{o['wall_s']:.0f} s)", flush=True)
+                print(
+                    f"round {r + 1} {method:6s}: baseline {b['ips']:7.1f} img/s  visiontune {o['ips']:7.1f} img/s"
+                    f"  ratio {o['ips'] / b['ips']:.3f}  CPU ratio {o['cpu_ips'] / b['cpu_ips']:.3f}"
+                    f"  ({o['trainable']:,} trainable params,"
+                    f" {o['threads']} threads, {b['wall_s']:.0f}+{o['wall_s']:.0f} s)",
+                    flush=True,
+                )
     report(results, methods)
 
 
@@ -248,21 +301,27 @@ def report(results: dict[tuple[str, str], list[dict]], methods: list[str]) -> No
     delta = {k: max(r["delta_mib"] for r in v) for k, v in results.items()}
     peak = {k: max(r["peak_mib"] for r in v) for k, v in results.items()}
     print()
-    print("| method | baseline img/s | visiontune img/s | ratio vt/base | baseline img/CPU-s | visiontune img/CPU-s "
-          "| CPU ratio vt/base | peak RSS delta base / vt (MiB) | peak RSS base / vt (MiB) |")
+    print(
+        "| method | baseline img/s | visiontune img/s | ratio vt/base | baseline img/CPU-s | visiontune img/CPU-s "
+        "| CPU ratio vt/base | peak RSS delta base / vt (MiB) | peak RSS base / vt (MiB) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for m in methods:
         b, o = (m, "baseline"), (m, "visiontune")
-        print(f"| {m} | {ips[b]:.1f} | {ips[o]:.1f} | {ips[o] / ips[b]:.3f} | {cpu[b]:.1f} | {cpu[o]:.1f} "
-              f"| {cpu[o] / cpu[b]:.3f} | {delta[b]:.0f} / {delta[o]:.0f} | {peak[b]:.0f} / {peak[o]:.0f} |")
+        print(
+            f"| {m} | {ips[b]:.1f} | {ips[o]:.1f} | {ips[o] / ips[b]:.3f} | {cpu[b]:.1f} | {cpu[o]:.1f} "
+            f"| {cpu[o] / cpu[b]:.3f} | {delta[b]:.0f} / {delta[o]:.0f} | {peak[b]:.0f} / {peak[o]:.0f} |"
+        )
     print()
     for num, den in (("l_lora", "lora"), ("lora", "full")):
         if num in methods and den in methods:
             n, d = num, den
-            print(f"speed {n} / {d}: wall baseline {ips[(n, 'baseline')] / ips[(d, 'baseline')]:.3f}  visiontune "
-                  f"{ips[(n, 'visiontune')] / ips[(d, 'visiontune')]:.3f};  CPU baseline "
-                  f"{cpu[(n, 'baseline')] / cpu[(d, 'baseline')]:.3f}  visiontune "
-                  f"{cpu[(n, 'visiontune')] / cpu[(d, 'visiontune')]:.3f}")
+            print(
+                f"speed {n} / {d}: wall baseline {ips[(n, 'baseline')] / ips[(d, 'baseline')]:.3f}  visiontune "
+                f"{ips[(n, 'visiontune')] / ips[(d, 'visiontune')]:.3f};  CPU baseline "
+                f"{cpu[(n, 'baseline')] / cpu[(d, 'baseline')]:.3f}  visiontune "
+                f"{cpu[(n, 'visiontune')] / cpu[(d, 'visiontune')]:.3f}"
+            )
 
 
 if __name__ == "__main__":
@@ -272,9 +331,13 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=2, help="baseline/visiontune pairs per method, alternated")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads in each measurement (default: torch's); 1 is steadier on "
-                             "cores shared with other jobs")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads in each measurement (default: torch's); 1 is steadier on "
+        "cores shared with other jobs",
+    )
     parser.add_argument("--verbose", action="store_true", help="show the measurement processes' own output")
     args = parser.parse_args()
     main(args.steps, args.warmup, args.rounds, args.batch_size, args.methods, args.threads, args.verbose)

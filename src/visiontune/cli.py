@@ -69,7 +69,9 @@ def validate(
     from visiontune.config import load_recipe
 
     config = load_recipe(find_recipe(recipe), overrides)
-    typer.echo(f"{recipe}: valid `{config.task}` recipe (model {config.model}, output {config.output_dir})")
+    parts = [getattr(config, key, None) for key in ("model", "vision", "language", "init_from")]
+    model = " + ".join(str(p) for p in parts if p)  # vlm_assemble has vision + language (or init_from), no model
+    typer.echo(f"{recipe}: valid `{config.task}` recipe (model {model}, output {config.output_dir})")
 
 
 @app.command("eval")

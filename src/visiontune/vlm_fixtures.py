@@ -13,8 +13,14 @@ from typing import Any
 
 FAMILIES = ("idefics3", "qwen2_vl", "qwen2_5_vl", "llava")
 VOCAB_SIZE = 512
-TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "max_position_embeddings": 512}
+TEXT = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+}
 
 # Chat templates, verbatim as the hub checkpoints ship them (only split into Python literals to fit 120 columns).
 # HuggingFaceTB/SmolVLM-Instruct chat_template.json (Idefics3 architecture).
@@ -48,11 +54,30 @@ LLAVA_TEMPLATE = (
     "{{ 'ASSISTANT:' }}{% endif %}"
 )
 
-QWEN_VL_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
-                    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
-                    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
-IDEFICS3_SPECIALS = ["<|im_start|>", "<|im_end|>", "<fake_token_around_image>", "<image>", "<end_of_utterance>",
-                     "<global-img>", *[f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]]
+QWEN_VL_SPECIALS = [
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+IDEFICS3_SPECIALS = [
+    "<|im_start|>",
+    "<|im_end|>",
+    "<fake_token_around_image>",
+    "<image>",
+    "<end_of_utterance>",
+    "<global-img>",
+    *[f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)],
+]
 
 _CORPUS = """A photo of a small red cat sitting on a wooden table next to a window.
 The image shows two dogs running across a green field on a sunny afternoon.
@@ -107,8 +132,9 @@ def _llama_tokenizer(specials: dict[str, Any]):
     model = json.loads(trained.backend_tokenizer.to_str())["model"]
     learned = sorted(model["vocab"], key=model["vocab"].get)
     vocab = [*learned[:3], *[f"<0x{b:02X}>" for b in range(256)], *learned[3:]]
-    tok = LlamaTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[tuple(m) for m in model["merges"]],
-                         add_bos_token=True)
+    tok = LlamaTokenizer(
+        vocab={t: i for i, t in enumerate(vocab)}, merges=[tuple(m) for m in model["merges"]], add_bos_token=True
+    )
     tok.add_special_tokens(specials)
     return tok
 
@@ -119,8 +145,14 @@ def _ids(tok, *tokens: str) -> list[int]:
 
 def _text_config(tok, **extra) -> dict[str, Any]:
     """A 2-layer text tower whose vocabulary and special ids all come from the trained tokenizer."""
-    return {**TEXT, "vocab_size": len(tok), "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
-            "pad_token_id": tok.pad_token_id, **extra}
+    return {
+        **TEXT,
+        "vocab_size": len(tok),
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+        **extra,
+    }
 
 
 def _save(model, processor, out: Path, eos: list[int]) -> Path:
@@ -144,16 +176,35 @@ def tiny_idefics3(out: Path) -> Path:
         Idefics3Processor,
     )
 
-    tok = _train(GPT2Tokenizer(), {"bos_token": "<|im_start|>", "eos_token": "<end_of_utterance>",
-                                   "pad_token": "<|im_end|>", "additional_special_tokens": IDEFICS3_SPECIALS})
+    tok = _train(
+        GPT2Tokenizer(),
+        {
+            "bos_token": "<|im_start|>",
+            "eos_token": "<end_of_utterance>",
+            "pad_token": "<|im_end|>",
+            "additional_special_tokens": IDEFICS3_SPECIALS,
+        },
+    )
     tok.chat_template = IDEFICS3_TEMPLATE
-    image_processor = Idefics3ImageProcessor(size={"longest_edge": 32}, max_image_size={"longest_edge": 32},
-                                             do_image_splitting=False)
+    image_processor = Idefics3ImageProcessor(
+        size={"longest_edge": 32}, max_image_size={"longest_edge": 32}, do_image_splitting=False
+    )
     processor = Idefics3Processor(image_processor, tok, image_seq_len=4, chat_template=IDEFICS3_TEMPLATE)
-    vision = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-              "num_attention_heads": 2}
-    config = Idefics3Config(vision_config=vision, text_config=_text_config(tok), scale_factor=2,
-                            image_token_id=tok.convert_tokens_to_ids("<image>"), pad_token_id=tok.pad_token_id)
+    vision = {
+        "image_size": 32,
+        "patch_size": 8,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+    }
+    config = Idefics3Config(
+        vision_config=vision,
+        text_config=_text_config(tok),
+        scale_factor=2,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        pad_token_id=tok.pad_token_id,
+    )
     model = Idefics3ForConditionalGeneration(config)
     return _save(model, processor, out, _ids(tok, "<end_of_utterance>", "<|im_end|>"))
 
@@ -162,19 +213,30 @@ def _qwen_parts(tok_extra: list[str]):
     """Tokenizer + processor shared by Qwen2-VL and Qwen2.5-VL (same tokenizer family and template)."""
     from transformers import Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
-    tok = _train(Qwen2Tokenizer(), {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-                                    "additional_special_tokens": QWEN_VL_SPECIALS + tok_extra})
+    tok = _train(
+        Qwen2Tokenizer(),
+        {
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+            "additional_special_tokens": QWEN_VL_SPECIALS + tok_extra,
+        },
+    )
     tok.chat_template = QWEN_VL_TEMPLATE
     # 56*56 is the real min_pixels; a 112*112 cap keeps images at 4..16 tokens (patch 14, 2x2 merge).
     pixels = {"min_pixels": 56 * 56, "max_pixels": 112 * 112}
-    processor = Qwen2VLProcessor(Qwen2VLImageProcessor(**pixels), tok, Qwen2VLVideoProcessor(**pixels),
-                                 chat_template=QWEN_VL_TEMPLATE)
+    processor = Qwen2VLProcessor(
+        Qwen2VLImageProcessor(**pixels), tok, Qwen2VLVideoProcessor(**pixels), chat_template=QWEN_VL_TEMPLATE
+    )
     return tok, processor
 
 
 def _qwen_ids(tok) -> dict[str, int]:
-    names = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
-             "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
+    names = {
+        "image_token_id": "<|image_pad|>",
+        "video_token_id": "<|video_pad|>",
+        "vision_start_token_id": "<|vision_start|>",
+        "vision_end_token_id": "<|vision_end|>",
+    }
     return {key: tok.convert_tokens_to_ids(t) for key, t in names.items()}
 
 
@@ -189,8 +251,16 @@ def tiny_qwen2_vl(out: Path) -> Path:
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     tok, processor = _qwen_parts([])
-    vision = {"depth": 2, "embed_dim": 32, "hidden_size": TEXT["hidden_size"], "num_heads": 2, "mlp_ratio": 2,
-              "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    vision = {
+        "depth": 2,
+        "embed_dim": 32,
+        "hidden_size": TEXT["hidden_size"],
+        "num_heads": 2,
+        "mlp_ratio": 2,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
     config = Qwen2VLConfig(text_config=_qwen_text(tok), vision_config=vision, **_qwen_ids(tok))
     model = Qwen2VLForConditionalGeneration(config)
     return _save(model, processor, out, _ids(tok, "<|im_end|>", "<|endoftext|>"))
@@ -200,13 +270,30 @@ def tiny_qwen2_5_vl(out: Path) -> Path:
     """Qwen2.5-VL: as Qwen2-VL plus the 2.5 tool-call / FIM tokens; window attention with one full-attention block."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
-    extra = ["<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-             "<|repo_name|>", "<|file_sep|>"]
+    extra = [
+        "<tool_call>",
+        "</tool_call>",
+        "<|fim_prefix|>",
+        "<|fim_middle|>",
+        "<|fim_suffix|>",
+        "<|fim_pad|>",
+        "<|repo_name|>",
+        "<|file_sep|>",
+    ]
     tok, qwen2 = _qwen_parts(extra)
     processor = Qwen2_5_VLProcessor(qwen2.image_processor, tok, qwen2.video_processor, chat_template=QWEN_VL_TEMPLATE)
-    vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
-              "out_hidden_size": TEXT["hidden_size"], "patch_size": 14, "spatial_merge_size": 2,
-              "temporal_patch_size": 2, "window_size": 56, "fullatt_block_indexes": [1]}
+    vision = {
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "out_hidden_size": TEXT["hidden_size"],
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 56,
+        "fullatt_block_indexes": [1],
+    }
     config = Qwen2_5_VLConfig(text_config=_qwen_text(tok), vision_config=vision, **_qwen_ids(tok))
     model = Qwen2_5_VLForConditionalGeneration(config)
     return _save(model, processor, out, _ids(tok, "<|im_end|>", "<|endoftext|>"))
@@ -221,19 +308,42 @@ def tiny_llava(out: Path) -> Path:
     tok = _llama_tokenizer({"pad_token": "<pad>", "additional_special_tokens": ["<image>"]})
     tok.chat_template = LLAVA_TEMPLATE
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    processor = LlavaProcessor(image_processor, tok, patch_size=8, vision_feature_select_strategy="default",
-                               num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE)
-    vision = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-              "num_attention_heads": 2, "projection_dim": 32}
-    config = LlavaConfig(vision_config=vision, text_config=_text_config(tok), vision_feature_select_strategy="default",
-                         vision_feature_layer=-2, image_token_index=tok.convert_tokens_to_ids("<image>"),
-                         image_seq_length=16, pad_token_id=tok.pad_token_id)
+    processor = LlavaProcessor(
+        image_processor,
+        tok,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_TEMPLATE,
+    )
+    vision = {
+        "image_size": 32,
+        "patch_size": 8,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "projection_dim": 32,
+    }
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=_text_config(tok),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        image_seq_length=16,
+        pad_token_id=tok.pad_token_id,
+    )
     model = LlavaForConditionalGeneration(config)
     return _save(model, processor, out, [tok.eos_token_id])
 
 
-_BUILDERS: dict[str, Callable[[Path], Path]] = {"idefics3": tiny_idefics3, "qwen2_vl": tiny_qwen2_vl,
-                                                "qwen2_5_vl": tiny_qwen2_5_vl, "llava": tiny_llava}
+_BUILDERS: dict[str, Callable[[Path], Path]] = {
+    "idefics3": tiny_idefics3,
+    "qwen2_vl": tiny_qwen2_vl,
+    "qwen2_5_vl": tiny_qwen2_5_vl,
+    "llava": tiny_llava,
+}
 
 
 def tiny_vlm(family: str, out: Path) -> Path:
@@ -267,8 +377,11 @@ def tiny_causal_lm(family: str, out: Path) -> Path:
 
     if family not in LM_FAMILIES:
         raise ValueError(f"unknown LM family {family!r}; choose one of {', '.join(LM_FAMILIES)}")
-    specials = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-                "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]}
+    specials = {
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+    }
     tok = _train(Qwen2Tokenizer(), specials) if family == "qwen2" else _llama_tokenizer(specials)
     tok.chat_template = CHATML_TEMPLATE
     torch.manual_seed(0)

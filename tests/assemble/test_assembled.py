@@ -28,8 +28,12 @@ def parts(tmp_path_factory) -> dict[str, Path]:
     from visiontune.vlm_fixtures import tiny_causal_lm
 
     out = tmp_path_factory.mktemp("assemble-parts")
-    return {"clip": tiny_clip(out / "clip"), "cnn": tiny_timm_cnn(out / "cnn"),
-            "qwen2": tiny_causal_lm("qwen2", out / "qwen2"), "llama": tiny_causal_lm("llama", out / "llama")}
+    return {
+        "clip": tiny_clip(out / "clip"),
+        "cnn": tiny_timm_cnn(out / "cnn"),
+        "qwen2": tiny_causal_lm("qwen2", out / "qwen2"),
+        "llama": tiny_causal_lm("llama", out / "llama"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +46,15 @@ def colour_data(tmp_path_factory) -> dict[str, Path]:
         noise = np.random.default_rng(i).integers(-20, 20, (32, 32, 3))
         Image.fromarray((np.array(COLOURS[name]) + noise).clip(0, 255).astype("uint8")).save(root / f"{i}.png")
         rows.append(f"{i}.png,a {name} square")
-        qa.append({"messages": [{"role": "user", "content": "<image>What colour is it?"},
-                                {"role": "assistant", "content": name}], "images": [f"{i}.png"]})
+        qa.append(
+            {
+                "messages": [
+                    {"role": "user", "content": "<image>What colour is it?"},
+                    {"role": "assistant", "content": name},
+                ],
+                "images": [f"{i}.png"],
+            }
+        )
     (root / "captions.csv").write_text("\n".join(rows))
     (root / "qa.json").write_text(json.dumps(qa))
     return {"captions": root / "captions.csv", "qa": root / "qa.json", "root": root}
@@ -61,12 +72,19 @@ def _batch(processor, answer: str | None = "red"):
 
 
 def _recipe(parts, data, tmp_path, stage="align", **extra) -> dict:
-    recipe = {"task": "vlm_assemble", "stage": stage, "output_dir": str(tmp_path / stage),
-              "train": {"epochs": 2, "batch_size": 4, "lr": 3e-3, "logging_steps": 1, "warmup_ratio": 0.0},
-              "eval": {"max_new_tokens": 3, "max_samples": 3}}
+    recipe = {
+        "task": "vlm_assemble",
+        "stage": stage,
+        "output_dir": str(tmp_path / stage),
+        "train": {"epochs": 2, "batch_size": 4, "lr": 3e-3, "logging_steps": 1, "warmup_ratio": 0.0},
+        "eval": {"max_new_tokens": 3, "max_samples": 3},
+    }
     if stage == "align":
-        recipe |= {"vision": str(parts["clip"]), "language": str(parts["qwen2"]),
-                   "data": {"train": str(data["captions"]), "val_split": 0.2}}
+        recipe |= {
+            "vision": str(parts["clip"]),
+            "language": str(parts["qwen2"]),
+            "data": {"train": str(data["captions"]), "val_split": 0.2},
+        }
     else:
         recipe |= {"data": {"train": str(data["qa"]), "val_split": 0.2}}
     for key, value in extra.items():
@@ -96,12 +114,15 @@ def _grads(model, batch) -> set[str]:
     return parts
 
 
-@pytest.mark.parametrize(("stage", "language", "expected"), [
-    ("align", "lora", {"projector"}),
-    ("instruct", "frozen", {"projector"}),
-    ("instruct", "full", {"projector", "language"}),
-    ("instruct", "lora", {"projector", "language"}),
-])
+@pytest.mark.parametrize(
+    ("stage", "language", "expected"),
+    [
+        ("align", "lora", {"projector"}),
+        ("instruct", "frozen", {"projector"}),
+        ("instruct", "full", {"projector", "language"}),
+        ("instruct", "lora", {"projector", "language"}),
+    ],
+)
 def test_gradients_flow_only_where_the_stage_says(parts, colour_data, tmp_path, stage, language, expected):
     recipe = _recipe(parts, colour_data, tmp_path, "align") | {"stage": stage, "tune": {"language": language}}
     cfg = parse_config(recipe)
@@ -117,8 +138,11 @@ def test_moe_balance_loss_is_added_to_the_lm_loss(parts):
     model, processor = build_assembled(str(parts["clip"]), str(parts["qwen2"]), {"kind": "moe", "options": {}})
     batch = _batch(processor)
     total = model(**batch, labels=batch["input_ids"]).loss
-    lm_only = model.language(inputs_embeds=model.embed(batch["input_ids"], batch["pixel_values"]),
-                             attention_mask=batch["attention_mask"], labels=batch["input_ids"]).loss
+    lm_only = model.language(
+        inputs_embeds=model.embed(batch["input_ids"], batch["pixel_values"]),
+        attention_mask=batch["attention_mask"],
+        labels=batch["input_ids"],
+    ).loss
     assert model.balance_loss is not None and model.balance_loss >= 1.0 - 1e-6  # 1 at perfect balance
     assert torch.allclose(total - lm_only, torch.tensor(model.projector.balance_coef * model.balance_loss), atol=1e-6)
 
@@ -167,8 +191,11 @@ def test_llava_export_refuses_projectors_llava_cannot_hold(parts, tmp_path):
 
 def test_align_then_instruct_end_to_end(parts, colour_data, tmp_path):
     align_run = VlmAssembleTask().train(parse_config(_recipe(parts, colour_data, tmp_path, "align")))
-    losses = [json.loads(line)["loss"] for line in (align_run / "metrics.jsonl").read_text().splitlines()
-              if '"loss"' in line and "train_loss" not in line]
+    losses = [
+        json.loads(line)["loss"]
+        for line in (align_run / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in line and "train_loss" not in line
+    ]
     assert losses[-1] < losses[0]  # the projector learns the toy captions
     summary = json.loads((align_run / "summary.json").read_text())
     assert summary["trainable_parameters"]["language"] == 0 and summary["trainable_parameters"]["vision"] == 0
@@ -178,15 +205,26 @@ def test_align_then_instruct_end_to_end(parts, colour_data, tmp_path):
 
     assert {k.split(".")[0] for k in load_file(checkpoint)} == {"projector"}  # frozen weights stay out
 
-    recipe = _recipe(parts, colour_data, tmp_path, "instruct", init_from=str(align_run),
-                     scheduled_sampling={"schedule": "linear", "start": 1.0, "end": 0.0})
+    recipe = _recipe(
+        parts,
+        colour_data,
+        tmp_path,
+        "instruct",
+        init_from=str(align_run),
+        scheduled_sampling={"schedule": "linear", "start": 1.0, "end": 0.0},
+    )
     instruct_run = VlmAssembleTask().train(parse_config(recipe))
     stage_one, _ = load_assembled(align_run / "model")
     start, _ = load_model(parse_config(recipe))
-    assert all(torch.equal(a, b) for a, b in zip(stage_one.projector.state_dict().values(),
-                                                 start.projector.state_dict().values(), strict=True))
-    ratios = [json.loads(line)["teacher_forcing_ratio"] for line in (instruct_run / "metrics.jsonl").read_text()
-              .splitlines() if "teacher_forcing_ratio" in line]
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(stage_one.projector.state_dict().values(), start.projector.state_dict().values(), strict=True)
+    )
+    ratios = [
+        json.loads(line)["teacher_forcing_ratio"]
+        for line in (instruct_run / "metrics.jsonl").read_text().splitlines()
+        if "teacher_forcing_ratio" in line
+    ]
     assert ratios[0] == 1.0 and ratios[-1] < ratios[0]
     assert (instruct_run / "adapter" / "adapter_config.json").is_file()
     assert (instruct_run / "eval" / "text_only.json").is_file()  # the LM alone, images removed
@@ -202,10 +240,13 @@ def test_instruct_from_a_folder_that_is_not_stage_one_is_refused(parts, colour_d
         load_model(parse_config(recipe))
 
 
-@pytest.mark.parametrize(("key", "value", "match"), [
-    ("vision", "/nonexistent/clip", "vision: /nonexistent/clip cannot be resolved"),
-    ("language", "/nonexistent/lm", "language: /nonexistent/lm cannot be loaded"),
-])
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("vision", "/nonexistent/clip", "vision: /nonexistent/clip cannot be resolved"),
+        ("language", "/nonexistent/lm", "language: /nonexistent/lm cannot be loaded"),
+    ],
+)
 def test_unresolvable_parts_name_their_key(parts, colour_data, tmp_path, key, value, match):
     recipe = _recipe(parts, colour_data, tmp_path, "align") | {key: value}
     with pytest.raises(ModelError, match=match):
@@ -244,3 +285,30 @@ def test_resume_from_a_projector_only_checkpoint_matches_the_uninterrupted_run(p
     expected = load_file(whole / "model" / "projector.safetensors")
     resumed = load_file(interrupted / "model" / "projector.safetensors")
     assert all(torch.allclose(expected[k], resumed[k], atol=1e-6) for k in expected)
+
+
+def test_two_ranks_train_the_same_projector(parts, colour_data, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    recipe = _recipe(parts, colour_data, tmp_path, "align")
+    recipe["train"] |= {"max_steps": 2, "batch_size": 2}
+    recipe["eval"] = {"max_samples": 1, "max_new_tokens": 1}
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "visiontune", "train", str(path), "--nproc", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((Path(recipe["output_dir"]) / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world_size"] == 2 and r["samples_seen"] == 4 for r in ranks)
+    assert ranks[0]["weight_checksum"] == ranks[1]["weight_checksum"]

@@ -13,8 +13,9 @@ def test_align_then_instruct_answers_held_out_digit_questions(cli, tmp_path):
     align, instruct = tmp_path / "align", tmp_path / "instruct"
     code, _, err = cli("train", REPO / "recipes/assemble/mnist-align.yaml", f"output_dir={align}")
     assert code == 0, err
-    code, _, err = cli("train", REPO / "recipes/assemble/mnist-instruct.yaml", f"init_from={align}",
-                       f"output_dir={instruct}")
+    code, _, err = cli(
+        "train", REPO / "recipes/assemble/mnist-instruct.yaml", f"init_from={align}", f"output_dir={instruct}"
+    )
     assert code == 0, err
     summary = json.loads((instruct / "summary.json").read_text())
     assert summary["per_question"]["What digit is shown?"]["exact_match"] >= 0.9

@@ -26,8 +26,15 @@ def _loss_and_grads(model, batch) -> tuple[float, dict[str, torch.Tensor]]:
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_checkpointing_keeps_loss_and_gradients(llava, method):
-    cfg = parse_config({"task": "vlm_sft", "model": str(llava), "output_dir": "unused", "data": {"train": "x"},
-                        "tune": {"method": method, "lora_dropout": 0.0}})
+    cfg = parse_config(
+        {
+            "task": "vlm_sft",
+            "model": str(llava),
+            "output_dir": "unused",
+            "data": {"train": "x"},
+            "tune": {"method": method, "lora_dropout": 0.0},
+        }
+    )
     runs = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
@@ -37,8 +44,10 @@ def test_checkpointing_keeps_loss_and_gradients(llava, method):
             enable_grad_checkpointing(model)
             base = model.get_base_model() if hasattr(model, "get_base_model") else model
             assert base.is_gradient_checkpointing
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "colour?"}]},
-                    {"role": "assistant", "content": [{"type": "text", "text": "red"}]}]
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "colour?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+        ]
         text = processor.apply_chat_template(messages)
         batch = dict(processor(text=[text], images=[Image.new("RGB", (32, 32), "red")], return_tensors="pt"))
         batch["labels"] = batch["input_ids"].clone()

@@ -17,8 +17,13 @@ from visiontune.vlm_fixtures import FAMILIES, tiny_vlm, write_all_vlms
 EXPECTED = {
     "idefics3": ("Idefics3ForConditionalGeneration", "Idefics3Processor", 4, "<end_of_utterance>\n", "Assistant:"),
     "qwen2_vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLProcessor", 4, "<|im_end|>\n", "<|im_start|>assistant\n"),
-    "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor", 4, "<|im_end|>\n",
-                   "<|im_start|>assistant\n"),
+    "qwen2_5_vl": (
+        "Qwen2_5_VLForConditionalGeneration",
+        "Qwen2_5_VLProcessor",
+        4,
+        "<|im_end|>\n",
+        "<|im_start|>assistant\n",
+    ),
     "llava": ("LlavaForConditionalGeneration", "LlavaProcessor", 16, " ", "ASSISTANT:"),
 }
 IMAGE_TOKEN = {"idefics3": "<image>", "qwen2_vl": "<|image_pad|>", "qwen2_5_vl": "<|image_pad|>", "llava": "<image>"}

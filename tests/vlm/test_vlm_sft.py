@@ -35,13 +35,18 @@ def colour_data(tmp_path_factory) -> Path:
     records = []
     for i, (name, rgb) in enumerate(list(COLOURS.items()) * 3):
         Image.new("RGB", (40, 30), rgb).save(root / f"{i}.png")
-        records.append({"messages": [
-            {"role": "system", "content": "You are terse."},
-            {"role": "user", "content": "<image>What colour is this?"},
-            {"role": "assistant", "content": name},
-            {"role": "user", "content": "Sure?"},
-            {"role": "assistant", "content": f"yes {name}"},
-        ], "images": [f"{i}.png"]})
+        records.append(
+            {
+                "messages": [
+                    {"role": "system", "content": "You are terse."},
+                    {"role": "user", "content": "<image>What colour is this?"},
+                    {"role": "assistant", "content": name},
+                    {"role": "user", "content": "Sure?"},
+                    {"role": "assistant", "content": f"yes {name}"},
+                ],
+                "images": [f"{i}.png"],
+            }
+        )
     (root / "data.json").write_text(json.dumps(records))
     return root / "data.json"
 
@@ -75,7 +80,9 @@ def vlm_recipe(vlms, colour_data, tmp_path, monkeypatch):
 
     def make(family: str = "qwen2_vl", **sections) -> dict:
         config = {
-            "task": "vlm_sft", "model": str(vlms[family]), "output_dir": str(tmp_path / "run"),
+            "task": "vlm_sft",
+            "model": str(vlms[family]),
+            "output_dir": str(tmp_path / "run"),
             "data": {"train": str(colour_data), "val_split": 0.25, "max_length": 256},
             "eval": {"metrics": ["exact_match", "anls"], "max_new_tokens": 3},
             "train": {"epochs": 1, "batch_size": 2, "logging_steps": 1},
@@ -87,8 +94,9 @@ def vlm_recipe(vlms, colour_data, tmp_path, monkeypatch):
     return make
 
 
-@pytest.mark.parametrize("family,method", [("qwen2_vl", "lora"), ("idefics3", "full"), ("llava", "lora"),
-                                           ("qwen2_5_vl", "lora")])
+@pytest.mark.parametrize(
+    "family,method", [("qwen2_vl", "lora"), ("idefics3", "full"), ("llava", "lora"), ("qwen2_5_vl", "lora")]
+)
 def test_train_eval_export(family, method, vlm_recipe, write_recipe, cli):
     recipe = vlm_recipe(family, tune={"method": method})
     code, _, err = cli("train", write_recipe(recipe))
@@ -116,8 +124,11 @@ def test_train_eval_export(family, method, vlm_recipe, write_recipe, cli):
     from visiontune.data.vlm_tokenize import _nested_images, render
 
     images = load_images(conv)
-    inputs = processor(text=[render(processor, to_messages(conv))], return_tensors="pt",
-                       images=[images] if _nested_images(processor) else images)
+    inputs = processor(
+        text=[render(processor, to_messages(conv))],
+        return_tensors="pt",
+        images=[images] if _nested_images(processor) else images,
+    )
     with torch.no_grad():
         torch.testing.assert_close(merged(**inputs).logits, adapted(**inputs).logits, rtol=1e-4, atol=1e-4)
         a = merged.generate(**inputs, max_new_tokens=3, do_sample=False)
@@ -138,8 +149,9 @@ def test_qlora_trains_on_cpu(family, vlm_recipe, write_recipe, cli):
 def test_max_length_too_small_for_an_image_names_the_record(vlm_recipe, write_recipe, cli):
     code, _, err = cli("train", write_recipe(vlm_recipe("llava", data={"max_length": 12})))
     assert code == 2 and "record 0" in err and "data.max_length" in err and "Traceback" not in err
-    code, _, err = cli("train", write_recipe(vlm_recipe("llava", data={"max_length": 12, "on_bad_sample": "skip"})),
-                       "--overwrite")
+    code, _, err = cli(
+        "train", write_recipe(vlm_recipe("llava", data={"max_length": 12, "on_bad_sample": "skip"})), "--overwrite"
+    )
     assert code == 2 and "No record" in err
 
 
@@ -172,8 +184,17 @@ def test_missing_chat_template_names_the_recipe_key(vlms, vlm_recipe, write_reci
 def test_compare_writes_side_by_side_report(vlm_recipe, write_recipe, cli, tmp_path):
     recipe = vlm_recipe(train={"max_steps": 2})
     assert cli("train", write_recipe(recipe))[0] == 0
-    code, out, err = cli("compare", recipe["model"], recipe["output_dir"], "--data", recipe["data"]["train"],
-                         "--out", tmp_path / "cmp", "--max-new-tokens", "2")
+    code, out, err = cli(
+        "compare",
+        recipe["model"],
+        recipe["output_dir"],
+        "--data",
+        recipe["data"]["train"],
+        "--out",
+        tmp_path / "cmp",
+        "--max-new-tokens",
+        "2",
+    )
     assert code == 0, err
     text = (tmp_path / "cmp" / "compare.md").read_text()
     assert "Biggest wins" in text and "Biggest losses" in text and "| exact_match |" in text
@@ -188,8 +209,13 @@ def test_two_ranks_train_the_same_adapter(vlm_recipe, write_recipe):
     path = write_recipe(recipe)
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "visiontune", "train", str(path), "--nproc", "2"], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "visiontune", "train", str(path), "--nproc", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = Path(recipe["output_dir"])
     ranks = [json.loads((run / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]

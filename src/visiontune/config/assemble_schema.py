@@ -22,8 +22,10 @@ class ProjectorConfig(Strict):
 
 
 class AssembleDataConfig(Strict):
-    train: str = Field(description="align: captions (LLaVA-Pretrain / COCO-captions JSON, CSV/JSONL image,caption, "
-                                   "a saved dataset, builtin:mnist-5k-captions); instruct: conversations as in vlm_sft.")
+    train: str = Field(
+        description="align: captions (LLaVA-Pretrain / COCO-captions JSON, CSV/JSONL image,caption, "
+        "a saved dataset, builtin:mnist-5k-captions); instruct: conversations as in vlm_sft."
+    )
     val: str | None = None
     val_split: float = Field(0.05, ge=0, lt=1)
     limit: int | None = Field(None, gt=0, description="Use only the first N training records (quick runs).")

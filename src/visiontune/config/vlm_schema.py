@@ -27,8 +27,12 @@ class VlmDataConfig(Strict):
     dataset_name: str | None = Field(None, description="Entry of a LLaMA-Factory dataset_info.json.")
     image_root: str | None = Field(None, description="Folder relative image paths start from.")
     max_length: int = Field(2048, gt=0, description="LLaMA-Factory `cutoff_len`: tokens per record, images included.")
-    max_image_pixels: int = Field(512 * 512, gt=0, description="LLaMA-Factory `image_max_pixels`: images above "
-                                                                "are downscaled (keeps aspect) before the processor.")
+    max_image_pixels: int = Field(
+        512 * 512,
+        gt=0,
+        description="LLaMA-Factory `image_max_pixels`: images above "
+        "are downscaled (keeps aspect) before the processor.",
+    )
     on_bad_sample: Literal["error", "skip"] = "error"
     train_on: Literal["assistant", "all"] = Field("assistant", description="Loss on assistant turns only, or all.")
     group_by_length: bool = Field(True, description="Batch records of similar length to cut padding.")

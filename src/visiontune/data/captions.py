@@ -203,8 +203,10 @@ def _read_hf(path: Path, split: str) -> CaptionPairs:
 
 
 # builtin caption set -> (digit arrays it captions, captions per digit, shuffled order)
-CAPTION_SETS = {"mnist-5k-captions": ("mnist-5k-captions", CAPTIONS_PER_DIGIT, False),
-                "mnist-5k-heldout-captions": ("mnist-5k-heldout", 1, True)}
+CAPTION_SETS = {
+    "mnist-5k-captions": ("mnist-5k-captions", CAPTIONS_PER_DIGIT, False),
+    "mnist-5k-heldout-captions": ("mnist-5k-heldout", 1, True),
+}
 
 
 def _read_builtin(name: str, seed: int) -> CaptionPairs:

@@ -74,7 +74,9 @@ def _assistant_spans(
     spans = []
     for k, message in enumerate(messages):
         if message["role"] == "assistant":
-            start = _boundary(processor, render(processor, messages[:k], generation_prompt=True), full_text, images, ids)
+            start = _boundary(
+                processor, render(processor, messages[:k], generation_prompt=True), full_text, images, ids
+            )
             spans.append((start, _boundary(processor, render(processor, messages[: k + 1]), full_text, images, ids)))
     return spans
 
@@ -184,6 +186,12 @@ def _processor_files(model: str) -> list[Path]:
     folder = Path(model)
     if not folder.is_dir():
         return []
-    names = ("tokenizer.json", "tokenizer_config.json", "chat_template.json", "chat_template.jinja",
-             "processor_config.json", "preprocessor_config.json")
+    names = (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.json",
+        "chat_template.jinja",
+        "processor_config.json",
+        "preprocessor_config.json",
+    )
     return [folder / n for n in names]

@@ -13,8 +13,9 @@ from visiontune.data.conversations import IMAGE_TOKEN, Conversation, load_images
 from visiontune.data.vlm_tokenize import _nested_images, cap_pixels, render
 
 
-def generation_report(model: Any, processor: Any, convs: list[Conversation], metrics: list[str],
-                      max_new_tokens: int, max_pixels: int) -> dict:
+def generation_report(
+    model: Any, processor: Any, convs: list[Conversation], metrics: list[str], max_new_tokens: int, max_pixels: int
+) -> dict:
     from visiontune.evaluate.generation import compute_metrics
 
     samples = [answer(model, processor, conv, max_new_tokens, max_pixels) for conv in convs]
@@ -29,8 +30,10 @@ def answer(model: Any, processor: Any, conv: Conversation, max_new_tokens: int, 
     n_images = sum(t.text.count(IMAGE_TOKEN) for t in prompt_turns)
     prompt = Conversation(prompt_turns, conv.images[:n_images], conv.ref)
     images = [cap_pixels(im, max_pixels) for im in load_images(prompt)]
-    kwargs: dict[str, Any] = {"text": [render(processor, to_messages(prompt), generation_prompt=True)],
-                              "return_tensors": "pt"}
+    kwargs: dict[str, Any] = {
+        "text": [render(processor, to_messages(prompt), generation_prompt=True)],
+        "return_tensors": "pt",
+    }
     if images:
         kwargs["images"] = [images] if _nested_images(processor) else images
     inputs = processor(**kwargs)
@@ -38,7 +41,7 @@ def answer(model: Any, processor: Any, conv: Conversation, max_new_tokens: int, 
     _eval_mode(model)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     model.train(was_training)
-    new = out[0, inputs["input_ids"].shape[1]:]
+    new = out[0, inputs["input_ids"].shape[1] :]
     prediction = processor.tokenizer.decode(new, skip_special_tokens=True).strip()
     question = next((t.text for t in reversed(prompt_turns) if t.role == "user"), "")
     return {"ref": conv.ref, "question": question, "reference": conv.turns[last].text, "prediction": prediction}
@@ -53,8 +56,15 @@ def _eval_mode(model: Any) -> None:
             module.training = True
 
 
-def evaluate_model(model: str, data: str, out_dir: Path | None = None, metrics: list[str] | None = None,
-                   max_new_tokens: int = 64, max_pixels: int = 512 * 512, **_: Any) -> dict:
+def evaluate_model(
+    model: str,
+    data: str,
+    out_dir: Path | None = None,
+    metrics: list[str] | None = None,
+    max_new_tokens: int = 64,
+    max_pixels: int = 512 * 512,
+    **_: Any,
+) -> dict:
     """`visiontune eval` / `compare` for a VLM run folder (adapter or full model) or a model folder."""
     from visiontune.data.conversations import check_conversations, read_conversations
 
@@ -87,4 +97,3 @@ def load_trained(source: str) -> tuple[Any, Any]:
         base = AutoModelForImageTextToText.from_pretrained(config["base_model_name_or_path"])
         return PeftModel.from_pretrained(base, str(path)).eval(), AutoProcessor.from_pretrained(path)
     return AutoModelForImageTextToText.from_pretrained(str(path)).eval(), AutoProcessor.from_pretrained(str(path))
-

@@ -69,23 +69,32 @@ class AssembledProcessor:
     def chat_template(self, template: str) -> None:
         self.tokenizer.chat_template = flattening_template(template)
 
-    def apply_chat_template(self, messages: list[dict], tokenize: bool = False, add_generation_prompt: bool = False,
-                            **kwargs: Any) -> Any:
-        return self.tokenizer.apply_chat_template(messages, tokenize=tokenize,
-                                                  add_generation_prompt=add_generation_prompt, **kwargs)
+    def apply_chat_template(
+        self, messages: list[dict], tokenize: bool = False, add_generation_prompt: bool = False, **kwargs: Any
+    ) -> Any:
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=tokenize, add_generation_prompt=add_generation_prompt, **kwargs
+        )
 
-    def __call__(self, text: list[str] | str, images: list | None = None, return_tensors: str = "pt",
-                 **_: Any) -> dict[str, Tensor]:
+    def __call__(
+        self, text: list[str] | str, images: list | None = None, return_tensors: str = "pt", **_: Any
+    ) -> dict[str, Tensor]:
         texts = [text] if isinstance(text, str) else list(text)
-        rows = [self._expand(self.tokenizer(t)["input_ids"]) for t in texts]  # special tokens as LlavaProcessor adds them
+        rows = [
+            self._expand(self.tokenizer(t)["input_ids"]) for t in texts
+        ]  # special tokens as LlavaProcessor adds them
         n_placeholders = sum(row.count(self.image_token_id) for row in rows) // self.num_image_tokens
         if n_placeholders != len(images or []):
-            raise ModelError(f"the text has {n_placeholders} {IMAGE_TOKEN} placeholders but {len(images or [])} "
-                             "images were given; give one image per placeholder.")
+            raise ModelError(
+                f"the text has {n_placeholders} {IMAGE_TOKEN} placeholders but {len(images or [])} "
+                "images were given; give one image per placeholder."
+            )
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
-        out = {"input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
-               "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])}
+        out = {
+            "input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
+            "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+        }
         if images:
             out.update(self.image_processor(images=images, return_tensors="pt"))
         return out
@@ -103,8 +112,14 @@ class AssembledProcessor:
 class AssembledVlm(nn.Module):
     """vision → projector → language; `forward` returns the LM's output (loss + the MoE balance term)."""
 
-    def __init__(self, vision: VisionFeatures, projector: Projector, language: nn.Module, image_token_id: int,
-                 meta: dict[str, Any]):
+    def __init__(
+        self,
+        vision: VisionFeatures,
+        projector: Projector,
+        language: nn.Module,
+        image_token_id: int,
+        meta: dict[str, Any],
+    ):
         super().__init__()
         self.vision, self.projector, self.language = vision, projector, language
         self.image_token_id, self.meta = image_token_id, meta
@@ -132,14 +147,23 @@ class AssembledVlm(nn.Module):
             return embeds
         image = self.image_embeds(pixel_values.to(embeds.dtype))  # [I, M, Dt]
         if int(mask.sum()) != image.shape[0] * image.shape[1]:
-            raise ModelError(f"the inputs hold {int(mask.sum())} image tokens but {image.shape[0]} images make "
-                             f"{image.shape[0] * image.shape[1]}; tokenise with this model's processor.")
+            raise ModelError(
+                f"the inputs hold {int(mask.sum())} image tokens but {image.shape[0]} images make "
+                f"{image.shape[0] * image.shape[1]}; tokenise with this model's processor."
+            )
         return embeds.masked_scatter(mask[..., None], image.to(embeds.dtype))
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, pixel_values: Tensor | None = None,
-                labels: Tensor | None = None, **_: Any) -> Any:
-        out = self.language(inputs_embeds=self.embed(input_ids, pixel_values), attention_mask=attention_mask,
-                            labels=labels)
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        labels: Tensor | None = None,
+        **_: Any,
+    ) -> Any:
+        out = self.language(
+            inputs_embeds=self.embed(input_ids, pixel_values), attention_mask=attention_mask, labels=labels
+        )
         aux = getattr(self.projector, "aux_loss", None)
         if labels is not None and pixel_values is not None and aux is not None:
             self.balance_loss = float(aux.detach())
@@ -147,11 +171,13 @@ class AssembledVlm(nn.Module):
         return out
 
     @torch.no_grad()
-    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, pixel_values: Tensor | None = None,
-                 **kwargs: Any) -> Tensor:
+    def generate(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, pixel_values: Tensor | None = None, **kwargs: Any
+    ) -> Tensor:
         """Greedy/sampled continuation; returns prompt + new ids, as transformers VLMs do."""
-        new = self.language.generate(inputs_embeds=self.embed(input_ids, pixel_values), attention_mask=attention_mask,
-                                     **kwargs)
+        new = self.language.generate(
+            inputs_embeds=self.embed(input_ids, pixel_values), attention_mask=attention_mask, **kwargs
+        )
         return torch.cat([input_ids, new], dim=1)
 
     def save_pretrained(self, folder: str | Path, processor: AssembledProcessor | None = None) -> Path:
@@ -165,8 +191,13 @@ class AssembledVlm(nn.Module):
         save_file({k: v.contiguous() for k, v in self.projector.state_dict().items()}, folder / "projector.safetensors")
         if processor is not None:
             processor.save_pretrained(folder)
-        meta = {**self.meta, "kind": KIND, "vision": self.vision.spec(), "preprocess": preprocess,
-                "num_image_tokens": self.projector.output_tokens(self.vision.num_patches)}
+        meta = {
+            **self.meta,
+            "kind": KIND,
+            "vision": self.vision.spec(),
+            "preprocess": preprocess,
+            "num_image_tokens": self.projector.output_tokens(self.vision.num_patches),
+        }
         (folder / META).write_text(json.dumps(meta, indent=2))
         return folder
 
@@ -183,14 +214,19 @@ def load_assembled(folder: str | Path) -> tuple[AssembledVlm, AssembledProcessor
 
     folder = Path(folder)
     if not is_assembled(folder):
-        raise ModelError(f"{folder} is not an assembled VLM (no {META} of kind {KIND}); give a vlm_assemble run's "
-                         "model/ folder.")
+        raise ModelError(
+            f"{folder} is not an assembled VLM (no {META} of kind {KIND}); give a vlm_assemble run's model/ folder."
+        )
     meta = json.loads((folder / META).read_text())
     vision, image_processor = load_vision(folder / "vision", meta["vision"], meta.get("preprocess"))
     language = AutoModelForCausalLM.from_pretrained(folder / "language")
     tokenizer = AutoTokenizer.from_pretrained(folder / "language")
-    projector = build_projector(meta["projector"]["kind"], vision.width, language.config.hidden_size,
-                                **projector_options(meta["projector"], vision))
+    projector = build_projector(
+        meta["projector"]["kind"],
+        vision.width,
+        language.config.hidden_size,
+        **projector_options(meta["projector"], vision),
+    )
     projector.load_state_dict(load_file(folder / "projector.safetensors"))
     processor = AssembledProcessor(tokenizer, image_processor, meta["num_image_tokens"])
     return AssembledVlm(vision, projector, language, processor.image_token_id, meta).eval(), processor
@@ -205,9 +241,16 @@ def projector_options(spec: dict[str, Any], vision: VisionFeatures) -> dict[str,
     return options
 
 
-def build_assembled(vision_name: str, language_name: str, projector: dict[str, Any], vision_layer: int = -1,
-                    drop_cls: bool = True, image_size: int | None = None, chat_template: str | None = None,
-                    seed: int = 0) -> tuple[AssembledVlm, AssembledProcessor]:
+def build_assembled(
+    vision_name: str,
+    language_name: str,
+    projector: dict[str, Any],
+    vision_layer: int = -1,
+    drop_cls: bool = True,
+    image_size: int | None = None,
+    chat_template: str | None = None,
+    seed: int = 0,
+) -> tuple[AssembledVlm, AssembledProcessor]:
     """A new VLM from a `vision:` and a `language:` source with a freshly initialised projector (seeded)."""
     from visiontune.models.vision_features import resolve_vision
 
@@ -216,8 +259,9 @@ def build_assembled(vision_name: str, language_name: str, projector: dict[str, A
     _prepare_tokenizer(tokenizer, chat_template, language_name)
     _grow_vocabulary(language, len(tokenizer))
     torch.manual_seed(seed)
-    proj = build_projector(projector["kind"], vision.width, language.config.hidden_size,
-                           **projector_options(projector, vision))
+    proj = build_projector(
+        projector["kind"], vision.width, language.config.hidden_size, **projector_options(projector, vision)
+    )
     processor = AssembledProcessor(tokenizer, image_processor, proj.output_tokens(vision.num_patches))
     meta = {"vision_source": vision_name, "language_source": language_name, "projector": projector}
     return AssembledVlm(vision, proj, language, processor.image_token_id, meta), processor

@@ -111,8 +111,9 @@ def _timm_features(encoder: nn.Module, arch: str, layer: int, drop_cls: bool, im
     size = image_size or cfg.get("input_size", (3, 224, 224))[-1]
     if image_size:
         encoder.pretrained_cfg = {**cfg, "input_size": (3, size, size)}
-    processor = TimmImageProcessor(size, cfg.get("mean", (0.5,) * 3), cfg.get("std", (0.5,) * 3),
-                                   cfg.get("interpolation", "bicubic"))
+    processor = TimmImageProcessor(
+        size, cfg.get("mean", (0.5,) * 3), cfg.get("std", (0.5,) * 3), cfg.get("interpolation", "bicubic")
+    )
     return VisionFeatures(encoder.eval(), "timm", layer, drop_cls, arch), processor
 
 
@@ -156,9 +157,9 @@ def load_vision(folder: Path, spec: dict[str, Any], preprocess: dict | None) -> 
         from transformers import AutoImageProcessor, AutoModel
 
         encoder = AutoModel.from_pretrained(folder)
-        return VisionFeatures(encoder.eval(), "hf", spec["layer"], spec["drop_cls"]), AutoImageProcessor.from_pretrained(
-            folder
-        )
+        return VisionFeatures(
+            encoder.eval(), "hf", spec["layer"], spec["drop_cls"]
+        ), AutoImageProcessor.from_pretrained(folder)
     import timm
     from safetensors.torch import load_file
 

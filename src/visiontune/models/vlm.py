@@ -118,18 +118,19 @@ def _lora(model: nn.Module, tune: VlmTuneConfig, parts: Parts, wanted: dict[str,
     pattern = rf"^(?:{prefixes})\..*\.(?:{'|'.join(map(re.escape, chosen))})$"
     full_parts = [p for p in ("vision", "projector") if wanted[p]]
     to_save = [getattr(parts, p)[0].rstrip(".").removeprefix("model.") for p in full_parts]
-    config = LoraConfig(r=tune.lora_r, lora_alpha=tune.lora_alpha, lora_dropout=tune.lora_dropout,
-                        target_modules=pattern, modules_to_save=to_save or None)
+    config = LoraConfig(
+        r=tune.lora_r,
+        lora_alpha=tune.lora_alpha,
+        lora_dropout=tune.lora_dropout,
+        target_modules=pattern,
+        modules_to_save=to_save or None,
+    )
     return get_peft_model(model, config)
 
 
 def _language_linear_leaves(model: nn.Module, parts: Parts) -> list[str]:
     lang = tuple(p for p in parts.language if p != "lm_head.")
-    leaves = {
-        n.rsplit(".", 1)[-1]
-        for n, m in model.named_modules()
-        if n.startswith(lang) and _is_linear(m)
-    }
+    leaves = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n.startswith(lang) and _is_linear(m)}
     return sorted(leaves)
 
 
@@ -142,8 +143,13 @@ def _four_bit(family: str) -> Any:
 
     parts = FAMILY_PARTS[family]
     skip = [p.rstrip(".") for p in (*parts.vision, *parts.projector)] + ["lm_head"]
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+        llm_int8_skip_modules=skip,
+    )
 
 
 def trainable_summary(model: nn.Module) -> dict[str, int]:

@@ -23,8 +23,8 @@ from visiontune.config import dump_config
 from visiontune.config.assemble_schema import VlmAssembleConfig
 from visiontune.data.conversations import IMAGE_TOKEN, Conversation, Turn, read_conversations
 from visiontune.errors import DataError, RecipeError
-from visiontune.models.vlm import enable_grad_checkpointing
 from visiontune.models.assembled import AssembledProcessor, AssembledVlm, build_assembled, is_assembled, load_assembled
+from visiontune.models.vlm import enable_grad_checkpointing
 from visiontune.tasks.vlm_sft import VlmData, VlmTrainer, _write_eval, build_trainer, prepare_data
 from visiontune.train.callbacks import RichProgress
 from visiontune.train.distributed import is_main_process
@@ -44,8 +44,9 @@ class VlmAssembleTask:
             dump_config(cfg, run_dir / "config.yaml")
         model, processor = load_model(cfg)
         model = set_trainable(model, cfg)
-        data = prepare_data(cfg, processor, run_dir, read=lambda spec: read_stage_data(spec, cfg),
-                            model_key=_model_key(cfg))
+        data = prepare_data(
+            cfg, processor, run_dir, read=lambda spec: read_stage_data(spec, cfg), model_key=_model_key(cfg)
+        )
         trainer = build_trainer(model, processor, cfg, data, run_dir, trainer_class=AssembleTrainer)
         trainer.scheduled_sampling = cfg.scheduled_sampling
         if cfg.train.grad_checkpointing:
@@ -83,11 +84,21 @@ class VlmAssembleTask:
 def load_model(cfg: VlmAssembleConfig) -> tuple[AssembledVlm, AssembledProcessor]:
     """align: a new model from `vision` + `language`; instruct: the align run's model (or a new one)."""
     if cfg.stage == "instruct" and cfg.init_from:
-        folder = _stage_one_folder(cfg.init_from)
-        return load_assembled(folder)
+        model, processor = load_assembled(_stage_one_folder(cfg.init_from))
+        if cfg.chat_template:
+            processor.chat_template = cfg.chat_template
+        return model, processor
     assert cfg.vision and cfg.language  # the schema guarantees it
-    return build_assembled(cfg.vision, cfg.language, cfg.projector.model_dump(), cfg.vision_layer, cfg.drop_cls,
-                           cfg.image_size, cfg.chat_template, cfg.seed)
+    return build_assembled(
+        cfg.vision,
+        cfg.language,
+        cfg.projector.model_dump(),
+        cfg.vision_layer,
+        cfg.drop_cls,
+        cfg.image_size,
+        cfg.chat_template,
+        cfg.seed,
+    )
 
 
 def _stage_one_folder(init_from: str) -> Path:
@@ -110,8 +121,13 @@ def set_trainable(model: AssembledVlm, cfg: VlmAssembleConfig) -> AssembledVlm:
     if language == "lora":
         from peft import LoraConfig, get_peft_model
 
-        config = LoraConfig(r=cfg.tune.lora_r, lora_alpha=cfg.tune.lora_alpha, lora_dropout=cfg.tune.lora_dropout,
-                            target_modules="all-linear", task_type="CAUSAL_LM")
+        config = LoraConfig(
+            r=cfg.tune.lora_r,
+            lora_alpha=cfg.tune.lora_alpha,
+            lora_dropout=cfg.tune.lora_dropout,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        )
         model.language = get_peft_model(model.language, config)
     if not any(p.requires_grad for p in model.parameters()):
         raise RecipeError("nothing trains: set tune.train_projector=true or tune.language to full or lora.")
@@ -119,8 +135,10 @@ def set_trainable(model: AssembledVlm, cfg: VlmAssembleConfig) -> AssembledVlm:
 
 
 def trainable_counts(model: AssembledVlm) -> dict[str, int]:
-    return {part: sum(p.numel() for p in getattr(model, part).parameters() if p.requires_grad)
-            for part in ("vision", "projector", "language")}
+    return {
+        part: sum(p.numel() for p in getattr(model, part).parameters() if p.requires_grad)
+        for part in ("vision", "projector", "language")
+    }
 
 
 def _model_key(cfg: VlmAssembleConfig) -> str:
@@ -208,8 +226,9 @@ class AssembleTrainer(VlmTrainer):
         if self.scheduled_sampling is not None and model.training:
             inputs = dict(inputs)
             s = self.scheduled_sampling
-            ratio = teacher_forcing_ratio(self.state.global_step, max(1, self.state.max_steps), s.schedule, s.start,
-                                          s.end, s.k)
+            ratio = teacher_forcing_ratio(
+                self.state.global_step, max(1, self.state.max_steps), s.schedule, s.start, s.end, s.k
+            )
             self._teacher_forcing = ratio
             with torch.no_grad():
                 predicted = model(**inputs).logits.argmax(dim=-1)  # [B, T], the second forward's inputs
@@ -240,15 +259,24 @@ class AssembleTrainer(VlmTrainer):
     def _issue_warnings_after_load(self, load_result: Any) -> None:
         """Frozen weights are missing from our checkpoints by design; only unexpected keys are a problem."""
         if load_result.unexpected_keys:
-            raise RecipeError(f"the checkpoint holds parameters this model lacks: {load_result.unexpected_keys[:5]}; "
-                              "resume with the recipe that wrote it.")
+            raise RecipeError(
+                f"the checkpoint holds parameters this model lacks: {load_result.unexpected_keys[:5]}; "
+                "resume with the recipe that wrote it."
+            )
 
 
 # ------------------------------------------------------------------------------------------------------ save
 
 
-def save_outputs(model: AssembledVlm, processor: AssembledProcessor, cfg: VlmAssembleConfig, run_dir: Path,
-                 data: VlmData, after: dict, wall_time: float) -> None:
+def save_outputs(
+    model: AssembledVlm,
+    processor: AssembledProcessor,
+    cfg: VlmAssembleConfig,
+    run_dir: Path,
+    data: VlmData,
+    after: dict,
+    wall_time: float,
+) -> None:
     from visiontune.models.llava_export import export_llava, llava_blocker
     from visiontune.report import write_report
 
@@ -260,29 +288,50 @@ def save_outputs(model: AssembledVlm, processor: AssembledProcessor, cfg: VlmAss
     blocker = llava_blocker(model)
     if blocker is None:
         export_llava(model, processor, run_dir / "llava")
-    summary = {"wall_time_s": round(wall_time, 1), "stage": cfg.stage, "train_samples": len(data.train_tokens),
-               "val_samples": len(data.val), "skipped_samples": [{"ref": r, "reason": w} for r, w in data.skipped],
-               "trainable_parameters": counts, "final_metrics": after.get("metrics", {}),
-               "per_question": per_question(after), "llava_export": blocker or "llava/"}
+    summary = {
+        "wall_time_s": round(wall_time, 1),
+        "stage": cfg.stage,
+        "train_samples": len(data.train_tokens),
+        "val_samples": len(data.val),
+        "skipped_samples": [{"ref": r, "reason": w} for r, w in data.skipped],
+        "trainable_parameters": counts,
+        "final_metrics": after.get("metrics", {}),
+        "per_question": per_question(after),
+        "llava_export": blocker or "llava/",
+    }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     _report_sections(run_dir, cfg, counts, summary["per_question"], blocker)
     write_report(run_dir)
 
 
-def _report_sections(run_dir: Path, cfg: VlmAssembleConfig, counts: dict[str, int], per_q: dict,
-                     blocker: str | None) -> None:
+def _report_sections(
+    run_dir: Path, cfg: VlmAssembleConfig, counts: dict[str, int], per_q: dict, blocker: str | None
+) -> None:
     from visiontune.report.sections import add_section
 
-    text = f"Stage {cfg.stage}; " + ("exported as LLaVA in llava/." if blocker is None else f"no LLaVA export: "
-                                       f"{blocker}; model/ loads with visiontune eval.")
-    add_section(run_dir, "Assembled model", text, ["part", "trainable parameters"],
-                [[part, f"{n:,}"] for part, n in counts.items()])
+    text = f"Stage {cfg.stage}; " + (
+        "exported as LLaVA in llava/."
+        if blocker is None
+        else f"no LLaVA export: {blocker}; model/ loads with visiontune eval."
+    )
+    add_section(
+        run_dir,
+        "Assembled model",
+        text,
+        ["part", "trainable parameters"],
+        [[part, f"{n:,}"] for part, n in counts.items()],
+    )
     if per_q:
         before = per_question(_read_eval(run_dir, "before"))
         alone = per_question(_read_eval(run_dir, "text_only"))
         rows = [[q, v["n"], _fmt(alone.get(q)), _fmt(before.get(q)), _fmt(v)] for q, v in per_q.items()]
-        add_section(run_dir, "Exact match per question", "Text only = the language model alone, images removed.",
-                    ["question", "n", "text only", "before", "after"], rows)
+        add_section(
+            run_dir,
+            "Exact match per question",
+            "Text only = the language model alone, images removed.",
+            ["question", "n", "text only", "before", "after"],
+            rows,
+        )
 
 
 def _read_eval(run_dir: Path, name: str) -> dict:
@@ -303,5 +352,7 @@ def per_question(report: dict) -> dict[str, dict[str, float]]:
         groups.setdefault(sample["question"].replace(IMAGE_TOKEN, "").strip(), []).append(sample)
     if not groups or len(groups) > 20:
         return {}
-    return {q: {"n": len(s), "exact_match": exact_match([x["prediction"] for x in s], [[x["reference"]] for x in s])}
-            for q, s in groups.items()}
+    return {
+        q: {"n": len(s), "exact_match": exact_match([x["prediction"] for x in s], [[x["reference"]] for x in s])}
+        for q, s in groups.items()
+    }

@@ -45,13 +45,23 @@ def compare(base: str, tuned: str, data: str, out: Path, metrics: list[str], max
     """Evaluate both models on the same data; write compare.json and compare.md (metrics, answers, wins/losses)."""
     from visiontune.evaluate.generation import anls_score
 
-    reports = {name: evaluate_model(source, data, metrics=metrics, max_new_tokens=max_new_tokens)
-               for name, source in (("base", base), ("tuned", tuned))}
+    reports = {
+        name: evaluate_model(source, data, metrics=metrics, max_new_tokens=max_new_tokens)
+        for name, source in (("base", base), ("tuned", tuned))
+    }
     rows = []
     for b, t in zip(reports["base"]["samples"], reports["tuned"]["samples"], strict=True):
         gain = anls_score(t["prediction"], [t["reference"]]) - anls_score(b["prediction"], [b["reference"]])
-        rows.append({"ref": b["ref"], "question": b["question"], "reference": b["reference"],
-                     "base": b["prediction"], "tuned": t["prediction"], "gain": gain})
+        rows.append(
+            {
+                "ref": b["ref"],
+                "question": b["question"],
+                "reference": b["reference"],
+                "base": b["prediction"],
+                "tuned": t["prediction"],
+                "gain": gain,
+            }
+        )
     result = {"metrics": {k: reports[k]["metrics"] for k in reports}, "samples": rows}
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps(result, indent=2))
@@ -61,18 +71,34 @@ def compare(base: str, tuned: str, data: str, out: Path, metrics: list[str], max
 
 def _markdown(result: dict, base: str, tuned: str) -> str:
     names = list(result["metrics"]["base"])
-    lines = [f"# Compare: `{base}` vs `{tuned}`", "", "| metric | base | tuned | change |", "| --- | ---: | ---: | ---: |"]
+    lines = [
+        f"# Compare: `{base}` vs `{tuned}`",
+        "",
+        "| metric | base | tuned | change |",
+        "| --- | ---: | ---: | ---: |",
+    ]
     for name in names:
         b, t = result["metrics"]["base"][name], result["metrics"]["tuned"][name]
         lines.append(f"| {name} | {b:.4f} | {t:.4f} | {t - b:+.4f} |")
     ranked = sorted(result["samples"], key=lambda r: r["gain"])
     for title, picked in (("Biggest wins", ranked[::-1][:5]), ("Biggest losses", ranked[:5])):
-        lines += ["", f"## {title}", "", "| sample | question | reference | base | tuned |", "| --- | --- | --- | --- | --- |"]
-        lines += [f"| {_cell(r['ref'])} | {_cell(r['question'])} | {_cell(r['reference'])} | {_cell(r['base'])} | "
-                  f"{_cell(r['tuned'])} |" for r in picked]
+        lines += [
+            "",
+            f"## {title}",
+            "",
+            "| sample | question | reference | base | tuned |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {_cell(r['ref'])} | {_cell(r['question'])} | {_cell(r['reference'])} | {_cell(r['base'])} | "
+            f"{_cell(r['tuned'])} |"
+            for r in picked
+        ]
     lines += ["", "## All answers", "", "| sample | reference | base | tuned |", "| --- | --- | --- | --- |"]
-    lines += [f"| {_cell(r['ref'])} | {_cell(r['reference'])} | {_cell(r['base'])} | {_cell(r['tuned'])} |"
-              for r in result["samples"]]
+    lines += [
+        f"| {_cell(r['ref'])} | {_cell(r['reference'])} | {_cell(r['base'])} | {_cell(r['tuned'])} |"
+        for r in result["samples"]
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -94,8 +94,13 @@ class VlmSftTask:
         raise VisiontuneError("predict is for classifiers; for a VLM use `visiontune eval RUN --data FILE`.")
 
 
-def prepare_data(cfg: Any, processor: Any, run_dir: Path, read: Callable[[str], list[Conversation]] | None = None,
-                 model_key: str | None = None) -> VlmData:
+def prepare_data(
+    cfg: Any,
+    processor: Any,
+    run_dir: Path,
+    read: Callable[[str], list[Conversation]] | None = None,
+    model_key: str | None = None,
+) -> VlmData:
     """Read, check and tokenise (or load the cached tokenisation of) the train records; split off val.
 
     `read` turns a data spec into conversations (default: `read_conversations`); `model_key` names the model in
@@ -110,8 +115,9 @@ def prepare_data(cfg: Any, processor: Any, run_dir: Path, read: Callable[[str], 
         train, val = _split(train, d.val_split, cfg.seed)
     tokens, bad_tokens = _tokenize_all(cfg, processor, train, model_key or cfg.model)
     if not tokens:
-        raise DataError(f"No record of {d.train} fits for training (first problem: {bad_tokens[0][0]} "
-                        f"{bad_tokens[0][1]}).")
+        raise DataError(
+            f"No record of {d.train} fits for training (first problem: {bad_tokens[0][0]} {bad_tokens[0][1]})."
+        )
     report = {"train_records": len(tokens), "val_records": len(val), "skipped": [list(b) for b in bad + bad_tokens]}
     (run_dir / "data_report.json").write_text(json.dumps(report, indent=2))
     return VlmData(train, val, tokens, bad + bad_tokens)
@@ -119,9 +125,15 @@ def prepare_data(cfg: Any, processor: Any, run_dir: Path, read: Callable[[str], 
 
 def _tokenize_all(cfg: Any, processor: Any, convs: list[Conversation], model_key: str) -> tuple[list[Tokenized], list]:
     d = cfg.data
-    settings = {"max_length": d.max_length, "max_pixels": d.max_image_pixels, "train_on": d.train_on,
-                "template": processor.chat_template, "n": len(convs), "refs": [c.ref for c in convs[:3]],
-                "image_tokens": getattr(processor, "num_image_tokens", None)}
+    settings = {
+        "max_length": d.max_length,
+        "max_pixels": d.max_image_pixels,
+        "train_on": d.train_on,
+        "template": processor.chat_template,
+        "n": len(convs),
+        "refs": [c.ref for c in convs[:3]],
+        "image_tokens": getattr(processor, "num_image_tokens", None),
+    }
     key = cache_key(model_key, [Path(d.train)], settings)
     cache = _cache_dir() / f"{key}.pt"
     if d.cache and cache.is_file():
@@ -161,10 +173,15 @@ def _split(convs: list[Conversation], fraction: float, seed: int) -> tuple[list[
     return [c for i, c in enumerate(convs) if i not in val_idx], [c for i, c in enumerate(convs) if i in val_idx]
 
 
-def build_trainer(model: Any, processor: Any, cfg: Any, data: VlmData, run_dir: Path,
-                  trainer_class: type[VisiontuneTrainer] | None = None) -> VisiontuneTrainer:
-    args = training_arguments(cfg.train, run_dir, cfg.seed, cfg.data.workers, _report_to(cfg),
-                              greater_is_better=False)
+def build_trainer(
+    model: Any,
+    processor: Any,
+    cfg: Any,
+    data: VlmData,
+    run_dir: Path,
+    trainer_class: type[VisiontuneTrainer] | None = None,
+) -> VisiontuneTrainer:
+    args = training_arguments(cfg.train, run_dir, cfg.seed, cfg.data.workers, _report_to(cfg), greater_is_better=False)
     args.eval_strategy = "no"  # generation metrics run before/after; the training loss is logged every step
     args.load_best_model_at_end = False
     args.metric_for_best_model = None
@@ -172,9 +189,13 @@ def build_trainer(model: Any, processor: Any, cfg: Any, data: VlmData, run_dir: 
         args.train_sampling_strategy = "group_by_length"
     check_process_group(args.world_size)
     collator = VlmCollator(processor, cfg.data.max_image_pixels)
-    trainer = (trainer_class or VlmTrainer)(model=model, args=args, train_dataset=TokenizedDataset(data.train_tokens, data.train),
-                         data_collator=collator, callbacks=[RichProgress(cfg.train.batch_size),
-                                                            MetricsJsonl(run_dir / "metrics.jsonl")])
+    trainer = (trainer_class or VlmTrainer)(
+        model=model,
+        args=args,
+        train_dataset=TokenizedDataset(data.train_tokens, data.train),
+        data_collator=collator,
+        callbacks=[RichProgress(cfg.train.batch_size), MetricsJsonl(run_dir / "metrics.jsonl")],
+    )
     trainer.collator_stats = collator
     from transformers.trainer_callback import PrinterCallback
 
@@ -205,16 +226,18 @@ def _write_eval(run_dir: Path, name: str, model: Any, processor: Any, val: list[
     if not val:
         return {"metrics": {}}
     limit = cfg.eval.max_samples or len(val)
-    report = generation_report(model, processor, val[:limit], cfg.eval.metrics, cfg.eval.max_new_tokens,
-                               cfg.data.max_image_pixels)
+    report = generation_report(
+        model, processor, val[:limit], cfg.eval.metrics, cfg.eval.max_new_tokens, cfg.data.max_image_pixels
+    )
     if is_main_process():
         (run_dir / "eval").mkdir(exist_ok=True)
         (run_dir / "eval" / f"{name}.json").write_text(json.dumps(report, indent=2))
     return report
 
 
-def save_outputs(model: Any, processor: Any, cfg: VlmSftConfig, run_dir: Path, data: VlmData, after: dict,
-                 wall_time: float) -> None:
+def save_outputs(
+    model: Any, processor: Any, cfg: VlmSftConfig, run_dir: Path, data: VlmData, after: dict, wall_time: float
+) -> None:
     """LoRA/QLoRA: the adapter in PEFT's own format (`adapter/`); full: the whole model (`model/`)."""
     from peft import PeftModel
 
@@ -223,10 +246,16 @@ def save_outputs(model: Any, processor: Any, cfg: VlmSftConfig, run_dir: Path, d
     target = run_dir / ("adapter" if isinstance(model, PeftModel) else "model")
     model.save_pretrained(target)
     processor.save_pretrained(target)
-    (target / "visiontune.json").write_text(json.dumps({"kind": "vlm", "base_model": cfg.model,
-                                                        "tune": cfg.tune.method}, indent=2))
-    summary = {"wall_time_s": round(wall_time, 1), "train_samples": len(data.train_tokens),
-               "val_samples": len(data.val), "skipped_samples": [{"ref": r, "reason": w} for r, w in data.skipped],
-               "trainable_parameters": trainable_summary(model), "final_metrics": after.get("metrics", {})}
+    (target / "visiontune.json").write_text(
+        json.dumps({"kind": "vlm", "base_model": cfg.model, "tune": cfg.tune.method}, indent=2)
+    )
+    summary = {
+        "wall_time_s": round(wall_time, 1),
+        "train_samples": len(data.train_tokens),
+        "val_samples": len(data.val),
+        "skipped_samples": [{"ref": r, "reason": w} for r, w in data.skipped],
+        "trainable_parameters": trainable_summary(model),
+        "final_metrics": after.get("metrics", {}),
+    }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     write_report(run_dir)

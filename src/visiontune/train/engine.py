@@ -76,7 +76,9 @@ def _check_deepspeed(cfg: TrainConfig) -> None:
     from visiontune.errors import RecipeError
 
     if cfg.deepspeed and importlib.util.find_spec("deepspeed") is None:
-        raise RecipeError("train.deepspeed needs the deepspeed package: `pip install deepspeed==0.19.8` (or remove it).")
+        raise RecipeError(
+            "train.deepspeed needs the deepspeed package: `pip install deepspeed==0.19.8` (or remove it)."
+        )
     if cfg.deepspeed and not os.path.isfile(cfg.deepspeed):
         raise RecipeError(f"train.deepspeed: {cfg.deepspeed} does not exist; see configs/deepspeed/ for examples.")
 
