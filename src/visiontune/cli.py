@@ -79,18 +79,27 @@ def evaluate(
     model: str = typer.Argument(..., help="Run folder or model (folder, hub id, timm:NAME, builtin:NAME)."),
     data: str = typer.Option(..., "--data", help="Labelled data: folder, .csv/.jsonl, dataset or builtin:NAME."),
     out: Path = typer.Option(None, "--out", help="Where to write metrics.json and predictions.csv."),
-    task: str = typer.Option("classify", "--task"),
+    task: str = typer.Option(None, "--task", help="Default: the run folder's recorded task, else classify."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable samples instead of stopping."),
 ) -> None:
-    """Evaluate a trained model on a labelled dataset."""
+    """Evaluate a trained model on a labelled dataset (or a VLM on conversations)."""
     from visiontune.tasks import get_task
 
+    task = task or _recorded_task(Path(model))
     out = out or (Path(model) / "eval" / "cli" if (Path(model) / "model").is_dir() else None)
     report = get_task(task).evaluate(model, data, out_dir=out, on_bad_sample="skip" if skip_bad else "error")
     for key, value in report["metrics"].items():
         typer.echo(f"{key:>14}: {value:.4f}")
     if out:
-        typer.echo(f"Predictions: {out / 'predictions.csv'}")
+        typer.echo(f"Results: {out}")
+
+
+def _recorded_task(run: Path) -> str:
+    """The `task:` of a run folder's resolved config.yaml (written by every task), else classify."""
+    import yaml
+
+    config = run / "config.yaml"
+    return (yaml.safe_load(config.read_text()) or {}).get("task", "classify") if config.is_file() else "classify"
 
 
 @app.command()

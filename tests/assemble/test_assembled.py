@@ -234,6 +234,15 @@ def test_align_then_instruct_end_to_end(parts, colour_data, tmp_path):
     assert len(report["samples"]) == 24
 
 
+def test_cli_eval_picks_the_task_recorded_in_the_run(parts, colour_data, tmp_path, cli):
+    recipe = _recipe(parts, colour_data, tmp_path, "align")
+    recipe["train"] |= {"max_steps": 1}
+    run = VlmAssembleTask().train(parse_config(recipe))
+    code, out, err = cli("eval", run, "--data", colour_data["qa"])
+    assert code == 0, err
+    assert "exact_match" in out and (run / "eval" / "cli" / "generation.json").is_file()
+
+
 def test_instruct_from_a_folder_that_is_not_stage_one_is_refused(parts, colour_data, tmp_path):
     recipe = _recipe(parts, colour_data, tmp_path, "instruct", init_from=str(parts["qwen2"]))
     with pytest.raises(RecipeError, match="not the output of a vlm_assemble align run"):
