@@ -321,3 +321,32 @@ def test_two_ranks_train_the_same_projector(parts, colour_data, tmp_path):
     ranks = [json.loads((Path(recipe["output_dir"]) / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world_size"] == 2 and r["samples_seen"] == 4 for r in ranks)
     assert ranks[0]["weight_checksum"] == ranks[1]["weight_checksum"]
+
+
+def test_align_reads_coco_captions_and_llava_pretrain_json(parts, colour_data, tmp_path):
+    from visiontune.tasks.vlm_assemble import is_caption_data, read_stage_data
+
+    root = colour_data["root"]
+    coco = {
+        "images": [{"id": i, "file_name": f"{i}.png"} for i in range(3)],
+        "annotations": [{"id": i, "image_id": i, "caption": f"a {list(COLOURS)[i]} square"} for i in range(3)],
+    }
+    (root / "coco.json").write_text(json.dumps(coco))
+    pretrain = [
+        {
+            "id": str(i),
+            "image": f"{i}.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nRender a clear and concise summary of the photo."},
+                {"from": "gpt", "value": f"a {list(COLOURS)[i]} square"},
+            ],
+        }
+        for i in range(3)
+    ]
+    (root / "pretrain.json").write_text(json.dumps(pretrain))
+    cfg = parse_config(_recipe(parts, colour_data, tmp_path, "align"))
+    assert is_caption_data(str(root / "coco.json")) and not is_caption_data(str(root / "pretrain.json"))
+    for name in ("coco.json", "pretrain.json"):
+        convs = read_stage_data(str(root / name), cfg)
+        assert [c.turns[-1].text for c in convs] == ["a red square", "a green square", "a blue square"]
+        assert all(c.turns[0].text.startswith("<image>") and len(c.images) == 1 for c in convs)

@@ -180,8 +180,8 @@ def is_caption_data(spec: str) -> bool:
         record = json.loads(first)
         return isinstance(record, dict) and ("caption" in record or "captions" in record)
     if suffix == ".json" and path.is_file():
-        head = path.read_text()[:4096].lstrip()
-        return head.startswith("{") and '"annotations"' in path.read_text()
+        text = path.read_text()  # COCO captions: one object with "annotations"; conversations are a list
+        return text.lstrip().startswith("{") and '"annotations"' in text
     return False
 
 
