@@ -19,29 +19,31 @@ from typing import Any
 
 import torch
 
-from visiontune.config import dump_config
 from visiontune.config.assemble_schema import VlmAssembleConfig
 from visiontune.data.conversations import IMAGE_TOKEN, Conversation, Turn, read_conversations
 from visiontune.errors import DataError, RecipeError
 from visiontune.models.assembled import AssembledProcessor, AssembledVlm, build_assembled, is_assembled, load_assembled
 from visiontune.models.vlm import enable_grad_checkpointing
-from visiontune.tasks.vlm_sft import VlmData, VlmTrainer, _write_eval, build_trainer, prepare_data
-from visiontune.train.callbacks import RichProgress
+from visiontune.tasks.vlm_sft import (
+    VlmData,
+    VlmSftTask,
+    VlmTrainer,
+    _write_eval,
+    build_trainer,
+    open_run,
+    prepare_data,
+    run_training,
+)
 from visiontune.train.distributed import is_main_process
-from visiontune.train.rundir import last_checkpoint, prepare_run_dir
 from visiontune.train.scheduled_sampling import mix_inputs, teacher_forcing_ratio
 
 
-class VlmAssembleTask:
+class VlmAssembleTask(VlmSftTask):
+    """vlm_sft's evaluate / predict; its own train."""
+
     def train(self, cfg: VlmAssembleConfig, overwrite: bool = False, resume: bool = False) -> Path:
         start = time.perf_counter()
-        run_dir = Path(cfg.output_dir)
-        resume = resume or cfg.train.resume
-        checkpoint = prepare_run_dir(run_dir, overwrite, resume) if is_main_process() else None
-        if not is_main_process() and resume:
-            checkpoint = last_checkpoint(run_dir)
-        if is_main_process():
-            dump_config(cfg, run_dir / "config.yaml")
+        run_dir, checkpoint = open_run(cfg, overwrite, resume)
         model, processor = load_model(cfg)
         model = set_trainable(model, cfg)
         data = prepare_data(
@@ -55,27 +57,12 @@ class VlmAssembleTask:
             _write_eval(run_dir, "before", model, processor, data.val, cfg)
             if cfg.stage == "instruct":  # the LM answering without images: the floor the images must beat
                 _write_eval(run_dir, "text_only", model, processor, [_without_images(c) for c in data.val], cfg)
-        try:
-            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        finally:
-            for callback in trainer.callback_handler.callbacks:
-                if isinstance(callback, RichProgress):
-                    callback.stop()
+        run_training(trainer, checkpoint)
         after = _write_eval(run_dir, "after", trainer.model, processor, data.val, cfg)
         trainer.record_rank(run_dir)
         if is_main_process():
             save_outputs(trainer.model, processor, cfg, run_dir, data, after, time.perf_counter() - start)
         return run_dir
-
-    def evaluate(self, model: str, data: str, out_dir: Path | None = None, **options: Any) -> dict:
-        from visiontune.evaluate.vlm_generate import evaluate_model
-
-        return evaluate_model(model, data, out_dir, **options)
-
-    def predict(self, model: str, inputs: list[str], top_k: int = 5) -> list[dict]:
-        from visiontune.errors import VisiontuneError
-
-        raise VisiontuneError("predict is for classifiers; for a VLM use `visiontune eval RUN --data FILE`.")
 
 
 # ----------------------------------------------------------------------------------------------------- model

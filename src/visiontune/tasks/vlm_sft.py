@@ -56,13 +56,7 @@ class TokenizedDataset(torch.utils.data.Dataset):
 class VlmSftTask:
     def train(self, cfg: VlmSftConfig, overwrite: bool = False, resume: bool = False) -> Path:
         start = time.perf_counter()
-        run_dir = Path(cfg.output_dir)
-        resume = resume or cfg.train.resume
-        checkpoint = prepare_run_dir(run_dir, overwrite, resume) if is_main_process() else None
-        if not is_main_process() and resume:
-            checkpoint = last_checkpoint(run_dir)
-        if is_main_process():
-            dump_config(cfg, run_dir / "config.yaml")
+        run_dir, checkpoint = open_run(cfg, overwrite, resume)
         model, processor = load_vlm(cfg)
         data = prepare_data(cfg, processor, run_dir)
         model = apply_tuning(model, cfg.tune)
@@ -71,12 +65,7 @@ class VlmSftTask:
         trainer = build_trainer(model, processor, cfg, data, run_dir)
         if checkpoint is None:
             _write_eval(run_dir, "before", model, processor, data.val, cfg)
-        try:
-            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        finally:
-            for callback in trainer.callback_handler.callbacks:
-                if isinstance(callback, RichProgress):
-                    callback.stop()
+        run_training(trainer, checkpoint)
         after = _write_eval(run_dir, "after", trainer.model, processor, data.val, cfg)
         trainer.record_rank(run_dir)
         if is_main_process():
@@ -92,6 +81,27 @@ class VlmSftTask:
         from visiontune.errors import VisiontuneError
 
         raise VisiontuneError("predict is for classifiers; for a VLM use `visiontune eval RUN --data FILE`.")
+
+
+def open_run(cfg: Any, overwrite: bool, resume: bool) -> tuple[Path, Path | None]:
+    """The run folder (never overwritten by accident) and the checkpoint to resume from; saves config.yaml."""
+    run_dir = Path(cfg.output_dir)
+    resume = resume or cfg.train.resume
+    checkpoint = prepare_run_dir(run_dir, overwrite, resume) if is_main_process() else None
+    if not is_main_process() and resume:
+        checkpoint = last_checkpoint(run_dir)
+    if is_main_process():
+        dump_config(cfg, run_dir / "config.yaml")
+    return run_dir, checkpoint
+
+
+def run_training(trainer: VisiontuneTrainer, checkpoint: Path | None) -> None:
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    finally:
+        for callback in trainer.callback_handler.callbacks:
+            if isinstance(callback, RichProgress):
+                callback.stop()
 
 
 def prepare_data(
