@@ -81,3 +81,17 @@ def cli(capsys, monkeypatch):
         return code, out, err
 
     return run
+
+
+def train_two_ranks(recipe: Path) -> list[dict]:
+    """`visiontune train RECIPE --nproc 2` in a subprocess; returns the two ranks' `ranks/rank{R}.json` records."""
+    import json
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "visiontune", "train", str(recipe), "--nproc", "2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = Path(yaml.safe_load(recipe.read_text())["output_dir"])
+    return [json.loads((run / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -296,29 +296,13 @@ def test_resume_from_a_projector_only_checkpoint_matches_the_uninterrupted_run(p
     assert all(torch.allclose(expected[k], resumed[k], atol=1e-6) for k in expected)
 
 
-def test_two_ranks_train_the_same_projector(parts, colour_data, tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    import yaml
+def test_two_ranks_train_the_same_projector(parts, colour_data, tmp_path, write_recipe):
+    from tests.conftest import train_two_ranks
 
     recipe = _recipe(parts, colour_data, tmp_path, "align")
     recipe["train"] |= {"max_steps": 2, "batch_size": 2}
     recipe["eval"] = {"max_samples": 1, "max_new_tokens": 1}
-    path = tmp_path / "ddp.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "visiontune", "train", str(path), "--nproc", "2"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((Path(recipe["output_dir"]) / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = train_two_ranks(write_recipe(recipe))
     assert all(r["world_size"] == 2 and r["samples_seen"] == 4 for r in ranks)
     assert ranks[0]["weight_checksum"] == ranks[1]["weight_checksum"]
 

@@ -201,24 +201,10 @@ def test_compare_writes_side_by_side_report(vlm_recipe, write_recipe, cli, tmp_p
 
 
 def test_two_ranks_train_the_same_adapter(vlm_recipe, write_recipe):
-    import os
-    import subprocess
-    import sys
+    from tests.conftest import train_two_ranks
 
     recipe = vlm_recipe(train={"max_steps": 2, "batch_size": 1}, eval={"max_samples": 1})
-    path = write_recipe(recipe)
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "visiontune", "train", str(path), "--nproc", "2"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run = Path(recipe["output_dir"])
-    ranks = [json.loads((run / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = train_two_ranks(write_recipe(recipe))
     assert all(r["world_size"] == 2 and r["samples_seen"] == 2 for r in ranks)
     assert ranks[0]["weight_checksum"] == ranks[1]["weight_checksum"]
 

@@ -164,7 +164,10 @@ def is_caption_data(spec: str) -> bool:
     if suffix == ".jsonl" and path.is_file():
         with path.open() as f:
             first = next((line for line in f if line.strip()), "{}")
-        record = json.loads(first)
+        try:
+            record = json.loads(first)
+        except ValueError:  # not JSON: the conversation reader names the line and the fix
+            return False
         return isinstance(record, dict) and ("caption" in record or "captions" in record)
     if suffix == ".json" and path.is_file():
         text = path.read_text()  # COCO captions: one object with "annotations"; conversations are a list
