@@ -19,7 +19,7 @@ $(BIN)/visiontune: pyproject.toml
 setup: $(BIN)/visiontune
 
 quickstart: setup
-	$(BIN)/visiontune train recipes/classify/mnist-efficientnet-lite0.yaml --overwrite
+	$(BIN)/visiontune train mnist-efficientnet-lite0 --overwrite
 
 test: setup
 	$(BIN)/python -m pytest -q -x --durations=10

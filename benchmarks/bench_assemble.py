@@ -51,7 +51,7 @@ MODES = {
 
 
 def recipe(mode: str, run_dir: Path, total_steps: int):
-    from visiontune.config.loader import parse_config
+    from visiontune.recipe import parse_config
 
     spec = MODES[mode]
     raw = {
@@ -76,8 +76,8 @@ def recipe(mode: str, run_dir: Path, total_steps: int):
 
 
 def prepared(mode: str, run_dir: Path, total_steps: int):
-    from visiontune.tasks.vlm_assemble import load_model, read_stage_data, set_trainable
-    from visiontune.tasks.vlm_sft import prepare_data
+    from visiontune.vlm.assemble import load_model, read_stage_data, set_trainable
+    from visiontune.vlm.sft import prepare_data
 
     cfg = recipe(mode, run_dir, total_steps)
     model, processor = load_model(cfg)
@@ -90,8 +90,8 @@ def prepared(mode: str, run_dir: Path, total_steps: int):
 def measure_visiontune(mode: str, root: str, total_steps: int, warmup: int, threads: int | None, verbose: bool):
     quiet(verbose, threads)
     os.environ["VISIONTUNE_CACHE"] = str(Path(root) / "cache")
-    from visiontune.tasks.vlm_assemble import AssembleTrainer
-    from visiontune.tasks.vlm_sft import build_trainer
+    from visiontune.vlm.assemble import AssembleTrainer
+    from visiontune.vlm.sft import build_trainer
 
     run_dir = Path(tempfile.mkdtemp(prefix=f"vt-{mode}-", dir=root))
     cfg, model, processor, data, ready = prepared(mode, run_dir, total_steps)
@@ -105,8 +105,8 @@ def measure_visiontune(mode: str, root: str, total_steps: int, warmup: int, thre
 def measure_loop(mode: str, root: str, total_steps: int, warmup: int, threads: int | None, verbose: bool):
     quiet(verbose, threads)
     os.environ["VISIONTUNE_CACHE"] = str(Path(root) / "cache")
-    from visiontune.data.vlm_collate import VlmCollator
-    from visiontune.tasks.vlm_sft import TokenizedDataset
+    from visiontune.vlm.collate import VlmCollator
+    from visiontune.vlm.sft import TokenizedDataset
 
     run_dir = Path(tempfile.mkdtemp(prefix=f"loop-{mode}-", dir=root))
     cfg, model, processor, data, ready = prepared(mode, run_dir, total_steps)
@@ -168,11 +168,11 @@ def run(ctx, fn, *args):
 
 
 def main(steps: int, warmup: int, rounds: int, modes: list[str], threads: int | None, verbose: bool) -> None:
-    from visiontune.assets import smollm2_dir
+    from visiontune.core.assets import smollm2_dir
 
     smollm2_dir()  # build the cached SmolLM2 folder once, outside the measurements
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "transformers", "peft", "visiontune.tasks.vlm_assemble"])
+    ctx.set_forkserver_preload(["torch", "transformers", "peft", "visiontune.vlm.assemble"])
     total = warmup + steps
     print(f"torch {torch.__version__}; batch {BATCH}; {rounds} rounds x {steps} timed steps (+{warmup} warm-up)")
     results: dict[tuple[str, str], list[dict]] = {}

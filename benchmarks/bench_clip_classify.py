@@ -3,10 +3,10 @@
 For each tune.method (full, lora, l_lora) both sides train the same `CLIPClassifier` on the same data:
 
 * model: a small random-weight transformers CLIP built here (vision 64 px, patch 8, width 128, 4 layers, 4 heads;
-  text width 64, 2 layers; projection 64) saved to a temp folder with `visiontune.fixtures.word_tokenizer` and a
+  text width 64, 2 layers; projection 64) saved to a temp folder with `visiontune.testing.fixtures.word_tokenizer` and a
   `CLIPImageProcessor`, loaded through `ClipClassifyTask.build_model`, so the zero-shot head is built from the
   builtin templates with `data.prompt_names` ["red", "green", "blue"];
-* data: `visiontune.fixtures.image_folder(classes=3, per_class=64, size=64)` for training (192 images = 6 full
+* data: `visiontune.testing.fixtures.image_folder(classes=3, per_class=64, size=64)` for training (192 images = 6 full
   batches of 32) plus a small separate val folder, so there is no stratified split and no partial batch;
 * visiontune: the trainer `ClassifyTask.train` builds — `parse_config({task: clip_classify, ...})` ->
   `load_split` -> `ClipClassifyTask().build_model` -> `.plan_tuning` -> `build_trainer` — with
@@ -60,12 +60,13 @@ import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from visiontune.config.loader import parse_config  # noqa: E402
-from visiontune.data.dataset import Collator, ImageClassificationDataset  # noqa: E402
-from visiontune.data.transforms import train_transform  # noqa: E402
-from visiontune.fixtures import image_folder, word_tokenizer  # noqa: E402
-from visiontune.tasks.classify import build_trainer, load_split  # noqa: E402
-from visiontune.tasks.clip_classify import ClipClassifyTask, apply_vision_lora  # noqa: E402
+from visiontune.classify.task import build_trainer, load_split  # noqa: E402
+from visiontune.clip.classify import ClipClassifyTask  # noqa: E402
+from visiontune.clip.vision_lora import apply_vision_lora  # noqa: E402
+from visiontune.core.dataset import Collator, ImageClassificationDataset  # noqa: E402
+from visiontune.core.transforms import train_transform  # noqa: E402
+from visiontune.recipe import parse_config  # noqa: E402
+from visiontune.testing.fixtures import image_folder, word_tokenizer  # noqa: E402
 
 METHODS = ("full", "lora", "l_lora")
 PROMPT_NAMES = ["red", "green", "blue"]  # image_folder: class c has channel c % 3 raised
@@ -80,10 +81,10 @@ PRELOAD = [
     "transformers.trainer",
     "transformers.models.clip.modeling_clip",
     "peft",
-    "visiontune.tasks.classify",
-    "visiontune.tasks.clip_classify",
-    "visiontune.adapters.llora",
-    "visiontune.fixtures",
+    "visiontune.classify.task",
+    "visiontune.clip.classify",
+    "visiontune.clip.llora",
+    "visiontune.testing.fixtures",
 ]
 hf_logging.disable_progress_bar()  # "Loading weights" bars in every child
 

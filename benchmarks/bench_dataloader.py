@@ -25,10 +25,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 
-from visiontune.config.schema import AugmentConfig, DataConfig
-from visiontune.data.dataset import Collator, ImageClassificationDataset
-from visiontune.data.readers import read_dataset
-from visiontune.data.transforms import Preprocess, train_transform
+from visiontune.classify.config import DataConfig
+from visiontune.core.config import AugmentConfig
+from visiontune.core.dataset import Collator, ImageClassificationDataset
+from visiontune.core.readers import read_dataset
+from visiontune.core.transforms import Preprocess, train_transform
 
 MAX_PIXELS = DataConfig.model_fields["max_image_pixels"].default
 MEAN_STD = (0.5, 0.5, 0.5)  # EfficientNet-Lite0's normalisation; the value does not change the cost

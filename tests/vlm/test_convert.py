@@ -11,9 +11,9 @@ import datasets
 import pytest
 from PIL import Image
 
-from visiontune.data.conversations import check_conversations, read_conversations
-from visiontune.data.convert import CONVERTERS, CORD_PROMPT, convert
-from visiontune.errors import DataError
+from visiontune.core.errors import DataError
+from visiontune.vlm.conversations import check_conversations, read_conversations
+from visiontune.vlm.convert import CONVERTERS, CORD_PROMPT, convert
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 COMPACT = {"ensure_ascii": False, "separators": (",", ":")}

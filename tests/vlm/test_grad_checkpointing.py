@@ -6,13 +6,13 @@ import pytest
 import torch
 from PIL import Image
 
-from visiontune.config.loader import parse_config
-from visiontune.models.vlm import apply_tuning, enable_grad_checkpointing, load_vlm
+from visiontune.recipe import parse_config
+from visiontune.vlm.model import apply_tuning, enable_grad_checkpointing, load_vlm
 
 
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory):
-    from visiontune.vlm_fixtures import tiny_vlm
+    from visiontune.testing.vlm_fixtures import tiny_vlm
 
     return tiny_vlm("llava", tmp_path_factory.mktemp("llava"))
 

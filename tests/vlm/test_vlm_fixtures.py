@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from visiontune.vlm_fixtures import FAMILIES, tiny_vlm, write_all_vlms
+from visiontune.testing.vlm_fixtures import FAMILIES, tiny_vlm, write_all_vlms
 
 # family -> (model class, processor class, image tokens for one 32-px image, text that closes an assistant answer,
 #            generation prompt the rendered text ends with)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from visiontune.data.conversations import read_conversations
-from visiontune.data.vlm_tokenize import IGNORE, tokenize
+from visiontune.vlm.conversations import read_conversations
+from visiontune.vlm.tokenize import IGNORE, tokenize
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 # What each family's template writes after an assistant answer, and so what must be trained with it.
@@ -23,7 +23,7 @@ GOLDEN = {
 
 @pytest.fixture(scope="module")
 def vlms(tmp_path_factory):
-    from visiontune.vlm_fixtures import write_all_vlms
+    from visiontune.testing.vlm_fixtures import write_all_vlms
 
     return write_all_vlms(tmp_path_factory.mktemp("vlms"))
 
@@ -120,8 +120,8 @@ def test_train_eval_export(family, method, vlm_recipe, write_recipe, cli):
     merged = AutoModelForImageTextToText.from_pretrained(run / "merged").eval()
     processor = AutoProcessor.from_pretrained(run / "merged")
     conv = read_conversations(recipe["data"]["train"])[0]
-    from visiontune.data.conversations import load_images, to_messages
-    from visiontune.data.vlm_tokenize import _nested_images, render
+    from visiontune.vlm.conversations import load_images, to_messages
+    from visiontune.vlm.tokenize import _nested_images, render
 
     images = load_images(conv)
     inputs = processor(
@@ -162,7 +162,7 @@ def test_tokenisation_is_cached_between_runs(vlm_recipe, write_recipe, cli, monk
     def refuse(*args, **kwargs):
         raise AssertionError("re-tokenised although the cache was valid")
 
-    monkeypatch.setattr("visiontune.tasks.vlm_sft.tokenize", refuse)
+    monkeypatch.setattr("visiontune.vlm.sft.tokenize", refuse)
     code, _, err = cli("train", recipe, "--overwrite")
     assert code == 0, err
 

@@ -1,0 +1,80 @@
+"""clip_continual: a task sequence on the tiny CLIP fixture, the accuracy matrix and its summary metrics."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from visiontune.clip.continual import continual_metrics
+
+
+def _subset(fixtures_dir: Path, out: Path, classes: list[int]) -> Path:
+    for c in classes:
+        shutil.copytree(fixtures_dir / "images" / f"class_{c}", out / f"class_{c}")
+    return out
+
+
+def test_matrix_metrics_by_hand():
+    matrix = [[0.9, None, None], [0.7, 0.8, None], [0.6, 0.75, 0.95]]
+    m = continual_metrics(matrix)
+    assert m["average_accuracy"] == pytest.approx((0.6 + 0.75 + 0.95) / 3)
+    assert m["forgetting"] == pytest.approx(((0.9 - 0.6) + (0.8 - 0.75)) / 2)
+    assert m["backward_transfer"] == pytest.approx(((0.6 - 0.9) + (0.75 - 0.8)) / 2)
+
+
+def test_two_task_sequence_writes_matrix_and_report(fixtures_dir, tmp_path, write_recipe, cli):
+    first = _subset(fixtures_dir, tmp_path / "first", [0, 1])
+    second = _subset(fixtures_dir, tmp_path / "second", [1, 2])
+    recipe = {
+        "task": "clip_continual",
+        "model": str(fixtures_dir / "clip"),
+        "output_dir": str(tmp_path / "run"),
+        "tasks": [
+            {"name": "red-green", "train": str(first), "prompt_names": ["red", "green"]},
+            {"name": "green-blue", "train": str(second), "prompt_names": ["green", "blue"]},
+        ],
+        "data": {"templates": ["a photo of a {}"], "val_split": 0.25, "workers": 0},
+        "train": {"epochs": 1, "batch_size": 6, "lr": 1e-3, "logging_steps": 1},
+    }
+    code, _, err = cli("train", write_recipe(recipe))
+    assert code == 0, err
+    run = Path(recipe["output_dir"])
+    result = json.loads((run / "eval/continual.json").read_text())
+    assert result["tasks"] == ["red-green", "green-blue"]
+    matrix = result["matrix"]
+    assert len(matrix) == 2 and matrix[0][1] is None and all(v is not None for v in matrix[1])
+    assert all(0 <= v <= 1 for row in matrix for v in row if v is not None)
+    assert len(result["zero_shot"]) == 2 and "forgetting" in result
+    for i, name in enumerate(result["tasks"]):
+        assert (run / "tasks" / f"{i}-{name}" / "trainable.safetensors").is_file()
+        assert (run / "tasks" / f"{i}-{name}" / "metrics.jsonl").is_file()
+    assert (run / "plots/continual_matrix.png").is_file()
+    assert "Continual accuracy matrix" in (run / "report.md").read_text()
+    assert (run / "model" / "visiontune.json").is_file()
+
+
+def test_task_without_data_is_named(fixtures_dir, tmp_path, write_recipe, cli):
+    (tmp_path / "empty").mkdir()
+    recipe = {
+        "task": "clip_continual",
+        "model": str(fixtures_dir / "clip"),
+        "output_dir": str(tmp_path / "run"),
+        "tasks": [
+            {"name": "ok", "train": str(fixtures_dir / "images")},
+            {"name": "hollow", "train": str(tmp_path / "empty")},
+        ],
+    }
+    code, _, err = cli("train", write_recipe(recipe))
+    assert code == 2 and "hollow" in err and "Traceback" not in err
+
+
+def test_sequence_needs_two_distinct_tasks(fixtures_dir, tmp_path, write_recipe, cli):
+    recipe = {
+        "task": "clip_continual",
+        "model": "m",
+        "output_dir": str(tmp_path / "run"),
+        "tasks": [{"name": "a", "train": "x"}, {"name": "a", "train": "y"}],
+    }
+    code, _, err = cli("validate", write_recipe(recipe))
+    assert code == 2 and "distinct" in err
