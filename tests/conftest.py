@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+# Tokenisation caches and bad-sample reports of the tests stay out of the user's ~/.cache.
+os.environ.setdefault("VISIONTUNE_CACHE", tempfile.mkdtemp(prefix="visiontune-test-cache-"))
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,8 +9,13 @@ from pathlib import Path
 
 import typer
 
-from visiontune.core.errors import VisiontuneError
-from visiontune.recipe import RECIPES_DIR, find_recipe
+from visiontune.core.errors import RecipeError, VisiontuneError, describe_unexpected
+from visiontune.recipe import RECIPES_DIR, TASKS, find_recipe
+
+DEBUG = "VISIONTUNE_DEBUG"
+# Commands that never download anything: they skip the hub probe (and its up to PROBE_SECONDS wait).
+OFFLINE_COMMANDS = {"recipes", "validate", "assets", "fixtures", "convert"}
+PROBE_SECONDS = 1.5
 
 app = typer.Typer(
     add_completion=False,
@@ -18,6 +23,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Fine-tune vision models and VLMs from one YAML recipe.",
 )
+
+
+@app.callback()
+def options(
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error (or VISIONTUNE_DEBUG=1)."),
+) -> None:
+    if debug:  # `main` takes --debug out of argv before parsing; this keeps it in --help
+        os.environ[DEBUG] = "1"
 
 
 @app.command(context_settings={"allow_extra_args": False})
@@ -39,12 +52,13 @@ def train(
     try:
         run_dir = get_task(config.task).train(config, overwrite=overwrite, resume=resume)
     except KeyboardInterrupt:
-        typer.secho(
-            f"Interrupted. Completed checkpoints in {config.output_dir} are kept; continue with "
-            f"`visiontune train {recipe} --resume`.",
-            fg=typer.colors.YELLOW,
-            err=True,
-        )
+        if int(os.environ.get("RANK", "0")) == 0:  # under --nproc every rank is interrupted; say it once
+            typer.secho(
+                f"Interrupted. Completed checkpoints in {config.output_dir} are kept; continue with "
+                f"`visiontune train {recipe} --resume`.",
+                fg=typer.colors.YELLOW,
+                err=True,
+            )
         raise typer.Exit(130) from None
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(f"Run folder: {run_dir}\nReport: {run_dir / 'report.md'} and {run_dir / 'report.html'}")
@@ -73,15 +87,23 @@ def evaluate(
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable samples instead of stopping."),
 ) -> None:
     """Evaluate a trained model on a labelled dataset (or a VLM on conversations)."""
-    from visiontune.recipe import get_task
-
-    task = task or _recorded_task(Path(model))
+    task_impl = _task(task or _recorded_task(Path(model)))
     out = out or (Path(model) / "eval" / "cli" if (Path(model) / "model").is_dir() else None)
-    report = get_task(task).evaluate(model, data, out_dir=out, on_bad_sample="skip" if skip_bad else "error")
+    report = task_impl.evaluate(model, data, out_dir=out, on_bad_sample="skip" if skip_bad else "error")
     for key, value in report["metrics"].items():
         typer.echo(f"{key:>14}: {value:.4f}")
+    _say_skipped(report.get("skipped_samples") or [])
     if out:
         typer.echo(f"Results: {out}")
+
+
+def _task(name: str):
+    """The task object for --task / a run's recorded task; an unknown name lists the known ones."""
+    from visiontune.recipe import get_task
+
+    if name not in TASKS:
+        raise RecipeError(f"`{name}` is not a known task; pass --task with one of: {', '.join(TASKS)}.")
+    return get_task(name)
 
 
 def _recorded_task(run: Path) -> str:
@@ -89,7 +111,24 @@ def _recorded_task(run: Path) -> str:
     import yaml
 
     config = run / "config.yaml"
-    return (yaml.safe_load(config.read_text()) or {}).get("task", "classify") if config.is_file() else "classify"
+    if not config.is_file():
+        return "classify"
+    try:
+        recorded = yaml.safe_load(config.read_text()) or {}
+    except yaml.YAMLError:
+        raise RecipeError(f"{config} is not valid YAML, so the run's task is unknown; pass --task.") from None
+    return recorded.get("task", "classify") if isinstance(recorded, dict) else "classify"
+
+
+def _say_skipped(skipped: list[dict]) -> None:
+    """One line for the records --skip-bad left out (the full list is in the written json)."""
+    if skipped:
+        first = skipped[0]
+        typer.secho(
+            f"Left out {len(skipped)} bad record(s) (--skip-bad); the first: {first['ref']} {first['reason']}",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
 
 
 @app.command()
@@ -100,9 +139,7 @@ def predict(
     task: str = typer.Option("classify", "--task"),
 ) -> None:
     """Print the top-k labels with probabilities for each image."""
-    from visiontune.recipe import get_task
-
-    for result in get_task(task).predict(model, images, top_k=top_k):
+    for result in _task(task).predict(model, images, top_k=top_k):
         typer.echo(result["input"])
         for label, prob in result["top"]:
             typer.echo(f"  {prob:7.2%}  {label}")
@@ -177,14 +214,17 @@ def compare(
     out: Path = typer.Option(Path("compare"), "--out", help="Folder for compare.md / compare.json."),
     metrics: list[str] = typer.Option(["exact_match", "anls"], "--metric", help="Repeat for several."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip bad records instead of stopping."),
 ) -> None:
     """Evaluate a base and a tuned VLM on the same data; side-by-side report with wins and losses."""
     from visiontune.vlm.export import compare as run_compare
 
-    result = run_compare(base, tuned, data, out, metrics, max_new_tokens)
+    on_bad = "skip" if skip_bad else "error"
+    result = run_compare(base, tuned, data, out, metrics, max_new_tokens, on_bad_sample=on_bad)
     for name, value in result["metrics"]["tuned"].items():
         typer.echo(f"{name:>14}: base {result['metrics']['base'][name]:.4f}  tuned {value:.4f}")
-    typer.echo(f"Report: {out / 'compare.md'}")
+    _say_skipped(result["skipped_samples"])
+    typer.echo(f"Report: {out.expanduser() / 'compare.md'}")
 
 
 @app.command()
@@ -208,12 +248,15 @@ def convert(
 def fixtures(
     out: Path = typer.Argument(..., help="Folder to write tiny models and a generated image set into."),
 ) -> None:
-    """Write tiny random-weight models and images, to smoke-test a recipe offline before renting a GPU."""
-    from visiontune.testing.fixtures import write_all
-    from visiontune.testing.vlm_fixtures import write_all_vlms
+    """Write tiny random-weight models and data, to smoke-test every built-in recipe offline before renting a GPU."""
+    from visiontune.testing.fixtures import recipe_overrides, write_everything
 
-    for name, path in {**write_all(out), **write_all_vlms(out / "vlm")}.items():
-        typer.echo(f"{name:10} {path}")
+    written = write_everything(out)
+    for name, path in written.items():
+        typer.echo(f"{name:13} {path}")
+    typer.echo("\nSmoke-test a built-in recipe on them (a few steps, outputs under runs/smoke/):")
+    for name, overrides in recipe_overrides(out.expanduser()).items():
+        typer.echo(f"  visiontune train {name} {' '.join(overrides)}")
 
 
 def main() -> None:
@@ -223,8 +266,77 @@ def main() -> None:
     import logging
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # an optional CPU kernel download it cannot do offline
+    if "--debug" in sys.argv[1:]:  # accepted anywhere on the line, not only before the command
+        sys.argv.remove("--debug")
+        os.environ[DEBUG] = "1"
+    offline_unless_hub_reachable(sys.argv[1:])
     try:
         app()
-    except VisiontuneError as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        sys.exit(2)
+    except Exception as err:  # noqa: BLE001 - every error ends as one sentence; --debug shows the traceback
+        _fail(err)
+
+
+def _fail(err: Exception) -> None:
+    """Print `err` as one sentence (a rank under --nproc leaves it for the launcher instead) and exit 2."""
+    from visiontune.run.distributed import write_rank_error
+
+    if isinstance(err, VisiontuneError):
+        message = str(err)
+    else:
+        command = " ".join(["visiontune", *[a for a in sys.argv[1:2] if not a.startswith("-")]])
+        message = f"`{command}` failed: {describe_unexpected(err)} (run again with --debug for the traceback)."
+    if os.environ.get(DEBUG):
+        import traceback
+
+        traceback.print_exception(err)
+    if not write_rank_error(message) or os.environ.get(DEBUG):
+        typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    sys.exit(2)
+
+
+def offline_unless_hub_reachable(args: list[str]) -> None:
+    """Only an environment variable used to keep the CLI offline: without one, a command waited out the hub's
+    connection timeouts. Probe the hub once, quickly, and go offline when it cannot be reached."""
+    if any(os.environ.get(name, "").strip() for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return
+    command = next((a for a in args if not a.startswith("-")), None)
+    if command is None or command in OFFLINE_COMMANDS or {"--help", "-h"} & set(args):
+        return
+    host, port = hub_address()
+    if not hub_reachable(host, port):
+        os.environ["HF_HUB_OFFLINE"] = "1"  # set before huggingface_hub is imported, which reads it once
+        typer.secho(
+            f"note: {host}:{port} cannot be reached, so this runs offline (HF_HUB_OFFLINE=1): only local and "
+            "cached models load.",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+
+
+def hub_address() -> tuple[str, int]:
+    """Where a hub request would connect first: the HTTPS proxy if one is set, else HF_ENDPOINT's host."""
+    from urllib.parse import urlparse
+
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    url = urlparse(proxy or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    return url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+
+
+def hub_reachable(host: str, port: int, seconds: float = PROBE_SECONDS) -> bool:
+    """A TCP connect within `seconds`; run in a thread because a name lookup ignores socket timeouts."""
+    import socket
+    import threading
+
+    reached: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=seconds).close()
+            reached.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return bool(reached)

@@ -264,12 +264,12 @@ def test_cli_train_writes_model_evals_and_report(models, images, cli, write_reci
 
 
 def test_metric_defaults_to_mean_recall_and_rejects_classifier_metrics():
-    from visiontune.clip.contrastive import with_contrastive_metric
+    from visiontune.clip.contrastive import check_metric
     from visiontune.core.errors import RecipeError
     from visiontune.recipe import parse_config
 
     raw = {"task": "clip_contrastive", "model": "m", "output_dir": "o", "data": {"train": "t.csv"}}
-    assert with_contrastive_metric(parse_config({**raw, "train": {"epochs": 1}})).train.metric == "mean_recall"
-    assert with_contrastive_metric(parse_config({**raw, "train": {"metric": "loss"}})).train.metric == "loss"
+    assert parse_config({**raw, "train": {"epochs": 1}}).train.metric == "mean_recall"
+    check_metric(parse_config({**raw, "train": {"metric": "loss"}}).train.metric)
     with pytest.raises(RecipeError, match="train.metric: accuracy is not a clip_contrastive validation metric"):
-        with_contrastive_metric(parse_config({**raw, "train": {"metric": "accuracy"}}))
+        check_metric(parse_config({**raw, "train": {"metric": "accuracy"}}).train.metric)

@@ -4,17 +4,24 @@ skipped with `data.on_bad_sample=skip`. All images are generated here."""
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from visiontune.core.check import clean, find_bad_samples
+from visiontune.core.check import clean, clean_splits, find_bad_samples
 from visiontune.core.errors import DataError
 from visiontune.core.readers import LabeledImages, read_dataset
 
 CAP = 10_000_000
+
+
+@pytest.fixture(autouse=True)
+def _reports_in_tmp(tmp_path, monkeypatch):
+    """Error-mode checks write a report file under $VISIONTUNE_CACHE/reports; keep it out of the real cache."""
+    monkeypatch.setenv("VISIONTUNE_CACHE", str(tmp_path / "cache"))
 
 
 def _png(path: Path, colour=(255, 0, 0), size=(8, 8)) -> Path:
@@ -129,15 +136,15 @@ def test_skip_returns_every_bad_sample_with_reasons(tmp_path):
     assert [b.index for b in bad] == sorted(b.index for b in bad)
 
 
-def test_error_lists_at_most_five_and_counts_the_rest(tmp_path):
+def test_error_lists_at_most_ten_and_counts_the_rest(tmp_path):
     root = _folder(tmp_path)
-    for i in range(7):
-        _corrupt(root / "cat" / f"bad{i}.png")
+    for i in range(12):
+        _corrupt(root / "cat" / f"bad{i:02d}.png")
     with pytest.raises(DataError) as info:
         clean(read_dataset(str(root)), "error", CAP, "train")
     message = str(info.value)
-    assert message.startswith("7 bad train sample(s)") and "(and 2 more)" in message
-    assert message.count("cannot identify image file") == 5
+    assert message.startswith("12 bad train sample(s)") and "; ... and 2 more (the full list is in " in message
+    assert message.count("cannot identify image file") == 10
 
 
 def test_everything_bad_is_an_error_even_with_skip(tmp_path):
@@ -208,3 +215,68 @@ def test_hf_records_with_bad_images_are_found_not_crashed_on(tmp_path):
     assert "200x100 = 20,000 pixels" in reasons[3]
     assert reasons[4] == "has no image"
     assert "truncated" in reasons[5]
+
+
+# ---------------------------------------------------------------- train and val checked together
+
+
+def _two_splits(tmp_path: Path, bad_train: int, bad_val: int) -> dict[str, LabeledImages]:
+    train, val = _folder(tmp_path / "train"), _folder(tmp_path / "val")
+    for i in range(bad_train):
+        _corrupt(train / "cat" / f"bad{i:02d}.png")
+    for i in range(bad_val):
+        _zero_bytes(val / "dog" / f"empty{i:02d}.png")
+    return {"train": read_dataset(str(train)), "val": read_dataset(str(val))}
+
+
+def test_clean_splits_lists_the_bad_files_of_train_and_val_in_one_error(tmp_path):
+    splits = _two_splits(tmp_path, 2, 1)
+    with pytest.raises(DataError) as info:
+        clean_splits(splits, "error", CAP)
+    message = str(info.value)
+    assert message.startswith("3 bad sample(s) in the train and val data (2 train, 1 val): ")
+    assert f"{tmp_path / 'train' / 'images' / 'cat' / 'bad00.png'} (train) is corrupt" in message
+    assert f"{tmp_path / 'val' / 'images' / 'dog' / 'empty00.png'} (val) " in message
+    assert "more" not in message and message.endswith("set data.on_bad_sample=skip to train without them.")
+    assert "\n" not in message
+    kept, bad = clean_splits(splits, "skip", CAP)
+    assert {role: len(data) for role, data in kept.items()} == {"train": 4, "val": 4}
+    named = [(b.split, Path(b.ref).name) for b in bad]
+    assert named == [("train", "bad00.png"), ("train", "bad01.png"), ("val", "empty00.png")]
+    assert all(splits[b.split].items[b.index] == Path(b.ref) for b in bad)
+
+
+def test_clean_splits_names_ten_counts_the_rest_and_writes_them_all_to_a_report(tmp_path):
+    splits = _two_splits(tmp_path, 9, 4)
+    with pytest.raises(DataError) as info:
+        clean_splits(splits, "error", CAP)
+    message = str(info.value)
+    assert message.startswith("13 bad sample(s) in the train and val data (9 train, 4 val)")
+    assert message.count("(train) is corrupt") == 9 and message.count("(val) is corrupt") == 1
+    match = re.search(r"; \.\.\. and 3 more \(the full list is in (\S+\.txt)\); fix or remove them", message)
+    assert match, message
+    report = Path(match.group(1))
+    assert report.parent == tmp_path / "cache" / "reports"
+    lines = report.read_text().splitlines()
+    last = f"{tmp_path / 'val' / 'images' / 'dog' / 'empty03.png'} (val) is corrupt or not an image ("
+    assert len(lines) == 13 and sum(line.startswith(last) for line in lines) == 1
+    assert all(line.split(" (")[0] in {str(p) for d in splits.values() for p in d.items} for line in lines)
+
+
+def test_report_goes_to_the_home_cache_by_default(tmp_path, monkeypatch):
+    monkeypatch.delenv("VISIONTUNE_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    with pytest.raises(DataError, match=r"full list is in .*/home/\.cache/visiontune/reports/bad-samples-\S+\.txt\)"):
+        clean(_two_splits(tmp_path, 1, 0)["train"], "error", CAP, "train")
+
+
+def test_clean_splits_skip_still_refuses_a_split_with_nothing_left(tmp_path):
+    splits = _two_splits(tmp_path, 0, 0)
+    val = tmp_path / "allbad"
+    _corrupt(val / "cat" / "a.png")
+    splits["val"] = read_dataset(str(val))
+    with pytest.raises(DataError, match=r"^Every val sample in .*allbad is bad \(first: .*a\.png"):
+        clean_splits(splits, "skip", CAP)
+    splits["val"] = LabeledImages([], [], ["cat"], "/data/empty.csv")
+    with pytest.raises(DataError, match=r"^The val dataset /data/empty\.csv is empty"):
+        clean_splits(splits, "error", CAP)

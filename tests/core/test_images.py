@@ -337,3 +337,51 @@ def test_batch_mixer_presets():
         _, labels = mixer(torch.rand(6, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2]))
         assert labels.shape == (6, 3)
         torch.testing.assert_close(labels.sum(1), torch.ones(6))
+
+
+# ---------------------------------------------------------------- the check decodes what training decodes
+
+
+@pytest.mark.parametrize("suffix", [".gif", ".bmp", ".tif", ".ppm", ".webp"])
+def test_truncated_files_of_every_format_fail_the_check(tmp_path, suffix):
+    # verify() passes all of these; only a full decode, as training does, finds the missing pixels.
+    path = _cut_in_half(_noise_png(tmp_path / f"t{suffix}"))
+    reason = _reason(check_image, path, CAP)
+    assert reason.startswith("is corrupt or not an image (")
+    assert reason == _reason(open_image, path, CAP).replace("cannot be decoded", "is corrupt or not an image")
+
+
+def test_truncated_files_are_skipped_up_front_not_mid_training(tmp_path):
+    from visiontune.core.check import clean
+
+    colours = {".gif": (255, 0, 0), ".bmp": (0, 255, 0), ".tif": (0, 0, 255), ".ppm": (9, 9, 9)}
+    paths = [_cut_in_half(_noise_png(tmp_path / f"bad{s}")) for s in colours]
+    paths += [_save(Image.new("RGB", (40, 36), c), tmp_path / f"good{s}") for s, c in colours.items()]
+    data = LabeledImages(paths, [0] * 8, ["x"], str(tmp_path))
+    kept, bad = clean(data, "skip", CAP, "train")
+    assert sorted(b.ref for b in bad) == sorted(str(p) for p in paths[:4])
+    ds = ImageClassificationDataset(kept, eval_transform(PRE), CAP)
+    assert [ds[i]["labels"] for i in range(len(ds))] == [0] * 4  # every kept file decodes
+
+
+def test_jpeg_with_bytes_after_its_end_marker_passes(tmp_path):
+    path = _noise_jpeg(tmp_path / "trailer.jpg")
+    path.write_bytes(path.read_bytes() + b"\x00" * 500)  # phones append data after the image (motion photos)
+    check_image(path, CAP)
+    assert open_image(path, CAP).size == (64, 64)
+
+
+def test_bad_sample_under_dataloader_workers_is_one_short_sentence(tmp_path):
+    from visiontune.core.dataset import SampleError
+
+    data = _file_dataset(tmp_path)
+    _cut_in_half(Path(data.items[2]))
+    ds = ImageClassificationDataset(data, eval_transform(PRE), CAP)
+    loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=1, collate_fn=Collator())
+    with pytest.raises(SampleError) as info:
+        list(loader)
+    message = str(info.value)
+    assert message.startswith(f"{data.items[2]} cannot be decoded (image file is truncated")
+    assert message.endswith("; fix or remove it (data.on_bad_sample=skip drops bad samples).")
+    assert "\n" not in message and "Traceback" not in message and "worker" not in message
+    assert isinstance(info.value, DataError) and info.value.__cause__ is None

@@ -362,3 +362,125 @@ def test_builtin_digit_subset_rejects_bad_specs(spec):
 
     with pytest.raises(DataError, match="digit subset"):
         read_dataset(spec)
+
+
+# ---------------------------------------------------------------- columns, encodings, stray quotes
+
+
+def test_csv_and_jsonl_columns_named_by_image_and_label_column(meta):
+    csv = meta / "labels.csv"
+    csv.write_text("filepath,species\npics/r.png,red\npics/g.png,green\npics/b.png,blue\n")
+    _check_rgb_records(
+        read_dataset(str(csv), image_column="filepath", label_column="species"), meta, ["blue", "green", "red"]
+    )
+    with _error(r"needs columns `path` and `label` \(found \['filepath', 'species'\]\).*data.image_column"):
+        read_dataset(str(csv))
+    with _error(rf"{csv} has no column 'file' \(data.image_column\); its columns are \['filepath', 'species'\]"):
+        read_dataset(str(csv), image_column="file", label_column="species")
+    with _error(rf"{csv} has no column 'label' \(data.label_column\); its columns are \['filepath', 'species'\]"):
+        read_dataset(str(csv), image_column="filepath", label_column="label")
+    jsonl = meta / "labels.jsonl"
+    rows = [("r", "red"), ("g", "green"), ("b", "blue")]
+    jsonl.write_text("".join(json.dumps({"img": f"pics/{f}.png", "kind": k}) + "\n" for f, k in rows))
+    data = read_dataset(str(jsonl), image_column="img", label_column="kind")
+    _check_rgb_records(data, meta, ["blue", "green", "red"])
+    with _error(rf"{jsonl} has no column 'label' \(data.label_column\); its columns are \['img', 'kind'\]"):
+        read_dataset(str(jsonl), image_column="img", label_column="label")
+
+
+def test_csv_header_names_are_stripped(meta):
+    csv = meta / "labels.csv"
+    csv.write_text("path, label\npics/r.png, red\npics/g.png, green\npics/b.png, blue\n")
+    _check_rgb_records(read_dataset(str(csv)), meta, ["blue", "green", "red"])
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_non_utf8_file_is_one_sentence_naming_it(meta, suffix):
+    path = meta / f"labels{suffix}"
+    record = {".csv": "path,label\npics/r.png,caf\u00e9\n", ".jsonl": '{"path": "pics/r.png", "label": "caf\u00e9"}\n'}
+    path.write_bytes(record[suffix].encode("latin-1"))  # what a Windows spreadsheet saves by default
+    line = 2 if suffix == ".csv" else 1
+    with _error(rf"^{path} is not UTF-8 text \(line {line} has the byte 0xe9\); save it as UTF-8"):
+        read_dataset(str(path))
+
+
+def test_stray_quote_is_refused_naming_its_line(meta):
+    csv = meta / "labels.csv"
+    csv.write_text('path,label\npics/r.png,red\npics/g.png,"green\npics/b.png,blue\n')
+    with _error(rf"^{csv} line 3 opens a quoted field that runs on to line 4, which means a stray quote"):
+        read_dataset(str(csv))
+    csv.write_text('path,label\r\npics/r.png,"red\r\n\r\npics/g.png,green"\r\npics/b.png,blue\r\n')
+    with _error(rf"^{csv} line 2 opens a quoted field that runs on to line 4"):
+        read_dataset(str(csv))
+    csv.write_text('path,label\npics/r.png,"red, really"\npics/g.png,"green ""ish"""\n\npics/b.png,blue\n')
+    data = read_dataset(str(csv))  # quoted commas and doubled quotes are fine
+    assert data.class_names == ["blue", 'green "ish"', "red, really"]
+
+
+def test_row_with_more_fields_than_the_header_is_named(meta):
+    csv = meta / "labels.csv"
+    csv.write_text("path,label\npics/r.png,red,\npics/g.png,green,extra\n")  # a trailing empty field is fine
+    with _error(rf"^{csv} line 3 has 3 fields but the header has 2; quote a field that holds a comma"):
+        read_dataset(str(csv))
+
+
+# ---------------------------------------------------------------- one class is one class
+
+
+def test_labels_are_normalised_so_one_class_is_one_class(meta):
+    jsonl = meta / "labels.jsonl"
+    labels = [1, 1.0, " 1 ", "1.0", 2, "cat ", "cat", -3.0, 0.5]
+    jsonl.write_text("".join(json.dumps({"path": "pics/r.png", "label": v}) + "\n" for v in labels))
+    data = read_dataset(str(jsonl))
+    assert data.class_names == ["-3", "1", "2", "0.5", "cat"]
+    assert [data.class_names[i] for i in data.labels] == ["1", "1", "1", "1", "2", "cat", "cat", "-3", "0.5"]
+    csv = meta / "labels.csv"  # a pandas export writes 1.0 where the JSONL holds 1: same classes
+    csv.write_text("path,label\npics/r.png,1.0\npics/g.png, 2\n")
+    assert read_dataset(str(csv), class_names=data.class_names).labels == [1, 2]
+    assert read_dataset(str(csv), class_names=["2.0", " 1"]).labels == [1, 0]  # the recipe's names too
+
+
+def test_boolean_and_missing_labels_are_refused(meta):
+    jsonl = meta / "labels.jsonl"
+    jsonl.write_text('{"path": "pics/r.png", "label": 1}\n{"path": "pics/g.png", "label": true}\n')
+    with _error(rf"^{jsonl} line 2: label True is a boolean, which could mean class 1 or class 'true'; write"):
+        read_dataset(str(jsonl))
+    jsonl.write_text('{"path": "pics/r.png", "label": 1}\n{"path": "pics/g.png", "label": NaN}\n')
+    with _error(rf"^{jsonl} line 2 has no label; fill it in"):
+        read_dataset(str(jsonl))
+    jsonl.write_text('{"path": "pics/r.png", "label": ["a", "b"]}\n')
+    with _error(rf"^{jsonl} line 1: label \['a', 'b'\] is a list, not one class"):
+        read_dataset(str(jsonl))
+
+
+def test_saved_dataset_number_labels_are_normalised(tmp_path):
+    import datasets
+
+    path = _save_hf(tmp_path / "hf", [1.0, 2.0, 1.0], label_feature=datasets.Value("float32"))
+    data = read_dataset(str(path), label_column="target")
+    assert data.class_names == ["1", "2"] and data.labels == [0, 1, 0]
+    flags = _save_hf(tmp_path / "hf2", [True, False], label_feature=datasets.Value("bool"))
+    with _error(rf"^Dataset {flags} record 0: label True is a boolean"):
+        read_dataset(str(flags), label_column="target")
+
+
+# ---------------------------------------------------------------- hidden files
+
+
+def test_hidden_files_and_folders_are_not_samples(tmp_path):
+    root = tmp_path / "imgs"
+    _png(root / "cat" / "1.png")
+    _png(root / "cat" / ".ipynb_checkpoints" / "1-checkpoint.png")
+    _png(root / "cat" / ".hidden.png")
+    _png(root / "cat" / ".thumbs" / "1.png")
+    (root / "cat" / "._1.png").write_bytes(b"\x00\x05\x16\x07AppleDouble junk")  # macOS resource fork
+    _png(root / "dog" / "sub" / "2.jpg")
+    (root / "dog" / "sub" / "._2.jpg").write_bytes(b"\x00\x05\x16\x07")
+    (root / "__MACOSX" / "cat").mkdir(parents=True)  # what unzipping a macOS archive leaves behind
+    (root / "__MACOSX" / "cat" / "._1.png").write_bytes(b"\x00\x05\x16\x07")
+    data = read_dataset(str(root))
+    assert data.class_names == ["cat", "dog"]
+    assert data.items == [root / "cat" / "1.png", root / "dog" / "sub" / "2.jpg"] and data.labels == [0, 1]
+    (root / "cat" / "1.png").unlink()
+    with _error(rf"Class folder {root / 'cat'} has no images"):
+        read_dataset(str(root))

@@ -100,3 +100,110 @@ def test_accelerate_cpu_single_process_trap_is_refused(monkeypatch):
         assert "single process" in str(err)
     else:
         raise AssertionError("accelerate's silent single-process launch was accepted")
+
+
+def test_check_launch_environment_needs_no_process_group(monkeypatch):
+    from visiontune.core.errors import DistributedError
+    from visiontune.run.distributed import check_launch_environment
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    try:
+        check_launch_environment()
+    except DistributedError as err:
+        assert "single process" in str(err) and "--nproc" in str(err)
+    else:
+        raise AssertionError("accelerate's silent single-process launch was accepted")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun / our --nproc: a real group
+    check_launch_environment()
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "false")
+    check_launch_environment()
+
+
+def _run_ranks(worker: Path, *args: str, **popen) -> subprocess.Popen:
+    """`run_ranks(2, [worker, *args])` in a subprocess, as `visiontune train --nproc 2` runs it."""
+    code = "import sys; from visiontune.run.distributed import run_ranks; sys.exit(run_ranks(2, sys.argv[1:]))"
+    env = {k: v for k, v in _env().items() if k not in ("VISIONTUNE_DEBUG", "VISIONTUNE_ERROR_DIR")}
+    return subprocess.Popen(
+        [sys.executable, "-c", code, str(worker), *args], env=env, stderr=subprocess.PIPE, text=True, **popen
+    )
+
+
+def test_a_rank_error_is_printed_once_without_the_launcher_traceback(tmp_path):
+    worker = tmp_path / "worker.py"  # both ranks stop on the same user error, as a bad recipe would
+    worker.write_text(
+        "import sys\nsys.argv = ['visiontune', 'eval', 'run', '--data', 'd', '--task', 'nope']\n"
+        "from visiontune.cli import main\nmain()\n"
+    )
+    proc = _run_ranks(worker)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines == [lines[0]] and lines[0].startswith("error: `nope` is not a known task"), err
+    assert "Traceback" not in err and "ChildFailedError" not in err
+
+
+def test_a_rank_that_dies_without_a_sentence_is_named(tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        "import os, signal, time\n"
+        "if os.environ['RANK'] == '1':\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "time.sleep(60)\n"
+    )
+    proc = _run_ranks(worker)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err
+    assert "error: rank 1 was killed by SIGKILL" in err and "Traceback" not in err
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # a zombie has stopped; only its exit status is left for a parent to collect
+
+
+def test_ctrl_c_stops_every_rank_and_exits_130(tmp_path):
+    import signal
+    import time
+
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        "import os, pathlib, sys, time\n"
+        f"pathlib.Path({str(tmp_path)!r}, 'pid' + os.environ['RANK']).write_text(str(os.getpid()))\n"
+        "time.sleep(300)\n"
+    )
+    proc = _run_ranks(worker)
+    pid_files = [tmp_path / "pid0", tmp_path / "pid1"]
+    deadline = time.monotonic() + 240
+    while not all(p.is_file() and p.read_text() for p in pid_files):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
+        time.sleep(0.2)
+    ranks = [int(p.read_text()) for p in pid_files]
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal sends to the foreground process
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    deadline = time.monotonic() + 10
+    while any(map(_alive, ranks)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(map(_alive, ranks)), "a rank outlived Ctrl-C"
+    assert "Traceback" not in err
+
+
+def test_a_user_error_under_nproc_is_one_sentence(tiny_recipe, write_recipe, tmp_path):
+    missing = tmp_path / "no-such-images"
+    path = write_recipe(tiny_recipe(data={"train": str(missing)}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "visiontune", "train", str(path), "--nproc", "2"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and str(missing) in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from visiontune.data import conversations as conv_module
 
 from visiontune.core.errors import DataError
+from visiontune.vlm import conversations as conv_module
 from visiontune.vlm.conversations import Conversation, Turn, check_conversations, read_conversations, to_messages
 
 
@@ -553,15 +553,16 @@ def test_problem_records_refuse_to_become_messages(tmp_path):
 # ---------------------------------------------------------------- error / skip policy
 
 
-def test_error_mode_counts_and_lists_the_first_five(tmp_path):
-    records = [GOOD] + [{"messages": [_user(f"Q{i}")]} for i in range(7)]
+def test_error_mode_counts_and_lists_the_first_ten(tmp_path, monkeypatch):
+    monkeypatch.setenv("VISIONTUNE_CACHE", str(tmp_path / "cache"))
+    records = [GOOD] + [{"messages": [_user(f"Q{i}")]} for i in range(12)]
     _png(tmp_path / "a.png")
     path = _json(tmp_path / "d.json", records)
     with pytest.raises(DataError) as err:
         check_conversations(read_conversations(str(path)))
     message = str(err.value)
-    assert message.startswith(f"7 bad conversation(s): {path} record 1 has no assistant turn")
-    assert f"{path} record 5 " in message and f"{path} record 6 " not in message and "(and 2 more)" in message
+    assert message.startswith("12 bad conversation(s)") and f"{path} record 1 has no assistant turn" in message
+    assert f"{path} record 10 " in message and f"{path} record 11 " not in message and "... and 2 more" in message
 
 
 def test_skip_mode_returns_the_bad_refs_and_checks_each_image_once(tmp_path, monkeypatch):

@@ -104,7 +104,9 @@ def test_train_eval_export(family, method, vlm_recipe, write_recipe, cli):
     run = Path(recipe["output_dir"])
     before = json.loads((run / "eval/before.json").read_text())
     after = json.loads((run / "eval/after.json").read_text())
-    assert set(after["metrics"]) == {"exact_match", "anls"} and len(after["samples"]) == len(before["samples"]) > 0
+    assert (
+        set(after["metrics"]) == {"loss", "exact_match", "anls"} and len(after["samples"]) == len(before["samples"]) > 0
+    )
     logs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("padding_fraction" in r for r in logs)
     if method == "full":
@@ -162,7 +164,7 @@ def test_tokenisation_is_cached_between_runs(vlm_recipe, write_recipe, cli, monk
     def refuse(*args, **kwargs):
         raise AssertionError("re-tokenised although the cache was valid")
 
-    monkeypatch.setattr("visiontune.vlm.sft.tokenize", refuse)
+    monkeypatch.setattr("visiontune.vlm.token_cache.tokenize", refuse)
     code, _, err = cli("train", recipe, "--overwrite")
     assert code == 0, err
 

@@ -115,15 +115,16 @@ def _timm_preprocess(backbone) -> Preprocess:
 def _hf_preprocess(name: str, backbone) -> Preprocess:
     from transformers import AutoImageProcessor
 
-    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    mean, std, resample = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), None
     size = getattr(backbone.config, "image_size", 224)
     try:
         proc = AutoImageProcessor.from_pretrained(name)
         mean, std = tuple(proc.image_mean), tuple(proc.image_std)
-        size = _edge(proc.size) or size
+        size = _edge(getattr(proc, "crop_size", None) or {}) or _edge(proc.size) or size
+        resample = getattr(proc, "resample", None)
     except Exception:  # no processor saved: fall back to config + ImageNet statistics
         pass
-    return Preprocess(int(size), mean, std, "bilinear")
+    return Preprocess(int(size), mean, std, "bicubic" if resample == 3 else "bilinear")  # 3: PIL BICUBIC
 
 
 def _edge(size) -> int | None:

@@ -1,20 +1,19 @@
 """`task: classify` — fine-tune an image classifier (timm / transformers / built-in backbones).
 
-Reads top to bottom: data -> model -> tuning plan -> Trainer -> evaluate before -> train -> evaluate after ->
-save model -> report.
+What is its own: labelled images (read and checked once), the classifier and its tuning plan (freeze, gradual
+unfreeze, LoRA, layer decay), classification metrics, the exported model and predictions. The runner
+(`visiontune.run.runner`) does the rest.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import EarlyStoppingCallback, TrainerCallback
-from transformers.trainer_callback import PrinterCallback
+from transformers import TrainerCallback
 
 from visiontune.classify.config import ClassifyConfig
 from visiontune.classify.freeze import GradualUnfreeze, set_trainable
@@ -23,18 +22,19 @@ from visiontune.classify.lora import apply_lora
 from visiontune.classify.metrics import ClassificationMetrics, classification_report
 from visiontune.classify.model import ImageClassifier
 from visiontune.classify.resolve import resolve_classifier
-from visiontune.core.check import BadSample, clean
+from visiontune.core.check import BadSample, clean, clean_splits
 from visiontune.core.dataset import Collator, ImageClassificationDataset, stratified_split
 from visiontune.core.errors import DataError
 from visiontune.core.images import open_image
 from visiontune.core.readers import LabeledImages, read_dataset
-from visiontune.core.transforms import Preprocess, batch_mixer, eval_transform, train_transform
-from visiontune.recipe import dump_config
-from visiontune.run.callbacks import MetricsJsonl, RichProgress, WeightEma
-from visiontune.run.distributed import check_process_group, is_main_process, launched_world_size
-from visiontune.run.folder import last_checkpoint, prepare_run_dir
+from visiontune.core.transforms import batch_mixer, eval_transform, train_transform, with_image_size
+from visiontune.run.arguments import loader_workers
+from visiontune.run.distributed import launched_world_size
 from visiontune.run.optim import build_optimizer, layer_decay_scales
-from visiontune.run.trainer import VisiontuneTrainer, training_arguments
+from visiontune.run.task import Fit, Skipped, Task
+from visiontune.run.trainer import VisiontuneTrainer
+
+MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit, for eval/predict of saved models
 
 
 @dataclass
@@ -49,43 +49,42 @@ class TuningPlan:
     callbacks: list[TrainerCallback] = field(default_factory=list)
     include: set[str] | None = None  # parameters given to the optimiser (None: those with requires_grad)
     layer_scales: dict[str, float] | None = None
-    ema: WeightEma | None = None
 
 
-class ClassifyTask:
+class ClassifyTask(Task):
+    name = "classify"
     reads_own_classes = False  # evaluate(): data labels map onto the model's saved classes
 
-    def train(self, cfg: ClassifyConfig, overwrite: bool = False, resume: bool = False) -> Path:
-        start = time.perf_counter()
-        run_dir = Path(cfg.output_dir)
-        resume = resume or cfg.train.resume
-        if is_main_process():
-            checkpoint = prepare_run_dir(run_dir, overwrite, resume)
-            dump_config(cfg, run_dir / "config.yaml")
-        else:
-            checkpoint = last_checkpoint(run_dir) if resume else None
-        data = load_split(cfg)
+    def prepare(self, cfg: ClassifyConfig) -> SplitData:
+        return load_split(cfg)
+
+    def skipped(self, data: SplitData) -> list[Skipped]:
+        return [Skipped(b.ref, b.reason) for b in data.skipped]
+
+    def sizes(self, data: SplitData) -> dict[str, int]:
+        return {"train_samples": len(data.train), "val_samples": len(data.val)}
+
+    def build(self, cfg: ClassifyConfig, data: SplitData, run_dir: Path) -> Fit:
         model = self.build_model(cfg, data.train.class_names)
-        plan = self.plan_tuning(model, cfg)
-        trainer = build_trainer(model, cfg, data, plan, run_dir)
-        if checkpoint is None:
-            _write_eval(run_dir, "before", trainer, "before")
-        try:
-            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        finally:
-            for callback in trainer.callback_handler.callbacks:
-                if isinstance(callback, RichProgress):
-                    callback.stop()
-        weights = _keep_better_ema(trainer, plan.ema, cfg.train.metric)
-        after = _write_eval(run_dir, "after", trainer, "after", weights=weights)
-        trainer.record_rank(run_dir)
-        if is_main_process():
-            _save_outputs(model, trainer, data, run_dir, after, time.perf_counter() - start)
-        return run_dir
+        return classification_fit(model, cfg, data, self.plan_tuning(model, cfg))
+
+    def evaluate_run(
+        self, cfg: ClassifyConfig, fit: Fit, trainer: VisiontuneTrainer, data: SplitData, name: str
+    ) -> dict:
+        trainer.evaluate(metric_key_prefix=name)
+        return dict(trainer.compute_metrics.last)
+
+    def save(
+        self, cfg: ClassifyConfig, fit: Fit, trainer: VisiontuneTrainer, data: SplitData, run_dir: Path, after: dict
+    ) -> dict:
+        fit.model.save(run_dir / "model", adapter_dir=run_dir / "adapter")
+        names = data.train.class_names
+        _write_predictions(run_dir / "eval" / "predictions.csv", data.val, trainer.compute_metrics.last_logits, names)
+        return {}
 
     def build_model(self, cfg: ClassifyConfig, class_names: list[str]) -> ImageClassifier:
         model = resolve_classifier(cfg.model, class_names, cfg.pretrained)
-        model.preprocess = _with_size(model.preprocess, cfg.data.image_size)
+        model.preprocess = with_image_size(model.preprocess, cfg.data.image_size)
         return model
 
     def plan_tuning(self, model: ImageClassifier, cfg: ClassifyConfig) -> TuningPlan:
@@ -110,7 +109,7 @@ class ClassifyTask:
         else:
             clf = self.load_model(model)
             dataset = read_dataset(data, class_names=clf.class_names)
-        images, skipped = clean(dataset, on_bad_sample, 89_478_485, "eval")
+        images, skipped = clean(dataset, on_bad_sample, MAX_PIXELS, "eval")
         report = self.evaluate_loaded(clf, images, out_dir, batch_size, workers)
         report["skipped_samples"] = [{"ref": b.ref, "reason": b.reason} for b in skipped]
         if out_dir is not None:
@@ -127,7 +126,7 @@ class ClassifyTask:
     ) -> dict:
         """Metrics (and predictions.csv in out_dir) of an in-memory model on checked data."""
         clf.eval()
-        ds = ImageClassificationDataset(images, eval_transform(clf.preprocess), 89_478_485)
+        ds = ImageClassificationDataset(images, eval_transform(clf.preprocess), MAX_PIXELS)
         loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=Collator())
         with torch.inference_mode():
             logits = torch.cat([clf(batch["pixel_values"])["logits"] for batch in loader])
@@ -143,7 +142,7 @@ class ClassifyTask:
         results = []
         for path in inputs:
             try:
-                image = open_image(path, 89_478_485)
+                image = open_image(path, MAX_PIXELS)
             except Exception as err:
                 raise DataError(f"{path} {err}; give a readable image file.") from None
             with torch.inference_mode():
@@ -168,9 +167,24 @@ def load_split(cfg: ClassifyConfig) -> SplitData:
         val = read_dataset(d.val, train.class_names, d.image_column, d.label_column, split="validation")
     else:
         train, val = stratified_split(train, d.val_split, cfg.seed)
-    train, bad_train = clean(train, d.on_bad_sample, d.max_image_pixels, "train")
-    val, bad_val = clean(val, d.on_bad_sample, d.max_image_pixels, "val")
-    return SplitData(train, val, bad_train + bad_val)
+    kept, bad = clean_splits({"train": train, "val": val}, d.on_bad_sample, d.max_image_pixels)
+    return SplitData(kept["train"], kept["val"], bad)
+
+
+def classification_fit(model: torch.nn.Module, cfg: ClassifyConfig, data: SplitData, plan: TuningPlan) -> Fit:
+    """What the Trainer needs for a classifier (also CLIP's zero-shot-head classifier) on labelled images."""
+    pre, aug, max_pixels = model.preprocess, cfg.data.augment, cfg.data.max_image_pixels
+    return Fit(
+        model=model,
+        train_dataset=ImageClassificationDataset(data.train, train_transform(pre, aug), max_pixels, pre.image_size),
+        eval_dataset=ImageClassificationDataset(data.val, eval_transform(pre), max_pixels, pre.image_size),
+        collator=Collator(),
+        compute_metrics=ClassificationMetrics(data.train.class_names),
+        optimizer=build_optimizer(model, cfg.train, plan.include, plan.layer_scales),
+        callbacks=plan.callbacks,
+        trainer_attrs={"batch_mixer": batch_mixer(aug, len(data.train.class_names))},
+        workers=loader_workers(cfg.data.workers, in_memory=data.train.kind == "array"),
+    )
 
 
 def plan_tuning(model: ImageClassifier, cfg: ClassifyConfig) -> TuningPlan:
@@ -191,115 +205,7 @@ def plan_tuning(model: ImageClassifier, cfg: ClassifyConfig) -> TuningPlan:
             plan.include = {n for n, _ in model.named_parameters()}
         if tune.layer_decay is not None:
             plan.layer_scales = layer_decay_scales(groups, head, tune.layer_decay)
-    if cfg.train.ema is not None:
-        plan.ema = WeightEma(model, cfg.train.ema.decay)
-        plan.callbacks.append(plan.ema)
     return plan
-
-
-def build_trainer(
-    model: ImageClassifier, cfg: ClassifyConfig, data: SplitData, plan: TuningPlan, run_dir: Path
-) -> VisiontuneTrainer:
-    report_to = _setup_wandb(cfg, run_dir)
-    args = training_arguments(
-        cfg.train,
-        run_dir,
-        cfg.seed,
-        _workers(cfg.data.workers, data.train),
-        report_to,
-        greater_is_better="loss" not in cfg.train.metric,
-    )
-    check_process_group(args.world_size)
-    pre, aug = model.preprocess, cfg.data.augment
-    trainer = VisiontuneTrainer(
-        model=model,
-        args=args,
-        train_dataset=ImageClassificationDataset(
-            data.train, train_transform(pre, aug), cfg.data.max_image_pixels, draft_size=pre.image_size
-        ),
-        eval_dataset=ImageClassificationDataset(
-            data.val, eval_transform(pre), cfg.data.max_image_pixels, draft_size=pre.image_size
-        ),
-        data_collator=Collator(),
-        compute_metrics=ClassificationMetrics(data.train.class_names),
-        optimizers=(build_optimizer(model, cfg.train, plan.include, plan.layer_scales), None),
-        callbacks=_callbacks(
-            cfg, plan, run_dir, images_per_step=cfg.train.batch_size * cfg.train.grad_accum * args.world_size
-        ),
-    )
-    trainer.batch_mixer = batch_mixer(aug, len(data.train.class_names))
-    trainer.remove_callback(PrinterCallback)
-    return trainer
-
-
-def _callbacks(cfg: ClassifyConfig, plan: TuningPlan, run_dir: Path, images_per_step: int) -> list[TrainerCallback]:
-    callbacks: list[TrainerCallback] = [RichProgress(images_per_step), MetricsJsonl(run_dir / "metrics.jsonl")]
-    if cfg.track.tensorboard and is_main_process():
-        from transformers.integrations import TensorBoardCallback
-
-        tensorboard = TensorBoardCallback()
-        tensorboard.logging_dir = str(run_dir / "tb")  # it reopens its writer after train end; keep one folder
-        callbacks.append(tensorboard)
-    if cfg.train.early_stopping_patience:
-        callbacks.append(EarlyStoppingCallback(cfg.train.early_stopping_patience))
-    return callbacks + plan.callbacks
-
-
-def _setup_wandb(cfg: ClassifyConfig, run_dir: Path) -> list[str]:
-    if not cfg.track.wandb:
-        return []
-    import os
-
-    os.environ.setdefault("WANDB_PROJECT", cfg.track.wandb_project)
-    os.environ["WANDB_MODE"] = cfg.track.wandb_mode
-    os.environ.setdefault("WANDB_DIR", str(run_dir))
-    return ["wandb"]
-
-
-def _write_eval(run_dir: Path, name: str, trainer: VisiontuneTrainer, prefix: str, **extra: str) -> dict:
-    trainer.evaluate(metric_key_prefix=prefix)
-    report = {**trainer.compute_metrics.last, **extra}
-    if is_main_process():
-        (run_dir / "eval").mkdir(exist_ok=True)
-        (run_dir / "eval" / f"{name}.json").write_text(json.dumps(report, indent=2))
-    return report
-
-
-def _keep_better_ema(trainer: VisiontuneTrainer, ema: WeightEma | None, metric: str) -> str:
-    """With EMA on, evaluate the averaged weights too and keep whichever scores better on validation."""
-    if ema is None:
-        return "trained"
-    model = trainer.model
-    trained = {k: v.clone() for k, v in model.state_dict().items()}
-    score_trained = trainer.evaluate(metric_key_prefix="final_trained")[f"final_trained_{metric}"]
-    model.load_state_dict(ema.averaged_state())
-    score_ema = trainer.evaluate(metric_key_prefix="final_ema")[f"final_ema_{metric}"]
-    better_ema = score_ema >= score_trained if "loss" not in metric else score_ema <= score_trained
-    if not better_ema:
-        model.load_state_dict(trained)
-    return "ema" if better_ema else "trained"
-
-
-def _save_outputs(
-    model: ImageClassifier, trainer: VisiontuneTrainer, data: SplitData, run_dir: Path, after: dict, wall_time: float
-) -> None:
-    from visiontune.report import write_report
-
-    model.save(run_dir / "model", adapter_dir=run_dir / "adapter")
-    summary = {
-        "wall_time_s": round(wall_time, 1),
-        "train_samples": len(data.train),
-        "val_samples": len(data.val),
-        "skipped_samples": [{"ref": b.ref, "reason": b.reason} for b in data.skipped],
-        "best_checkpoint": trainer.state.best_model_checkpoint,
-        "global_step": trainer.state.global_step,
-        "final_metrics": after["metrics"],
-    }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    _write_predictions(
-        run_dir / "eval" / "predictions.csv", data.val, trainer.compute_metrics.last_logits, data.train.class_names
-    )
-    write_report(run_dir)
 
 
 def _write_predictions(path: Path, images: LabeledImages, logits: torch.Tensor, names: list[str]) -> None:
@@ -310,15 +216,3 @@ def _write_predictions(path: Path, images: LabeledImages, logits: torch.Tensor, 
         writer.writerow(["sample", "label", "predicted", "confidence"])
         for i in range(len(images)):
             writer.writerow([images.ref(i), names[images.labels[i]], names[int(pred[i])], f"{float(conf[i]):.4f}"])
-
-
-def _workers(setting: int | str, data: LabeledImages) -> int:
-    if setting != "auto":
-        return int(setting)
-    import os
-
-    return 0 if data.kind == "array" else min(4, os.cpu_count() or 1)
-
-
-def _with_size(pre: Preprocess, size: int | None) -> Preprocess:
-    return pre if size is None else Preprocess(size, pre.mean, pre.std, pre.interpolation)

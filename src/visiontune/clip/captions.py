@@ -8,7 +8,6 @@ with captions generated from their labels). Image paths are relative to the file
 
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,9 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from visiontune.core.check import BadSample
+from visiontune.core.check import BadSample, Wording, check_splits
 from visiontune.core.errors import DataError
 from visiontune.core.images import BadImage, check_image, open_image
+from visiontune.core.readers import read_csv_rows, read_jsonl_rows, read_text
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # Phrasings for builtin:mnist-5k-captions; {word} is the digit's name, {n} its numeral.
@@ -104,30 +104,12 @@ def read_captions(spec: str, image_root: str | None = None, seed: int = 0, split
 
 
 def _read_csv(path: Path, root: Path) -> CaptionPairs:
-    rows, lines = [], []
-    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheet exports start with a BOM
-        reader = csv.DictReader(f)
-        for row in reader:
-            rows.append(row)
-            lines.append(reader.line_num)
+    _, rows, lines = read_csv_rows(path)
     return _from_rows(path, root, rows, lines)
 
 
 def _read_jsonl(path: Path, root: Path) -> CaptionPairs:
-    rows, lines = [], []
-    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path} line {n} is not valid JSON ({err.msg}); fix or remove that line.") from None
-        if not isinstance(row, dict):
-            raise DataError(
-                f'{path} line {n} is not a JSON object; write each record as {{"image": ..., "caption": ...}}.'
-            )
-        rows.append(row)
-        lines.append(n)
+    rows, lines = read_jsonl_rows(path, '{"image": ..., "caption": ...}')
     return _from_rows(path, root, rows, lines)
 
 
@@ -150,7 +132,7 @@ def _from_rows(path: Path, root: Path, rows: list[dict], lines: list[int]) -> Ca
 
 def _read_coco(path: Path, root: Path) -> CaptionPairs:
     try:
-        doc = json.loads(path.read_text(encoding="utf-8-sig"))
+        doc = json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise DataError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}); fix the file.") from None
     if (
@@ -282,23 +264,20 @@ def find_bad_pairs(pairs: CaptionPairs, max_pixels: int, workers: int = 4) -> li
 
 def clean_pairs(pairs: CaptionPairs, policy: str, max_pixels: int, role: str) -> tuple[CaptionPairs, list[BadSample]]:
     """The usable pairs; with policy `error`, one DataError listing the first bad records (after checking all)."""
-    if len(pairs) == 0:
-        raise DataError(f"The {role} caption data {pairs.origin} is empty; point data.{role} at image-caption pairs.")
-    bad = find_bad_pairs(pairs, max_pixels)
-    if bad and policy == "error":
-        listed = "; ".join(f"{b.ref} {b.reason}" for b in bad[:5])
-        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
-        raise DataError(
-            f"{len(bad)} bad {role} pair(s) in {pairs.origin}: {listed}{more}. Fix or remove them, or "
-            "set data.on_bad_sample=skip to train without them."
-        )
-    if not bad:
-        return pairs, []
-    bad_index = {b.index for b in bad}
-    kept = pairs.subset([i for i in range(len(pairs)) if i not in bad_index])
-    if len(kept) == 0:
-        raise DataError(f"Every {role} pair in {pairs.origin} is bad (first: {bad[0].ref} {bad[0].reason}).")
-    return kept, bad
+    kept, bad = clean_pair_splits({role: pairs}, policy, max_pixels)
+    return kept[role], bad
+
+
+def clean_pair_splits(
+    splits: dict[str, CaptionPairs], on_bad_sample: str, max_pixels: int
+) -> tuple[dict[str, CaptionPairs], list[BadSample]]:
+    """Check every split (e.g. {"train": ..., "val": ...}) before stopping, so one error lists the bad pairs of all
+    of them (the first few, a count, and a report file with every one); with `skip`, each split keeps its usable
+    pairs. Returns the kept splits and every bad pair."""
+    return check_splits(splits, lambda pairs: find_bad_pairs(pairs, max_pixels), on_bad_sample, PAIRS)
+
+
+PAIRS = Wording("pair", "caption data", "image-caption pairs")
 
 
 def _image_problem(pairs: CaptionPairs, i: int, max_pixels: int) -> str | None:

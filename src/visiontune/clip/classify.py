@@ -7,37 +7,46 @@ and L-LoRA (linearised LoRA). Optional WiSE-FT sweep afterwards.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from visiontune.classify.task import ClassifyTask, TuningPlan, _with_size
+from visiontune.classify.task import ClassifyTask, SplitData, TuningPlan
 from visiontune.clip.config import ClipClassifyConfig, ClipLoraConfig
 from visiontune.clip.dual_encoder import resolve_dual_encoder
 from visiontune.clip.vision_lora import apply_vision_lora
 from visiontune.clip.zero_shot import CLIPClassifier, read_saved_meta
 from visiontune.core.errors import DataError, ModelError
+from visiontune.core.transforms import with_image_size
+from visiontune.run.task import Fit
 
 
 class ClipClassifyTask(ClassifyTask):
+    name = "clip_classify"
     reads_own_classes = True  # the head is built from the evaluation data's own class names
 
     def train(self, cfg: ClipClassifyConfig, overwrite: bool = False, resume: bool = False) -> Path:
         if cfg.skip_training:
             return self.zero_shot_only(cfg, overwrite)
-        run_dir = super().train(cfg, overwrite=overwrite, resume=resume)
+        return super().train(cfg, overwrite=overwrite, resume=resume)
+
+    def save(
+        self, cfg: ClipClassifyConfig, fit: Fit, trainer: Any, data: SplitData, run_dir: Path, after: dict
+    ) -> dict:
+        """The model, then (rank 0 only, after it is written) the exported vision state and the WiSE-FT sweep."""
+        extras = super().save(cfg, fit, trainer, data, run_dir, after)
         if cfg.export_state_to:
-            _export_vision_state(run_dir / "model", Path(cfg.export_state_to))
+            _export_vision_state(run_dir / "model", Path(cfg.export_state_to).expanduser())
         if cfg.wise_ft is not None:
             from visiontune.clip.wise_ft import sweep
 
             sweep(cfg, run_dir)
-        return run_dir
+        return extras
 
     def build_model(self, cfg: ClipClassifyConfig, class_names: list[str]) -> CLIPClassifier:
         encoder = resolve_dual_encoder(cfg.model)
-        encoder.preprocess = _with_size(encoder.preprocess, cfg.data.image_size)
+        encoder.preprocess = with_image_size(encoder.preprocess, cfg.data.image_size)
         clf = CLIPClassifier(encoder, prompt_names(cfg.data.prompt_names, class_names), cfg.data.templates)
         if cfg.init_from:
             load_vision_state(clf, Path(cfg.init_from))
@@ -58,16 +67,17 @@ class ClipClassifyTask(ClassifyTask):
 
     def zero_shot_only(self, cfg: ClipClassifyConfig, overwrite: bool) -> Path:
         """FusionBench's `skip_training`: evaluate the zero-shot head on the validation data and report."""
-        from visiontune.classify.task import load_split
         from visiontune.report import write_report
-        from visiontune.run.folder import prepare_run_dir
+        from visiontune.run.distributed import is_main_process
+        from visiontune.run.runner import open_run, save_eval
 
-        run_dir = Path(cfg.output_dir)
-        prepare_run_dir(run_dir, overwrite, resume=False)
-        data = load_split(cfg)
+        run_dir = Path(cfg.output_dir).expanduser()
+        data = self.prepare(cfg)
+        if not is_main_process():  # one evaluation is enough; the other ranks have nothing to add
+            return run_dir
+        open_run(cfg, run_dir, overwrite, None, self.skipped(data))
         clf = self.build_model(cfg, data.val.class_names)
-        report = self.evaluate_loaded(clf, data.val, run_dir / "eval")
-        (run_dir / "eval" / "after.json").write_text(json.dumps(report, indent=2))
+        save_eval(run_dir, "after", self.evaluate_loaded(clf, data.val, run_dir / "eval"))
         write_report(run_dir)
         return run_dir
 

@@ -17,21 +17,22 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import TrainerCallback
-from transformers.trainer_callback import PrinterCallback
 
-from visiontune.classify.task import TuningPlan, _callbacks, _setup_wandb, _with_size, _workers
 from visiontune.clip.captions import (
     CaptionCollator,
     CaptionedImages,
     CaptionPairs,
+    clean_pair_splits,
     clean_pairs,
     read_captions,
     split_by_image,
@@ -45,13 +46,10 @@ from visiontune.core.check import BadSample, clean
 from visiontune.core.dataset import Collator, ImageClassificationDataset
 from visiontune.core.errors import DataError, ModelError, RecipeError
 from visiontune.core.readers import LabeledImages, read_dataset
-from visiontune.core.transforms import eval_transform, train_transform
-from visiontune.recipe import dump_config
-from visiontune.run.callbacks import RichProgress
-from visiontune.run.distributed import check_process_group, is_main_process
-from visiontune.run.folder import last_checkpoint, prepare_run_dir
-from visiontune.run.optim import build_optimizer
-from visiontune.run.trainer import VisiontuneTrainer, training_arguments
+from visiontune.core.transforms import eval_transform, train_transform, with_image_size
+from visiontune.run.arguments import loader_workers
+from visiontune.run.task import Fit, Skipped, Task
+from visiontune.run.trainer import VisiontuneTrainer
 
 TRAINABLE = {
     "both": ("vision_model.", "visual_projection.", "text_model.", "text_projection."),
@@ -80,37 +78,81 @@ class ZeroShotData:
     skipped: list[BadSample] = field(default_factory=list)
 
 
-class ClipContrastiveTask:
-    def train(self, cfg: ClipContrastiveConfig, overwrite: bool = False, resume: bool = False) -> Path:
-        start = time.perf_counter()
-        cfg = with_contrastive_metric(cfg)
-        run_dir = Path(cfg.output_dir)
-        resume = resume or cfg.train.resume
-        if is_main_process():
-            checkpoint = prepare_run_dir(run_dir, overwrite, resume)
-            dump_config(cfg, run_dir / "config.yaml")
-        else:
-            checkpoint = last_checkpoint(run_dir) if resume else None
-        data = load_caption_split(cfg.data, cfg.seed)
-        zero_shot = load_zero_shot(cfg.data)
+@dataclass
+class ContrastiveData:
+    pairs: CaptionSplit
+    zero_shot: ZeroShotData | None
+
+
+class ClipContrastiveTask(Task):
+    name = "clip_contrastive"
+
+    def prepare(self, cfg: ClipContrastiveConfig) -> ContrastiveData:
+        check_metric(cfg.train.metric)
+        return ContrastiveData(load_caption_split(cfg.data, cfg.seed), load_zero_shot(cfg.data))
+
+    def skipped(self, data: ContrastiveData) -> list[Skipped]:
+        bad = data.pairs.skipped + (data.zero_shot.skipped if data.zero_shot else [])
+        return [Skipped(b.ref, b.reason) for b in bad]
+
+    def sizes(self, data: ContrastiveData) -> dict[str, int]:
+        pairs, zero_shot = data.pairs, data.zero_shot
+        return {
+            "train_images": len(pairs.train.images()),
+            "train_pairs": len(pairs.train),
+            "val_images": len(pairs.val.images()),
+            "val_pairs": len(pairs.val),
+            "zero_shot_samples": len(zero_shot.images) if zero_shot else 0,
+        }
+
+    def build(self, cfg: ClipContrastiveConfig, data: ContrastiveData, run_dir: Path) -> Fit:
         encoder = resolve_dual_encoder(cfg.model)
-        encoder.preprocess = _with_size(encoder.preprocess, cfg.data.image_size)
+        encoder.preprocess = with_image_size(encoder.preprocess, cfg.data.image_size)
         model = ContrastiveModel(encoder)
         set_trainable(model.model, cfg.trainable, cfg.model)
-        trainer = build_trainer(model, cfg, data, run_dir)
-        if checkpoint is None:
-            write_eval(run_dir, "before", trainer, zero_shot)
-        try:
-            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        finally:
-            for callback in trainer.callback_handler.callbacks:
-                if isinstance(callback, RichProgress):
-                    callback.stop()
-        after = write_eval(run_dir, "after", trainer, zero_shot)  # best checkpoint, reloaded by the Trainer
-        trainer.record_rank(run_dir)
-        if is_main_process():
-            _save_outputs(encoder, cfg, trainer, data, zero_shot, run_dir, after, time.perf_counter() - start)
-        return run_dir
+        if cfg.train.grad_checkpointing:
+            _enable_grad_checkpointing(model.model, cfg.model)
+        pre, max_pixels, seed = encoder.preprocess, cfg.data.max_image_pixels, cfg.seed
+        train_set = CaptionedImages(
+            data.pairs.train, train_transform(pre, cfg.data.augment), max_pixels, seed, pre.image_size
+        )
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return Fit(
+            model=model,
+            train_dataset=train_set,
+            eval_dataset=CaptionedImages(data.pairs.val, eval_transform(pre), max_pixels, seed, pre.image_size),
+            collator=CaptionCollator(encoder.tokenize),
+            trainer_class=ContrastiveTrainer,
+            callbacks=[CaptionEpoch(train_set)],
+            # Workers copy the dataset when they start; persistent ones would never see the next epoch's captions.
+            # A short last batch has few negatives (size 1: loss 0), which only adds noise to the contrastive signal.
+            args={
+                "dataloader_persistent_workers": False,
+                "dataloader_drop_last": len(train_set) > cfg.train.batch_size * world,
+            },
+            workers=loader_workers(cfg.data.workers, in_memory=data.pairs.train.kind == "array"),
+        )
+
+    def evaluate_run(
+        self, cfg: ClipContrastiveConfig, fit: Fit, trainer: Any, data: ContrastiveData, name: str
+    ) -> dict:
+        """Retrieval metrics (and zero-shot accuracy) of the in-training model."""
+        trainer.evaluate(metric_key_prefix=name)
+        metrics = dict(trainer.last)
+        if data.zero_shot is not None:
+            args = trainer.args
+            extra = zero_shot_metrics(trainer.model, data.zero_shot, args.eval_batch_size, args.dataloader_num_workers)
+            trainer.log({f"{name}_{k}": v for k, v in extra.items()})
+            metrics |= extra
+        return {"metrics": metrics}
+
+    def save(
+        self, cfg: ClipContrastiveConfig, fit: Fit, trainer: Any, data: ContrastiveData, run_dir: Path, after: dict
+    ) -> dict:
+        encoder = fit.model.encoder
+        encoder.save(run_dir / "model", extra_meta={"task": "clip_contrastive", "trainable": cfg.trainable})
+        trainable = sum(p.numel() for p in encoder.model.parameters() if p.requires_grad)
+        return {"trainable": cfg.trainable, "trainable_parameters": trainable}
 
     def evaluate(
         self,
@@ -219,15 +261,11 @@ def set_trainable(model: nn.Module, trainable: str, name: str) -> int:
     return count
 
 
-def with_contrastive_metric(cfg: ClipContrastiveConfig) -> ClipContrastiveConfig:
-    """`mean_recall` unless the recipe names a metric. Needed because a recipe's own `train:` section is a fresh
-    TrainConfig whose default metric is the classifiers' `accuracy`, which retrieval evaluation does not produce."""
-    metric = cfg.train.metric if "metric" in cfg.train.model_fields_set else "mean_recall"
+def check_metric(metric: str) -> None:
     if metric not in VAL_METRICS:
         raise RecipeError(
             f"train.metric: {metric} is not a clip_contrastive validation metric; use one of {VAL_METRICS}."
         )
-    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"metric": metric})})
 
 
 def load_caption_split(d: CaptionDataConfig, seed: int) -> CaptionSplit:
@@ -237,9 +275,8 @@ def load_caption_split(d: CaptionDataConfig, seed: int) -> CaptionSplit:
         val = read_captions(d.val, d.image_root, seed, split="validation")
     else:
         train, val = split_by_image(train, d.val_split, seed)
-    train, bad_train = clean_pairs(train, d.on_bad_sample, d.max_image_pixels, "train")
-    val, bad_val = clean_pairs(val, d.on_bad_sample, d.max_image_pixels, "val")
-    return CaptionSplit(train, val, bad_train + bad_val)
+    kept, bad = clean_pair_splits({"train": train, "val": val}, d.on_bad_sample, d.max_image_pixels)
+    return CaptionSplit(kept["train"], kept["val"], bad)
 
 
 def load_zero_shot(d: CaptionDataConfig) -> ZeroShotData | None:
@@ -296,42 +333,6 @@ class CaptionEpoch(TrainerCallback):
         self.dataset.set_epoch(math.floor((state.epoch or 0.0) + 1e-6))
 
 
-def build_trainer(
-    model: ContrastiveModel, cfg: ClipContrastiveConfig, data: CaptionSplit, run_dir: Path
-) -> ContrastiveTrainer:
-    report_to = _setup_wandb(cfg, run_dir)
-    workers = _workers(cfg.data.workers, data.train)
-    args = training_arguments(
-        cfg.train, run_dir, cfg.seed, workers, report_to, greater_is_better="loss" not in cfg.train.metric
-    )
-    check_process_group(args.world_size)
-    # Worker processes copy the dataset when they start; persistent ones would never see the next epoch's captions.
-    args.dataloader_persistent_workers = False
-    pre, max_pixels = model.encoder.preprocess, cfg.data.max_image_pixels
-    train_set = CaptionedImages(
-        data.train, train_transform(pre, cfg.data.augment), max_pixels, cfg.seed, pre.image_size
-    )
-    # A short last batch has few negatives (size 1: loss 0), which only adds noise to the contrastive signal.
-    args.dataloader_drop_last = len(train_set) > cfg.train.batch_size * args.world_size
-    if cfg.train.grad_checkpointing:
-        _enable_grad_checkpointing(model.model, cfg.model)
-    trainer = ContrastiveTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_set,
-        eval_dataset=CaptionedImages(data.val, eval_transform(pre), max_pixels, cfg.seed, pre.image_size),
-        data_collator=CaptionCollator(model.encoder.tokenize),
-        optimizers=(build_optimizer(model, cfg.train), None),
-        callbacks=[
-            *_callbacks(cfg, TuningPlan(), run_dir, cfg.train.batch_size * cfg.train.grad_accum * args.world_size),
-            CaptionEpoch(train_set),
-        ],
-    )
-    trainer.remove_callback(PrinterCallback)
-    return trainer
-
-
-@torch.inference_mode()
 def retrieval_scores(
     model: ContrastiveModel, images: CaptionedImages, batch_size: int, workers: int, loss_batch: int
 ) -> tuple[dict[str, float], torch.Tensor]:
@@ -381,55 +382,6 @@ def _batched_loss(model: nn.Module, images: torch.Tensor, texts: torch.Tensor, b
         rows = order[s : s + batch]
         total += info_nce(scale * images[rows] @ texts[rows].T).item() * len(rows)
     return total / len(images)
-
-
-def write_eval(run_dir: Path, name: str, trainer: ContrastiveTrainer, zero_shot: ZeroShotData | None) -> dict:
-    """Retrieval metrics (and zero-shot accuracy) into eval/{name}.json as {"metrics": {...}}."""
-    trainer.evaluate(metric_key_prefix=name)
-    metrics = dict(trainer.last)
-    if zero_shot is not None:
-        extra = zero_shot_metrics(
-            trainer.model, zero_shot, trainer.args.eval_batch_size, trainer.args.dataloader_num_workers
-        )
-        trainer.log({f"{name}_{k}": v for k, v in extra.items()})
-        metrics |= extra
-    report = {"metrics": metrics}
-    if is_main_process():
-        (run_dir / "eval").mkdir(exist_ok=True)
-        (run_dir / "eval" / f"{name}.json").write_text(json.dumps(report, indent=2))
-    return report
-
-
-def _save_outputs(
-    encoder: DualEncoder,
-    cfg: ClipContrastiveConfig,
-    trainer: ContrastiveTrainer,
-    data: CaptionSplit,
-    zero_shot: ZeroShotData | None,
-    run_dir: Path,
-    after: dict,
-    wall_time: float,
-) -> None:
-    from visiontune.report import write_report
-
-    encoder.save(run_dir / "model", extra_meta={"task": "clip_contrastive", "trainable": cfg.trainable})
-    skipped = data.skipped + (zero_shot.skipped if zero_shot else [])
-    summary = {
-        "wall_time_s": round(wall_time, 1),
-        "train_images": len(data.train.images()),
-        "train_pairs": len(data.train),
-        "val_images": len(data.val.images()),
-        "val_pairs": len(data.val),
-        "zero_shot_samples": len(zero_shot.images) if zero_shot else 0,
-        "trainable": cfg.trainable,
-        "trainable_parameters": sum(p.numel() for p in encoder.model.parameters() if p.requires_grad),
-        "skipped_samples": [{"ref": b.ref, "reason": b.reason} for b in skipped],
-        "best_checkpoint": trainer.state.best_model_checkpoint,
-        "global_step": trainer.state.global_step,
-        "final_metrics": after["metrics"],
-    }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    write_report(run_dir)
 
 
 def _write_predictions(path: Path, pairs: CaptionPairs, similarity: torch.Tensor) -> None:

@@ -12,6 +12,7 @@ from visiontune.clip.merge import MERGE_METHODS
 from visiontune.core.check import clean
 from visiontune.core.errors import RecipeError
 from visiontune.core.readers import read_dataset
+from visiontune.run.folder import prepare_output_folder
 
 OPTIONS = {"average": set(), "task_arithmetic": {"scaling"}, "ties": {"scaling", "density"}}
 
@@ -24,6 +25,7 @@ def merge_clip(base: str, fine_tuned: list[str], method: str, out: Path, data: l
         raise RecipeError(f"--method {method} takes no {sorted(unknown)}; it takes {sorted(OPTIONS[method])}.")
     if len(fine_tuned) < 2:
         raise RecipeError("merge needs at least two fine-tuned models.")
+    out = prepare_output_folder(out, "merge --out")  # before loading anything: a refused folder fails fast
     encoder = resolve_dual_encoder(base)
     base_state = {
         k: v for k, v in encoder.model.state_dict().items() if k.startswith(("vision_model.", "visual_projection."))

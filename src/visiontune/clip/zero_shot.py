@@ -118,7 +118,7 @@ class CLIPClassifier(nn.Module):
             extra["l_lora"] = self.lora_settings
         elif isinstance(self.vision, PeftModel):
             if adapter_dir is not None:
-                self.vision.save_pretrained(str(adapter_dir))
+                save_plain_adapter(self.vision, Path(adapter_dir), self.encoder)
             self.vision = self.vision.merge_and_unload()
         self.encoder.save(directory, extra_meta=extra)
         if linearized is not None:
@@ -126,6 +126,28 @@ class CLIPClassifier(nn.Module):
 
             save_file({k: v.contiguous() for k, v in linearized.items()}, str(directory / "linearized.safetensors"))
         return directory
+
+
+def save_plain_adapter(vision: nn.Module, directory: Path, encoder: DualEncoder) -> None:
+    """PEFT names the adapter after the module it wraps, `VisionTower` (`model.vision_model....`); renamed to the
+    dual encoder's own keys (`vision_model....`, shared by `CLIPModel` and `CLIPVisionModel`, SigLIP alike), plain
+    `PeftModel.from_pretrained(<model>, directory)` loads it onto the model class a user has."""
+    from safetensors.torch import load_file, save_file
+
+    vision.save_pretrained(str(directory))
+    weights = directory / "adapter_model.safetensors"
+    wrapped, plain = "base_model.model.model.", "base_model.model."
+    state = {
+        (plain + k.removeprefix(wrapped) if k.startswith(wrapped) else k): v for k, v in load_file(weights).items()
+    }
+    save_file(state, str(weights), metadata={"format": "pt"})
+    config_file = directory / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    model_class = type(encoder.model)
+    config["auto_mapping"] = {"base_model_class": model_class.__name__, "parent_library": model_class.__module__}
+    if not encoder.source.startswith("builtin:"):
+        config["base_model_name_or_path"] = config.get("base_model_name_or_path") or encoder.source
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def _linearized_state(vision: nn.Module) -> dict[str, torch.Tensor] | None:

@@ -15,6 +15,17 @@ from visiontune.core.images import BadImage, open_image
 from visiontune.core.readers import LabeledImages
 
 
+class SampleError(DataError):
+    """A sample that fails while training (one sentence). A DataLoader worker re-raises it in the main process as
+    `SampleError("Caught SampleError in DataLoader worker process 0. Original Traceback ...")`: keep only the
+    original sentence, the traceback's last line, so the user still reads one line."""
+
+    def __init__(self, message: str):
+        if "Original Traceback" in message:
+            message = message.rstrip().rpartition(f"{type(self).__name__}: ")[2]
+        super().__init__(message)
+
+
 class ImageClassificationDataset(torch.utils.data.Dataset):
     def __init__(self, data: LabeledImages, transform: Callable, max_pixels: int, draft_size: int | None = None):
         self.data, self.transform, self.max_pixels, self.draft_size = data, transform, max_pixels, draft_size
@@ -31,7 +42,7 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
             return open_image(source, self.max_pixels, self.draft_size)
         except BadImage as err:
             hint = "fix or remove it (data.on_bad_sample=skip drops bad samples)"
-            raise DataError(f"{d.ref(i)} {err}; {hint}.") from None
+            raise SampleError(f"{d.ref(i)} {err}; {hint}.") from None
 
     def __getitem__(self, i: int) -> dict:
         return {"pixel_values": self.transform(self.load(i)), "labels": self.data.labels[i]}

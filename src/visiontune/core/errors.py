@@ -24,3 +24,19 @@ class RunDirError(VisiontuneError):
 
 class DistributedError(VisiontuneError):
     """The process group does not match what the launcher promised."""
+
+
+def describe_unexpected(err: BaseException) -> str:
+    """One sentence for an error that is not a VisiontuneError: what failed, and a fix where the kind tells one."""
+    import json
+
+    detail = (str(err).strip().splitlines() or [""])[0][:300]
+    if isinstance(err, json.JSONDecodeError):
+        return f"a JSON file it read is damaged ({err.msg} at line {err.lineno}, column {err.colno}); rewrite it"
+    if isinstance(err, ModuleNotFoundError) and err.name:
+        return f"the package `{err.name}` is not installed; install it (pip install {err.name}) and try again"
+    if isinstance(err, OSError) and err.filename:
+        return f"{err.filename}: {err.strerror or detail}; check the path and its permissions"
+    if isinstance(err, MemoryError) or "out of memory" in detail.lower():
+        return f"out of memory ({detail or type(err).__name__}); lower train.batch_size or use a smaller model"
+    return f"{type(err).__name__}: {detail}" if detail else type(err).__name__

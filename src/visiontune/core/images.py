@@ -1,9 +1,12 @@
 """Image decoding that never surprises: EXIF rotation applied, every PIL mode turned into 8-bit RGB, a pixel cap
-against decompression bombs, and a cheap header/tail check used to validate a whole dataset before training."""
+against decompression bombs, and the full-decode check used to validate a whole dataset before training."""
 
 from __future__ import annotations
 
 import io
+import os
+import re
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +16,7 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 # Our own guard (below) replaces PIL's global one so the limit is per-recipe and the message is ours.
 Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+_BUFFER = re.compile(r" <_io\.BytesIO object at 0x[0-9a-f]+>")
 
 
 class BadImage(Exception):
@@ -20,38 +24,15 @@ class BadImage(Exception):
 
 
 def open_image(source: str | Path | bytes | Image.Image, max_pixels: int, draft_size: int | None = None) -> Image.Image:
-    """Decode `source` into an RGB image, raising `BadImage(reason)` for anything unusable."""
-    try:
-        img = source if isinstance(source, Image.Image) else Image.open(_as_file(source))
-        _check_pixels(img, max_pixels)
-        if draft_size and img.format == "JPEG":
-            # Let libjpeg decode at a reduced scale: a large speed-up for big photos fed to a small network.
-            img.draft("RGB", (draft_size, draft_size))
-        img = ImageOps.exif_transpose(img)
-        return to_rgb(img)
-    except BadImage:
-        raise
-    except FileNotFoundError:
-        raise BadImage("file not found") from None
-    except (OSError, ValueError, SyntaxError) as err:
-        raise BadImage(f"cannot be decoded ({err})") from None
+    """Decode `source` fully into an RGB image, raising `BadImage(reason)` for anything unusable."""
+    return _decode(source, max_pixels, draft_size, "cannot be decoded")
 
 
 def check_image(path: str | Path, max_pixels: int) -> None:
-    """Fast validity check without a full decode: header, size cap, PNG CRCs (verify), JPEG end marker."""
-    try:
-        with Image.open(path) as img:
-            _check_pixels(img, max_pixels)
-            fmt = img.format
-            img.verify()
-    except BadImage:
-        raise
-    except FileNotFoundError:
-        raise BadImage("file not found") from None
-    except (OSError, ValueError, SyntaxError) as err:
-        raise BadImage(f"is corrupt or not an image ({err})") from None
-    if fmt == "JPEG" and not _jpeg_complete(Path(path)):
-        raise BadImage("is a truncated JPEG (no end-of-image marker)")
+    """Decode the file exactly as training does (full pixel data, EXIF rotation, RGB conversion), so a file that
+    passes cannot fail mid-training: a header check misses truncated GIF/BMP/TIFF/PPM files. JPEGs decode at 1/8
+    scale, which is ~3x faster and still reads (and so checks) every byte of the compressed data."""
+    _decode(path, max_pixels, 1, "is corrupt or not an image")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -73,6 +54,33 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+def _decode(
+    source: str | Path | bytes | Image.Image, max_pixels: int, draft_size: int | None, failure: str
+) -> Image.Image:
+    try:
+        # Close what we opened: a multi-frame GIF/TIFF keeps its file open after load(), and a check opens thousands.
+        with nullcontext(source) if isinstance(source, Image.Image) else Image.open(_as_file(source)) as img:
+            _check_pixels(img, max_pixels)
+            if draft_size and img.format == "JPEG":
+                # Let libjpeg decode at a reduced scale: a large speed-up for big photos fed to a small network.
+                img.draft("RGB", (draft_size, draft_size))
+            rgb = to_rgb(ImageOps.exif_transpose(img))  # a new image (exif_transpose copies), so closing img is safe
+            rgb.load()  # decode now: a truncated file must fail here, named, not later inside a transform
+            return rgb
+    except BadImage:
+        raise
+    except FileNotFoundError:
+        raise BadImage("file not found") from None
+    except Exception as err:  # PIL plugins raise OSError, EOFError, struct.error, IndexError... on malformed files
+        raise BadImage(f"{failure} ({_detail(err, source)})") from None
+
+
+def _detail(err: Exception, source: object) -> str:
+    """PIL's message without the file name or buffer it repeats: the caller names the record already."""
+    named = f" {os.fspath(source)!r}" if isinstance(source, str | Path) else ""
+    return _BUFFER.sub("", str(err).replace(named, "") if named else str(err)) or type(err).__name__
+
+
 def _check_pixels(img: Image.Image, max_pixels: int) -> None:
     w, h = img.size
     if w * h > max_pixels:
@@ -83,10 +91,3 @@ def _check_pixels(img: Image.Image, max_pixels: int) -> None:
 
 def _as_file(source: str | Path | bytes):
     return io.BytesIO(source) if isinstance(source, bytes) else source
-
-
-def _jpeg_complete(path: Path) -> bool:
-    with open(path, "rb") as f:
-        f.seek(0, io.SEEK_END)
-        f.seek(max(0, f.tell() - 64))
-        return b"\xff\xd9" in f.read()

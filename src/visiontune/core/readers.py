@@ -1,13 +1,19 @@
 """Readers: each turns one on-disk (or built-in) format into `LabeledImages` — items, integer labels, class names.
 
-Formats: image folder tree (one sub-folder per class), CSV/JSONL (`path,label`, paths relative to the file),
-a `datasets` dataset (saved to disk or a hub id), and `builtin:mnist-5k` / `builtin:digits`.
+Formats: image folder tree (one sub-folder per class; hidden files and folders are skipped), CSV/JSONL (`path,label`,
+or the columns named by data.image_column / data.label_column; paths relative to the file), a `datasets` dataset
+(saved to disk or a hub id), and `builtin:mnist-5k` / `builtin:digits`. Every label becomes a class name through
+`class_label`, so one class is one class whatever the file type. Text files must be UTF-8.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
+import numbers
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,7 +70,7 @@ def read_dataset(
         return _read_builtin(spec.removeprefix("builtin:"))
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix.lower() in READERS:
-        return READERS[path.suffix.lower()](path, class_names)
+        return READERS[path.suffix.lower()](path, class_names, image_column, label_column)
     if path.is_dir() and _is_hf_saved(path):
         return _read_hf(path, split, image_column, label_column, class_names)
     if path.is_dir():
@@ -77,36 +83,156 @@ def read_dataset(
 
 
 def _read_imagefolder(root: Path, class_names: list[str] | None) -> LabeledImages:
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not _hidden(p.name))
     if not folders:
         raise DataError(f"{root} has no class sub-folders; put each class's images in {root}/<class name>/.")
-    names = class_names or [p.name for p in folders]
+    names = _class_names(class_names) or list(dict.fromkeys(_folder_class(p) for p in folders))
     index = _class_index(names, str(root))
     items, labels = [], []
     for folder in folders:
-        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and _visible(p, folder))
         if not files:
             raise DataError(f"Class folder {folder} has no images; add images or remove the folder.")
-        if folder.name not in index:
+        if _folder_class(folder) not in index:
             raise DataError(f"Class folder {folder} is not in data.class_names {names}; add it or remove the folder.")
         items += files
-        labels += [index[folder.name]] * len(files)
+        labels += [index[_folder_class(folder)]] * len(files)
     return LabeledImages(items, labels, names, str(root))
 
 
-def _read_csv(path: Path, class_names: list[str] | None) -> LabeledImages:
-    rows, lines = [], []
-    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheet exports start with a BOM
-        reader = csv.DictReader(f)
-        for row in reader:  # blank lines are skipped, so keep each row's own line number for messages
-            rows.append(row)
-            lines.append(reader.line_num)
-    return _from_rows(path, rows, lines, class_names)
+def _hidden(name: str) -> bool:
+    """Dot-files and dot-folders (macOS `._x.jpg`, `.ipynb_checkpoints/`, `.DS_Store`) and zip's `__MACOSX/`."""
+    return name.startswith(".") or name == "__MACOSX"
 
 
-def _read_jsonl(path: Path, class_names: list[str] | None) -> LabeledImages:
+def _visible(path: Path, folder: Path) -> bool:
+    return path.is_file() and not any(_hidden(part) for part in path.relative_to(folder).parts)
+
+
+def _folder_class(folder: Path) -> str:
+    return class_label(folder.name) or folder.name
+
+
+def _read_csv(
+    path: Path, class_names: list[str] | None, image_column: str | None = None, label_column: str | None = None
+) -> LabeledImages:
+    header, rows, lines = read_csv_rows(path)
+    return _from_rows(path, header, rows, lines, class_names, image_column, label_column)
+
+
+def _read_jsonl(
+    path: Path, class_names: list[str] | None, image_column: str | None = None, label_column: str | None = None
+) -> LabeledImages:
+    rows, lines = read_jsonl_rows(path, '{"path": ..., "label": ...}')
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    return _from_rows(path, columns, rows, lines, class_names, image_column, label_column)
+
+
+def _from_rows(
+    path: Path,
+    columns: list[str],
+    rows: list[dict],
+    lines: list[int],
+    class_names: list[str] | None,
+    image_column: str | None,
+    label_column: str | None,
+) -> LabeledImages:
+    if not rows:
+        raise DataError(f"{path} has no records; add `path,label` rows.")
+    path_key, label_key = _row_columns(path, columns, image_column, label_column)
+    items, found = [], []
+    for n, row in zip(lines, rows, strict=True):
+        file, label = row.get(path_key), _label_at(f"{path} line {n}", row.get(label_key))
+        missing = [key for key, value in ((path_key, file), (label_key, label)) if _blank(value)]
+        if missing:
+            raise DataError(f"{path} line {n} has no {' or '.join(missing)}; fill it in or remove that line.")
+        items.append((path.parent / str(file)).resolve())
+        found.append((n, row.get(label_key), label))
+    names = _class_names(class_names) or sorted({label for _, _, label in found}, key=_natural_key)
+    index = _class_index(names, str(path))
+    for n, value, label in found:
+        if label not in index:
+            raise DataError(
+                f"{path} line {n}: label {value!r} is not in the class list {names}; "
+                "fix the label or add it to data.class_names."
+            )
+    return LabeledImages(items, [index[label] for _, _, label in found], names, str(path))
+
+
+def _row_columns(path: Path, columns: list[str], image_column: str | None, label_column: str | None) -> tuple[str, str]:
+    """The image-path and label columns: the ones the recipe names, else the usual names."""
+    for chosen, key in ((image_column, "data.image_column"), (label_column, "data.label_column")):
+        if chosen is not None and chosen not in columns:
+            raise DataError(
+                f"{path} has no column {chosen!r} ({key}); its columns are {sorted(columns)}, so fix {key}."
+            )
+    path_key = image_column or next((k for k in PATH_COLUMNS if k in columns), None)
+    label_key = label_column or ("label" if "label" in columns else None)
+    if path_key is None or label_key is None:
+        raise DataError(
+            f"{path} needs columns `path` and `label` (found {sorted(columns)}); rename the columns, or name "
+            "them with data.image_column and data.label_column."
+        )
+    return path_key, label_key
+
+
+# ---------------------------------------------------------------------------------------------- text files
+
+
+def read_text(path: Path) -> str:
+    """A text file's content, a leading byte-order mark dropped (spreadsheets write one) and line ends kept as they
+    are; a file that is not UTF-8 is one DataError naming the line, not a UnicodeDecodeError traceback."""
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = err.object.count(b"\n", 0, err.start) + 1
+        how = " (in a spreadsheet, save as CSV UTF-8)" if path.suffix.lower() == ".csv" else ""
+        raise DataError(
+            f"{path} is not UTF-8 text (line {line} has the byte 0x{err.object[err.start]:02x}); save it as UTF-8{how}."
+        ) from None
+
+
+def read_csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]], list[int]]:
+    """The header (names stripped), the records and each record's line; blank lines are skipped. Refused, naming the
+    line: a quoted field that runs over lines (almost always a stray `"`, which makes the csv module swallow every
+    row up to the next quote) and a row with more non-empty fields than the header (an unquoted comma)."""
+    reader = csv.reader(io.StringIO(read_text(path), newline=""))
+    header: list[str] | None = None
+    rows, lines, end = [], [], 0
+    try:
+        for fields in reader:
+            start, end = end + 1, reader.line_num
+            if end > start:
+                raise DataError(
+                    f"{path} line {start} opens a quoted field that runs on to line {end}, which means a stray "
+                    'quote ("); remove it, or write a quote inside a field as two ("").'
+                )
+            if not fields:
+                continue
+            if header is None:
+                header = [name.strip() for name in fields]
+            elif any(value.strip() for value in fields[len(header) :]):
+                raise DataError(
+                    f"{path} line {start} has {len(fields)} fields but the header has {len(header)}; quote a "
+                    'field that holds a comma ("a, b") or remove the extra fields.'
+                )
+            else:
+                rows.append({name: fields[k] if k < len(fields) else None for k, name in enumerate(header)})
+                lines.append(start)
+    except csv.Error as err:
+        raise DataError(
+            f'{path} line {reader.line_num} cannot be read as CSV ({err}); fix that line (a stray quote " is the '
+            "usual cause)."
+        ) from None
+    return header or [], rows, lines
+
+
+def read_jsonl_rows(path: Path, example: str) -> tuple[list[dict], list[int]]:
+    """The JSON objects of a JSONL file with their line numbers; blank lines are skipped. `example` shows a record
+    in the message for a line that is not an object."""
     rows, lines = [], []
-    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+    # split("\n"), not splitlines(): a JSON string may hold a raw U+2028 or form feed, which splitlines breaks on.
+    for n, line in enumerate(read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -114,37 +240,57 @@ def _read_jsonl(path: Path, class_names: list[str] | None) -> LabeledImages:
         except json.JSONDecodeError as err:
             raise DataError(f"{path} line {n} is not valid JSON ({err.msg}); fix or remove that line.") from None
         if not isinstance(row, dict):
-            raise DataError(
-                f'{path} line {n} is not a JSON object; write each record as {{"path": ..., "label": ...}}.'
-            )
+            raise DataError(f"{path} line {n} is not a JSON object; write each record as {example}.")
         rows.append(row)
         lines.append(n)
-    return _from_rows(path, rows, lines, class_names)
+    return rows, lines
 
 
-def _from_rows(path: Path, rows: list[dict], lines: list[int], class_names: list[str] | None) -> LabeledImages:
-    if not rows:
-        raise DataError(f"{path} has no records; add `path,label` rows.")
-    path_key = next((k for k in ("path", "image", "file", "filename") if k in rows[0]), None)
-    if path_key is None or "label" not in rows[0]:
-        raise DataError(f"{path} needs columns `path` and `label` (found {sorted(rows[0])}); rename the columns.")
-    for n, row in zip(lines, rows, strict=True):
-        missing = [k for k in (path_key, "label") if row.get(k) in (None, "")]
-        if missing:
-            raise DataError(f"{path} line {n} has no {' or '.join(missing)}; fill it in or remove that line.")
-    names = class_names or sorted({str(r["label"]) for r in rows}, key=_natural_key)
-    index = _class_index(names, str(path))
-    items, labels = [], []
-    for n, row in zip(lines, rows, strict=True):
-        label = str(row.get("label"))
-        if label not in index:
-            raise DataError(
-                f"{path} line {n}: label {label!r} is not in the class list {names}; "
-                "fix the label or add it to data.class_names."
-            )
-        items.append((path.parent / str(row[path_key])).resolve())
-        labels.append(index[label])
-    return LabeledImages(items, labels, names, str(path))
+# ---------------------------------------------------------------------------------------------- labels
+
+
+def class_label(value: Any) -> str | None:
+    """The class name a label value stands for, so that one class is one class whatever the file type:
+
+    - text loses surrounding whitespace: "cat " and "cat" are one class;
+    - a whole number is written without a fraction: 1, 1.0, "1.0" and " 1 " are all "1" (pandas writes 1.0 to a
+      CSV where a JSONL holds 1); other numbers keep Python's shortest form (0.5 -> "0.5"); text such as "01" stays;
+    - None, empty text and NaN are no label (None: the caller names the record);
+    - a boolean raises ValueError: true could stand for class 1 or for class "true", so the data must say which.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or type(value).__name__ == "bool_":  # bool_: numpy's, from a datasets column
+        raise ValueError("is a boolean, which could mean class 1 or class 'true'")
+    if isinstance(value, str):
+        whole = _WHOLE.fullmatch(value.strip())
+        return (str(int(whole.group(1))) if whole else value.strip()) or None
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        number = float(value)
+        if math.isnan(number):
+            return None
+        return str(int(number)) if number.is_integer() else repr(number)
+    raise ValueError(f"is a {type(value).__name__}, not one class")
+
+
+def _label_at(where: str, value: Any) -> str | None:
+    try:
+        return class_label(value)
+    except ValueError as err:
+        raise DataError(f"{where}: label {value!r} {err}; write each class as text or a number.") from None
+
+
+def _class_names(class_names: list[str] | None) -> list[str] | None:
+    """data.class_names under the same rule as the labels, so "1.0" in the recipe matches 1 in the data."""
+    if not class_names:
+        return None
+    return [_label_at("data.class_names", name) or str(name) for name in class_names]
+
+
+def _blank(value: Any) -> bool:
+    return value is None or str(value).strip() == ""
 
 
 def _read_hf(
@@ -173,20 +319,24 @@ def _read_hf(
     feature = ds.features[label_col]
     raw = ds[label_col]
     if hasattr(feature, "names"):
-        names = class_names or list(feature.names)
         # Out-of-range ids (-1 marks unlabelled records) must fail below, not wrap round to the last class.
         raw = [feature.names[i] if isinstance(i, int) and 0 <= i < len(feature.names) else i for i in raw]
+    found = [_label_at(f"Dataset {spec} record {i}", value) for i, value in enumerate(raw)]
+    if hasattr(feature, "names"):
+        names = _class_names(class_names) or _class_names(list(feature.names))  # ClassLabel order, not sorted
     else:
-        names = class_names or sorted({str(v) for v in raw}, key=_natural_key)
+        names = _class_names(class_names) or sorted({v for v in found if v is not None}, key=_natural_key)
     index = _class_index(names, str(spec))
     labels = []
-    for i, value in enumerate(raw):
-        if str(value) not in index:
+    for i, (value, label) in enumerate(zip(raw, found, strict=True)):
+        if label is None:
+            raise DataError(f"Dataset {spec} record {i} has no label; fill it in or drop that record.")
+        if label not in index:
             raise DataError(
                 f"Dataset {spec} record {i}: label {value!r} is not in the class list {names}; "
                 "fix or drop that record, or add the label to data.class_names."
             )
-        labels.append(index[str(value)])
+        labels.append(index[label])
     return LabeledImages(list(range(len(ds))), labels, names, str(spec), "hf", ds, image_col)
 
 
@@ -241,7 +391,10 @@ def _natural_key(s: str) -> tuple:
     return (0, int(s), "") if s.lstrip("-").isdigit() else (1, 0, s)
 
 
-READERS: dict[str, Callable[[Path, list[str] | None], LabeledImages]] = {
+PATH_COLUMNS = ("path", "image", "file", "filename")  # image-path columns found without data.image_column
+_WHOLE = re.compile(r"([+-]?\d+)\.0*")  # "1.0", "-2.", "3.000": whole numbers written as floats
+
+READERS: dict[str, Callable[[Path, list[str] | None, str | None, str | None], LabeledImages]] = {
     ".csv": _read_csv,
     ".jsonl": _read_jsonl,
 }

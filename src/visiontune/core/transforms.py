@@ -65,3 +65,8 @@ def batch_mixer(aug: AugmentConfig, num_classes: int) -> v2.Transform | None:
     if not mixers:
         return None
     return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+
+
+def with_image_size(pre: Preprocess, size: int | None) -> Preprocess:
+    """The same preprocessing at the recipe's `data.image_size` (unchanged when unset)."""
+    return pre if size is None else Preprocess(size, pre.mean, pre.std, pre.interpolation)

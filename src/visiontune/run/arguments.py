@@ -77,3 +77,10 @@ def training_arguments(
     )
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
+
+
+def loader_workers(setting: int | str, in_memory: bool) -> int:
+    """`data.workers`; `auto`: none for in-memory arrays (workers would only copy them), else up to 4."""
+    if setting != "auto":
+        return int(setting)
+    return 0 if in_memory else min(4, os.cpu_count() or 1)

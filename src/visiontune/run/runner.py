@@ -76,11 +76,19 @@ def resume_point(run_dir: Path, flag: bool, recipe_key: bool) -> Path | None:
 
 
 def open_run(
-    cfg: BaseModel, run_dir: Path, overwrite: bool, checkpoint: Path | None, skipped: list[Skipped]
+    cfg: BaseModel,
+    run_dir: Path,
+    overwrite: bool,
+    checkpoint: Path | None,
+    skipped: list[Skipped],
+    resuming: bool | None = None,
 ) -> RunStart:
-    """Create (or reopen, when resuming) the run folder on rank 0, save config.yaml, say what matters once."""
+    """Create (or reopen, when resuming) the run folder on rank 0, save config.yaml, say what matters once.
+    `resuming` defaults to "there is a checkpoint"; a multi-stage task that resumes between stages passes True."""
+    resuming = checkpoint is not None if resuming is None else resuming
     if is_main_process():
-        prepare_run_dir(run_dir, overwrite, resume=checkpoint is not None)
+        if checkpoint is not None or not resuming:
+            prepare_run_dir(run_dir, overwrite, resume=resuming)
         from visiontune.recipe import dump_config
 
         dump_config(cfg, run_dir / "config.yaml")
@@ -172,19 +180,24 @@ def fit_and_evaluate(task: Task, cfg: BaseModel, fit: Fit, trainer: Any, data: A
     """Evaluate before (fresh runs), train or resume, keep the better of trained/EMA weights, evaluate after."""
     if run.checkpoint is None:
         save_eval(run.run_dir, "before", task.evaluate_run(cfg, fit, trainer, data, "before"))
-    from visiontune.run.callbacks import RichProgress
-
-    try:
-        trainer.train(resume_from_checkpoint=str(run.checkpoint) if run.checkpoint else None)
-    finally:
-        for callback in trainer.callback_handler.callbacks:
-            if isinstance(callback, RichProgress):
-                callback.stop()
+    train_with_progress(trainer, run.checkpoint)
     weights = keep_better_ema(trainer, cfg.train.metric)
     after = task.evaluate_run(cfg, fit, trainer, data, "after")
     after["weights"] = weights
     save_eval(run.run_dir, "after", after)
     return after
+
+
+def train_with_progress(trainer: Any, checkpoint: Path | None) -> None:
+    """Train (or resume); the progress bar is stopped even on Ctrl-C so the terminal is left clean."""
+    from visiontune.run.callbacks import RichProgress
+
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    finally:
+        for callback in trainer.callback_handler.callbacks:
+            if isinstance(callback, RichProgress):
+                callback.stop()
 
 
 def keep_better_ema(trainer: Any, metric: str) -> str:

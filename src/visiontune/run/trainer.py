@@ -25,8 +25,10 @@ class VisiontuneTrainer(Trainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
     def _save_checkpoint(self, model, trial):
-        """Write the checkpoint under `.partial/`, then move it into place with one atomic rename, so a kill
-        mid-save leaves the previous checkpoint as the newest complete one."""
+        """Write the checkpoint under `.partial/`, fsync it, then move it into place with one atomic rename, so a
+        kill, power cut or full disk mid-save leaves the previous checkpoint as the newest complete one."""
+        from visiontune.run.folder import publish, save_error
+
         run_dir = self.args.output_dir
         name = f"checkpoint-{self.state.global_step}"
         staging_root = os.path.join(run_dir, PARTIAL)
@@ -34,19 +36,26 @@ class VisiontuneTrainer(Trainer):
         if self.args.should_save and os.path.exists(staging):
             shutil.rmtree(staging)
         self.accelerator.wait_for_everyone()
-        self.args.output_dir = staging_root  # Trainer writes run_dir/checkpoint-N from args.output_dir
         try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.output_dir = run_dir
-        self.accelerator.wait_for_everyone()  # every rank has written its RNG state
-        if self.state.best_model_checkpoint == staging:
-            self.state.best_model_checkpoint = final
+            self.args.output_dir = staging_root  # Trainer writes run_dir/checkpoint-N from args.output_dir
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.output_dir = run_dir
+            self.accelerator.wait_for_everyone()  # every rank has written its RNG state
+            if self.state.best_model_checkpoint == staging:
+                self.state.best_model_checkpoint = final
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(staging, "trainer_state.json"))
+                publish(Path(staging), Path(final))
+        except Exception as err:
+            error = save_error(Path(run_dir), name, err)  # before the cleanup below frees the space
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)  # a torn save only holds disk space
+            if error is None:
+                raise
+            raise error from err
         if self.args.should_save:
-            self.state.save_to_json(os.path.join(staging, "trainer_state.json"))
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(staging, final)
             rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=False)
         self.accelerator.wait_for_everyone()
 

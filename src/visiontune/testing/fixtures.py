@@ -181,3 +181,97 @@ def tiny_siglip(out: Path) -> Path:
     SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).save_pretrained(out)
     SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(out)
     return out
+
+
+# ------------------------------------------------------------------------------------------ `visiontune fixtures`
+
+SMOKE_RUNS = "runs/smoke"  # where the printed smoke-test commands put their run folders
+
+
+def write_everything(out: Path) -> dict[str, Path]:
+    """Every fixture under `out`, for smoke-testing each built-in recipe: image models, dual encoders, tiny VLMs,
+    tiny causal LMs (vlm_assemble's `language:`) and small data sets. `out` must be new, empty or an earlier
+    fixtures folder (`prepare_output_folder`), so nobody's files are overwritten."""
+    from visiontune.run.folder import prepare_output_folder
+    from visiontune.testing.vlm_fixtures import write_all_lms, write_all_vlms
+
+    out = prepare_output_folder(out, "fixtures")
+    written = {**write_all(out), **write_all_vlms(out / "vlm"), **write_all_lms(out / "lm")}
+    return {**written, **write_data(out, written["images"])}
+
+
+def write_data(out: Path, images: Path) -> dict[str, Path]:
+    """A captions CSV (align, clip_contrastive) and a conversation JSON (vlm_sft, instruct) over `images`."""
+    captions, conversations = ["image,caption"], []
+    for path in sorted(images.glob("*/*.png")):
+        image, colour = path.relative_to(out).as_posix(), ("red", "green", "blue")[int(path.parent.name[-1]) % 3]
+        captions.append(f"{image},a {colour} image with stripes")
+        question = {"role": "user", "content": "<image>What colour is this image?"}
+        conversations.append({"messages": [question, {"role": "assistant", "content": colour}], "images": [image]})
+    (out / "captions.csv").write_text("\n".join(captions) + "\n")
+    (out / "conversations.json").write_text(json.dumps(conversations, indent=1))
+    return {"captions": out / "captions.csv", "conversations": out / "conversations.json"}
+
+
+def recipe_overrides(root: Path) -> dict[str, list[str]]:
+    """Built-in recipe name -> the overrides that run it on the fixtures in `root` for a couple of steps."""
+    from visiontune.recipe import RECIPES_DIR, read_yaml
+
+    recipes = {path.stem: read_yaml(path) for path in sorted(RECIPES_DIR.rglob("*.yaml"))}
+    smoke = {raw["output_dir"]: f"{SMOKE_RUNS}/{name}" for name, raw in recipes.items()}
+    hints = {name: [*_model_overrides(raw, root, smoke), *_data_overrides(raw, root)] for name, raw in recipes.items()}
+    # A recipe that starts from another one's run is listed after the ones that do not, so it can run in order.
+    return dict(sorted(hints.items(), key=lambda item: any(SMOKE_RUNS in o for o in item[1][1:])))
+
+
+def _model_overrides(raw: dict, root: Path, smoke: dict[str, str]) -> list[str]:
+    found = [f"output_dir={smoke[raw['output_dir']]}", "train.max_steps=2"]
+    for key in ("model", "vision", "language", "init_from"):
+        if raw.get(key):
+            value = _earlier_smoke_run(raw[key], smoke) or _model_fixture(raw["task"], key, raw[key], root)
+            found.append(f"{key}={value}")
+    if raw["task"].startswith("vlm"):
+        found += ["eval.max_samples=2", "eval.max_new_tokens=2"]
+    return found
+
+
+def _earlier_smoke_run(value: str, smoke: dict[str, str]) -> str | None:
+    """A recipe that starts from another built-in recipe's run starts from that recipe's smoke run."""
+    for out, run in smoke.items():
+        if value == out or value.startswith(out + "/"):
+            return run + value[len(out) :]
+    return None
+
+
+def _model_fixture(task: str, key: str, value: str, root: Path) -> str:
+    name = value.lower()
+    timm_like = name.startswith(("timm:", "builtin:"))  # the built-in image models are timm CNNs
+    if key == "language":
+        return str(root / "lm" / ("qwen2" if "qwen" in name else "llama"))
+    if task == "vlm_sft":
+        families = {"llava": "llava", "qwen2.5": "qwen2_5_vl", "qwen": "qwen2_vl"}  # else SmolVLM / Idefics3
+        return str(root / "vlm" / next((f for k, f in families.items() if k in name), "idefics3"))
+    if task.startswith("clip") or (key == "vision" and not timm_like):
+        return str(root / ("siglip" if "siglip" in name else "clip"))
+    if key == "vision":
+        return f"timm:local-dir:{root / 'timm-cnn'}"
+    return str(root / ("timm-vit" if "vit" in name else "timm-cnn")) if timm_like else str(root / "hf-vit")
+
+
+def _data_overrides(raw: dict, root: Path) -> list[str]:
+    """Data paths of the recipe's own (`data/...` placeholders) go to the fixture data; builtin: data is offline."""
+    task, data = raw["task"], raw.get("data") or {}
+    talks = task == "vlm_sft" or raw.get("stage") == "instruct"
+    captions = task in ("clip_contrastive", "vlm_assemble")
+    fixture = "conversations.json" if talks else "captions.csv" if captions else "images"
+    found = [f"data.train={root / fixture}"] if _own_path(data.get("train")) else []
+    found += ["data.val=null"] if _own_path(data.get("val")) else []
+    found += [f"data.{key}=null" for key in ("dataset_name", "image_root") if data.get(key)]
+    found += [f"wise_ft.control={root / 'images'}"] if _own_path((raw.get("wise_ft") or {}).get("control")) else []
+    found += ["data.image_size=32"] if task.startswith("clip") and data.get("image_size") else []  # CLIP fixture: 32 px
+    found += ["data.limit=16"] if task == "vlm_assemble" else []
+    return found
+
+
+def _own_path(value: object) -> bool:
+    return isinstance(value, str) and not value.startswith("builtin:")

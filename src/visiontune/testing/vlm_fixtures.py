@@ -111,7 +111,7 @@ def corpus() -> list[str]:
 def _train(base, specials: dict[str, Any], vocab_size: int = VOCAB_SIZE):
     """Train `base`'s own class/normaliser/pre-tokenizer on the corpus, then append the family's special tokens
     after the learned vocabulary (where hub checkpoints have them too)."""
-    tok = base.train_new_from_iterator([corpus()], vocab_size=vocab_size)
+    tok = base.train_new_from_iterator([corpus()], vocab_size=vocab_size, show_progress=False)
     tok.add_special_tokens(specials)
     return tok
 
@@ -128,7 +128,7 @@ def _llama_tokenizer(specials: dict[str, Any]):
     # Learn merges word by word, as SentencePiece does; with Llama's unsplit Metaspace, BPE would learn pieces that
     # straddle spaces ("d▁c"). The rebuilt tokenizer below gets Llama's own pre-tokenizer back.
     base.backend_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=True)
-    trained = base.train_new_from_iterator([corpus()], vocab_size=VOCAB_SIZE - 256)
+    trained = base.train_new_from_iterator([corpus()], vocab_size=VOCAB_SIZE - 256, show_progress=False)
     model = json.loads(trained.backend_tokenizer.to_str())["model"]
     learned = sorted(model["vocab"], key=model["vocab"].get)
     vocab = [*learned[:3], *[f"<0x{b:02X}>" for b in range(256)], *learned[3:]]
@@ -359,6 +359,11 @@ def tiny_vlm(family: str, out: Path) -> Path:
 
 def write_all_vlms(out: Path) -> dict[str, Path]:
     return {family: tiny_vlm(family, out / family) for family in FAMILIES}
+
+
+def write_all_lms(out: Path) -> dict[str, Path]:
+    """Every tiny causal LM (the `language:` of vlm_assemble), keyed `lm-FAMILY`."""
+    return {f"lm-{family}": tiny_causal_lm(family, out / family) for family in LM_FAMILIES}
 
 
 # Qwen/Qwen2.5-0.5B-Instruct's template, reduced to the ChatML turns (no tool calls): text-only LMs take strings.

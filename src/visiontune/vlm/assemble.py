@@ -13,56 +13,60 @@ parts fit the LLaVA format).
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from visiontune.core.errors import DataError, RecipeError
-from visiontune.run.distributed import is_main_process
+from visiontune.run.runner import save_eval
+from visiontune.run.task import Fit
 from visiontune.vlm.assemble_config import VlmAssembleConfig
 from visiontune.vlm.assembled import AssembledProcessor, AssembledVlm, build_assembled, is_assembled, load_assembled
 from visiontune.vlm.conversations import IMAGE_TOKEN, Conversation, Turn, read_conversations
+from visiontune.vlm.generate import generation_report
 from visiontune.vlm.model import enable_grad_checkpointing
 from visiontune.vlm.scheduled_sampling import mix_inputs, teacher_forcing_ratio
-from visiontune.vlm.sft import (
-    VlmData,
-    VlmSftTask,
-    VlmTrainer,
-    _write_eval,
-    build_trainer,
-    open_run,
-    prepare_data,
-    run_training,
-)
+from visiontune.vlm.sft import VlmPrepared, VlmSftTask, VlmTrainer, evaluate_vlm, prepare_data, vlm_fit
 
 
 class VlmAssembleTask(VlmSftTask):
-    """vlm_sft's evaluate / predict; its own train."""
+    """vlm_sft's data, validation, evaluate and predict; its own model, trainable parts and exports."""
 
-    def train(self, cfg: VlmAssembleConfig, overwrite: bool = False, resume: bool = False) -> Path:
-        start = time.perf_counter()
-        run_dir, checkpoint = open_run(cfg, overwrite, resume)
+    name = "vlm_assemble"
+
+    def prepare(self, cfg: VlmAssembleConfig) -> VlmPrepared:
         model, processor = load_model(cfg)
-        model = set_trainable(model, cfg)
-        data = prepare_data(
-            cfg, processor, run_dir, read=lambda spec: read_stage_data(spec, cfg), model_key=_model_key(cfg)
-        )
-        trainer = build_trainer(model, processor, cfg, data, run_dir, trainer_class=AssembleTrainer)
-        trainer.scheduled_sampling = cfg.scheduled_sampling
+        data = prepare_data(cfg, processor, read=lambda spec: read_stage_data(spec, cfg), model_key=_model_key(cfg))
+        return VlmPrepared(model, processor, data)
+
+    def build(self, cfg: VlmAssembleConfig, prepared: VlmPrepared, run_dir: Path) -> Fit:
+        model = set_trainable(prepared.model, cfg)
         if cfg.train.grad_checkpointing:
             enable_grad_checkpointing(model.language)
-        if checkpoint is None:
-            _write_eval(run_dir, "before", model, processor, data.val, cfg)
-            if cfg.stage == "instruct":  # the LM answering without images: the floor the images must beat
-                _write_eval(run_dir, "text_only", model, processor, [_without_images(c) for c in data.val], cfg)
-        run_training(trainer, checkpoint)
-        after = _write_eval(run_dir, "after", trainer.model, processor, data.val, cfg)
-        trainer.record_rank(run_dir)
-        if is_main_process():
-            save_outputs(trainer.model, processor, cfg, run_dir, data, after, time.perf_counter() - start)
-        return run_dir
+        fit = vlm_fit(cfg, model, prepared.processor, prepared.data, trainer_class=AssembleTrainer)
+        fit.trainer_attrs["scheduled_sampling"] = cfg.scheduled_sampling
+        return fit
+
+    def evaluate_run(self, cfg: VlmAssembleConfig, fit: Fit, trainer: Any, prepared: VlmPrepared, name: str) -> dict:
+        if name == "before" and cfg.stage == "instruct" and prepared.data.val:
+            # The LM answering without images: the floor the images must beat.
+            alone = [_without_images(c) for c in prepared.data.val[: cfg.eval.max_samples or None]]
+            report = generation_report(
+                fit.model,
+                prepared.processor,
+                alone,
+                cfg.eval.metrics,
+                cfg.eval.max_new_tokens,
+                cfg.data.max_image_pixels,
+            )
+            save_eval(Path(cfg.output_dir).expanduser(), "text_only", report)
+        return evaluate_vlm(trainer, name)
+
+    def save(
+        self, cfg: VlmAssembleConfig, fit: Fit, trainer: Any, prepared: VlmPrepared, run_dir: Path, after: dict
+    ) -> dict:
+        return save_outputs(trainer.model, prepared.processor, cfg, run_dir, after)
 
 
 # ----------------------------------------------------------------------------------------------------- model
@@ -259,15 +263,9 @@ class AssembleTrainer(VlmTrainer):
 
 
 def save_outputs(
-    model: AssembledVlm,
-    processor: AssembledProcessor,
-    cfg: VlmAssembleConfig,
-    run_dir: Path,
-    data: VlmData,
-    after: dict,
-    wall_time: float,
-) -> None:
-    from visiontune.report import write_report
+    model: AssembledVlm, processor: AssembledProcessor, cfg: VlmAssembleConfig, run_dir: Path, after: dict
+) -> dict:
+    """`model/` (visiontune's format, a LoRA LM merged), `adapter/` (PEFT, for the LM), `llava/` when it fits."""
     from visiontune.vlm.llava_export import export_llava, llava_blocker
 
     counts = trainable_counts(model)
@@ -278,20 +276,14 @@ def save_outputs(
     blocker = llava_blocker(model)
     if blocker is None:
         export_llava(model, processor, run_dir / "llava")
-    summary = {
-        "wall_time_s": round(wall_time, 1),
+    extras = {
         "stage": cfg.stage,
-        "train_samples": len(data.train_tokens),
-        "val_samples": len(data.val),
-        "skipped_samples": [{"ref": r, "reason": w} for r, w in data.skipped],
         "trainable_parameters": counts,
-        "final_metrics": after.get("metrics", {}),
         "per_question": per_question(after),
         "llava_export": blocker or "llava/",
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    _report_sections(run_dir, cfg, counts, summary["per_question"], blocker)
-    write_report(run_dir)
+    _report_sections(run_dir, cfg, counts, extras["per_question"], blocker)
+    return extras
 
 
 def _report_sections(

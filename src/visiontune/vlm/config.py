@@ -54,7 +54,10 @@ class VlmTuneConfig(Strict):
 class VlmEvalConfig(Strict):
     metrics: list[str] = Field(default_factory=lambda: ["exact_match"])
     max_new_tokens: int = Field(64, gt=0)
-    max_samples: int | None = Field(None, gt=0, description="Evaluate on at most this many val records.")
+    max_samples: int | None = Field(None, gt=0, description="Before/after training: at most this many val records.")
+    samples_during_training: int = Field(
+        8, ge=0, description="Val records answered at each validation during training (0: loss only)."
+    )
 
 
 class VlmSftConfig(Strict):

@@ -28,8 +28,10 @@ from typing import Any, Literal
 
 from PIL import Image
 
+from visiontune.core.check import bad_count, bad_records_error
 from visiontune.core.errors import DataError
 from visiontune.core.images import BadImage, check_image, open_image
+from visiontune.core.readers import read_text
 
 Role = Literal["system", "user", "assistant"]
 ImageSource = Path | bytes | Image.Image  # Path: absolute; bytes: an encoded image file
@@ -264,7 +266,7 @@ def _registry_schema(where: str, entry: dict, columns: dict[str, str] | None) ->
 
 def _load_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8-sig"))
+        return json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise DataError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}); fix the file.") from None
 
@@ -280,7 +282,8 @@ def _json_records(path: Path, doc: Any = None) -> tuple[list, list[str]]:
 
 def _jsonl_records(path: Path) -> tuple[list, list[str]]:
     records, refs = [], []
-    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+    # split("\n"), not splitlines(): a JSON string may hold a raw U+2028 or form feed, which splitlines breaks on.
+    for n, line in enumerate(read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -466,31 +469,60 @@ def check_conversations(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     workers: int = 4,
 ) -> tuple[list[Conversation], list[tuple[str, str]]]:
-    """Check every structural rule and every image (once, headers only) of `convs`. With "error", raise one
-    DataError naming the count and the first bad records; with "skip", return (kept, [(ref, reason)])."""
+    """Check every structural rule and every image (once, decoded as training will) of `convs`. With "error", raise
+    one DataError naming the count and the first bad records; with "skip", return (kept, [(ref, reason)])."""
+    kept, bad = check_conversation_splits({"": convs}, on_bad_sample, max_pixels, workers)
+    return kept[""], bad
+
+
+def check_conversation_splits(
+    splits: dict[str, list[Conversation]],
+    on_bad_sample: Literal["error", "skip"] = "error",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    workers: int = 4,
+) -> tuple[dict[str, list[Conversation]], list[tuple[str, str]]]:
+    """`check_conversations` over several splits (e.g. {"train": ..., "val": ...}) at once: one error lists the bad
+    records of all of them (the first few, a count, and a report file with every one), and an image shared across
+    splits is checked once. With "skip", returns the kept conversations per split and every (ref, reason)."""
     if on_bad_sample not in ("error", "skip"):
         raise DataError(f"on_bad_sample is {on_bad_sample!r}; use error or skip.")
-    if not convs:
-        raise DataError("There are no conversations to check; point the data path at a file with conversations.")
-    reasons = [conversation_problem(c) for c in convs]
-    image_reasons = _image_problems([c for c, r in zip(convs, reasons, strict=True) if r is None], max_pixels, workers)
-    for i, conv in enumerate(convs):
-        if reasons[i] is None:
-            reasons[i] = next((image_reasons[_key(s)] for s in conv.images if _key(s) in image_reasons), None)
-    bad = [(c.ref, r) for c, r in zip(convs, reasons, strict=True) if r is not None]
+    for role, convs in splits.items():
+        if not convs:
+            raise DataError(
+                f"There are no {role + ' ' if role else ''}conversations to check; point the data path at a file "
+                "with conversations."
+            )
+    everything = [c for convs in splits.values() for c in convs]
+    reasons = _reasons(everything, max_pixels, workers)
+    found = {role: [(c.ref, reasons[id(c)]) for c in convs if reasons[id(c)]] for role, convs in splits.items()}
+    bad = [entry for entries in found.values() for entry in entries]
     if bad and on_bad_sample == "error":
-        listed = "; ".join(f"{ref} {reason}" for ref, reason in bad[:5])
-        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
-        raise DataError(
-            f"{len(bad)} bad conversation(s): {listed}{more}; fix or remove them, or set "
-            "data.on_bad_sample=skip to train without them."
-        )
-    kept = [c for c, r in zip(convs, reasons, strict=True) if r is None]
+        tag = {role: f" ({role})" if len(splits) > 1 else "" for role in splits}
+        entries = [f"{ref}{tag[role]} {reason}" for role, records in found.items() for ref, reason in records]
+        what = bad_count("conversation", {role: len(records) for role, records in found.items()})
+        raise bad_records_error(entries, what, "conversation")
+    return {role: _kept(role, convs, reasons) for role, convs in splits.items()}, bad
+
+
+def _reasons(convs: list[Conversation], max_pixels: int, workers: int) -> dict[int, str | None]:
+    """Each conversation's first problem, structural before image, keyed by id()."""
+    reasons = {id(c): conversation_problem(c) for c in convs}
+    image_reasons = _image_problems([c for c in convs if reasons[id(c)] is None], max_pixels, workers)
+    for conv in convs:
+        if reasons[id(conv)] is None:
+            reasons[id(conv)] = next((image_reasons[_key(s)] for s in conv.images if _key(s) in image_reasons), None)
+    return reasons
+
+
+def _kept(role: str, convs: list[Conversation], reasons: dict[int, str | None]) -> list[Conversation]:
+    kept = [c for c in convs if reasons[id(c)] is None]
     if not kept:
+        first = next(c for c in convs if reasons[id(c)])
         raise DataError(
-            f"Every one of the {len(convs)} conversations is bad (first: {bad[0][0]} {bad[0][1]}); fix the data."
+            f"Every one of the {len(convs)} {role + ' ' if role else ''}conversations is bad (first: {first.ref} "
+            f"{reasons[id(first)]}); fix the data."
         )
-    return kept, bad
+    return kept
 
 
 def _image_problems(convs: list[Conversation], max_pixels: int, workers: int) -> dict[Any, str]:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from visiontune.core.errors import RunDirError
-from visiontune.vlm.generate import evaluate_model, load_trained
+from visiontune.vlm.generate import checked_conversations, evaluate_conversations, load_trained
 
 
 def export_merged(run: str, out: Path | None = None) -> Path:
@@ -41,32 +41,44 @@ def export_assembled_llava(run: str, out: Path | None = None) -> Path:
     return export_llava(model, processor, out)
 
 
-def compare(base: str, tuned: str, data: str, out: Path, metrics: list[str], max_new_tokens: int = 64) -> dict:
-    """Evaluate both models on the same data; write compare.json and compare.md (metrics, answers, wins/losses)."""
-    from visiontune.vlm.generation_metrics import anls_score
+def compare(
+    base: str,
+    tuned: str,
+    data: str,
+    out: Path,
+    metrics: list[str],
+    max_new_tokens: int = 64,
+    on_bad_sample: str = "error",
+) -> dict:
+    """Evaluate both models on the same checked data; write compare.json and compare.md (metrics, answers,
+    wins/losses, and the records on_bad_sample="skip" left out)."""
+    from visiontune.run.folder import prepare_output_folder
 
+    out = prepare_output_folder(out, "compare --out")  # before the slow part: never into someone else's folder
+    convs, skipped = checked_conversations(data, on_bad_sample)
     reports = {
-        name: evaluate_model(source, data, metrics=metrics, max_new_tokens=max_new_tokens)
+        name: evaluate_conversations(source, convs, metrics, max_new_tokens)
         for name, source in (("base", base), ("tuned", tuned))
     }
-    rows = []
-    for b, t in zip(reports["base"]["samples"], reports["tuned"]["samples"], strict=True):
-        gain = anls_score(t["prediction"], [t["reference"]]) - anls_score(b["prediction"], [b["reference"]])
-        rows.append(
-            {
-                "ref": b["ref"],
-                "question": b["question"],
-                "reference": b["reference"],
-                "base": b["prediction"],
-                "tuned": t["prediction"],
-                "gain": gain,
-            }
-        )
-    result = {"metrics": {k: reports[k]["metrics"] for k in reports}, "samples": rows}
-    out.mkdir(parents=True, exist_ok=True)
+    rows = [_row(b, t) for b, t in zip(reports["base"]["samples"], reports["tuned"]["samples"], strict=True)]
+    result = {"metrics": {k: reports[k]["metrics"] for k in reports}, "samples": rows, "skipped_samples": skipped}
     (out / "compare.json").write_text(json.dumps(result, indent=2))
     (out / "compare.md").write_text(_markdown(result, base, tuned))
     return result
+
+
+def _row(b: dict, t: dict) -> dict:
+    from visiontune.vlm.generation_metrics import anls_score
+
+    gain = anls_score(t["prediction"], [t["reference"]]) - anls_score(b["prediction"], [b["reference"]])
+    return {
+        "ref": b["ref"],
+        "question": b["question"],
+        "reference": b["reference"],
+        "base": b["prediction"],
+        "tuned": t["prediction"],
+        "gain": gain,
+    }
 
 
 def _markdown(result: dict, base: str, tuned: str) -> str:
@@ -80,6 +92,9 @@ def _markdown(result: dict, base: str, tuned: str) -> str:
     for name in names:
         b, t = result["metrics"]["base"][name], result["metrics"]["tuned"][name]
         lines.append(f"| {name} | {b:.4f} | {t:.4f} | {t - b:+.4f} |")
+    if result["skipped_samples"]:
+        lines += ["", f"{len(result['skipped_samples'])} bad record(s) left out (--skip-bad):", ""]
+        lines += [f"- {_cell(s['ref'])}: {_cell(s['reason'])}" for s in result["skipped_samples"]]
     ranked = sorted(result["samples"], key=lambda r: r["gain"])
     for title, picked in (("Biggest wins", ranked[::-1][:5]), ("Biggest losses", ranked[:5])):
         lines += [

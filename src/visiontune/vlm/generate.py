@@ -63,29 +63,81 @@ def evaluate_model(
     metrics: list[str] | None = None,
     max_new_tokens: int = 64,
     max_pixels: int = 512 * 512,
+    on_bad_sample: str = "error",
     **_: Any,
 ) -> dict:
-    """`visiontune eval` / `compare` for a VLM run folder (adapter or full model) or a model folder."""
-    from visiontune.vlm.conversations import check_conversations, read_conversations
-
-    vlm, processor = load_trained(model)
-    convs, _ = check_conversations(read_conversations(data), "skip")
-    report = generation_report(vlm, processor, convs, metrics or ["exact_match"], max_new_tokens, max_pixels)
+    """`visiontune eval` for a VLM run folder (adapter or full model) or a model folder. Bad records follow the
+    training rule: the first one stops the run, unless on_bad_sample="skip" (they are listed in the report)."""
+    convs, skipped = checked_conversations(data, on_bad_sample)
+    report = evaluate_conversations(model, convs, metrics or ["exact_match"], max_new_tokens, max_pixels)
+    report["skipped_samples"] = skipped
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "generation.json").write_text(json.dumps(report, indent=2))
     return report
 
 
-def load_trained(source: str) -> tuple[Any, Any]:
-    """A run folder (its adapter/ or model/), a PEFT adapter folder, or a plain model folder / hub id."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+def checked_conversations(data: str, on_bad_sample: str = "error") -> tuple[list[Conversation], list[dict]]:
+    """Evaluation conversations that pass training's checks, and the left-out ones as [{ref, reason}]."""
+    from visiontune.core.errors import DataError
+    from visiontune.vlm.conversations import check_conversations, read_conversations
 
-    path = Path(source)
+    if on_bad_sample not in ("error", "skip"):
+        raise DataError(f"on_bad_sample is {on_bad_sample!r}; use error or skip.")
+    convs, bad = check_conversations(read_conversations(data), "skip")
+    if bad and on_bad_sample == "error":
+        more = f" (and {len(bad) - 1} more bad record(s))" if len(bad) > 1 else ""
+        raise DataError(f"{bad[0][0]} {bad[0][1]}{more}; fix or remove it, or pass --skip-bad to leave it out.")
+    return convs, [{"ref": ref, "reason": reason} for ref, reason in bad]
+
+
+def evaluate_conversations(
+    model: str, convs: list[Conversation], metrics: list[str], max_new_tokens: int = 64, max_pixels: int = 512 * 512
+) -> dict:
+    """Load `model` and answer already-checked conversations (compare runs both models on one checked set)."""
+    vlm, processor = load_trained(model)
+    return generation_report(vlm, processor, convs, metrics, max_new_tokens, max_pixels)
+
+
+def load_trained(source: str) -> tuple[Any, Any]:
+    """A run folder (its adapter/ or model/), a PEFT adapter folder, or a plain model folder / hub id. A damaged or
+    partly written local folder is a ModelError naming it, not a loader traceback."""
+    from visiontune.core.errors import ModelError
+
+    path = _model_folder(Path(source))
+    try:
+        return _load(path)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:  # JSONDecodeError is a ValueError
+        if not path.exists():
+            raise
+        broken = _broken_json(path)
+        what = f"{broken} is not valid JSON" if broken else (str(err).strip().splitlines() or [repr(err)])[0][:200]
+        raise ModelError(
+            f"{path} cannot be loaded ({what}); a damaged or partly written model folder has to be exported or "
+            "trained again, or point at a complete one."
+        ) from err
+
+
+def _broken_json(folder: Path) -> Path | None:
+    """The first JSON file of a model folder (or its direct subfolders) that does not parse."""
+    for file in sorted([*folder.glob("*.json"), *folder.glob("*/*.json")]):
+        try:
+            json.loads(file.read_text())
+        except (OSError, ValueError):
+            return file
+    return None
+
+
+def _model_folder(path: Path) -> Path:
     for sub in ("merged", "model", "adapter"):
         if (path / sub).is_dir():
-            path = path / sub
-            break
+            return path / sub
+    return path
+
+
+def _load(path: Path) -> tuple[Any, Any]:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
     from visiontune.vlm.assembled import is_assembled, load_assembled
 
     if is_assembled(path):

@@ -171,15 +171,66 @@ def _image_token_id(processor: Any) -> int:
     return processor.tokenizer.convert_tokens_to_ids(token)
 
 
-def cache_key(model: str, data_files: list[Path], settings: dict) -> str:
-    """Changes when the processor, the data files or the tokenisation settings change."""
-    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for path in [*_processor_files(model), *data_files]:
+def cache_key(model: str, processor: Any, convs: list[Conversation], settings: dict) -> str:
+    """Changes with anything that changes the tokenised result: the records themselves and their order (turns, image
+    identities), the tokenisation `settings`, the processor and tokenizer, the model and the library version.
+    The data file's path is left out so the same records read from elsewhere share one cache."""
+    import transformers
+
+    h = hashlib.sha256(CACHE_FORMAT.encode())
+    header = {"model": model, "settings": settings, "transformers": transformers.__version__}
+    h.update(json.dumps(header, sort_keys=True, default=repr).encode())
+    h.update(_processor_fingerprint(processor).encode())
+    for path in _processor_files(model):
         if path.is_file():
             stat = path.stat()
-            h.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    h.update(model.encode())
-    return h.hexdigest()[:20]
+            h.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    for conv in convs:  # each record is one self-delimiting JSON value, so the stream is unambiguous
+        record = [[[t.role, t.text] for t in conv.turns], [_image_identity(s) for s in conv.images]]
+        h.update(json.dumps(record).encode())
+    return h.hexdigest()[:32]
+
+
+CACHE_FORMAT = "visiontune-tokenized-2"  # bump when the stored layout or the tokenisation rules change
+_IMAGE_TOKEN_ATTRS = ("image_token", "num_image_tokens", "image_seq_len", "patch_size", "num_additional_image_tokens")
+
+
+def _processor_fingerprint(processor: Any) -> str:
+    """The processor's chat template, image-token settings, image processor and full tokenizer, as one string."""
+    tok = getattr(processor, "tokenizer", processor)
+    backend = getattr(tok, "backend_tokenizer", None)
+    parts = {
+        "template": getattr(processor, "chat_template", None),
+        "tokenizer_template": getattr(tok, "chat_template", None),
+        "image_tokens": {a: getattr(processor, a, None) for a in _IMAGE_TOKEN_ATTRS},
+        "processor": _describe(processor),
+        "image_processor": _describe(getattr(processor, "image_processor", None)),
+        # vocabulary, merges, normalizer and added tokens: everything the text encodes with
+        "tokenizer": backend.to_str() if backend is not None else sorted(tok.get_vocab().items()),
+        "specials": getattr(tok, "special_tokens_map", None),
+    }
+    return json.dumps(parts, sort_keys=True, default=repr)
+
+
+def _describe(obj: Any) -> Any:
+    """A transformers processor's own serialisation, or a plain `config` dict (visiontune's own processors)."""
+    to_json = getattr(obj, "to_json_string", None)
+    return to_json() if callable(to_json) else getattr(obj, "config", None)
+
+
+def _image_identity(source: Any) -> str:
+    """A file by resolved path, size and mtime (no decoding); in-memory images by a hash of their bytes."""
+    if isinstance(source, bytes):
+        return "bytes:" + hashlib.sha256(source).hexdigest()
+    if isinstance(source, Image.Image):
+        pixels = hashlib.sha256(source.tobytes()).hexdigest()
+        return f"pil:{source.mode}:{source.size}:{pixels}"
+    path = Path(source).resolve()
+    try:
+        stat = path.stat()
+    except OSError:  # a missing file still keys by its path; tokenising reports it
+        return f"file:{path}:missing"
+    return f"file:{path}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def _processor_files(model: str) -> list[Path]:
