@@ -110,7 +110,12 @@ def _explain(err: ValidationError, schema: type[BaseModel], source: str) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "extra_forbidden" and (owners := _tasks_with_key(e["loc"])):
+            task = schema.model_fields["task"].default
+            lines.append(
+                f"{source}: `{loc}` is not used by task {task} (it is a key of {', '.join(owners)}); remove it."
+            )
+        elif e["type"] == "extra_forbidden":
             hint = _closest(e["loc"], schema)
             lines.append(f"{source}: unknown key `{loc}`" + (f"; did you mean {hint}?" if hint else "."))
         elif e["type"] == "missing":
@@ -118,6 +123,21 @@ def _explain(err: ValidationError, schema: type[BaseModel], source: str) -> str:
         else:
             lines.append(f"{source}: `{loc}` = {e.get('input')!r} is invalid: {e['msg']}.")
     return "\n".join(lines)
+
+
+def _tasks_with_key(loc: tuple) -> list[str]:
+    """The tasks whose schema has this dotted key: a key refused here because this task would ignore it."""
+    return [name for name, schema in CONFIGS.items() if _has_key(schema, loc)]
+
+
+def _has_key(schema: type[BaseModel], loc: tuple) -> bool:
+    model: Any = schema
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) and model is not None else None
+        if field is None:
+            return False
+        model = next((a for a in _members(field.annotation) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return True
 
 
 def _closest(loc: tuple, schema: type[BaseModel]) -> str:

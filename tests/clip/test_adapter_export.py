@@ -19,14 +19,20 @@ def _randomise_lora(model: torch.nn.Module) -> None:
                 p.normal_(0, 0.5)
 
 
-def test_clip_adapter_loads_onto_plain_clip_models(fixtures_dir, tmp_path):
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_dual_encoder_adapters_load_onto_plain_models(family, fixtures_dir, tmp_path):
+    """`adapter/` onto CLIPModel / SiglipModel, `adapter/vision/` onto CLIPVisionModel / SiglipVisionModel."""
+    import transformers
     from peft import PeftModel
-    from transformers import CLIPModel, CLIPVisionModel
 
     from visiontune.clip.config import ClipLoraConfig
     from visiontune.clip.vision_lora import apply_vision_lora
 
-    base = str(fixtures_dir / "clip")
+    full_class, vision_class = {
+        "clip": (transformers.CLIPModel, transformers.CLIPVisionModel),
+        "siglip": (transformers.SiglipModel, transformers.SiglipVisionModel),
+    }[family]
+    base = str(fixtures_dir / family)
     clf = CLIPClassifier(resolve_dual_encoder(base), NAMES, "builtin")
     apply_vision_lora(clf, ClipLoraConfig(r=4, dropout=0.0), linearize=False)
     _randomise_lora(clf.vision)
@@ -38,13 +44,13 @@ def test_clip_adapter_loads_onto_plain_clip_models(fixtures_dir, tmp_path):
     clf.save(tmp_path / "model", adapter_dir=tmp_path / "adapter")
 
     with torch.no_grad():
-        plain = PeftModel.from_pretrained(CLIPModel.from_pretrained(base), tmp_path / "adapter").eval()
+        plain = PeftModel.from_pretrained(full_class.from_pretrained(base), tmp_path / "adapter").eval()
         torch.testing.assert_close(image_features(plain, pixels), ours, rtol=0, atol=1e-5)
-        original = image_features(CLIPModel.from_pretrained(base).eval(), pixels)
-        assert not torch.allclose(original, ours, atol=1e-3)  # the adapter did change the embeddings
+        original = image_features(full_class.from_pretrained(base).eval(), pixels)
+        assert not torch.allclose(original, ours, atol=1e-3)  # the adapter does change the embeddings
 
-        vision = PeftModel.from_pretrained(CLIPVisionModel.from_pretrained(base), tmp_path / "adapter").eval()
-        torch.testing.assert_close(vision(pixel_values=pixels).pooler_output, ours_pooled, rtol=0, atol=1e-5)
+        tower = PeftModel.from_pretrained(vision_class.from_pretrained(base), tmp_path / "adapter" / "vision")
+        torch.testing.assert_close(tower.eval()(pixel_values=pixels).pooler_output, ours_pooled, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(("kind", "targets"), [("timm-vit", "auto"), ("hf-vit", "auto")])

@@ -78,3 +78,36 @@ def test_sequence_needs_two_distinct_tasks(fixtures_dir, tmp_path, write_recipe,
     }
     code, _, err = cli("validate", write_recipe(recipe))
     assert code == 2 and "distinct" in err
+
+
+def test_resume_continues_in_the_middle_of_the_sequence(fixtures_dir, tmp_path, write_recipe, cli, monkeypatch):
+    """Stop after the first task has finished; --resume trains only the second and gives the same matrix shape."""
+    from visiontune.clip import continual
+
+    first = _subset(fixtures_dir, tmp_path / "first", [0, 1])
+    second = _subset(fixtures_dir, tmp_path / "second", [1, 2])
+    recipe = {
+        "task": "clip_continual",
+        "model": str(fixtures_dir / "clip"),
+        "output_dir": str(tmp_path / "run"),
+        "tasks": [{"name": "a", "train": str(first)}, {"name": "b", "train": str(second)}],
+        "data": {"templates": ["a photo of a {}"], "val_split": 0.25, "workers": 0},
+        "train": {"epochs": 1, "batch_size": 6, "lr": 1e-3, "logging_steps": 1},
+    }
+    path = write_recipe(recipe)
+    real, trained = continual.ClipContinualTask._train_one, []
+
+    def stop_at_second(self, clf, cfg, split, stage_dir, resuming):
+        if stage_dir.name == "1-b" and not trained:
+            raise KeyboardInterrupt
+        trained.append(stage_dir.name)
+        return real(self, clf, cfg, split, stage_dir, resuming)
+
+    monkeypatch.setattr(continual.ClipContinualTask, "_train_one", stop_at_second)
+    assert cli("train", path)[0] == 130
+    assert trained == ["0-a"]
+    code, out, err = cli("train", path, "--resume")
+    assert code == 0, err
+    assert trained == ["0-a", "1-b"] and "after task 1 of 2" in out + err
+    result = json.loads((Path(recipe["output_dir"]) / "eval/continual.json").read_text())
+    assert len(result["matrix"]) == 2 and "forgetting" in result

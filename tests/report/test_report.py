@@ -87,8 +87,8 @@ def test_full_run_writes_plots_markdown_and_html(tmp_path):
     for fact in ["`classify`", "`timm:resnet18`", "`data/pets`"]:
         assert fact in md
     assert "| accuracy | 0.1012 | 0.9790 | +0.8778 |" in md
-    assert "| loss | 2.3100 | 0.0800 | -2.2300 |" in md
-    assert md.index("| accuracy") < md.index("| macro_f1") < md.index("| loss")
+    assert "| cross-entropy (no label smoothing) | 2.3100 | 0.0800 | -2.2300 |" in md
+    assert md.index("| accuracy") < md.index("| macro_f1") < md.index("| cross-entropy")
     for name in PLOTS:
         assert f"](plots/{name})" in md
     assert "| cat | 0.5000 | 0.6000 | 10 |" in md  # per-class table comes from after.json

@@ -334,3 +334,15 @@ def test_align_reads_coco_captions_and_llava_pretrain_json(parts, colour_data, t
         convs = read_stage_data(str(root / name), cfg)
         assert [c.turns[-1].text for c in convs] == ["a red square", "a green square", "a blue square"]
         assert all(c.turns[0].text.startswith("<image>") and len(c.images) == 1 for c in convs)
+
+
+def test_align_validates_during_training_and_keeps_the_best_checkpoint(parts, colour_data, tmp_path, write_recipe, cli):
+    recipe = _recipe(parts, colour_data, tmp_path, train={"eval_steps": 2, "max_steps": 4, "epochs": 1})
+    code, _, err = cli("train", write_recipe(recipe))
+    assert code == 0, err
+    run = Path(recipe["output_dir"])
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4] and all("eval_exact_match" in r for r in evals)
+    assert json.loads((run / "summary.json").read_text())["best_checkpoint"]
+    assert any((run / "tb").rglob("events.out.tfevents.*"))

@@ -138,3 +138,38 @@ def test_builds_are_deterministic(vlm_dir, tmp_path):
 def test_unknown_family_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="qwen2_vl"):
         tiny_vlm("blip", tmp_path)
+
+
+def test_fixtures_cli_points_every_builtin_recipe_at_its_fixtures(cli, tmp_path, monkeypatch):
+    """`visiontune fixtures DIR` covers every built-in recipe's model kinds (the tiny causal LMs included): each
+    printed command validates, names only fixtures that exist, and the vlm_assemble one trains from the CLI."""
+    from transformers import AutoTokenizer
+
+    from visiontune.recipe import RECIPES_DIR
+
+    out = tmp_path / "fx"
+    code, stdout, err = cli("fixtures", out)
+    assert code == 0, err
+    commands = {
+        line.split()[2]: line.split()[3:] for line in stdout.splitlines() if line.strip().startswith("visiontune train")
+    }
+    assert set(commands) == {path.stem for path in RECIPES_DIR.rglob("*.yaml")}
+    for name, overrides in commands.items():
+        code, _, err = cli("validate", name, *overrides)
+        assert code == 0, (name, err)
+        for value in (o.partition("=")[2].removeprefix("timm:local-dir:") for o in overrides):
+            assert not value.startswith(str(out)) or Path(value).exists(), (name, value)
+    for family in ("llama", "qwen2"):
+        assert AutoTokenizer.from_pretrained(out / "lm" / family).chat_template
+
+    monkeypatch.chdir(tmp_path)  # the smoke runs go to runs/smoke/ under the working folder
+    code, _, err = cli("train", "mnist-align", *commands["mnist-align"])
+    assert code == 0, err
+    assert (tmp_path / "runs" / "smoke" / "mnist-align" / "model" / "visiontune.json").is_file()
+
+
+def test_fixtures_cli_leaves_a_folder_it_did_not_make_alone(cli, tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    code, _, err = cli("fixtures", tmp_path)
+    assert code == 2 and "left alone" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

@@ -218,3 +218,21 @@ def test_deepspeed_without_the_package_is_one_sentence(vlm_recipe, write_recipe,
         pytest.skip("deepspeed is installed here")
     code, _, err = cli("train", write_recipe(vlm_recipe(train={"deepspeed": "configs/deepspeed/zero2.json"})))
     assert code == 2 and "pip install deepspeed" in err
+
+
+def test_validation_during_training_logs_loss_and_generation_metric_and_keeps_best(vlm_recipe, write_recipe, cli):
+    recipe = vlm_recipe(train={"eval_steps": 2, "max_steps": 4, "metric": "exact_match"}, track={"tensorboard": True})
+    code, _, err = cli("train", write_recipe(recipe))
+    assert code == 0, err
+    run = Path(recipe["output_dir"])
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4] and all("eval_exact_match" in r and "eval_anls" in r for r in evals)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best_checkpoint"] and "checkpoint-" in summary["best_checkpoint"]
+    assert any((run / "tb").rglob("events.out.tfevents.*"))
+
+
+def test_keys_other_tasks_honour_are_refused_naming_the_task(vlm_recipe, write_recipe, cli):
+    code, _, err = cli("validate", write_recipe(vlm_recipe(train={"label_smoothing": 0.1})))
+    assert code == 2 and "`train.label_smoothing` is not used by task vlm_sft" in err

@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from visiontune.core.config import AugmentConfig
-from visiontune.run.config import Strict, TrackConfig, TrainConfig
+from visiontune.run.config import ClassifierTrainConfig, Strict, TrackConfig
 
 
 class DataConfig(Strict):
@@ -73,7 +73,7 @@ class ClassifyConfig(Strict):
     seed: int = 42
     data: DataConfig
     tune: TuneConfig = TuneConfig()
-    train: TrainConfig = TrainConfig()
+    train: ClassifierTrainConfig = ClassifierTrainConfig()
     track: TrackConfig = TrackConfig()
 
     @model_validator(mode="after")

@@ -15,10 +15,10 @@ from pydantic import Field, field_validator, model_validator
 
 from visiontune.classify.config import DataConfig
 from visiontune.core.config import AugmentConfig
-from visiontune.run.config import Strict, TrackConfig, TrainConfig
+from visiontune.run.config import ClassifierTrainConfig, EmaTrainConfig, Strict, TrackConfig
 
 
-class ClipTrainConfig(TrainConfig):
+class ClipTrainConfig(ClassifierTrainConfig):
     """CLIP fine-tuning defaults (FusionBench's): small LR, no weight decay, no warmup. A recipe's own `train:`
     section starts from these, not from the image-classifier defaults."""
 
@@ -28,7 +28,7 @@ class ClipTrainConfig(TrainConfig):
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
 
 
-class ContrastiveTrainConfig(TrainConfig):
+class ContrastiveTrainConfig(EmaTrainConfig):
     lr: float = Field(1e-5, gt=0)
     weight_decay: float = Field(0.1, ge=0)
     epochs: float = Field(1, gt=0)
@@ -108,6 +108,7 @@ class ClipClassifyConfig(Strict):
     def _wise_ft_needs_mergeable_weights(self) -> ClipClassifyConfig:
         if self.wise_ft is not None and self.tune.method == "l_lora":
             raise ValueError("wise_ft needs tune.method full or lora (L-LoRA weights are not a plain model)")
+        _ema_needs_full(self)
         return self
 
 
@@ -154,7 +155,13 @@ class ClipContinualConfig(Strict):
         names = [t.name for t in self.tasks]
         if len(names) < 2 or len(set(names)) != len(names):
             raise ValueError("tasks must list at least two tasks with distinct names")
+        _ema_needs_full(self)
         return self
+
+
+def _ema_needs_full(cfg: ClipClassifyConfig | ClipContinualConfig) -> None:
+    if cfg.train.ema is not None and cfg.tune.method != "full":
+        raise ValueError("train.ema is supported with tune.method=full only; remove one of them")
 
 
 class CaptionDataConfig(Strict):

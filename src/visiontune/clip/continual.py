@@ -85,6 +85,9 @@ class ClipContinualTask(ClipClassifyTask):
         if cfg.data.image_size:
             encoder.preprocess = with_image_size(encoder.preprocess, cfg.data.image_size)
         clf = CLIPClassifier(encoder, first_names, cfg.data.templates)
+        clf.label_smoothing = cfg.train.label_smoothing
+        if cfg.train.grad_checkpointing:
+            clf.enable_grad_checkpointing()
         if cfg.tune.method == "full":
             clf.freeze_all_but_vision()
         else:

@@ -27,9 +27,7 @@ def apply_vision_lora(clf: CLIPClassifier, cfg: ClipLoraConfig, linearize: bool)
             f"tune.lora.target_modules {missing} match no Linear layer of the vision tower; its Linear "
             f"layers are named {vision_linear}."
         )
-    # `vision_model.` at the start or after a dot: matches the wrapper (`model.vision_model...`) and the plain
-    # CLIPModel / CLIPVisionModel names the saved adapter is written for (`vision_model...`), never the text tower.
-    pattern = rf"(.*\.)?vision_model\..*\.({'|'.join(map(re.escape, cfg.target_modules))})"
+    pattern = rf".*\.vision_model\..*\.({'|'.join(map(re.escape, cfg.target_modules))})"
     peft_cfg = LoraConfig(
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=0.0 if linearize else cfg.dropout, target_modules=pattern
     )

@@ -4,6 +4,7 @@ a frozen head of averaged, normalised class-prompt embeddings (logits = logit_sc
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -107,7 +108,8 @@ class CLIPClassifier(nn.Module):
         return {k: v for k, v in self.encoder.model.state_dict().items() if k.startswith(VISION_PREFIXES)}
 
     def save(self, directory: str | Path, adapter_dir: str | Path | None = None) -> Path:
-        """LoRA is merged into the vision tower (adapter kept in `adapter_dir`); L-LoRA cannot be merged — its
+        """LoRA is merged into the vision tower (adapters for the plain model classes kept in `adapter_dir`, see
+        `save_plain_adapters`); L-LoRA cannot be merged — its
         linearised parameters are saved beside the base model and `load_clip_classifier` rebuilds the wrapper."""
         from peft import PeftModel
 
@@ -118,7 +120,7 @@ class CLIPClassifier(nn.Module):
             extra["l_lora"] = self.lora_settings
         elif isinstance(self.vision, PeftModel):
             if adapter_dir is not None:
-                save_plain_adapter(self.vision, Path(adapter_dir), self.encoder)
+                save_plain_adapters(self.vision, Path(adapter_dir), self)
             self.vision = self.vision.merge_and_unload()
         self.encoder.save(directory, extra_meta=extra)
         if linearized is not None:
@@ -128,26 +130,42 @@ class CLIPClassifier(nn.Module):
         return directory
 
 
-def save_plain_adapter(vision: nn.Module, directory: Path, encoder: DualEncoder) -> None:
-    """PEFT names the adapter after the module it wraps, `VisionTower` (`model.vision_model....`); renamed to the
-    dual encoder's own keys (`vision_model....`, shared by `CLIPModel` and `CLIPVisionModel`, SigLIP alike), plain
-    `PeftModel.from_pretrained(<model>, directory)` loads it onto the model class a user has."""
-    from safetensors.torch import load_file, save_file
+VISION_ONLY_ADAPTER = "vision"  # subfolder of the adapter folder for CLIPVisionModel / SiglipVisionModel
 
-    vision.save_pretrained(str(directory))
-    weights = directory / "adapter_model.safetensors"
-    wrapped, plain = "base_model.model.model.", "base_model.model."
-    state = {
-        (plain + k.removeprefix(wrapped) if k.startswith(wrapped) else k): v for k, v in load_file(weights).items()
-    }
-    save_file(state, str(weights), metadata={"format": "pt"})
-    config_file = directory / "adapter_config.json"
-    config = json.loads(config_file.read_text())
-    model_class = type(encoder.model)
-    config["auto_mapping"] = {"base_model_class": model_class.__name__, "parent_library": model_class.__module__}
-    if not encoder.source.startswith("builtin:"):
-        config["base_model_name_or_path"] = config.get("base_model_name_or_path") or encoder.source
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+def save_plain_adapters(vision: nn.Module, directory: Path, clf: CLIPClassifier) -> None:
+    """PEFT would key the adapter by visiontune's wrapper (`model.vision_model....`), which no plain model has.
+    Written instead: `directory` keyed like the dual encoder (`CLIPModel`, `SiglipModel`: `vision_model....`) and
+    `directory/vision` like its vision-only class (`CLIPVisionModel`, `SiglipVisionModel`), whose modules in
+    transformers 5 are the dual encoder's `vision_model` children: `PeftModel.from_pretrained` loads either."""
+    from peft import get_peft_model_state_dict
+
+    wrapped = "base_model.model.model."  # PeftModel -> VisionTower -> dual encoder
+    state = {k.removeprefix(wrapped): v for k, v in get_peft_model_state_dict(vision).items()}
+    targets = "|".join(map(re.escape, clf.lora_settings["target_modules"]))
+    model_class = type(clf.encoder.model)
+    mapping = {"base_model_class": model_class.__name__, "parent_library": model_class.__module__}
+    _write_adapter(vision, directory, state, rf"vision_model\..*\.({targets})", clf.encoder.source, mapping)
+    tower = {k.removeprefix("vision_model."): v for k, v in state.items() if k.startswith("vision_model.")}
+    _write_adapter(vision, directory / VISION_ONLY_ADAPTER, tower, rf".*\.({targets})", clf.encoder.source, None)
+
+
+def _write_adapter(
+    vision: nn.Module, directory: Path, state: dict, targets: str, source: str, auto_mapping: dict | None
+) -> None:
+    """One PEFT adapter folder: the training LoRA config with `targets`, weights keyed `base_model.model.<name>`."""
+    import copy
+
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME
+    from safetensors.torch import save_file
+
+    config = copy.deepcopy(vision.peft_config[vision.active_adapter])
+    config.target_modules, config.inference_mode = targets, True
+    config.base_model_name_or_path = None if source.startswith("builtin:") else source
+    directory.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(directory), auto_mapping_dict=auto_mapping)
+    weights = {f"base_model.model.{k}": v.detach().contiguous() for k, v in state.items()}
+    save_file(weights, str(directory / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
 
 
 def _linearized_state(vision: nn.Module) -> dict[str, torch.Tensor] | None:

@@ -1,6 +1,8 @@
-"""The runner's recipe sections, shared by every task: `train` (the loop, checkpoints, validation) and `track`
-(TensorBoard, W&B). A task that needs other defaults subclasses them; one that honours fewer keys says so in its
-config (see `visiontune.recipe`)."""
+"""The runner's recipe sections: `train` (the loop, checkpoints, validation) and `track` (TensorBoard, W&B).
+
+`TrainConfig` holds the keys every task honours; `EmaTrainConfig` and `ClassifierTrainConfig` add the keys only
+some tasks honour, so a task's schema never holds a key it would ignore (`visiontune.recipe` names the task that
+would use a refused key). A task that needs other defaults subclasses one of them."""
 
 from __future__ import annotations
 
@@ -30,8 +32,6 @@ class TrainConfig(Strict):
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     grad_checkpointing: bool = False
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    ema: EmaConfig | None = None
     eval_steps: int | None = Field(None, gt=0, description="Evaluate and checkpoint every N steps; else every epoch.")
     metric: str = Field("accuracy", description="Validation metric that selects the best checkpoint.")
     early_stopping_patience: int | None = Field(None, gt=0)
@@ -41,6 +41,19 @@ class TrainConfig(Strict):
     cpu: bool | None = Field(None, description="Force CPU; default: CPU when no GPU is visible.")
     deepspeed: str | None = Field(None, description="DeepSpeed JSON config (configs/deepspeed/zero2.json, zero3.json).")
     fsdp: str | None = Field(None, description="FSDP policy for transformers, e.g. `full_shard auto_wrap`.")
+
+
+class EmaTrainConfig(TrainConfig):
+    """`train` for tasks that can keep an exponential moving average of the weights (the runner compares it with
+    the trained weights on validation and keeps the better)."""
+
+    ema: EmaConfig | None = None
+
+
+class ClassifierTrainConfig(EmaTrainConfig):
+    """`train` for tasks whose loss is a classifier's cross-entropy (classify, the CLIP classifier tasks)."""
+
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
 
 
 class TrackConfig(Strict):

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from visiontune.run.distributed import is_main_process
+from visiontune.run.distributed import check_launch_environment, is_main_process
 from visiontune.run.folder import last_checkpoint, prepare_run_dir
 from visiontune.run.task import Fit, Skipped, Task
 
@@ -33,7 +33,10 @@ class RunStart:
 def run_task(task: Task, cfg: BaseModel, overwrite: bool = False, resume: bool = False) -> Path:
     start = time.perf_counter()
     run_dir = Path(cfg.output_dir).expanduser()
+    check_launch_environment()  # a refused launch must not leave a run folder behind
     checkpoint = resume_point(run_dir, resume, cfg.train.resume)
+    if checkpoint is not None:
+        check_resume_matches(run_dir, cfg)
     data = task.prepare(cfg)  # every data error surfaces here, before a run folder exists
     run = open_run(cfg, run_dir, overwrite, checkpoint, task.skipped(data))
     if is_main_process():
@@ -75,6 +78,39 @@ def resume_point(run_dir: Path, flag: bool, recipe_key: bool) -> Path | None:
     return checkpoint
 
 
+# Keys a resumed run may change: how long it trains and what it reports. Anything else (model, data, tuning,
+# batch size...) would silently mix two different runs in one set of checkpoints.
+RESUME_MAY_CHANGE = ("train.epochs", "train.max_steps", "train.resume", "train.logging_steps", "track.")
+
+
+def check_resume_matches(run_dir: Path, cfg: BaseModel) -> None:
+    import yaml
+
+    from visiontune.core.errors import RunDirError
+
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved, now = _flatten(yaml.safe_load(saved_path.read_text()) or {}), _flatten(cfg.model_dump(mode="json"))
+    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+    changed = [k for k in changed if not k.startswith(RESUME_MAY_CHANGE)]
+    if changed:
+        raise RunDirError(
+            f"--resume: the recipe differs from the run's {saved_path} in {', '.join(changed[:5])}; resume with "
+            "the recipe that started the run (only train.epochs / train.max_steps may change) or use a new output_dir."
+        )
+
+
+def _flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def open_run(
     cfg: BaseModel,
     run_dir: Path,
@@ -103,13 +139,16 @@ def announce(run_dir: Path, checkpoint: Path | None, skipped: list[Skipped]) -> 
     if checkpoint is not None:
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         console.print(
-            f"Resuming from {checkpoint} (step {state.get('global_step')} of {state.get('max_steps')}).", markup=False
+            f"Resuming from {checkpoint} (step {state.get('global_step')} of {state.get('max_steps')}).",
+            markup=False,
+            soft_wrap=True,
         )
     if skipped:
         console.print(
             f"Skipped {len(skipped)} unreadable sample(s) (data.on_bad_sample: skip); "
             f"the list is in {run_dir / 'data_report.json'}.",
             markup=False,
+            soft_wrap=True,
         )
 
 
