@@ -1,16 +1,18 @@
 """`vlm_assemble` training throughput and peak memory on the real assembled model, against a plain PyTorch loop.
 
 Model: builtin:efficientnet-lite0 (ImageNet, frozen) + mlp2x_gelu projector + builtin:smollm2-135m-instruct, 96 px
-images (9 image tokens), exactly as recipes/assemble/*.yaml build it. Three modes:
+images (9 image tokens), exactly as the built-in recipes (src/visiontune/recipes/assemble/*.yaml) build it. Three modes:
 
 * align: only the projector trains (1.07 M parameters), on builtin:mnist-5k-captions;
 * instruct-lora: projector + LoRA r 16 on every Linear of the LM, on builtin:mnist-5k-qa;
 * instruct-full: projector + the whole LM (134 M), on builtin:mnist-5k-qa.
 
-visiontune side: what `VlmAssembleTask.train` runs — `parse_config` -> `load_model` -> `set_trainable` ->
-`prepare_data` (assistant-only labels, cached) -> `build_trainer(..., AssembleTrainer)` (group_by_length), with
-`train.max_steps` = warm-up + timed steps and no evaluation. Baseline: the same model, trainable set and tokenised
-records through `VlmCollator` in a `DataLoader(shuffle=True)` -> forward -> backward -> AdamW -> zero_grad.
+visiontune side: what `visiontune train` runs — `parse_config` -> `VlmAssembleTask.prepare`'s steps (`load_model`,
+then `prepare_data`: assistant-only labels, cached) -> `VlmAssembleTask().build` (`set_trainable` -> `vlm_fit` with
+`AssembleTrainer`, group_by_length) -> the runner's `make_trainer`, with `train.max_steps` = warm-up + timed steps
+and no evaluation. The two halves of `prepare` are called one by one so that the RSS can be read between them.
+Baseline: the same model, trainable set and tokenised records through `VlmCollator` in a `DataLoader(shuffle=True)`
+-> forward -> backward -> AdamW -> zero_grad.
 
 Tokens/s = non-padding tokens (image tokens included) trained between the end of warm-up step `--warmup` and the
 last step, per wall second (and per process CPU second). Peak RSS (ru_maxrss) at the last timed step; "delta" is
@@ -76,40 +78,44 @@ def recipe(mode: str, run_dir: Path, total_steps: int):
 
 
 def prepared(mode: str, run_dir: Path, total_steps: int):
-    from visiontune.vlm.assemble import load_model, read_stage_data, set_trainable
-    from visiontune.vlm.sft import prepare_data
+    """`VlmAssembleTask().prepare(cfg)` in its two steps, with the RSS read once the model is loaded (before the
+    data); the model's trainable set is not applied yet."""
+    from visiontune.vlm.assemble import load_model, read_stage_data
+    from visiontune.vlm.sft import VlmPrepared, prepare_data
 
     cfg = recipe(mode, run_dir, total_steps)
     model, processor = load_model(cfg)
     ready = current_rss_kib()
-    model = set_trainable(model, cfg)
-    data = prepare_data(cfg, processor, run_dir, read=lambda spec: read_stage_data(spec, cfg), model_key=mode)
-    return cfg, model, processor, data, ready
+    data = prepare_data(cfg, processor, read=lambda spec: read_stage_data(spec, cfg), model_key=mode)
+    return cfg, VlmPrepared(model, processor, data), ready
 
 
 def measure_visiontune(mode: str, root: str, total_steps: int, warmup: int, threads: int | None, verbose: bool):
     quiet(verbose, threads)
     os.environ["VISIONTUNE_CACHE"] = str(Path(root) / "cache")
-    from visiontune.vlm.assemble import AssembleTrainer
-    from visiontune.vlm.sft import build_trainer
+    from visiontune.run.runner import make_trainer
+    from visiontune.vlm.assemble import VlmAssembleTask
 
     run_dir = Path(tempfile.mkdtemp(prefix=f"vt-{mode}-", dir=root))
-    cfg, model, processor, data, ready = prepared(mode, run_dir, total_steps)
-    trainer = build_trainer(model, processor, cfg, data, run_dir, trainer_class=AssembleTrainer)
+    cfg, inputs, ready = prepared(mode, run_dir, total_steps)
+    fit = VlmAssembleTask().build(cfg, inputs, run_dir)
+    trainer = make_trainer(cfg, fit, run_dir)
     clock = StepClock(Counter(trainer))
     trainer.add_callback(clock)
     trainer.train()
-    return summarise(clock.stamps, clock.peak, ready, warmup, model)
+    return summarise(clock.stamps, clock.peak, ready, warmup, fit.model)
 
 
 def measure_loop(mode: str, root: str, total_steps: int, warmup: int, threads: int | None, verbose: bool):
     quiet(verbose, threads)
     os.environ["VISIONTUNE_CACHE"] = str(Path(root) / "cache")
+    from visiontune.vlm.assemble import set_trainable
     from visiontune.vlm.collate import VlmCollator
     from visiontune.vlm.sft import TokenizedDataset
 
     run_dir = Path(tempfile.mkdtemp(prefix=f"loop-{mode}-", dir=root))
-    cfg, model, processor, data, ready = prepared(mode, run_dir, total_steps)
+    cfg, inputs, ready = prepared(mode, run_dir, total_steps)
+    model, processor, data = set_trainable(inputs.model, cfg), inputs.processor, inputs.data  # as the task's build
     torch.manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(
         TokenizedDataset(data.train_tokens, data.train),
@@ -172,7 +178,7 @@ def main(steps: int, warmup: int, rounds: int, modes: list[str], threads: int | 
 
     smollm2_dir()  # build the cached SmolLM2 folder once, outside the measurements
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "transformers", "peft", "visiontune.vlm.assemble"])
+    ctx.set_forkserver_preload(["torch", "transformers", "peft", "visiontune.vlm.assemble", "visiontune.run.runner"])
     total = warmup + steps
     print(f"torch {torch.__version__}; batch {BATCH}; {rounds} rounds x {steps} timed steps (+{warmup} warm-up)")
     results: dict[tuple[str, str], list[dict]] = {}

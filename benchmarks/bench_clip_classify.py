@@ -8,8 +8,9 @@ For each tune.method (full, lora, l_lora) both sides train the same `CLIPClassif
   builtin templates with `data.prompt_names` ["red", "green", "blue"];
 * data: `visiontune.testing.fixtures.image_folder(classes=3, per_class=64, size=64)` for training (192 images = 6 full
   batches of 32) plus a small separate val folder, so there is no stratified split and no partial batch;
-* visiontune: the trainer `ClassifyTask.train` builds — `parse_config({task: clip_classify, ...})` ->
-  `load_split` -> `ClipClassifyTask().build_model` -> `.plan_tuning` -> `build_trainer` — with
+* visiontune: the trainer `visiontune train` builds — `parse_config({task: clip_classify, ...})` ->
+  `load_split` -> `ClipClassifyTask().build_model` -> `.plan_tuning` -> `classification_fit` -> the runner's
+  `make_trainer` — with
   `train.max_steps` = warm-up + timed steps, `train.eval_steps` huge, `data.workers` 0 and every other setting at
   the task's defaults (light augmentation, cosine schedule, grad clipping, logging, tensorboard). A callback stamps
   wall time, process CPU time and `trainer.samples_seen` at every `on_step_end`, and takes the peak RSS at the
@@ -17,7 +18,7 @@ For each tune.method (full, lora, l_lora) both sides train the same `CLIPClassif
 * baseline: a fresh `CLIPClassifier` from the same `build_model`, made trainable by the same functions
   `plan_tuning` calls (`freeze_all_but_vision` for full, `apply_vision_lora(..., linearize=...)` for LoRA /
   L-LoRA; same seed, so the network and its trainable set are identical), an `ImageClassificationDataset` built as
-  `build_trainer` builds it (same transforms) with `Collator` in a DataLoader (batch 32, shuffle, workers 0),
+  `classification_fit` builds it (same transforms) with `Collator` in a DataLoader (batch 32, shuffle, workers 0),
   AdamW on the trainable parameters (decay / no-decay groups, like `build_optimizer`), and forward ->
   loss.backward() -> step -> zero_grad in a plain loop, without clipping, schedule or logging.
 
@@ -60,12 +61,13 @@ import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from visiontune.classify.task import build_trainer, load_split  # noqa: E402
+from visiontune.classify.task import classification_fit, load_split  # noqa: E402
 from visiontune.clip.classify import ClipClassifyTask  # noqa: E402
 from visiontune.clip.vision_lora import apply_vision_lora  # noqa: E402
 from visiontune.core.dataset import Collator, ImageClassificationDataset  # noqa: E402
 from visiontune.core.transforms import train_transform  # noqa: E402
 from visiontune.recipe import parse_config  # noqa: E402
+from visiontune.run.runner import make_trainer  # noqa: E402
 from visiontune.testing.fixtures import image_folder, word_tokenizer  # noqa: E402
 
 METHODS = ("full", "lora", "l_lora")
@@ -84,6 +86,7 @@ PRELOAD = [
     "visiontune.classify.task",
     "visiontune.clip.classify",
     "visiontune.clip.llora",
+    "visiontune.run.runner",
     "visiontune.testing.fixtures",
 ]
 hf_logging.disable_progress_bar()  # "Loading weights" bars in every child
@@ -218,7 +221,7 @@ def measure(
     ready = current_rss_kib()
 
     if side == "visiontune":
-        trainer = build_trainer(model, cfg, data, plan, run_dir)
+        trainer = make_trainer(cfg, classification_fit(model, cfg, data, plan), run_dir)
         clock = StepClock(trainer)
         trainer.add_callback(clock)
         trainer.train()

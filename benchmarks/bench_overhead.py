@@ -2,12 +2,13 @@
 
 Both sides train the quickstart model (`builtin:efficientnet-lite0`, 64 px, batch 64) on the same MNIST-5k split
 with the same dataset class, transforms, collator, AdamW (decay / no-decay groups) and label smoothing, with
-data loading in the main process (workers 0). visiontune's trainer is built as `ClassifyTask.train` builds it
-(recipe -> `load_split` -> `.build_model` (`resolve_classifier`) -> `.plan_tuning` -> `build_trainer`); a
-callback timestamps every `on_step_end`. The two are measured alternately (baseline, ours, baseline, ours, ...) in
-one process so background load hits both alike; the first `--warmup` steps of every measurement are not timed.
-Wall and process-CPU time per step are both reported. On cores shared with other jobs, `--threads 1` keeps the
-figures stable (with two torch threads and a busy second core, step times swing several-fold).
+data loading in the main process (workers 0). visiontune's trainer is built as `visiontune train` builds it
+(recipe -> `load_split` -> `ClassifyTask().build_model` (`resolve_classifier`) -> `.plan_tuning` ->
+`classification_fit` -> the runner's `make_trainer`); a callback timestamps every `on_step_end`. The two are
+measured alternately (baseline, ours, baseline, ours, ...) in one process so background load hits both alike; the
+first `--warmup` steps of every measurement are not timed. Wall and process-CPU time per step are both reported.
+On cores shared with other jobs, `--threads 1` keeps the figures stable (with two torch threads and a busy second
+core, step times swing several-fold).
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_overhead.py --steps 25 --rounds 2 [--threads 1]
 """
@@ -30,19 +31,13 @@ from transformers import TrainerCallback  # noqa: E402
 
 from visiontune.classify.config import ClassifyConfig  # noqa: E402
 from visiontune.classify.model import ImageClassifier  # noqa: E402
-from visiontune.classify.task import ClassifyTask, SplitData, build_trainer, load_split  # noqa: E402
+from visiontune.classify.task import ClassifyTask, SplitData, classification_fit, load_split  # noqa: E402
 from visiontune.core.dataset import Collator, ImageClassificationDataset  # noqa: E402
 from visiontune.core.transforms import train_transform  # noqa: E402
-from visiontune.recipe import load_recipe  # noqa: E402
+from visiontune.recipe import find_recipe, load_recipe  # noqa: E402
+from visiontune.run.runner import make_trainer  # noqa: E402
 
-RECIPE = (
-    Path(__file__).resolve().parents[1]
-    / "src"
-    / "visiontune"
-    / "recipes"
-    / "classify"
-    / "mnist-efficientnet-lite0.yaml"
-)
+RECIPE = find_recipe("mnist-efficientnet-lite0")  # the quickstart recipe (package data)
 
 
 Stamp = tuple[float, float]  # (wall seconds, process CPU seconds)
@@ -75,7 +70,7 @@ def recipe(run_dir: Path, total_steps: int) -> ClassifyConfig:
 
 
 def fresh_model(cfg: ClassifyConfig, data: SplitData) -> ImageClassifier:
-    """A new copy of the pretrained model, with the recipe's input size, as `ClassifyTask.train` makes it."""
+    """A new copy of the pretrained model, with the recipe's input size, as `ClassifyTask.build` makes it."""
     return ClassifyTask().build_model(cfg, data.train.class_names)
 
 
@@ -117,14 +112,14 @@ def run_baseline(cfg: ClassifyConfig, data: SplitData, total_steps: int, warmup:
 
 
 def run_visiontune(data: SplitData, total_steps: int, warmup: int) -> list[Stamp]:
-    """visiontune's path: the trainer `ClassifyTask.train` builds, trained for `total_steps` steps."""
+    """visiontune's path: the trainer `visiontune train` builds (`ClassifyTask.build` -> `make_trainer`)."""
     with tempfile.TemporaryDirectory(prefix="vt-bench-") as tmp:
         run_dir = Path(tmp) / "run"
         run_dir.mkdir()
         cfg = recipe(run_dir, total_steps)
         model = fresh_model(cfg, data)
         plan = ClassifyTask().plan_tuning(model, cfg)
-        trainer = build_trainer(model, cfg, data, plan, run_dir)
+        trainer = make_trainer(cfg, classification_fit(model, cfg, data, plan), run_dir)
         clock = StepClock()
         trainer.add_callback(clock)
         trainer.train()

@@ -9,11 +9,12 @@ Both sides train the same model on the same conversations with the same batch si
 * data: 64 ShareGPT-style conversations written by `make_data` (seed 0): one image each (random size 40..120 px per
   side) at the start of the first user turn, 1-3 question/answer turns, questions of 3-12 words and answers of 1-30
   words drawn from the fixture corpus, so record lengths (and padding) vary.
-* visiontune: what `VlmSftTask.train` runs — `parse_config({task: vlm_sft, ...})` -> `load_vlm` -> `prepare_data`
-  (tokenised with assistant-only labels, cached) -> `apply_tuning` (LoRA r 16 / alpha 32 / dropout 0.05 on every
-  Linear of the language model, the projector `visual.merger` trained fully: the task defaults) -> `build_trainer`
-  (`group_by_length`, the task default) — with `data.val_split` 0, batch 4, `train.max_steps` = warm-up + timed
-  steps, `train.eval_steps` huge (one save after the last step, outside the timing), every other setting default.
+* visiontune: what `visiontune train` runs — `parse_config({task: vlm_sft, ...})` -> `load_vlm` -> `prepare_data`
+  (tokenised with assistant-only labels, cached) -> `VlmSftTask().build` (`apply_tuning`: LoRA r 16 / alpha 32 /
+  dropout 0.05 on every Linear of the language model, the projector `visual.merger` trained fully, the task
+  defaults; then `vlm_fit`) -> the runner's `make_trainer` (`group_by_length`, the task default) — with
+  `data.val_split` 0, batch 4, `train.max_steps` = warm-up + timed steps, `train.eval_steps` huge (one save after the
+  last step, outside the timing), every other setting default.
 * TRL: `SFTTrainer(model=<the same checkpoint, plain>, args=SFTConfig(use_cpu=True, bf16=False,
   per_device_train_batch_size=4, max_steps=N, report_to="none"), train_dataset=Dataset({messages, images}),
   processing_class=<the same processor>, peft_config=LoraConfig(<the same target modules, r, alpha, dropout and
@@ -79,6 +80,7 @@ PRELOAD = [
     "datasets",
     "trl",
     "visiontune.vlm.sft",
+    "visiontune.run.runner",
     "visiontune.testing.vlm_fixtures",
 ]
 hf_logging.disable_progress_bar()
@@ -262,14 +264,14 @@ def measure(side: str, root: str, total_steps: int, warmup: int, threads: int | 
     run_dir = Path(tempfile.mkdtemp(prefix=f"run-{side}-", dir=root_dir))
     cfg = recipe(root_dir, run_dir, total_steps)
     if side == "visiontune":
-        from visiontune.vlm.model import apply_tuning, load_vlm
-        from visiontune.vlm.sft import build_trainer, prepare_data
+        from visiontune.run.runner import make_trainer
+        from visiontune.vlm.model import load_vlm
+        from visiontune.vlm.sft import VlmPrepared, VlmSftTask, prepare_data
 
         model, processor = load_vlm(cfg)
         ready = current_rss_kib()
-        data = prepare_data(cfg, processor, run_dir)
-        model = apply_tuning(model, cfg.tune)
-        trainer = build_trainer(model, processor, cfg, data, run_dir)
+        prepared = VlmPrepared(model, processor, prepare_data(cfg, processor))  # what VlmSftTask.prepare returns
+        trainer = make_trainer(cfg, VlmSftTask().build(cfg, prepared, run_dir), run_dir)
     else:
         from transformers import AutoModelForImageTextToText, AutoProcessor
         from trl import SFTConfig, SFTTrainer
@@ -329,7 +331,7 @@ def preprocessing(root: str, threads: int | None, verbose: bool, repeats: int) -
         os.environ["VISIONTUNE_CACHE"] = str(root_dir / f"cache-prep-{k}")
         for times in (cold, warm):
             start = time.perf_counter()
-            data = prepare_data(cfg, processor, run_dir)
+            data = prepare_data(cfg, processor)
             times.append(time.perf_counter() - start)
     dataset = TokenizedDataset(data.train_tokens, data.train)
     ours = VlmCollator(processor, cfg.data.max_image_pixels)

@@ -42,13 +42,13 @@ def train(
     nproc: int = typer.Option(1, "--nproc", min=1, help="Processes (DDP ranks) to launch with torchrun."),
 ) -> None:
     """Train a model from a recipe."""
+    from visiontune.recipe import get_task, load_recipe
+
+    config = load_recipe(find_recipe(recipe), overrides)  # a bad recipe stops here, before any rank starts
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         from visiontune.run.distributed import relaunch
 
         raise typer.Exit(relaunch(nproc, sys.argv[1:]))
-    from visiontune.recipe import get_task, load_recipe
-
-    config = load_recipe(find_recipe(recipe), overrides)
     try:
         run_dir = get_task(config.task).train(config, overwrite=overwrite, resume=resume)
     except KeyboardInterrupt:

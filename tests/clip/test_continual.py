@@ -95,10 +95,11 @@ def test_resume_continues_in_the_middle_of_the_sequence(fixtures_dir, tmp_path, 
         "train": {"epochs": 1, "batch_size": 6, "lr": 1e-3, "logging_steps": 1},
     }
     path = write_recipe(recipe)
-    real, trained = continual.ClipContinualTask._train_one, []
+    real, trained, stopped = continual.ClipContinualTask._train_one, [], []
 
     def stop_at_second(self, clf, cfg, split, stage_dir, resuming):
-        if stage_dir.name == "1-b" and not trained:
+        if stage_dir.name == "1-b" and not stopped:
+            stopped.append(True)
             raise KeyboardInterrupt
         trained.append(stage_dir.name)
         return real(self, clf, cfg, split, stage_dir, resuming)

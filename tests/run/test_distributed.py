@@ -44,7 +44,7 @@ def test_nproc_2_runs_two_synchronised_ranks(tiny_recipe, write_recipe):
 
 
 def test_plain_torchrun_without_cpu_flag_still_synchronises(tiny_recipe, write_recipe):
-    """DESIGN.md trap: torchrun without a CPU flag used to give two unsynchronised processes."""
+    """Known launcher trap: torchrun without a CPU flag used to give two unsynchronised processes."""
     recipe = tiny_recipe(train={"epochs": 1, "batch_size": 4})
     path = write_recipe(recipe)
     env = {k: v for k, v in _env().items() if k != "ACCELERATE_USE_CPU"}
@@ -174,7 +174,7 @@ def test_ctrl_c_stops_every_rank_and_exits_130(tmp_path):
     worker.write_text(
         "import os, pathlib, sys, time\n"
         f"pathlib.Path({str(tmp_path)!r}, 'pid' + os.environ['RANK']).write_text(str(os.getpid()))\n"
-        "time.sleep(300)\n"
+        "try:\n    time.sleep(300)\nexcept KeyboardInterrupt:\n    sys.exit(130)\n"  # as `visiontune train` does
     )
     proc = _run_ranks(worker)
     pid_files = [tmp_path / "pid0", tmp_path / "pid1"]

@@ -109,8 +109,8 @@ class CLIPClassifier(nn.Module):
 
     def save(self, directory: str | Path, adapter_dir: str | Path | None = None) -> Path:
         """LoRA is merged into the vision tower (adapters for the plain model classes kept in `adapter_dir`, see
-        `save_plain_adapters`); L-LoRA cannot be merged — its
-        linearised parameters are saved beside the base model and `load_clip_classifier` rebuilds the wrapper."""
+        `save_plain_adapters`); L-LoRA cannot be merged — its linearised parameters are saved beside the base model
+        and `load_clip_classifier` rebuilds the wrapper."""
         from peft import PeftModel
 
         directory = Path(directory)

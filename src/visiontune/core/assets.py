@@ -196,6 +196,21 @@ def smollm2_dir():
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    shutil.rmtree(target, ignore_errors=True)  # an incomplete folder (no config.json) from an older build
-    staging.replace(target)
+    return _publish_build(staging, target)
+
+
+def _publish_build(staging, target):
+    """Move a finished build into place. Several ranks may build at once: the first rename wins and the others
+    discard theirs, so no process ever deletes a folder another one is already loading from."""
+    import shutil
+
+    if not (target / "config.json").is_file():
+        shutil.rmtree(target, ignore_errors=True)  # an incomplete folder (no config.json) from an older build
+        try:
+            staging.rename(target)
+            return target
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -1,4 +1,4 @@
-"""Checks that the process group is what the launcher promised (DESIGN.md traps), and the `--nproc` launcher."""
+"""Checks that the process group is what the launcher promised (known launcher traps), and the `--nproc` launcher."""
 
 from __future__ import annotations
 
@@ -8,8 +8,12 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from visiontune.core.errors import DistributedError
+
+if TYPE_CHECKING:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 # Set by `run_ranks` for its ranks: a rank that stops on an error writes its one sentence to DIR/rank{RANK}.txt
 # instead of printing it, so the launcher prints it once (and never torchrun's ChildFailedError report).
@@ -67,14 +71,16 @@ def relaunch(nproc: int, argv: list[str]) -> int:
 def run_ranks(nproc: int, program: list[str]) -> int:
     """torchrun `program` with `nproc` ranks, in this process so that its outcome becomes an exit status: 0, 2 with
     the failing rank's sentence printed once, or 130 after Ctrl-C has stopped every rank."""
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ["ACCELERATE_USE_CPU"] = "true"
     errors = Path(tempfile.mkdtemp(prefix="visiontune-ranks-"))
     os.environ[ERROR_DIR] = str(errors)  # the ranks inherit this process's environment
     try:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["ACCELERATE_USE_CPU"] = "true"
         return _launch(nproc, program, errors)
+    except KeyboardInterrupt:  # Ctrl-C before the launcher took over its signals: no rank has started yet
+        return INTERRUPTED
     finally:
         shutil.rmtree(errors, ignore_errors=True)
 
@@ -102,7 +108,7 @@ def _launch(nproc: int, program: list[str], errors: Path) -> int:
     return 0
 
 
-def _failure(err, errors: Path) -> str:
+def _failure(err: ChildFailedError, errors: Path) -> str:
     """The first rank's own error sentence, else what the launcher knows about the rank that died."""
     written = sorted(errors.glob("rank*.txt"), key=lambda p: int(p.stem.removeprefix("rank") or 0))
     if written:

@@ -5,7 +5,7 @@ Trainer with tracking, validation, best checkpoint, early stopping, EMA -> evalu
 -> evaluate after -> per-rank record -> save (rank 0) -> summary.json -> report.
 
 A task supplies only what is its own (see `visiontune.run.task.Task`). Multi-stage tasks (clip_continual) use the
-pieces below (`open_run`, `make_trainer`, `fit_and_evaluate`) once per stage instead of `run_task`.
+pieces below (`open_run`, `make_trainer`, `train_with_progress`) once per stage instead of `run_task`.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def check_resume_matches(run_dir: Path, cfg: BaseModel) -> None:
     if changed:
         raise RunDirError(
             f"--resume: the recipe differs from the run's {saved_path} in {', '.join(changed[:5])}; resume with "
-            "the recipe that started the run (only train.epochs / train.max_steps may change) or use a new output_dir."
+            "the recipe that started the run (only train.epochs, train.max_steps, train.logging_steps and track keys may change) or use a new output_dir."
         )
 
 

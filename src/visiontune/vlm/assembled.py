@@ -6,8 +6,8 @@ has the call signature of a transformers VLM processor, so vlm_sft's tokenisatio
 truncation, cache), collator and generation eval serve this task unchanged.
 
 Own code because transformers' `LlavaForConditionalGeneration` takes only a transformers vision tower and its one
-MLP projector; this class takes timm encoders and every projector of models/projectors.py. When the parts fit
-LLaVA's format, models/llava_export.py writes a plain `LlavaForConditionalGeneration` from it.
+MLP projector; this class takes timm encoders and every projector of vlm/projectors.py. When the parts fit
+LLaVA's format, vlm/llava_export.py writes a plain `LlavaForConditionalGeneration` from it.
 """
 
 from __future__ import annotations

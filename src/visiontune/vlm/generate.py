@@ -1,5 +1,5 @@
 """Evaluate a VLM by generation: greedy answers to every conversation's last user turn, scored against the
-reference answer with the metrics of evaluate/generation.py."""
+reference answer with the metrics of vlm/generation_metrics.py."""
 
 from __future__ import annotations
 

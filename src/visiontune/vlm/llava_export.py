@@ -3,7 +3,7 @@ transformers (and serving engines that read the LLaVA format) load and generate 
 
 Possible when the parts are what LLaVA-1.5 is made of: a transformers vision tower (CLIP/SigLIP) and the
 `mlp2x_gelu` projector with hidden width = LM width (LLaVA's `linear_1` → GELU → `linear_2`). Other encoders and
-projectors stay in visiontune's own format (models/assembled.py), which loads with `load_assembled`.
+projectors stay in visiontune's own format (vlm/assembled.py), which loads with `load_assembled`.
 """
 
 from __future__ import annotations

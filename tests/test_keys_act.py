@@ -1,0 +1,1008 @@
+"""Every key of every task's recipe schema acts ("a key either acts or is refused").
+
+The schemas are walked at collection time (`visiontune.recipe.CONFIGS`), so a key added to a schema gets a test
+case here without anyone writing it, and a key that reaches nothing fails CI, named `task:key`.
+
+How a case works: a per-task base recipe on tiny offline fixtures, plus the key's CONTEXT (settings under which
+the key matters, e.g. `tune.method: lora` for `tune.lora.r`), is run through the real task code up to a LEVEL and
+digested into a fingerprint; then the one key is changed to another valid value (ALT, or derived from its type
+and constraints) and the fingerprint must differ. Most keys use the `build` level: `task.prepare` + `task.build`
++ the runner's `make_trainer` (no training), digesting the TrainingArguments, optimiser groups, callbacks,
+trainer attributes, datasets (sizes, first collated batch), model (parameters, values, modules, LoRA settings),
+collator, task data, W&B environment and the files written (tokenisation cache). Keys whose effect shows later
+have a LEVEL that runs further with the real code: `evaluate` (evaluation before and during training), `save`
+(exports, WiSE-FT), `entry` (`Task.train` with the training run stubbed: skip_training), `resume` (where
+`train.resume` resumes from), `epochs` (callbacks stepped through epochs: gradual unfreezing), `step` (one
+mid-training loss computation: scheduled sampling), `kwargs` (what reaches TrainingArguments where it cannot be
+built here: DeepSpeed). A key shown elsewhere can point to an existing test (POINTERS; checked to exist).
+
+A recipe section carried whole by an object (e.g. `GenerationEval.cfg`) does not count as an effect: pydantic
+models are opaque to the fingerprint, so each of their keys must show its own consequence.
+
+Keys found not to act are KNOWN_IGNORED: `xfail(strict=True)`, so the case flips when the key is made to act or
+removed from the schema.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import dataclasses
+import enum
+import functools
+import hashlib
+import json
+import os
+import random
+import shutil
+import types
+from collections.abc import Callable, Iterator
+from pathlib import Path, PurePath
+from typing import Any, Literal, Union, get_args, get_origin
+
+import pytest
+from pydantic import BaseModel
+
+from visiontune.recipe import CONFIGS, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+COLOURS = ("red", "green", "blue")  # fixture image class c is tinted with channel c; words the tokenizers know
+
+
+# --------------------------------------------------------------------------------------------- schema walk
+
+
+def _members(annotation: Any) -> tuple[Any, ...]:
+    return get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+
+
+def _section(annotation: Any) -> type[BaseModel] | None:
+    return next((m for m in _members(annotation) if isinstance(m, type) and issubclass(m, BaseModel)), None)
+
+
+def _list_section(annotation: Any) -> type[BaseModel] | None:
+    for m in _members(annotation):
+        if get_origin(m) is list:
+            return _section(get_args(m)[0])
+    return None
+
+
+def leaf_keys(schema: type[BaseModel], prefix: str = "") -> Iterator[str]:
+    """Dotted keys of a schema: `train.lr`, `data.augment.mixup`; an optional section is a key itself (turning it
+    on) and so is each key inside it; `tasks[].name` is a key of the items of a list of sections."""
+    for name, field in schema.model_fields.items():
+        key = f"{prefix}{name}"
+        if key == "task":  # the discriminator: it picks the schema, it is not a setting of it
+            continue
+        section, items = _section(field.annotation), _list_section(field.annotation)
+        if section is not None:
+            if type(None) in _members(field.annotation):
+                yield key
+            yield from leaf_keys(section, f"{key}.")
+        elif items is not None:
+            yield from leaf_keys(items, f"{key}[].")
+        else:
+            yield key
+
+
+def field_of(schema: type[BaseModel], key: str) -> Any:
+    model: Any = schema
+    *parents, leaf = key.replace("[]", "").split(".")
+    for part in parents:
+        annotation = model.model_fields[part].annotation
+        model = _section(annotation) or _list_section(annotation)
+    return model.model_fields[leaf]
+
+
+def all_cases() -> list[tuple[str, str]]:
+    return [(task, key) for task, schema in CONFIGS.items() for key in leaf_keys(schema)]
+
+
+# ------------------------------------------------------------------------------------------- raw recipes
+
+
+def set_key(raw: dict, key: str, value: Any) -> None:
+    """Set a dotted key in a raw recipe; `a[].b` sets `b` of the first item of list `a`."""
+    node: Any = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        if part.endswith("[]"):
+            node = node[part[:-2]][0]
+        else:
+            node = node.setdefault(part, {})
+            if node is None:
+                raise AssertionError(f"{key}: section {part} is off in this recipe; turn it on in CONTEXT")
+    node[leaf.removesuffix("[]")] = value
+
+
+def get_value(cfg: Any, key: str) -> Any:
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part.removesuffix("[]"))
+        if part.endswith("[]"):
+            node = node[0]
+    return node
+
+
+def _resolve(value: Any, w: World) -> Any:
+    return value(w) if callable(value) else copy.deepcopy(value)
+
+
+def lookup(table: dict[str, Any], task: str, key: str) -> Any:
+    """`task:key`, then `key`, then the nearest `section.*` (task-specific first)."""
+    parts = key.split(".")
+    wild = [".".join(parts[:i]) + ".*" for i in range(len(parts) - 1, 0, -1)]
+    for name in (f"{task}:{key}", key, *(n for w in wild for n in (f"{task}:{w}", w))):
+        if name in table:
+            return table[name]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+
+@dataclasses.dataclass
+class World:
+    """Tiny models and data for every task, built once per session."""
+
+    root: Path
+    fx: Path  # conftest's fixtures_dir: timm-vit, timm-cnn, hf-vit, clip, siglip, images
+    paths: dict[str, Path]
+
+    def __getitem__(self, name: str) -> str:
+        return str(self.paths[name])
+
+
+def _perturbed_copy(src: Path, dst: Path) -> Path:
+    """The same model folder with its weights shifted: another model of the same shape."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    for file in dst.rglob("*.safetensors"):
+        state = {k: v + 0.01 if v.is_floating_point() else v for k, v in load_file(str(file)).items()}
+        save_file(state, str(file), metadata={"format": "pt"})
+    return dst
+
+
+def _transformed_images(src: Path, dst: Path, op: Callable) -> Path:
+    from PIL import Image
+
+    for file in sorted(src.rglob("*.png")):
+        target = dst / file.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        op(Image.open(file).convert("RGB")).save(target)
+    return dst
+
+
+def _subset(src: Path, dst: Path, per_class: int, skip: int = 0) -> Path:
+    for folder in sorted(p for p in src.iterdir() if p.is_dir()):
+        (dst / folder.name).mkdir(parents=True)
+        for file in sorted(folder.glob("*.png"))[skip : skip + per_class]:
+            shutil.copy(file, dst / folder.name / file.name)
+    return dst
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _conversations(images: list[str]) -> list[dict]:
+    records = []
+    for image in images:
+        colour = COLOURS[int(Path(image).parent.name[-1])]
+        question = {"role": "user", "content": "<image>What colour is this image?"}
+        records.append({"messages": [question, {"role": "assistant", "content": colour}], "images": [image]})
+    return records
+
+
+@pytest.fixture(scope="session")
+def world(fixtures_dir, tmp_path_factory) -> World:
+    from PIL import ImageOps
+
+    from visiontune.testing.vlm_fixtures import tiny_causal_lm, tiny_vlm
+
+    root = tmp_path_factory.mktemp("keys-act")
+    images = fixtures_dir / "images"
+    p: dict[str, Path] = {}
+    # Labelled images: another train set, a val set, one with an unreadable file, a mirrored copy.
+    p["images2"] = _subset(images, root / "images2", per_class=8, skip=4)
+    p["images_val"] = _subset(images, root / "images_val", per_class=3)
+    p["images_bad"] = _subset(images, root / "images_bad", per_class=8)
+    _write(p["images_bad"] / "class_0" / "broken.png", "not a png")
+    # Relative paths resolve against the data file's folder (`data`) or `image_root` (`data_alt`: mirrored images).
+    data = root / "data"
+    p["data_alt"] = _transformed_images(images, root / "data_alt" / "images", ImageOps.mirror).parent
+    shutil.copytree(images, data / "images")
+    files = sorted(str(f.relative_to(data)) for f in (data / "images").rglob("*.png"))
+    # A CSV with two image and two label columns (data.image_column / data.label_column pick the second ones).
+    rows = ["image,label,other_image,other_label"] + [
+        f"{f},{Path(f).parent.name},{files[-1 - i]},{Path(files[(i + 5) % len(files)]).parent.name}"
+        for i, f in enumerate(files)
+    ]
+    p["labels_csv"] = _write(data / "labels.csv", "\n".join(rows) + "\n")
+    # Captions (clip_contrastive, vlm_assemble align).
+    caption = "{},a {} image with stripes"
+    captions = ["image,caption"] + [caption.format(f, COLOURS[int(Path(f).parent.name[-1])]) for f in files]
+    p["captions"] = _write(data / "captions.csv", "\n".join(captions) + "\n")
+    p["captions2"] = _write(data / "captions2.csv", "\n".join(captions[:1] + captions[1::2]) + "\n")
+    p["captions_val"] = _write(data / "captions_val.csv", "\n".join(captions[:1] + captions[2::6]) + "\n")
+    p["captions_bad"] = _write(
+        data / "captions_bad.csv", "\n".join([*captions, "images/class_0/missing.png,a red image"])
+    )
+    # Conversations (vlm_sft, vlm_assemble instruct): 9 train records, 3 val, a LLaMA-Factory registry.
+    picked = files[::4]
+    p["convs"] = _write(data / "convs.json", json.dumps(_conversations(picked)))
+    p["convs2"] = _write(data / "convs2.json", json.dumps(_conversations(files[1::4])))
+    p["convs_val"] = _write(data / "convs_val.json", json.dumps(_conversations(files[2::12])))
+    p["convs_bad"] = _write(
+        data / "convs_bad.json", json.dumps(_conversations([*picked, "images/class_0/missing.png"]))
+    )
+    entry = {"formatting": "sharegpt", "columns": {"messages": "messages", "images": "images"}}
+    tags = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}
+    registry = {
+        name: {"file_name": f, **entry, "tags": tags} for name, f in (("a", "convs.json"), ("b", "convs2.json"))
+    }
+    p["registry"] = _write(data / "dataset_info.json", json.dumps(registry))
+    # Models: a second one of each kind (same shapes, shifted weights), the VLM parts, a vision state dict, an
+    # assembled model as an align run would leave it.
+    p["timm-vit2"] = _perturbed_copy(fixtures_dir / "timm-vit", root / "timm-vit2")
+    p["clip2"] = _perturbed_copy(fixtures_dir / "clip", root / "clip2")
+    p["vlm"] = tiny_vlm("qwen2_vl", root / "vlm")
+    p["vlm2"] = _perturbed_copy(p["vlm"], root / "vlm2")
+    p["lm"] = tiny_causal_lm("qwen2", root / "lm")
+    p["lm2"] = _perturbed_copy(p["lm"], root / "lm2")
+    p["clip_state"] = _vision_state(fixtures_dir / "clip", root / "clip_vision.safetensors")
+    p["align_run"] = _align_run(fixtures_dir / "clip", p["lm"], root / "align_run")
+    p["exports"] = root / "exports"
+    return World(root, fixtures_dir, p)
+
+
+def _vision_state(model: Path, out: Path) -> Path:
+    from safetensors.torch import save_file
+
+    from visiontune.clip.dual_encoder import resolve_dual_encoder
+
+    state = resolve_dual_encoder(str(model)).model.state_dict()
+    save_file({k: v + 0.01 for k, v in state.items() if k.startswith("vision_model.")}, str(out))
+    return out
+
+
+def _align_run(vision: Path, language: Path, out: Path) -> Path:
+    from visiontune.vlm.assembled import build_assembled
+
+    model, processor = build_assembled(str(vision), str(language), {"kind": "mlp2x_gelu", "options": {}}, seed=7)
+    model.meta["stage"] = "align"
+    model.save_pretrained(out / "model", processor)
+    return out
+
+
+CHAT_TEMPLATE = (  # a plain ChatML template: a different one from the fixtures' own
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def base_recipe(task: str, w: World) -> dict:
+    """The task's recipe on the tiny fixtures (few images, tiny models), as the task's own tests build them."""
+    out = str(w.root / "runs" / task)
+    image_data = {"train": str(w.fx / "images"), "val_split": 0.25, "augment": {"preset": "none"}, "workers": 0}
+    small_train = {"epochs": 1, "batch_size": 4, "logging_steps": 1}
+    clip_data = {**image_data, "prompt_names": list(COLOURS), "templates": ["a photo of a {}", "a {} image"]}
+    vlm_eval = {"max_new_tokens": 2, "max_samples": 2, "samples_during_training": 2}
+    recipes: dict[str, dict] = {
+        "classify": {"model": str(w.fx / "timm-vit"), "data": image_data, "train": small_train},
+        "clip_classify": {"model": str(w.fx / "clip"), "data": clip_data, "train": small_train},
+        "clip_continual": {
+            "model": str(w.fx / "clip"),
+            "tasks": [
+                {"name": "first", "train": str(w.fx / "images")},
+                {"name": "second", "train": w["images2"]},
+            ],
+            "data": {"templates": ["a photo of a {}"], "val_split": 0.25, "workers": 0},
+            "train": small_train,
+        },
+        "clip_contrastive": {
+            "model": str(w.fx / "clip"),
+            "data": {"train": w["captions"], "val_split": 0.2, "workers": 0},
+            "train": {**small_train, "batch_size": 8},
+        },
+        "vlm_sft": {
+            "model": w["vlm"],
+            "data": {"train": w["convs"], "val_split": 0.25, "max_length": 256},
+            "train": small_train,
+            "eval": vlm_eval,
+        },
+        "vlm_assemble": {
+            "stage": "align",
+            "vision": str(w.fx / "clip"),
+            "language": w["lm"],
+            "data": {"train": w["captions"], "val_split": 0.2, "limit": 16},
+            "train": small_train,
+            "eval": vlm_eval,
+        },
+    }
+    return {"task": task, "output_dir": out, **copy.deepcopy(recipes[task])}
+
+
+# ------------------------------------------------------------------------------------------------ tables
+
+# Another valid value where the type alone does not give one (paths, names, optional numbers), or where the
+# derived one would not bite on the fixtures. Callables take the World.
+ALT: dict[str, Any] = {
+    "model": lambda w: w["timm-vit2"],
+    "clip_classify:model": lambda w: w["clip2"],
+    "clip_continual:model": lambda w: w["clip2"],
+    "clip_contrastive:model": lambda w: w["clip2"],
+    "vlm_sft:model": lambda w: w["vlm2"],
+    "output_dir": lambda w: str(w.root / "runs" / "elsewhere"),
+    "seed": 7,
+    "chat_template": CHAT_TEMPLATE,
+    "init_from": lambda w: w["clip_state"],
+    "vlm_assemble:init_from": lambda w: w["align_run"],
+    "vision": lambda w: w["clip2"],
+    "language": lambda w: w["lm2"],
+    "export_state_to": lambda w: str(w.paths["exports"] / "vision.safetensors"),
+    "wise_ft": {},
+    "wise_ft.alphas": [0.0, 1.0],
+    "wise_ft.control": lambda w: w["images_val"],
+    "wise_ft.choose": 0.3,
+    "scheduled_sampling": {},
+    "scheduled_sampling.k": 2.0,
+    "projector.options": {"hidden": 8},
+    "vision_layer": -2,
+    "image_size": 16,
+    # data
+    "data.train": lambda w: w["images2"],
+    "clip_contrastive:data.train": lambda w: w["captions2"],
+    "vlm_sft:data.train": lambda w: w["convs2"],
+    "vlm_assemble:data.train": lambda w: w["captions2"],
+    "data.val": lambda w: w["images_val"],
+    "clip_contrastive:data.val": lambda w: w["captions_val"],
+    "vlm_sft:data.val": lambda w: w["convs_val"],
+    "vlm_assemble:data.val": lambda w: w["captions_val"],
+    "data.val_split": 0.5,
+    "data.image_size": 48,
+    "data.workers": 1,
+    "data.max_image_pixels": 600,  # below the fixtures' images (32 x 32 labelled, 32 x 32 captioned)
+    "data.image_column": "other_image",
+    "data.label_column": "other_label",
+    "data.class_names": ["class_2", "class_1", "class_0"],
+    "data.templates": ["a picture of a {}"],
+    "data.prompt_names": ["blue", "green", "red"],
+    "data.augment.hflip": 0.0,
+    "data.augment.mixup": 0.2,
+    "data.augment.cutmix": 1.0,
+    "data.image_root": lambda w: w["data_alt"],
+    "data.dataset_name": "b",
+    "data.max_length": 40,
+    "data.limit": 8,
+    "data.prompt": "Caption this.",
+    "data.zero_shot": lambda w: w["images_val"],
+    "data.zero_shot_class_names": ["blue", "green", "red"],
+    "tasks[].name": "renamed",
+    "tasks[].train": lambda w: w["images_val"],
+    "tasks[].val": lambda w: w["images_val"],
+    "tasks[].class_names": ["class_2", "class_1", "class_0"],
+    "tasks[].prompt_names": ["blue", "green", "red"],
+    # tuning
+    "tune.layer_decay": 0.75,
+    "tune.lora.target_modules": ["qkv"],
+    "clip_classify:tune.lora.target_modules": ["q_proj"],
+    "clip_continual:tune.lora.target_modules": ["q_proj"],
+    "tune.lora_target": ["q_proj"],
+    "tune.unfreeze[].epoch": 1,
+    "tune.unfreeze[].blocks": "all",
+    # train / track / eval
+    "train.max_steps": 5,
+    "train.ema": {},
+    "train.ema.decay": 0.9,
+    "train.eval_steps": 5,
+    "train.metric": "loss",
+    "clip_contrastive:train.metric": "i2t_R@1",
+    "vlm_sft:train.metric": "exact_match",
+    "vlm_assemble:train.metric": "exact_match",
+    "train.early_stopping_patience": 2,
+    "train.precision": "bf16",
+    "train.cpu": False,
+    "train.deepspeed": "configs/deepspeed/zero2.json",
+    "train.fsdp": "full_shard auto_wrap",
+    "track.wandb_project": "elsewhere",
+    "track.wandb_mode": "disabled",
+    "eval.metrics": ["exact_match", "anls"],
+    "eval.max_samples": 1,
+}
+
+# Settings under which a key matters, applied to both sides of the comparison.
+CONTEXT: dict[str, Any] = {
+    "data.augment.hflip": {"data.augment.preset": "light"},
+    "data.augment.policy": {"data.augment.preset": "strong"},
+    "data.on_bad_sample": {"data.train": lambda w: w["images_bad"]},
+    "clip_contrastive:data.on_bad_sample": {"data.train": lambda w: w["captions_bad"]},
+    "vlm_sft:data.on_bad_sample": {"data.train": lambda w: w["convs_bad"]},
+    "vlm_assemble:data.on_bad_sample": {"data.train": lambda w: w["captions_bad"]},
+    "data.image_column": {"data.train": lambda w: w["labels_csv"]},
+    "data.label_column": {"data.train": lambda w: w["labels_csv"]},
+    "data.image_root": {"data.train": lambda w: str(w.root / "data" / "captions.csv")},
+    "vlm_sft:data.image_root": {"data.train": lambda w: w["convs"]},
+    "data.dataset_name": {"data.train": lambda w: w["registry"], "data.dataset_name": "a"},
+    "vlm_assemble:data.dataset_name": {
+        "stage": "instruct",
+        "data.train": lambda w: w["registry"],
+        "data.dataset_name": "a",
+    },
+    "data.zero_shot_class_names": {"data.zero_shot": lambda w: w["images_val"]},
+    "clip_contrastive:data.templates": {"data.zero_shot": lambda w: w["images_val"]},
+    "tune.lora.*": {"tune.method": "lora"},
+    "tune.unfreeze[].*": {
+        "tune.method": "gradual_unfreeze",
+        "tune.unfreeze": [{"epoch": 0, "blocks": 0}, {"epoch": 2, "blocks": 1}],
+    },
+    "tune.train_language": {"tune.method": "full"},
+    "vlm_assemble:tune.*": {"stage": "instruct", "data.train": lambda w: w["convs"]},
+    "train.momentum": {"train.optimizer": "sgd"},
+    "train.ema.*": {"train.ema": {}},
+    "track.wandb_project": {"track.wandb": True},
+    "track.wandb_mode": {"track.wandb": True},
+    "wise_ft.*": {"wise_ft": {}},
+    "scheduled_sampling.*": {"scheduled_sampling": {}},
+    "init_from": {},
+    "vlm_assemble:init_from": {"stage": "instruct", "data.train": lambda w: w["convs"]},
+}
+
+# How far a key's recipe runs before the fingerprint (default: build).
+LEVEL: dict[str, str] = {
+    "eval.*": "evaluate",
+    "data.zero_shot": "evaluate",
+    "data.zero_shot_class_names": "evaluate",
+    "clip_contrastive:data.templates": "evaluate",
+    "export_state_to": "save",
+    "wise_ft": "save",
+    "wise_ft.*": "save",
+    "skip_training": "entry",
+    "train.resume": "resume",
+    "train.deepspeed": "kwargs",
+    "tune.unfreeze[].*": "epochs",
+    "scheduled_sampling": "step",
+    "scheduled_sampling.*": "step",
+}
+
+# Keys whose effect is proven by an existing test rather than here: "tests/FILE.py::test_name".
+POINTERS: dict[str, str] = {}
+
+# Keys that reach nothing (bugs): each case is xfail(strict=True), so it flips once the key acts or is removed.
+KNOWN_IGNORED: dict[str, str] = {}
+
+
+# ------------------------------------------------------------------------------------------- fingerprint
+
+
+class _Stop(Exception):
+    """Raised by a spy once it has seen what it came for."""
+
+
+def _sha(data: bytes | str) -> str:
+    return hashlib.sha1(data.encode() if isinstance(data, str) else data).hexdigest()[:16]
+
+
+def _tensor(t: Any) -> list:
+    import torch
+
+    t = t.detach().cpu()
+    raw = t.reshape(-1).contiguous()
+    raw = raw.view(torch.uint8) if raw.numel() and raw.is_floating_point() or raw.dtype == torch.bool else raw
+    return ["tensor", list(t.shape), str(t.dtype), _sha(raw.numpy().tobytes())]
+
+
+def _primitives(obj: Any) -> dict[str, Any]:
+    flat = (bool, int, float, str)
+    return {
+        k: v
+        for k, v in sorted(vars(obj).items())
+        if not k.startswith("_")
+        and k != "training"
+        and (isinstance(v, flat) or (isinstance(v, dict) and all(isinstance(x, flat) for x in v.values())))
+    }
+
+
+def describe(obj: Any, depth: int = 0, seen: frozenset[int] = frozenset()) -> Any:
+    """A JSON-able, deterministic account of what an object holds. Recipe sections (pydantic models) are opaque:
+    an object that merely carries a section has not acted on its keys."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from torch import nn
+
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, float):
+        return round(obj, 8)
+    if isinstance(obj, enum.Enum):
+        return f"{type(obj).__name__}.{obj.name}"
+    if isinstance(obj, PurePath):
+        return str(obj)
+    if isinstance(obj, BaseModel):
+        return f"<recipe section {type(obj).__name__}>"
+    if isinstance(obj, torch.Tensor):
+        return _tensor(obj)
+    if isinstance(obj, np.ndarray):
+        return _tensor(torch.from_numpy(np.ascontiguousarray(obj)))
+    if isinstance(obj, Image.Image):
+        return ["image", obj.mode, list(obj.size), _sha(obj.tobytes())]
+    if isinstance(obj, (types.FunctionType, types.MethodType, types.BuiltinFunctionType, functools.partial)):
+        return f"<function {getattr(obj, '__qualname__', type(obj).__name__)}>"
+    if isinstance(obj, type):
+        return f"<class {obj.__qualname__}>"
+    if depth > 7 or id(obj) in seen:
+        return f"<{type(obj).__qualname__}>"
+    seen, depth = seen | {id(obj)}, depth + 1
+    if isinstance(obj, dict):
+        return {str(k): describe(v, depth, seen) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(obj, (list, tuple)):
+        return [describe(v, depth, seen) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return sorted((describe(v, depth, seen) for v in obj), key=repr)
+    module = type(obj).__module__
+    if module.startswith("torchvision"):
+        return repr(obj)
+    if module.startswith(("rich", "threading", "logging", "_io", "io")):
+        return f"<{type(obj).__qualname__}>"
+    if isinstance(obj, nn.Module):
+        return {"module": type(obj).__qualname__, **_primitives(obj)}
+    if module.startswith("transformers") and hasattr(obj, "to_dict") and hasattr(obj, "model_type"):
+        return {"config": type(obj).__qualname__, **describe(obj.to_dict(), depth, seen)}
+    if module.startswith("transformers") and hasattr(obj, "save_pretrained"):  # processors and tokenizers
+        return {"processor": type(obj).__qualname__, "chat_template": getattr(obj, "chat_template", None)}
+    if dataclasses.is_dataclass(obj):
+        fields = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if not f.name.startswith("_")}
+        return {"type": type(obj).__qualname__, **describe(fields, depth, seen)}
+    if hasattr(obj, "__dict__"):
+        attrs = {k: v for k, v in vars(obj).items() if not k.startswith("_")}
+        return {"type": type(obj).__qualname__, **describe(attrs, depth, seen)}
+    return f"<{type(obj).__qualname__}>"
+
+
+def model_digest(model: Any) -> dict:
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    values = hashlib.sha1()
+    for _, t in named:
+        values.update(_tensor(t)[3].encode())
+    return {
+        "parameters": [[n, list(p.shape), str(p.dtype), p.requires_grad] for n, p in model.named_parameters()],
+        "buffers": [[n, list(b.shape)] for n, b in model.named_buffers()],
+        "values": values.hexdigest(),
+        "modules": [[n, type(m).__qualname__, m.extra_repr(), _primitives(m)] for n, m in model.named_modules()],
+        "attributes": describe({k: v for k, v in vars(model).items() if not k.startswith("_")}),
+    }
+
+
+def optimizer_digest(optimizer: Any, model: Any) -> dict:
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [
+        {
+            **describe({k: v for k, v in g.items() if k != "params"}),
+            "params": sorted(names.get(id(p), "?") for p in g["params"]),
+        }
+        for g in optimizer.param_groups
+    ]
+    return {"type": type(optimizer).__qualname__, "groups": groups}
+
+
+def dataset_digest(dataset: Any, collator: Any) -> Any:
+    import torch
+
+    if dataset is None:
+        return None
+    torch.manual_seed(0)
+    random.seed(0)
+    first = [dataset[i] for i in range(min(2, len(dataset)))]
+    return {
+        "type": type(dataset).__qualname__,
+        "length": len(dataset),
+        "state": describe({k: v for k, v in vars(dataset).items() if not k.startswith("_")}),
+        "batch": describe(collator(first)) if first else None,
+    }
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.is_dir() else []
+
+
+_TIMINGS = ("runtime", "per_second", "wall_time_s", "epoch")
+
+
+def _untimed(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _untimed(v) for k, v in obj.items() if not str(k).endswith(_TIMINGS)}
+    if isinstance(obj, list):
+        return [_untimed(v) for v in obj]
+    return obj
+
+
+def run_digest(fit: Any, trainer: Any, task: Any = None, data: Any = None) -> dict:
+    """What a key can change in one Trainer run about to start: a digest per component."""
+    collator_state = describe(fit.collator)
+    digest = {
+        "arguments": describe(trainer.args.to_dict()),
+        "trainer": {
+            "class": type(trainer).__qualname__,
+            "attrs": {name: describe(getattr(trainer, name)) for name in sorted(fit.trainer_attrs)},
+            "ema": describe(getattr(trainer, "ema", None)),
+            "has_eval": trainer.eval_dataset is not None,
+        },
+        "optimizer": optimizer_digest(trainer.optimizer, trainer.model),
+        "callbacks": [describe(cb) for cb in trainer.callback_handler.callbacks],
+        "model": model_digest(trainer.model),
+        "collator": collator_state,
+        "compute_metrics": describe(fit.compute_metrics),
+        "fit": {"items": fit.items, "workers": fit.workers, "args": describe(fit.args)},
+        "train_data": dataset_digest(fit.train_dataset, fit.collator),
+        "eval_data": dataset_digest(fit.eval_dataset, fit.collator),
+    }
+    if task is not None:
+        digest["task_data"] = {
+            "sizes": task.sizes(data),
+            "skipped": describe(task.skipped(data)),
+            "data": describe(data),
+        }
+    return digest
+
+
+def _hashed(fingerprint: dict) -> dict[str, str]:
+    return {k: _sha(json.dumps(v, sort_keys=True, default=str)) for k, v in fingerprint.items()}
+
+
+class Runner:
+    """Fingerprints of recipes at a level, memoised (the base side of many comparisons is the same recipe)."""
+
+    def __init__(self, world: World, monkeypatch_factory: Callable):
+        self.world = world
+        self.patch = monkeypatch_factory
+        self.memo: dict[str, dict[str, str]] = {}
+
+    def fingerprint(self, raw: dict, level: str = "build", memo: bool = True) -> dict[str, str]:
+        key = level + json.dumps(raw, sort_keys=True, default=str)
+        if memo and key in self.memo:
+            return self.memo[key]
+        cfg = parse_config(copy.deepcopy(raw))
+        with self.isolated(cfg) as mp:
+            try:
+                found = LEVELS[level](self, cfg, mp)
+            except Exception as err:  # a refusal is an effect too (the base recipe must not be refused)
+                message = str(err).splitlines()[0] if str(err) else ""
+                found = {"error": f"{type(err).__name__}: {message}"}
+            found["environment"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("WANDB_")}
+            found["cache"] = _files(Path(os.environ["VISIONTUNE_CACHE"]))
+            found["exports"] = _files(self.world.paths["exports"])
+        result = _hashed(found)
+        self.memo[key] = result
+        return result
+
+    def isolated(self, cfg: Any):
+        import contextlib
+
+        import numpy as np
+        import torch
+
+        @contextlib.contextmanager
+        def scope():
+            env = dict(os.environ)
+            cache = self.world.root / "cache"
+            for folder in (cache, Path(cfg.output_dir), self.world.paths["exports"]):
+                shutil.rmtree(folder, ignore_errors=True)
+            mp = self.patch()
+            mp.setenv("VISIONTUNE_CACHE", str(cache))
+            for name in ("WANDB_PROJECT", "WANDB_DIR"):
+                mp.delenv(name, raising=False)
+            torch.manual_seed(0)
+            random.seed(0)
+            np.random.seed(0)
+            try:
+                yield mp
+            finally:
+                mp.undo()
+                os.environ.clear()
+                os.environ.update(env)
+
+        return scope()
+
+
+# ---------------------------------------------------------------------------------------------- levels
+
+
+def _built(cfg: Any) -> tuple[Any, Any, Any, Any]:
+    """task.prepare -> task.build -> make_trainer, as `run_task` does (the run folder exists before build)."""
+    from visiontune.recipe import get_task
+    from visiontune.run.runner import make_trainer
+
+    task = get_task(cfg.task)
+    run_dir = Path(cfg.output_dir)
+    data = task.prepare(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fit = task.build(cfg, data, run_dir)
+    return task, data, fit, make_trainer(cfg, fit, run_dir)
+
+
+def level_build(runner: Runner, cfg: Any, mp: Any) -> dict:
+    if cfg.task == "clip_continual":
+        return _continual(cfg, mp)
+    task, data, fit, trainer = _built(cfg)
+    return {**run_digest(fit, trainer, task, data), "run_dir": _files(Path(cfg.output_dir))}
+
+
+def _continual(cfg: Any, mp: Any) -> dict:
+    """clip_continual's own sequence (`ClipContinualTask.train`) with each task's training stubbed: every stage's
+    Trainer is digested as it is made, the accuracy matrix (real evaluations) is kept."""
+    import visiontune.clip.continual as continual
+
+    stages, result = [], {}
+    make = continual.make_trainer
+
+    def spy(stage_cfg, fit, stage_dir):
+        trainer = make(stage_cfg, fit, stage_dir)
+        stages.append(run_digest(fit, trainer))
+        return trainer
+
+    mp.setattr(continual, "make_trainer", spy)
+    mp.setattr(continual, "train_with_progress", lambda trainer, checkpoint: None)
+    mp.setattr(continual, "_write_outputs", lambda run_dir, found: result.update(found))
+    continual.ClipContinualTask().train(cfg, overwrite=True)
+    return {"stages": stages, "result": _untimed(result), "run_dir": _files(Path(cfg.output_dir))}
+
+
+def level_evaluate(runner: Runner, cfg: Any, mp: Any) -> dict:
+    """The task's evaluation before training and the validation during training."""
+    task, data, fit, trainer = _built(cfg)
+    before = task.evaluate_run(cfg, fit, trainer, data, "before")
+    during = trainer.evaluate() if trainer.eval_dataset is not None else {}
+    return {"before": describe(_untimed(before)), "during": describe(_untimed(during))}
+
+
+def level_save(runner: Runner, cfg: Any, mp: Any) -> dict:
+    """The task's exports after a (here: untrained) run: what `save` writes, inside and outside the run folder."""
+    task, data, fit, trainer = _built(cfg)
+    run_dir = Path(cfg.output_dir)
+    (run_dir / "eval").mkdir(parents=True, exist_ok=True)
+    after = task.evaluate_run(cfg, fit, trainer, data, "after")
+    extras = task.save(cfg, fit, trainer, data, run_dir, after)
+    jsons = {
+        str(p.relative_to(run_dir)): _untimed(json.loads(p.read_text()))
+        for p in sorted(run_dir.rglob("*.json"))
+        if "checkpoint" not in str(p)
+    }
+    return {"extras": describe(_untimed(extras)), "files": _files(run_dir), "json": jsons}
+
+
+def level_entry(runner: Runner, cfg: Any, mp: Any) -> dict:
+    """`Task.train` with the runner's training run stubbed: which way the task goes, and what it writes."""
+    import visiontune.run.runner as runner_module
+    from visiontune.recipe import get_task
+
+    def stub(*args, **kwargs):
+        raise _Stop("run_task")
+
+    mp.setattr(runner_module, "run_task", stub)
+    try:
+        get_task(cfg.task).train(cfg, overwrite=True)
+        path = "own"
+    except _Stop:
+        path = "run_task"
+    return {"path": path, "run_dir": _files(Path(cfg.output_dir))}
+
+
+def level_resume(runner: Runner, cfg: Any, mp: Any) -> dict:
+    """Where a run starts when its folder holds a finished checkpoint (and, for clip_continual, finished tasks)."""
+    import visiontune.clip.continual as continual
+    import visiontune.run.runner as runner_module
+    from visiontune.recipe import get_task
+    from visiontune.run.folder import CHECKPOINTS
+
+    run_dir = Path(cfg.output_dir)
+    _write(run_dir / CHECKPOINTS / "checkpoint-1" / "trainer_state.json", json.dumps({"global_step": 1}))
+    _write(run_dir / "eval" / "continual.json", json.dumps({"tasks": [], "zero_shot": [], "matrix": []}))
+    seen: dict[str, Any] = {}
+    for module, name in ((runner_module, "resume_point"), (continual, "_resume_progress")):
+        real = getattr(module, name)
+
+        def spy(*args, real=real, **kwargs):
+            seen["start"] = describe(real(*args, **kwargs))
+            raise _Stop
+
+        mp.setattr(module, name, spy)
+    with pytest.raises(_Stop):
+        get_task(cfg.task).train(cfg)
+    return seen
+
+
+def level_kwargs(runner: Runner, cfg: Any, mp: Any) -> dict:
+    """What reaches TrainingArguments, for values it cannot be built with here (DeepSpeed without the package)."""
+    import visiontune.run.arguments as arguments
+
+    seen: dict[str, Any] = {}
+    real = arguments.TrainingArguments
+
+    def record(**kwargs):
+        seen.update(kwargs)
+        return real(**{**kwargs, "deepspeed": None})
+
+    mp.setattr(arguments, "_check_deepspeed", lambda train: None)
+    mp.setattr(arguments, "TrainingArguments", record)
+    if cfg.task == "clip_continual":
+        _continual(cfg, mp)
+    else:
+        _built(cfg)
+    return {"kwargs": describe(seen)}
+
+
+def level_epochs(runner: Runner, cfg: Any, mp: Any) -> dict:
+    """The callbacks stepped through epochs 0..3: which parameters train in each."""
+    from transformers import TrainerControl, TrainerState
+
+    task, data, fit, trainer = _built(cfg)
+    trained = []
+    for epoch in range(4):
+        state = TrainerState(epoch=float(epoch))
+        for callback in trainer.callback_handler.callbacks:
+            callback.on_epoch_begin(trainer.args, state, TrainerControl(), model=trainer.model)
+        trained.append(sorted(n for n, p in trainer.model.named_parameters() if p.requires_grad))
+    return {"trained": trained}
+
+
+def level_step(runner: Runner, cfg: Any, mp: Any) -> dict:
+    """One training loss computed at step 3 of 10, as the trainer computes it mid-run."""
+    import torch
+
+    import visiontune.vlm.assemble as assemble
+
+    seen: dict[str, Any] = {}
+    real = assemble.teacher_forcing_ratio
+
+    def spy(*args, **kwargs):
+        seen["teacher_forcing"] = real(*args, **kwargs)
+        return seen["teacher_forcing"]
+
+    mp.setattr(assemble, "teacher_forcing_ratio", spy)
+    task, data, fit, trainer = _built(cfg)
+    batch = fit.collator([fit.train_dataset[i] for i in range(2)])
+    trainer.state.global_step, trainer.state.max_steps = 3, 10
+    trainer.model.train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch)
+    return {"loss": round(float(loss), 5), **describe(seen)}
+
+
+LEVELS: dict[str, Callable[[Runner, Any, Any], dict]] = {
+    "build": level_build,
+    "evaluate": level_evaluate,
+    "save": level_save,
+    "entry": level_entry,
+    "resume": level_resume,
+    "kwargs": level_kwargs,
+    "epochs": level_epochs,
+    "step": level_step,
+}
+
+
+# ------------------------------------------------------------------------------------------------- cases
+
+
+def case_recipes(task: str, key: str, w: World) -> tuple[dict, list[dict]]:
+    """The base recipe (with the key's context) and candidate variants with the key changed."""
+    base = base_recipe(task, w)
+    for k, v in (lookup(CONTEXT, task, key) or {}).items():
+        set_key(base, k, _resolve(v, w))
+    cfg = parse_config(copy.deepcopy(base))
+    current = get_value(cfg, key)
+    table = ALT.get(f"{task}:{key}", ALT.get(key))
+    candidates = [_resolve(table, w)] if table is not None else derived_values(field_of(CONFIGS[task], key), current)
+    variants = []
+    for value in candidates:
+        if value == current:
+            continue
+        raw = copy.deepcopy(base)
+        set_key(raw, key, value)
+        try:
+            parse_config(copy.deepcopy(raw))
+        except Exception:
+            continue
+        variants.append(raw)
+    return base, variants
+
+
+def derived_values(field: Any, current: Any) -> list[Any]:
+    """Other values of a key's type near its current one; the schema's constraints filter them later."""
+    values: list[Any] = []
+    for member in _members(field.annotation):
+        if member is bool and isinstance(current, bool):
+            values.append(not current)
+        elif get_origin(member) is Literal:
+            values += [v for v in get_args(member) if v != current]
+        elif member is int and isinstance(current, int) and not isinstance(current, bool):
+            values += [current + 1, current - 1, current * 2]
+        elif member is float and isinstance(current, (int, float)) and not isinstance(current, bool):
+            values += [round(current / 2, 6), round(current * 2, 6) or 0.5, round(current + 0.1, 6), 0.5]
+    return values
+
+
+@pytest.fixture(scope="session")
+def runner(world) -> Runner:
+    return Runner(world, pytest.MonkeyPatch)
+
+
+def _params() -> list[Any]:
+    params = []
+    for task, key in all_cases():
+        reason = KNOWN_IGNORED.get(f"{task}:{key}")
+        marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+        params.append(pytest.param(task, key, id=f"{task}:{key}", marks=marks))
+    return params
+
+
+@pytest.mark.parametrize(("task", "key"), _params())
+def test_key_acts(task, key, world, runner):
+    pointer = lookup(POINTERS, task, key)
+    if pointer is not None:
+        assert _test_exists(pointer), f"{task}:{key} points to {pointer}, which does not exist"
+        return
+    base, variants = case_recipes(task, key, world)
+    assert variants, (
+        f"{task}:{key} has no other valid value to try: give one in ALT (and a CONTEXT if it needs one), "
+        "or a LEVEL / POINTERS entry that shows its effect"
+    )
+    level = lookup(LEVEL, task, key) or "build"
+    before = runner.fingerprint(base, level)
+    assert "error" not in before, f"{task}:{key}: the base recipe fails at level {level}: {before}"
+    after = runner.fingerprint(variants[0], level)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert changed, (
+        f"{task}:{key} does not act: changing it ({_shown(base, variants[0], key)}) changes nothing at level "
+        f"{level}. Make the key act, refuse it, or show its effect with a LEVEL or POINTERS entry."
+    )
+
+
+def _shown(base: dict, variant: dict, key: str) -> str:
+    def value(raw: dict) -> Any:
+        node: Any = raw
+        for part in key.split("."):
+            if not isinstance(node, dict):
+                return None
+            node = node.get(part.removesuffix("[]"))
+            if part.endswith("[]") and node:
+                node = node[0]
+        return node
+
+    return f"{value(base)!r} -> {value(variant)!r}"
+
+
+def _test_exists(pointer: str) -> bool:
+    file, _, name = pointer.partition("::")
+    path = REPO / file
+    if not path.is_file():
+        return False
+    tree = ast.parse(path.read_text())
+    return any(isinstance(n, ast.FunctionDef) and n.name == name for n in ast.walk(tree))
+
+
+@pytest.mark.parametrize("task", sorted(CONFIGS))
+def test_base_fingerprint_is_deterministic(task, world, runner):
+    """Two builds of the same recipe digest alike, so a difference in `test_key_acts` comes from the key."""
+    base = base_recipe(task, world)
+    first = runner.fingerprint(base)
+    assert "error" not in first, first
+    assert runner.fingerprint(base, memo=False) == first
+
+
+def test_tables_name_schema_keys():
+    """Every table entry matches some task's key (a renamed key must not leave its entry behind silently)."""
+    cases = all_cases()
+    keys = {k for _, k in cases}
+    known = {f"{t}:{k}" for t, k in cases} | keys
+    sections = {".".join(k.split(".")[:i]) + ".*" for k in keys for i in range(1, k.count(".") + 1)}
+    sections |= {f"{t}:{s}" for t in CONFIGS for s in sections}
+    for name, table in (("ALT", ALT), ("CONTEXT", CONTEXT), ("LEVEL", LEVEL), ("POINTERS", POINTERS)):
+        stale = [entry for entry in table if entry not in known | sections]
+        assert not stale, f"{name} has entries for keys no schema has: {stale}"
