@@ -97,7 +97,8 @@ def check_resume_matches(run_dir: Path, cfg: BaseModel) -> None:
     if changed:
         raise RunDirError(
             f"--resume: the recipe differs from the run's {saved_path} in {', '.join(changed[:5])}; resume with "
-            "the recipe that started the run (only train.epochs, train.max_steps, train.logging_steps and track keys may change) or use a new output_dir."
+            "the recipe that started the run (only train.epochs, train.max_steps, train.logging_steps and track keys "
+            "may change) or use a new output_dir."
         )
 
 
