@@ -26,7 +26,8 @@ else
     trap 'rm -rf "$WORK"' EXIT
 fi
 
-CMD=("$VT" train "$RECIPE" "output_dir=$RUN_DIR" "$@" --overwrite)
+# The built-in recipe by name, as the quickstart runs it (`visiontune.recipe.find_recipe` resolves it to $RECIPE).
+CMD=("$VT" train mnist-efficientnet-lite0 "output_dir=$RUN_DIR" "$@" --overwrite)
 echo "command: ${CMD[*]}"
 
 if [[ -x /usr/bin/time ]]; then

@@ -746,11 +746,22 @@ def _continual(cfg: Any, mp: Any) -> dict:
         stages.append(run_digest(fit, trainer))
         return trainer
 
+    def accuracy(self, clf, names, split):  # what would be evaluated, without evaluating it
+        evaluated.append(describe([names, [split.val.ref(i) for i in range(len(split.val))], model_digest(clf)["values"]]))
+        return 0.5
+
+    evaluated: list = []
     mp.setattr(continual, "make_trainer", spy)
     mp.setattr(continual, "train_with_progress", lambda trainer, checkpoint: None)
     mp.setattr(continual, "_write_outputs", lambda run_dir, found: result.update(found))
+    mp.setattr(continual.ClipContinualTask, "_accuracy", accuracy)
     continual.ClipContinualTask().train(cfg, overwrite=True)
-    return {"stages": stages, "result": _untimed(result), "run_dir": _files(Path(cfg.output_dir))}
+    return {
+        "stages": stages,
+        "evaluated": evaluated,
+        "result": _untimed(result),
+        "run_dir": _files(Path(cfg.output_dir)),
+    }
 
 
 def level_evaluate(runner: Runner, cfg: Any, mp: Any) -> dict:

@@ -6,7 +6,6 @@ training preprocessing in the form its library resolves (timm `pretrained_cfg`, 
 from __future__ import annotations
 
 import inspect
-import json
 from functools import lru_cache
 from pathlib import Path
 
@@ -14,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from visiontune.core.manifest import read_manifest, write_manifest
 from visiontune.core.transforms import Preprocess
 
-META_FILE = "visiontune.json"
 # Export args timm reads off the live model (and rejects when they disagree with it), never from the source config.
 _LIVE_TIMM_ARGS = ("num_classes", "img_size", "in_chans", "global_pool")
 
@@ -86,8 +85,13 @@ class ImageClassifier(nn.Module):
             self._save_timm(directory)
         else:
             self._save_hf(directory)
-        meta = {"kind": self.kind, "class_names": self.class_names, "preprocess": self.preprocess.to_dict()}
-        (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+        write_manifest(
+            directory,
+            "classifier",
+            library=self.kind,
+            class_names=self.class_names,
+            preprocess=self.preprocess.to_dict(),
+        )
         return directory
 
     def _save_timm(self, directory: Path) -> None:
@@ -133,8 +137,7 @@ class ImageClassifier(nn.Module):
 
 
 def read_meta(directory: Path) -> dict | None:
-    path = directory / META_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_manifest(directory) or None
 
 
 def _fit_timm_input_size(backbone: nn.Module, size: int) -> None:

@@ -68,7 +68,7 @@ def _local(path: Path, class_names: list[str] | None) -> ImageClassifier:
     if not config_file.is_file():
         raise ModelError(f"model: {path} has no config.json; it is not a saved model folder.")
     config = json.loads(config_file.read_text())
-    if (meta or {}).get("kind") == "timm" or "architecture" in config:
+    if (meta or {}).get("library", (meta or {}).get("kind")) == "timm" or "architecture" in config:
         model = _timm(f"local-dir:{path}", class_names, pretrained=True)
         if class_names is None:
             model.class_names = config.get("label_names") or model.class_names

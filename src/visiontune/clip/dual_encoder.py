@@ -3,7 +3,6 @@ folder) and visiontune's built-in EfficientNet-Lite0 + MiniLM encoder (`builtin:
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visiontune.classify.model import META_FILE
 from visiontune.core.errors import ModelError
+from visiontune.core.manifest import read_manifest, write_manifest
 from visiontune.core.transforms import Preprocess
 
 # model_type -> how its text side is tokenised (SigLIP was trained on max_length padding and pools the last token).
@@ -71,14 +70,8 @@ class DualEncoder:
         self.tokenizer.save_pretrained(directory)
         if self.image_processor is not None:
             self.image_processor.save_pretrained(directory)
-        meta = {
-            "kind": "dual_encoder",
-            "family": self.family,
-            "preprocess": self.preprocess.to_dict(),
-            **self.meta,
-            **(extra_meta or {}),
-        }
-        (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+        fields = {"family": self.family, "preprocess": self.preprocess.to_dict(), **self.meta, **(extra_meta or {})}
+        write_manifest(directory, "dual_encoder", **fields)
         return directory
 
 
@@ -168,12 +161,11 @@ def _builtin_saved(path: Path, meta: dict) -> DualEncoder:
 
 
 def _read_meta(path: Path) -> dict:
-    file = path / META_FILE
-    return json.loads(file.read_text()) if path.is_dir() and file.is_file() else {}
+    return read_manifest(path) if path.is_dir() else {}
 
 
 def _carry(meta: dict) -> dict:
-    return {k: v for k, v in meta.items() if k not in ("kind", "family", "preprocess")}
+    return {k: v for k, v in meta.items() if k not in ("format", "kind", "family", "preprocess")}
 
 
 def _preprocess_from(meta: dict) -> Preprocess | None:

@@ -3,7 +3,6 @@ a frozen head of averaged, normalised class-prompt embeddings (logits = logit_sc
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -175,7 +174,6 @@ def _linearized_state(vision: nn.Module) -> dict[str, torch.Tensor] | None:
 
 
 def read_saved_meta(path: Path) -> dict:
-    from visiontune.classify.model import META_FILE
+    from visiontune.core.manifest import read_manifest
 
-    file = Path(path) / META_FILE
-    return json.loads(file.read_text()) if file.is_file() else {}
+    return read_manifest(Path(path))

@@ -12,7 +12,6 @@ LLaVA's format, vlm/llava_export.py writes a plain `LlavaForConditionalGeneratio
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +19,14 @@ import torch
 from torch import Tensor, nn
 
 from visiontune.core.errors import ModelError
+from visiontune.core.manifest import MANIFEST, read_manifest, write_manifest
 from visiontune.vlm.projectors import Projector, build_projector
 from visiontune.vlm.vision_features import VisionFeatures, load_vision, save_vision
 
 __all__ = ["IMAGE_TOKEN", "META", "AssembledProcessor", "AssembledVlm", "flattening_template", "load_assembled"]
 
 IMAGE_TOKEN = "<image>"
-META = "visiontune.json"
+META = MANIFEST
 KIND = "assembled_vlm"
 
 # Prepended to the LM's own chat template: turns list-of-parts contents (`{"type": "image"}`, `{"type": "text"}`)
@@ -192,19 +192,17 @@ class AssembledVlm(nn.Module):
         if processor is not None:
             processor.save_pretrained(folder)
         meta = {
-            **self.meta,
-            "kind": KIND,
+            **{k: v for k, v in self.meta.items() if k not in ("format", "kind")},
             "vision": self.vision.spec(),
             "preprocess": preprocess,
             "num_image_tokens": self.projector.output_tokens(self.vision.num_patches),
         }
-        (folder / META).write_text(json.dumps(meta, indent=2))
+        write_manifest(folder, KIND, **meta)
         return folder
 
 
 def is_assembled(folder: str | Path) -> bool:
-    meta = Path(folder) / META
-    return meta.is_file() and json.loads(meta.read_text()).get("kind") == KIND
+    return read_manifest(Path(folder)).get("kind") == KIND
 
 
 def load_assembled(folder: str | Path) -> tuple[AssembledVlm, AssembledProcessor]:
@@ -217,7 +215,7 @@ def load_assembled(folder: str | Path) -> tuple[AssembledVlm, AssembledProcessor
         raise ModelError(
             f"{folder} is not an assembled VLM (no {META} of kind {KIND}); give a vlm_assemble run's model/ folder."
         )
-    meta = json.loads((folder / META).read_text())
+    meta = read_manifest(folder)
     vision, image_processor = load_vision(folder / "vision", meta["vision"], meta.get("preprocess"))
     language = AutoModelForCausalLM.from_pretrained(folder / "language")
     tokenizer = AutoTokenizer.from_pretrained(folder / "language")

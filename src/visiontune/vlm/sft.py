@@ -11,7 +11,6 @@ this task exists to get right (see vlm/tokenize.py).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 
 from visiontune.core.errors import DataError
+from visiontune.core.manifest import write_manifest
 from visiontune.run.task import Fit, Skipped, Task
 from visiontune.run.trainer import VisiontuneTrainer
 from visiontune.vlm.collate import VlmCollator
@@ -98,8 +98,7 @@ class VlmSftTask(Task):
         target = run_dir / ("adapter" if isinstance(model, PeftModel) else "model")
         model.save_pretrained(target)
         processor.save_pretrained(target)
-        manifest = {"kind": "vlm", "base_model": cfg.model, "tune": cfg.tune.method}
-        (target / "visiontune.json").write_text(json.dumps(manifest, indent=2))
+        write_manifest(target, "vlm", base_model=cfg.model, tune=cfg.tune.method)
         return {"trainable_parameters": trainable_summary(model)}
 
     def evaluate(self, model: str, data: str, out_dir: Path | None = None, **options: Any) -> dict:
