@@ -13,6 +13,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import TrainerCallback
 
 
+NOT_SHOWN = ("runtime", "per_second", "model_preparation_time")  # timings, not results
+
+
 class RichProgress(TrainerCallback):
     """step, loss, lr, images/s and ETA on one line (replaces the tqdm bar; main process only)."""
 
@@ -58,13 +61,14 @@ class RichProgress(TrainerCallback):
             self.fields["loss"] = f"{loss:.4f}"
         if "learning_rate" in logs:
             self.fields["lr"] = f"{logs['learning_rate']:.2e}"
+        self.progress.update(self.task, **self.fields)
         if "eval_loss" in logs:
-            shown = {
-                k.removeprefix("eval_"): round(v, 4)
+            shown = "  ".join(
+                f"{k.removeprefix('eval_')} {v:.4f}"
                 for k, v in logs.items()
-                if isinstance(v, float) and not k.endswith(("runtime", "per_second"))
-            }
-            self.progress.console.print(f"step {state.global_step} eval {shown}")
+                if k.startswith("eval_") and isinstance(v, float) and not k.endswith(NOT_SHOWN)
+            )
+            self.progress.console.print(f"step {state.global_step} eval  {shown}", markup=False, highlight=False)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.stop()

@@ -1,0 +1,83 @@
+"""Typed recipe for `task: classify`; unknown keys are errors (`extra="forbid"`).
+
+The stable contract (issue #2): `task`, `model`, `output_dir`, `data.train`, `data.val`, `data.on_bad_sample`,
+`train.epochs`, `train.max_steps`, `train.batch_size`, `train.lr`. Everything else may evolve.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from visiontune.core.config import AugmentConfig
+from visiontune.run.config import ClassifierTrainConfig, Strict, TrackConfig
+
+
+class DataConfig(Strict):
+    train: str = Field(description="Image folder, .csv/.jsonl file, saved `datasets` folder, hub id, or builtin:NAME.")
+    val: str | None = None
+    val_split: float = Field(0.1, gt=0, lt=1, description="Held-out fraction when `val` is not given (stratified).")
+    image_size: int | None = Field(None, gt=0, description="Input size; the backbone's pretrained size if unset.")
+    augment: AugmentConfig = AugmentConfig()
+    workers: int | Literal["auto"] = Field(
+        "auto", description="DataLoader workers; auto: 0 for in-memory data, else up to 4 by CPU count."
+    )
+    on_bad_sample: Literal["error", "skip"] = "error"
+    max_image_pixels: int = Field(89_478_485, gt=0, description="Decompression-bomb guard (PIL's default).")
+    image_column: str | None = None
+    label_column: str | None = None
+    class_names: list[str] | None = Field(None, description="Fixes the class list and order; labels outside it fail.")
+
+
+class LoraConfig(Strict):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    target_modules: list[str] | Literal["auto"] = "auto"
+
+
+class UnfreezeStep(Strict):
+    epoch: int = Field(ge=0, description="From this epoch on (0-based) ...")
+    blocks: int | Literal["all"] = Field(description="... train the head plus the last N blocks (or all).")
+
+
+class TuneConfig(Strict):
+    method: Literal["full", "linear_probe", "gradual_unfreeze", "lora"] = "full"
+    unfreeze: list[UnfreezeStep] = Field(
+        default_factory=lambda: [
+            UnfreezeStep(epoch=0, blocks=0),
+            UnfreezeStep(epoch=1, blocks=2),
+            UnfreezeStep(epoch=2, blocks="all"),
+        ],
+        description="Schedule for `gradual_unfreeze`.",
+    )
+    layer_decay: float | None = Field(None, gt=0, le=1, description="Layer-wise LR decay factor (e.g. 0.75).")
+    lora: LoraConfig = LoraConfig()
+
+    @field_validator("unfreeze")
+    @classmethod
+    def _sorted(cls, steps: list[UnfreezeStep]) -> list[UnfreezeStep]:
+        if [s.epoch for s in steps] != sorted({s.epoch for s in steps}):
+            raise ValueError("tune.unfreeze epochs must be distinct and increasing")
+        return steps
+
+
+class ClassifyConfig(Strict):
+    """Recipe for `task: classify` — fine-tune an image classifier."""
+
+    task: Literal["classify"] = "classify"
+    model: str = Field(description="builtin:NAME, timm:NAME, a hub id, or a local folder.")
+    pretrained: bool = Field(True, description="Load pretrained weights (timm:NAME); false builds from scratch.")
+    output_dir: str
+    seed: int = 42
+    data: DataConfig
+    tune: TuneConfig = TuneConfig()
+    train: ClassifierTrainConfig = ClassifierTrainConfig()
+    track: TrackConfig = TrackConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> ClassifyConfig:
+        if self.train.ema is not None and self.tune.method == "lora":
+            raise ValueError("train.ema is not supported with tune.method=lora; remove one of them")
+        return self

@@ -1,0 +1,41 @@
+"""LoRA on attention projections through PEFT; the head stays fully trainable (`modules_to_save`)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from visiontune.classify.config import LoraConfig
+from visiontune.classify.model import ImageClassifier
+from visiontune.core.errors import ModelError
+
+# Attention projection names across timm (qkv) and transformers (query/value, q_proj/v_proj) ViT-style models.
+_AUTO_TARGETS = ("qkv", "query", "value", "q_proj", "v_proj", "q", "v")
+
+
+def apply_lora(model: ImageClassifier, cfg: LoraConfig) -> None:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.backbone.named_modules() if isinstance(m, nn.Linear)})
+    targets = [t for t in _AUTO_TARGETS if t in linear] if cfg.target_modules == "auto" else cfg.target_modules
+    missing = [t for t in targets if t not in linear]
+    if not targets or missing:
+        raise ModelError(
+            f"tune.lora.target_modules {missing or cfg.target_modules} match no Linear layer of "
+            f"{model.kind} backbone; the Linear layers are named {linear}."
+        )
+    head = [h.removeprefix("backbone.") for h in model.head_names()]
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, modules_to_save=head
+    )
+    model.backbone = get_peft_model(model.backbone, peft_cfg)
+
+
+def merge_lora(model: ImageClassifier, adapter_dir=None) -> None:
+    """Optionally save the PEFT adapter, then fold LoRA into the base weights so the saved model is plain."""
+    from peft import PeftModel
+
+    if isinstance(model.backbone, PeftModel):
+        if adapter_dir is not None:
+            model.backbone.save_pretrained(str(adapter_dir))
+        model.backbone = model.backbone.merge_and_unload()

@@ -1,0 +1,218 @@
+"""`task: classify` — fine-tune an image classifier (timm / transformers / built-in backbones).
+
+What is its own: labelled images (read and checked once), the classifier and its tuning plan (freeze, gradual
+unfreeze, LoRA, layer decay), classification metrics, the exported model and predictions. The runner
+(`visiontune.run.runner`) does the rest.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from visiontune.classify.config import ClassifyConfig
+from visiontune.classify.freeze import GradualUnfreeze, set_trainable
+from visiontune.classify.layers import layer_groups
+from visiontune.classify.lora import apply_lora
+from visiontune.classify.metrics import ClassificationMetrics, classification_report
+from visiontune.classify.model import ImageClassifier
+from visiontune.classify.resolve import resolve_classifier
+from visiontune.core.check import BadSample, clean, clean_splits
+from visiontune.core.dataset import Collator, ImageClassificationDataset, stratified_split
+from visiontune.core.errors import DataError
+from visiontune.core.images import open_image
+from visiontune.core.readers import LabeledImages, read_dataset
+from visiontune.core.transforms import batch_mixer, eval_transform, train_transform, with_image_size
+from visiontune.run.arguments import loader_workers
+from visiontune.run.distributed import launched_world_size
+from visiontune.run.optim import build_optimizer, layer_decay_scales
+from visiontune.run.task import Fit, Skipped, Task
+from visiontune.run.trainer import VisiontuneTrainer
+
+MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit, for eval/predict of saved models
+
+
+@dataclass
+class SplitData:
+    train: LabeledImages
+    val: LabeledImages
+    skipped: list[BadSample] = field(default_factory=list)
+
+
+@dataclass
+class TuningPlan:
+    callbacks: list[TrainerCallback] = field(default_factory=list)
+    include: set[str] | None = None  # parameters given to the optimiser (None: those with requires_grad)
+    layer_scales: dict[str, float] | None = None
+
+
+class ClassifyTask(Task):
+    name = "classify"
+    reads_own_classes = False  # evaluate(): data labels map onto the model's saved classes
+
+    def prepare(self, cfg: ClassifyConfig) -> SplitData:
+        return load_split(cfg)
+
+    def skipped(self, data: SplitData) -> list[Skipped]:
+        return [Skipped(b.ref, b.reason) for b in data.skipped]
+
+    def sizes(self, data: SplitData) -> dict[str, int]:
+        return {"train_samples": len(data.train), "val_samples": len(data.val)}
+
+    def build(self, cfg: ClassifyConfig, data: SplitData, run_dir: Path) -> Fit:
+        model = self.build_model(cfg, data.train.class_names)
+        return classification_fit(model, cfg, data, self.plan_tuning(model, cfg))
+
+    def evaluate_run(
+        self, cfg: ClassifyConfig, fit: Fit, trainer: VisiontuneTrainer, data: SplitData, name: str
+    ) -> dict:
+        trainer.evaluate(metric_key_prefix=name)
+        return dict(trainer.compute_metrics.last)
+
+    def save(
+        self, cfg: ClassifyConfig, fit: Fit, trainer: VisiontuneTrainer, data: SplitData, run_dir: Path, after: dict
+    ) -> dict:
+        fit.model.save(run_dir / "model", adapter_dir=run_dir / "adapter")
+        names = data.train.class_names
+        _write_predictions(run_dir / "eval" / "predictions.csv", data.val, trainer.compute_metrics.last_logits, names)
+        return {}
+
+    def build_model(self, cfg: ClassifyConfig, class_names: list[str]) -> ImageClassifier:
+        model = resolve_classifier(cfg.model, class_names, cfg.pretrained)
+        model.preprocess = with_image_size(model.preprocess, cfg.data.image_size)
+        return model
+
+    def plan_tuning(self, model: ImageClassifier, cfg: ClassifyConfig) -> TuningPlan:
+        return plan_tuning(model, cfg)
+
+    def load_model(self, name: str, class_names: list[str] | None = None) -> ImageClassifier:
+        """A trained model for eval/predict (`class_names` only matters for tasks whose head is built from text)."""
+        return resolve_classifier(name)
+
+    def evaluate(
+        self,
+        model: str,
+        data: str,
+        out_dir: Path | None = None,
+        batch_size: int = 64,
+        workers: int = 2,
+        on_bad_sample: str = "error",
+    ) -> dict:
+        if self.reads_own_classes:  # zero-shot style heads are built from the data's class names
+            dataset = read_dataset(data)
+            clf = self.load_model(model, dataset.class_names)
+        else:
+            clf = self.load_model(model)
+            dataset = read_dataset(data, class_names=clf.class_names)
+        images, skipped = clean(dataset, on_bad_sample, MAX_PIXELS, "eval")
+        report = self.evaluate_loaded(clf, images, out_dir, batch_size, workers)
+        report["skipped_samples"] = [{"ref": b.ref, "reason": b.reason} for b in skipped]
+        if out_dir is not None:
+            (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
+        return report
+
+    def evaluate_loaded(
+        self,
+        clf: torch.nn.Module,
+        images: LabeledImages,
+        out_dir: Path | None = None,
+        batch_size: int = 64,
+        workers: int = 0,
+    ) -> dict:
+        """Metrics (and predictions.csv in out_dir) of an in-memory model on checked data."""
+        clf.eval()
+        ds = ImageClassificationDataset(images, eval_transform(clf.preprocess), MAX_PIXELS)
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=Collator())
+        with torch.inference_mode():
+            logits = torch.cat([clf(batch["pixel_values"])["logits"] for batch in loader])
+        report = classification_report(logits, torch.tensor(images.labels), clf.class_names)
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            _write_predictions(out_dir / "predictions.csv", images, logits, clf.class_names)
+        return report
+
+    def predict(self, model: str, inputs: list[str], top_k: int = 5) -> list[dict]:
+        clf = self.load_model(model).eval()
+        transform = eval_transform(clf.preprocess)
+        results = []
+        for path in inputs:
+            try:
+                image = open_image(path, MAX_PIXELS)
+            except Exception as err:
+                raise DataError(f"{path} {err}; give a readable image file.") from None
+            with torch.inference_mode():
+                probs = clf(transform(image)[None])["logits"].float().softmax(-1)[0]
+            top = probs.topk(min(top_k, len(probs)))
+            results.append(
+                {
+                    "input": path,
+                    "top": [
+                        (clf.class_names[i], p) for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+                    ],
+                }
+            )
+        return results
+
+
+def load_split(cfg: ClassifyConfig) -> SplitData:
+    """Read train (and val, or a seeded stratified split), then check every sample once."""
+    d = cfg.data
+    train = read_dataset(d.train, d.class_names, d.image_column, d.label_column, split="train")
+    if d.val:
+        val = read_dataset(d.val, train.class_names, d.image_column, d.label_column, split="validation")
+    else:
+        train, val = stratified_split(train, d.val_split, cfg.seed)
+    kept, bad = clean_splits({"train": train, "val": val}, d.on_bad_sample, d.max_image_pixels)
+    return SplitData(kept["train"], kept["val"], bad)
+
+
+def classification_fit(model: torch.nn.Module, cfg: ClassifyConfig, data: SplitData, plan: TuningPlan) -> Fit:
+    """What the Trainer needs for a classifier (also CLIP's zero-shot-head classifier) on labelled images."""
+    pre, aug, max_pixels = model.preprocess, cfg.data.augment, cfg.data.max_image_pixels
+    return Fit(
+        model=model,
+        train_dataset=ImageClassificationDataset(data.train, train_transform(pre, aug), max_pixels, pre.image_size),
+        eval_dataset=ImageClassificationDataset(data.val, eval_transform(pre), max_pixels, pre.image_size),
+        collator=Collator(),
+        compute_metrics=ClassificationMetrics(data.train.class_names),
+        optimizer=build_optimizer(model, cfg.train, plan.include, plan.layer_scales),
+        callbacks=plan.callbacks,
+        trainer_attrs={"batch_mixer": batch_mixer(aug, len(data.train.class_names))},
+        workers=loader_workers(cfg.data.workers, in_memory=data.train.kind == "array"),
+    )
+
+
+def plan_tuning(model: ImageClassifier, cfg: ClassifyConfig) -> TuningPlan:
+    """Freeze / unfreeze / LoRA / layer decay / EMA, as the recipe's `tune` and `train` sections ask."""
+    tune, plan = cfg.tune, TuningPlan()
+    model.label_smoothing = cfg.train.label_smoothing
+    if cfg.train.grad_checkpointing and not model.enable_grad_checkpointing():
+        print(f"note: {cfg.model} does not support gradient checkpointing; training without it")
+    if tune.method == "lora":
+        apply_lora(model, tune.lora)
+    else:
+        groups, head = layer_groups(model)
+        if tune.method == "linear_probe":
+            set_trainable(model, set(head))
+        elif tune.method == "gradual_unfreeze":
+            distributed = launched_world_size() > 1
+            plan.callbacks.append(GradualUnfreeze(model, groups, head, tune.unfreeze, distributed))
+            plan.include = {n for n, _ in model.named_parameters()}
+        if tune.layer_decay is not None:
+            plan.layer_scales = layer_decay_scales(groups, head, tune.layer_decay)
+    return plan
+
+
+def _write_predictions(path: Path, images: LabeledImages, logits: torch.Tensor, names: list[str]) -> None:
+    probs = logits.float().softmax(-1)
+    conf, pred = probs.max(-1)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["sample", "label", "predicted", "confidence"])
+        for i in range(len(images)):
+            writer.writerow([images.ref(i), names[images.labels[i]], names[int(pred[i])], f"{float(conf[i]):.4f}"])

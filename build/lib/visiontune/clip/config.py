@@ -1,0 +1,194 @@
+"""Typed recipes for the CLIP tasks: `clip_classify`, `clip_continual`, `clip_contrastive`.
+
+FusionBench `clip_finetune` keys map onto these (see docs/fusionbench.md): learning_rate -> train.lr,
+weight_decay -> train.weight_decay, num_steps -> train.max_steps, batch_size -> train.batch_size,
+num_workers -> data.workers, save_interval -> train.eval_steps, state_dict_load_path -> init_from,
+state_dict_save_path -> export_state_to, skip_training -> skip_training, use_lora / use_l_lora -> tune.method,
+lora_config -> tune.lora.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from visiontune.classify.config import DataConfig
+from visiontune.core.config import AugmentConfig
+from visiontune.run.config import ClassifierTrainConfig, EmaTrainConfig, Strict, TrackConfig
+
+
+class ClipTrainConfig(ClassifierTrainConfig):
+    """CLIP fine-tuning defaults (FusionBench's): small LR, no weight decay, no warmup. A recipe's own `train:`
+    section starts from these, not from the image-classifier defaults."""
+
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    epochs: float = Field(1, gt=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+
+
+class ContrastiveTrainConfig(EmaTrainConfig):
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    epochs: float = Field(1, gt=0)
+    metric: str = "mean_recall"
+
+
+class ClipLoraConfig(Strict):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"], description="Module names inside the vision tower."
+    )
+
+
+class ClipTuneConfig(Strict):
+    method: Literal["full", "lora", "l_lora"] = "full"
+    lora: ClipLoraConfig = ClipLoraConfig()
+
+
+def _check_templates(templates: list[str] | str) -> list[str] | str:
+    if isinstance(templates, list):
+        if not templates:
+            raise ValueError("give at least one prompt template, or `builtin`")
+        bad = [t for t in templates if t.count("{}") != 1]
+        if bad:
+            raise ValueError(f"templates must contain exactly one `{{}}` for the class name: {bad}")
+    return templates
+
+
+def _check_names(names: list[str] | None) -> list[str] | None:
+    if names is not None and (not names or len(set(names)) != len(names)):
+        raise ValueError("class names must be non-empty and without duplicates")
+    return names
+
+
+class ClipDataConfig(DataConfig):
+    templates: list[str] | Literal["builtin"] = Field("builtin", description="Prompt templates with one `{}`.")
+    prompt_names: list[str] | None = Field(
+        None, description="Readable class names for the prompts, in label order (default: the dataset's class names)."
+    )
+
+    _templates = field_validator("templates")(classmethod(lambda cls, v: _check_templates(v)))
+    _prompt_names = field_validator("prompt_names")(classmethod(lambda cls, v: _check_names(v)))
+
+
+class WiseFtConfig(Strict):
+    alphas: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    control: str | None = Field(None, description="Held-out labelled data whose zero-shot accuracy must survive.")
+    choose: float | Literal["best_target", "best_mean"] = Field("best_mean", description="Mix written as a model.")
+
+    @field_validator("alphas")
+    @classmethod
+    def _in_range(cls, alphas: list[float]) -> list[float]:
+        if not alphas or any(not 0 <= a <= 1 for a in alphas):
+            raise ValueError("wise_ft.alphas must be a non-empty list of numbers in [0, 1]")
+        return sorted(set(alphas))
+
+
+class ClipClassifyConfig(Strict):
+    """Fine-tune a CLIP-family vision encoder behind a frozen zero-shot text head."""
+
+    task: Literal["clip_classify"] = "clip_classify"
+    model: str = Field(description="CLIP/SigLIP hub id or folder, a saved visiontune dual encoder, or builtin:NAME.")
+    output_dir: str
+    seed: int = 42
+    data: ClipDataConfig
+    tune: ClipTuneConfig = ClipTuneConfig()
+    train: ClipTrainConfig = ClipTrainConfig()
+    track: TrackConfig = TrackConfig()
+    init_from: str | None = Field(None, description="Load vision weights (state dict file) before training.")
+    export_state_to: str | None = Field(None, description="Also write the vision state dict to this file.")
+    skip_training: bool = Field(False, description="Evaluate zero-shot only.")
+    wise_ft: WiseFtConfig | None = None
+
+    @model_validator(mode="after")
+    def _wise_ft_needs_mergeable_weights(self) -> ClipClassifyConfig:
+        if self.wise_ft is not None and self.tune.method == "l_lora":
+            raise ValueError("wise_ft needs tune.method full or lora (L-LoRA weights are not a plain model)")
+        _ema_needs_full(self)
+        return self
+
+
+class ContinualTask(Strict):
+    name: str
+    train: str
+    val: str | None = None
+    class_names: list[str] | None = Field(None, description="Fixes the task's label set and order.")
+    prompt_names: list[str] | None = Field(None, description="Readable class names for the prompts.")
+
+    _prompt_names = field_validator("prompt_names")(classmethod(lambda cls, v: _check_names(v)))
+
+
+class ClipSharedData(Strict):
+    """Settings shared by every task of a continual sequence."""
+
+    templates: list[str] | Literal["builtin"] = "builtin"
+    val_split: float = Field(0.2, gt=0, lt=1)
+    image_size: int | None = Field(None, gt=0)
+    augment: AugmentConfig = AugmentConfig(preset="none")
+    workers: int | Literal["auto"] = "auto"
+    on_bad_sample: Literal["error", "skip"] = "error"
+    max_image_pixels: int = Field(89_478_485, gt=0)
+
+    _templates = field_validator("templates")(classmethod(lambda cls, v: _check_templates(v)))
+
+
+class ClipContinualConfig(Strict):
+    """Fine-tune on a sequence of classification tasks; evaluate every task seen so far after each."""
+
+    task: Literal["clip_continual"] = "clip_continual"
+    model: str
+    output_dir: str
+    seed: int = 42
+    tasks: list[ContinualTask]
+    shuffle: bool = Field(False, description="Shuffle the task order with `seed`.")
+    data: ClipSharedData = ClipSharedData()
+    tune: ClipTuneConfig = ClipTuneConfig()
+    train: ClipTrainConfig = ClipTrainConfig()
+    track: TrackConfig = TrackConfig()
+
+    @model_validator(mode="after")
+    def _tasks(self) -> ClipContinualConfig:
+        names = [t.name for t in self.tasks]
+        if len(names) < 2 or len(set(names)) != len(names):
+            raise ValueError("tasks must list at least two tasks with distinct names")
+        _ema_needs_full(self)
+        return self
+
+
+def _ema_needs_full(cfg: ClipClassifyConfig | ClipContinualConfig) -> None:
+    if cfg.train.ema is not None and cfg.tune.method != "full":
+        raise ValueError("train.ema is supported with tune.method=full only; remove one of them")
+
+
+class CaptionDataConfig(Strict):
+    train: str = Field(description="Image-caption pairs: .csv/.jsonl (image,caption), COCO captions JSON, dataset.")
+    val: str | None = None
+    val_split: float = Field(0.1, gt=0, lt=1)
+    image_root: str | None = Field(None, description="Folder image paths are relative to (default: the file's).")
+    image_size: int | None = Field(None, gt=0)
+    augment: AugmentConfig = AugmentConfig(preset="none")
+    workers: int | Literal["auto"] = "auto"
+    on_bad_sample: Literal["error", "skip"] = "error"
+    max_image_pixels: int = Field(89_478_485, gt=0)
+    zero_shot: str | None = Field(None, description="Labelled data for zero-shot accuracy after training.")
+    zero_shot_class_names: list[str] | None = None
+    templates: list[str] | Literal["builtin"] = "builtin"
+
+    _templates = field_validator("templates")(classmethod(lambda cls, v: _check_templates(v)))
+
+
+class ClipContrastiveConfig(Strict):
+    """Contrastive image-text fine-tuning (symmetric InfoNCE with the learnable temperature)."""
+
+    task: Literal["clip_contrastive"] = "clip_contrastive"
+    model: str
+    output_dir: str
+    seed: int = 42
+    data: CaptionDataConfig
+    trainable: Literal["both", "vision", "text", "projections"] = "both"
+    train: ContrastiveTrainConfig = ContrastiveTrainConfig()
+    track: TrackConfig = TrackConfig()

@@ -1,0 +1,18 @@
+"""Recipe section shared by the labelled-image tasks (classify, CLIP): augmentation. No torch here, so
+`visiontune validate` stays fast."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from visiontune.run.config import Strict
+
+
+class AugmentConfig(Strict):
+    preset: Literal["none", "light", "strong"] = "light"
+    hflip: float | None = Field(None, ge=0, le=1, description="Horizontal-flip probability; preset default if unset.")
+    policy: Literal["randaugment", "trivialaugment"] = "randaugment"
+    mixup: float | None = Field(None, ge=0, description="Mixup alpha; 0 disables; `strong` uses 0.2 if unset.")
+    cutmix: float | None = Field(None, ge=0, description="CutMix alpha; 0 disables; `strong` uses 1.0 if unset.")

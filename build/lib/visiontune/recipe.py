@@ -1,0 +1,164 @@
+"""Recipe loading in one order: YAML file -> dotted `key=value` overrides -> typed config for the recipe's task.
+
+Errors come out as one `RecipeError` sentence that names the file and key and suggests the closest valid keys.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from visiontune.classify.config import ClassifyConfig
+from visiontune.clip.config import ClipClassifyConfig, ClipContinualConfig, ClipContrastiveConfig
+from visiontune.core.errors import RecipeError
+from visiontune.vlm.assemble_config import VlmAssembleConfig
+from visiontune.vlm.config import VlmSftConfig
+
+# The one registry: task name -> its typed config, and its implementation as an import string (imported only when
+# the task runs, so `visiontune validate` and `--help` never import torch).
+TASKS: dict[str, str] = {
+    "classify": "visiontune.classify.task:ClassifyTask",
+    "clip_classify": "visiontune.clip.classify:ClipClassifyTask",
+    "clip_contrastive": "visiontune.clip.contrastive:ClipContrastiveTask",
+    "clip_continual": "visiontune.clip.continual:ClipContinualTask",
+    "vlm_sft": "visiontune.vlm.sft:VlmSftTask",
+    "vlm_assemble": "visiontune.vlm.assemble:VlmAssembleTask",
+}
+CONFIGS: dict[str, type[BaseModel]] = {
+    "classify": ClassifyConfig,
+    "clip_classify": ClipClassifyConfig,
+    "clip_continual": ClipContinualConfig,
+    "clip_contrastive": ClipContrastiveConfig,
+    "vlm_sft": VlmSftConfig,
+    "vlm_assemble": VlmAssembleConfig,
+}
+
+
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # package data: installed with the wheel
+
+
+def find_recipe(recipe: str) -> Path:
+    """A recipe path, or the name of a built-in recipe (`visiontune recipes`)."""
+    path = Path(recipe).expanduser()
+    if path.is_file() or path.suffix in (".yaml", ".yml"):
+        return path
+    matches = sorted(RECIPES_DIR.rglob(f"{recipe}.yaml"))
+    return matches[0] if matches else path
+
+
+def get_task(name: str) -> Any:
+    """The task object for a `task:` name (see `visiontune.run.task.Task`)."""
+    if name not in TASKS:
+        raise RecipeError(f"`{name}` is not a known task; use one of {sorted(TASKS)}.")
+    module, _, cls = TASKS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)()
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> BaseModel:
+    """Read a recipe, apply `a.b=value` overrides and validate it into the task's config class."""
+    path = Path(path)
+    raw = read_yaml(path)
+    for item in overrides or []:
+        apply_override(raw, item)
+    return parse_config(raw, source=str(path))
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise RecipeError(f"Recipe {path} does not exist; `visiontune recipes` lists the built-in ones.")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"Recipe {path} is not valid YAML ({err}); fix the syntax at the line shown.") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"Recipe {path} must be a mapping of keys to values, not {type(raw).__name__}.")
+    return raw
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (so `3`, `1e-4`, `true`, `[a, b]` work)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise RecipeError(f"Override {item!r} must look like key=value (for example train.lr=1e-4).")
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"Override {item!r}: {part!r} holds a value, not a section of keys.")
+        node = child
+    node[leaf] = yaml.safe_load(value) if value.strip() else None
+
+
+def parse_config(raw: dict[str, Any], source: str = "recipe") -> BaseModel:
+    task = raw.get("task")
+    if task not in CONFIGS:
+        raise RecipeError(f"{source}: `task: {task}` is not a known task; use one of {sorted(CONFIGS)}.")
+    schema = CONFIGS[task]
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as err:
+        raise RecipeError(_explain(err, schema, source)) from None
+
+
+def _explain(err: ValidationError, schema: type[BaseModel], source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden" and (owners := _tasks_with_key(e["loc"])):
+            task = schema.model_fields["task"].default
+            lines.append(
+                f"{source}: `{loc}` is not used by task {task} (it is a key of {', '.join(owners)}); remove it."
+            )
+        elif e["type"] == "extra_forbidden":
+            hint = _closest(e["loc"], schema)
+            lines.append(f"{source}: unknown key `{loc}`" + (f"; did you mean {hint}?" if hint else "."))
+        elif e["type"] == "missing":
+            lines.append(f"{source}: required key `{loc}` is missing.")
+        else:
+            lines.append(f"{source}: `{loc}` = {e.get('input')!r} is invalid: {e['msg']}.")
+    return "\n".join(lines)
+
+
+def _tasks_with_key(loc: tuple) -> list[str]:
+    """The tasks whose schema has this dotted key: a key refused here because this task would ignore it."""
+    return [name for name, schema in CONFIGS.items() if _has_key(schema, loc)]
+
+
+def _has_key(schema: type[BaseModel], loc: tuple) -> bool:
+    model: Any = schema
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) and model is not None else None
+        if field is None:
+            return False
+        model = next((a for a in _members(field.annotation) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return True
+
+
+def _closest(loc: tuple, schema: type[BaseModel]) -> str:
+    """Closest valid key names at the same nesting level as an unknown key."""
+    model: Any = schema
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        ann = getattr(field, "annotation", None)
+        model = next((a for a in _members(ann) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            return ""
+    names = list(model.model_fields)
+    prefix = ".".join(str(p) for p in loc[:-1])
+    matches = difflib.get_close_matches(str(loc[-1]), names, n=3, cutoff=0.6) or names[:0]
+    return " or ".join(f"`{prefix + '.' if prefix else ''}{m}`" for m in matches)
+
+
+def _members(annotation: Any) -> list[Any]:
+    args = getattr(annotation, "__args__", None)
+    return list(args) if args else [annotation]
+
+
+def dump_config(config: BaseModel, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

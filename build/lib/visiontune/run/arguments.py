@@ -1,0 +1,86 @@
+"""The recipe's `train` section as transformers `TrainingArguments`: the one place train keys reach the loop."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainingArguments
+
+from visiontune.run.config import TrainConfig
+from visiontune.run.folder import CHECKPOINTS
+
+
+def _check_deepspeed(cfg: TrainConfig) -> None:
+    import importlib.util
+
+    from visiontune.core.errors import RecipeError
+
+    if cfg.deepspeed and importlib.util.find_spec("deepspeed") is None:
+        raise RecipeError(
+            "train.deepspeed needs the deepspeed package: `pip install deepspeed==0.19.8` (or remove it)."
+        )
+    if cfg.deepspeed and not os.path.isfile(cfg.deepspeed):
+        raise RecipeError(f"train.deepspeed: {cfg.deepspeed} does not exist; see configs/deepspeed/ for examples.")
+
+
+def training_arguments(
+    cfg: TrainConfig,
+    run_dir: Path,
+    seed: int,
+    workers: int,
+    report_to: list[str],
+    validate: bool = True,
+    **overrides: Any,
+) -> TrainingArguments:
+    """`validate`: evaluate (and keep the best checkpoint by `cfg.metric`) every epoch or every `eval_steps`.
+    `overrides`: arguments a task must set itself (e.g. `dataloader_drop_last` for contrastive batches)."""
+    _check_deepspeed(cfg)
+    use_cpu = cfg.cpu if cfg.cpu is not None else not torch.cuda.is_available()
+    per_epoch = cfg.eval_steps is None
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(run_dir / CHECKPOINTS),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size * 2,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        lr_scheduler_type=cfg.scheduler if cfg.scheduler != "constant" else "constant_with_warmup",
+        warmup_steps=cfg.warmup_ratio,
+        eval_strategy=("epoch" if per_epoch else "steps") if validate else "no",
+        save_strategy="epoch" if per_epoch else "steps",
+        eval_steps=cfg.eval_steps,
+        save_steps=cfg.eval_steps,
+        save_total_limit=cfg.save_total_limit,
+        load_best_model_at_end=validate,
+        metric_for_best_model=cfg.metric if validate else None,
+        greater_is_better="loss" not in cfg.metric,
+        logging_steps=cfg.logging_steps,
+        report_to=report_to,
+        seed=seed,
+        data_seed=seed,
+        bf16=cfg.precision == "bf16",
+        fp16=cfg.precision == "fp16",
+        use_cpu=use_cpu,
+        dataloader_num_workers=workers,
+        dataloader_persistent_workers=workers > 0,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        ddp_find_unused_parameters=False,
+        deepspeed=cfg.deepspeed,
+        fsdp=cfg.fsdp or "",
+        ddp_backend="gloo" if use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def loader_workers(setting: int | str, in_memory: bool) -> int:
+    """`data.workers`; `auto`: none for in-memory arrays (workers would only copy them), else up to 4."""
+    if setting != "auto":
+        return int(setting)
+    return 0 if in_memory else min(4, os.cpu_count() or 1)

@@ -1,0 +1,270 @@
+"""The one run lifecycle, for every task.
+
+check data -> open the run folder (only now: a failed check leaves nothing behind) -> config.yaml -> build ->
+Trainer with tracking, validation, best checkpoint, early stopping, EMA -> evaluate before -> train (or resume)
+-> evaluate after -> per-rank record -> save (rank 0) -> summary.json -> report.
+
+A task supplies only what is its own (see `visiontune.run.task.Task`). Multi-stage tasks (clip_continual) use the
+pieces below (`open_run`, `make_trainer`, `train_with_progress`) once per stage instead of `run_task`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from visiontune.run.distributed import check_launch_environment, is_main_process
+from visiontune.run.folder import last_checkpoint, prepare_run_dir
+from visiontune.run.task import Fit, Skipped, Task
+
+
+@dataclass
+class RunStart:
+    run_dir: Path
+    checkpoint: Path | None  # the checkpoint to resume from; None for a fresh run
+
+
+def run_task(task: Task, cfg: BaseModel, overwrite: bool = False, resume: bool = False) -> Path:
+    start = time.perf_counter()
+    run_dir = Path(cfg.output_dir).expanduser()
+    check_launch_environment()  # a refused launch must not leave a run folder behind
+    checkpoint = resume_point(run_dir, resume, cfg.train.resume)
+    if checkpoint is not None:
+        check_resume_matches(run_dir, cfg)
+    data = task.prepare(cfg)  # every data error surfaces here, before a run folder exists
+    run = open_run(cfg, run_dir, overwrite, checkpoint, task.skipped(data))
+    if is_main_process():
+        write_json(run_dir / "data_report.json", {**task.sizes(data), "skipped": skipped_json(task.skipped(data))})
+    fit = task.build(cfg, data, run_dir)
+    trainer = make_trainer(cfg, fit, run_dir)
+    after = fit_and_evaluate(task, cfg, fit, trainer, data, run)
+    trainer.record_rank(run_dir)
+    if is_main_process():
+        extras = task.save(cfg, fit, trainer, data, run_dir, after)
+        summary = {
+            "task": cfg.task,
+            "wall_time_s": round(time.perf_counter() - start, 1),
+            **task.sizes(data),
+            "skipped_samples": skipped_json(task.skipped(data)),
+            "best_checkpoint": trainer.state.best_model_checkpoint,
+            "global_step": trainer.state.global_step,
+            "final_metrics": after.get("metrics", {}),
+            **extras,
+        }
+        write_json(run_dir / "summary.json", summary)
+        from visiontune.report import write_report
+
+        write_report(run_dir)
+    return run_dir
+
+
+def resume_point(run_dir: Path, flag: bool, recipe_key: bool) -> Path | None:
+    """`--resume` needs a checkpoint; `train.resume: true` in a recipe resumes when there is one and otherwise
+    starts fresh (so the same recipe serves the first run and every restart)."""
+    from visiontune.core.errors import RunDirError
+
+    checkpoint = last_checkpoint(run_dir) if (flag or recipe_key) else None
+    if flag and checkpoint is None:
+        raise RunDirError(
+            f"--resume: {run_dir} has no complete checkpoint yet; start it without --resume "
+            "(add --overwrite to replace what is there)."
+        )
+    return checkpoint
+
+
+# Keys a resumed run may change: how long it trains and what it reports. Anything else (model, data, tuning,
+# batch size...) would silently mix two different runs in one set of checkpoints.
+RESUME_MAY_CHANGE = ("train.epochs", "train.max_steps", "train.resume", "train.logging_steps", "track.")
+
+
+def check_resume_matches(run_dir: Path, cfg: BaseModel) -> None:
+    import yaml
+
+    from visiontune.core.errors import RunDirError
+
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved, now = _flatten(yaml.safe_load(saved_path.read_text()) or {}), _flatten(cfg.model_dump(mode="json"))
+    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+    changed = [k for k in changed if not k.startswith(RESUME_MAY_CHANGE)]
+    if changed:
+        raise RunDirError(
+            f"--resume: the recipe differs from the run's {saved_path} in {', '.join(changed[:5])}; resume with "
+            "the recipe that started the run (only train.epochs, train.max_steps, train.logging_steps and track keys "
+            "may change) or use a new output_dir."
+        )
+
+
+def _flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def open_run(
+    cfg: BaseModel,
+    run_dir: Path,
+    overwrite: bool,
+    checkpoint: Path | None,
+    skipped: list[Skipped],
+    resuming: bool | None = None,
+) -> RunStart:
+    """Create (or reopen, when resuming) the run folder on rank 0, save config.yaml, say what matters once.
+    `resuming` defaults to "there is a checkpoint"; a multi-stage task that resumes between stages passes True."""
+    resuming = checkpoint is not None if resuming is None else resuming
+    if is_main_process():
+        if checkpoint is not None or not resuming:
+            prepare_run_dir(run_dir, overwrite, resume=resuming)
+        from visiontune.recipe import dump_config
+
+        dump_config(cfg, run_dir / "config.yaml")
+        announce(run_dir, checkpoint, skipped)
+    return RunStart(run_dir, checkpoint)
+
+
+def announce(run_dir: Path, checkpoint: Path | None, skipped: list[Skipped]) -> None:
+    from rich.console import Console
+
+    console = Console(stderr=True, highlight=False)
+    if checkpoint is not None:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        console.print(
+            f"Resuming from {checkpoint} (step {state.get('global_step')} of {state.get('max_steps')}).",
+            markup=False,
+            soft_wrap=True,
+        )
+    if skipped:
+        console.print(
+            f"Skipped {len(skipped)} unreadable sample(s) (data.on_bad_sample: skip); "
+            f"the list is in {run_dir / 'data_report.json'}.",
+            markup=False,
+            soft_wrap=True,
+        )
+
+
+def make_trainer(cfg: BaseModel, fit: Fit, run_dir: Path) -> Any:
+    """The Trainer every task trains with: its arguments from the recipe's `train` section, tracking from
+    `track`, validation when there is validation data, early stopping, EMA, progress and metrics.jsonl."""
+    from transformers.trainer_callback import PrinterCallback
+
+    from visiontune.run.arguments import training_arguments
+    from visiontune.run.callbacks import WeightEma
+    from visiontune.run.distributed import check_process_group
+    from visiontune.run.optim import build_optimizer
+    from visiontune.run.trainer import VisiontuneTrainer
+
+    train = cfg.train
+    validate = fit.eval_dataset is not None and len(fit.eval_dataset) > 0
+    report_to = tracking(cfg.track, run_dir)
+    args = training_arguments(train, run_dir, cfg.seed, fit.workers, report_to, validate, **fit.args)
+    check_process_group(args.world_size)
+    ema = WeightEma(fit.model, train.ema.decay) if getattr(train, "ema", None) is not None else None
+    per_step = train.batch_size * train.grad_accum * args.world_size
+    callbacks = [*standard_callbacks(cfg, run_dir, per_step, fit.items, validate), *fit.callbacks]
+    trainer = (fit.trainer_class or VisiontuneTrainer)(
+        model=fit.model,
+        args=args,
+        train_dataset=fit.train_dataset,
+        eval_dataset=fit.eval_dataset if validate else None,
+        data_collator=fit.collator,
+        compute_metrics=fit.compute_metrics,
+        optimizers=(fit.optimizer or build_optimizer(fit.model, train), None),
+        callbacks=callbacks + ([ema] if ema else []),
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.ema = ema
+    for name, value in fit.trainer_attrs.items():
+        setattr(trainer, name, value)
+    return trainer
+
+
+def standard_callbacks(cfg: BaseModel, run_dir: Path, per_step: int, items: str, validate: bool) -> list[Any]:
+    from transformers import EarlyStoppingCallback
+
+    from visiontune.run.callbacks import MetricsJsonl, RichProgress
+
+    callbacks: list[Any] = [RichProgress(per_step, items), MetricsJsonl(run_dir / "metrics.jsonl")]
+    if cfg.track.tensorboard and is_main_process():
+        from transformers.integrations import TensorBoardCallback
+
+        tensorboard = TensorBoardCallback()
+        tensorboard.logging_dir = str(run_dir / "tb")  # it reopens its writer after train end; keep one folder
+        callbacks.append(tensorboard)
+    if cfg.train.early_stopping_patience and validate:
+        callbacks.append(EarlyStoppingCallback(cfg.train.early_stopping_patience))
+    return callbacks
+
+
+def tracking(track: BaseModel, run_dir: Path) -> list[str]:
+    """`report_to` for the Trainer; W&B reads its project, mode and folder from the environment."""
+    if not track.wandb:
+        return []
+    os.environ["WANDB_PROJECT"] = track.wandb_project
+    os.environ["WANDB_MODE"] = track.wandb_mode
+    os.environ.setdefault("WANDB_DIR", str(run_dir))
+    return ["wandb"]
+
+
+def fit_and_evaluate(task: Task, cfg: BaseModel, fit: Fit, trainer: Any, data: Any, run: RunStart) -> dict:
+    """Evaluate before (fresh runs), train or resume, keep the better of trained/EMA weights, evaluate after."""
+    if run.checkpoint is None:
+        save_eval(run.run_dir, "before", task.evaluate_run(cfg, fit, trainer, data, "before"))
+    train_with_progress(trainer, run.checkpoint)
+    weights = keep_better_ema(trainer, cfg.train.metric)
+    after = task.evaluate_run(cfg, fit, trainer, data, "after")
+    after["weights"] = weights
+    save_eval(run.run_dir, "after", after)
+    return after
+
+
+def train_with_progress(trainer: Any, checkpoint: Path | None) -> None:
+    """Train (or resume); the progress bar is stopped even on Ctrl-C so the terminal is left clean."""
+    from visiontune.run.callbacks import RichProgress
+
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    finally:
+        for callback in trainer.callback_handler.callbacks:
+            if isinstance(callback, RichProgress):
+                callback.stop()
+
+
+def keep_better_ema(trainer: Any, metric: str) -> str:
+    """With EMA on, evaluate the averaged weights too and keep whichever scores better on validation."""
+    ema = getattr(trainer, "ema", None)
+    if ema is None or trainer.eval_dataset is None:
+        return "trained"
+    model = trainer.model
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    score_trained = trainer.evaluate(metric_key_prefix="final_trained")[f"final_trained_{metric}"]
+    model.load_state_dict(ema.averaged_state())
+    score_ema = trainer.evaluate(metric_key_prefix="final_ema")[f"final_ema_{metric}"]
+    better_ema = score_ema >= score_trained if "loss" not in metric else score_ema <= score_trained
+    if not better_ema:
+        model.load_state_dict(trained)
+    return "ema" if better_ema else "trained"
+
+
+def save_eval(run_dir: Path, name: str, report: dict) -> None:
+    if is_main_process():
+        (run_dir / "eval").mkdir(exist_ok=True)
+        write_json(run_dir / "eval" / f"{name}.json", report)
+
+
+def skipped_json(skipped: list[Skipped]) -> list[dict[str, str]]:
+    return [{"ref": s.ref, "reason": s.reason} for s in skipped]
+
+
+def write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=2))

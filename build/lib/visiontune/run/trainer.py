@@ -1,0 +1,75 @@
+"""Glue on the transformers `Trainer`. What we add that Trainer lacks: atomic checkpoints (written to
+`.partial/` then renamed into place) and a per-rank record of the samples each process trained on."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from transformers import Trainer
+from transformers.trainer_utils import rotate_checkpoints
+
+PARTIAL = ".partial"
+
+
+class VisiontuneTrainer(Trainer):
+    samples_seen = 0
+    batch_mixer = None  # mixup/cutmix, applied to training batches only (the collator also serves evaluation)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.samples_seen += int(inputs["pixel_values" if "pixel_values" in inputs else "input_ids"].shape[0])
+        if self.batch_mixer is not None and inputs["labels"].ndim == 1:
+            inputs["pixel_values"], inputs["labels"] = self.batch_mixer(inputs["pixel_values"], inputs["labels"])
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _save_checkpoint(self, model, trial):
+        """Write the checkpoint under `.partial/`, fsync it, then move it into place with one atomic rename, so a
+        kill, power cut or full disk mid-save leaves the previous checkpoint as the newest complete one."""
+        from visiontune.run.folder import publish, save_error
+
+        run_dir = self.args.output_dir
+        name = f"checkpoint-{self.state.global_step}"
+        staging_root = os.path.join(run_dir, PARTIAL)
+        staging, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
+        if self.args.should_save and os.path.exists(staging):
+            shutil.rmtree(staging)
+        self.accelerator.wait_for_everyone()
+        try:
+            self.args.output_dir = staging_root  # Trainer writes run_dir/checkpoint-N from args.output_dir
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.output_dir = run_dir
+            self.accelerator.wait_for_everyone()  # every rank has written its RNG state
+            if self.state.best_model_checkpoint == staging:
+                self.state.best_model_checkpoint = final
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(staging, "trainer_state.json"))
+                publish(Path(staging), Path(final))
+        except Exception as err:
+            error = save_error(Path(run_dir), name, err)  # before the cleanup below frees the space
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)  # a torn save only holds disk space
+            if error is None:
+                raise
+            raise error from err
+        if self.args.should_save:
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=False)
+        self.accelerator.wait_for_everyone()
+
+    def record_rank(self, run_dir: Path) -> dict:
+        """Write `ranks/rank{R}.json`: samples trained on and a weight checksum (DDP ranks must agree)."""
+        model = self.accelerator.unwrap_model(self.model)
+        checksum = float(sum(p.detach().double().abs().sum() for p in model.parameters()))
+        record = {
+            "rank": self.args.process_index,
+            "world_size": self.args.world_size,
+            "samples_seen": self.samples_seen,
+            "weight_checksum": checksum,
+        }
+        out = run_dir / "ranks"
+        out.mkdir(exist_ok=True)
+        (out / f"rank{self.args.process_index}.json").write_text(json.dumps(record))
+        return record

@@ -1,0 +1,277 @@
+"""Tiny random-weight models and generated image sets, saved to local folders, so tests and smoke runs go through
+the same loading path as real hub models — fully offline. `visiontune fixtures OUT_DIR` writes them all."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+TINY_VIT_ARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+
+
+def tiny_timm_vit(out: Path, num_classes: int = 3) -> Path:
+    """timm ViT (2 blocks, width 32) in timm's `save_for_hf` format: loads with `timm:local-dir:OUT` or `OUT`."""
+    import timm
+    from timm.models import save_for_hf
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=num_classes, **TINY_VIT_ARGS)
+    save_for_hf(model, str(out), model_args=TINY_VIT_ARGS, safe_serialization=True)
+    _patch_input_size(out / "config.json", TINY_VIT_ARGS["img_size"])
+    return out
+
+
+def tiny_timm_cnn(out: Path, num_classes: int = 3) -> Path:
+    """timm's own `test_efficientnet` (100k params) saved locally."""
+    import timm
+    from timm.models import save_for_hf
+
+    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=num_classes)
+    save_for_hf(model, str(out), safe_serialization=True)
+    _patch_input_size(out / "config.json", 32)
+    return out
+
+
+def tiny_hf_vit(out: Path, num_classes: int = 3) -> Path:
+    """transformers ViTForImageClassification + ViTImageProcessor at 32 px, saved with `save_pretrained`."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=num_classes,
+    )
+    ViTForImageClassification(config).save_pretrained(out)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(out)
+    return out
+
+
+def image_folder(root: Path, classes: int = 3, per_class: int = 12, size: int = 32, seed: int = 0) -> Path:
+    """A learnable image-folder dataset: each class has its own colour and stripe direction, plus noise."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        folder = root / f"class_{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(_sample(rng, c, size)).save(folder / f"{i:03d}.png")
+    return root
+
+
+def _sample(rng: np.random.Generator, c: int, size: int) -> np.ndarray:
+    img = rng.integers(0, 60, (size, size, 3)).astype(np.int64)
+    img[..., c % 3] += 150
+    stripes = (np.arange(size) // 4) % 2 == 0
+    if c % 2:
+        img[stripes, :, :] += 40
+    else:
+        img[:, stripes, :] += 40
+    return img.clip(0, 255).astype(np.uint8)
+
+
+def _patch_input_size(config_file: Path, size: int) -> None:
+    """Record the real input size in pretrained_cfg so preprocessing resolves to it."""
+    config = json.loads(config_file.read_text())
+    config.setdefault("pretrained_cfg", {})["input_size"] = [3, size, size]
+    config_file.write_text(json.dumps(config, indent=2))
+
+
+def write_all(out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    return {
+        "timm-vit": tiny_timm_vit(out / "timm-vit"),
+        "timm-cnn": tiny_timm_cnn(out / "timm-cnn"),
+        "hf-vit": tiny_hf_vit(out / "hf-vit"),
+        "clip": tiny_clip(out / "clip"),
+        "siglip": tiny_siglip(out / "siglip"),
+        "images": image_folder(out / "images"),
+    }
+
+
+_WORDS = (
+    "a photo of the an image with picture small large bright dark handwritten digit number zero one two three four "
+    "five six seven eight nine cat dog car bird red green blue stripes colour class this is"
+).split()
+
+
+def word_tokenizer(out: Path, max_length: int = 16):
+    """A deterministic word-level fast tokenizer (pad=0, unk=1, bos=2, eos=3) — trained BPE for CLIP is not
+    reproducible run to run, and the tiny dual encoders only need stable ids."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<unk>", "<bos>", "<eos>", *sorted(set(_WORDS))])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", 2), ("<eos>", 3)]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        model_max_length=max_length,
+    )
+    tok.save_pretrained(out)
+    return tok
+
+
+def tiny_clip(out: Path) -> Path:
+    """transformers CLIPModel (32 px, width 32, projection 16) + tokenizer + image processor."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    tok = word_tokenizer(out)
+    text = {
+        "vocab_size": len(tok),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 16,
+        "pad_token_id": 0,
+        "bos_token_id": 2,
+        "eos_token_id": 3,
+    }
+    vision = {
+        "image_size": 32,
+        "patch_size": 8,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+    }
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(out)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
+    return out
+
+
+def tiny_siglip(out: Path) -> Path:
+    """transformers SiglipModel (32 px, width 32) + tokenizer + image processor."""
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    tok = word_tokenizer(out)
+    text = {
+        "vocab_size": len(tok),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 16,
+        "pad_token_id": 0,
+        "bos_token_id": 2,
+        "eos_token_id": 3,
+        "projection_size": 32,
+    }
+    vision = {
+        "image_size": 32,
+        "patch_size": 8,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+    }
+    SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).save_pretrained(out)
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ `visiontune fixtures`
+
+SMOKE_RUNS = "runs/smoke"  # where the printed smoke-test commands put their run folders
+
+
+def write_everything(out: Path) -> dict[str, Path]:
+    """Every fixture under `out`, for smoke-testing each built-in recipe: image models, dual encoders, tiny VLMs,
+    tiny causal LMs (vlm_assemble's `language:`) and small data sets. `out` must be new, empty or an earlier
+    fixtures folder (`prepare_output_folder`), so nobody's files are overwritten."""
+    from visiontune.run.folder import prepare_output_folder
+    from visiontune.testing.vlm_fixtures import write_all_lms, write_all_vlms
+
+    out = prepare_output_folder(out, "fixtures")
+    written = {**write_all(out), **write_all_vlms(out / "vlm"), **write_all_lms(out / "lm")}
+    return {**written, **write_data(out, written["images"])}
+
+
+def write_data(out: Path, images: Path) -> dict[str, Path]:
+    """A captions CSV (align, clip_contrastive) and a conversation JSON (vlm_sft, instruct) over `images`."""
+    captions, conversations = ["image,caption"], []
+    for path in sorted(images.glob("*/*.png")):
+        image, colour = path.relative_to(out).as_posix(), ("red", "green", "blue")[int(path.parent.name[-1]) % 3]
+        captions.append(f"{image},a {colour} image with stripes")
+        question = {"role": "user", "content": "<image>What colour is this image?"}
+        conversations.append({"messages": [question, {"role": "assistant", "content": colour}], "images": [image]})
+    (out / "captions.csv").write_text("\n".join(captions) + "\n")
+    (out / "conversations.json").write_text(json.dumps(conversations, indent=1))
+    return {"captions": out / "captions.csv", "conversations": out / "conversations.json"}
+
+
+def recipe_overrides(root: Path) -> dict[str, list[str]]:
+    """Built-in recipe name -> the overrides that run it on the fixtures in `root` for a couple of steps."""
+    from visiontune.recipe import RECIPES_DIR, read_yaml
+
+    recipes = {path.stem: read_yaml(path) for path in sorted(RECIPES_DIR.rglob("*.yaml"))}
+    smoke = {raw["output_dir"]: f"{SMOKE_RUNS}/{name}" for name, raw in recipes.items()}
+    hints = {name: [*_model_overrides(raw, root, smoke), *_data_overrides(raw, root)] for name, raw in recipes.items()}
+    # A recipe that starts from another one's run is listed after the ones that do not, so it can run in order.
+    return dict(sorted(hints.items(), key=lambda item: any(SMOKE_RUNS in o for o in item[1][1:])))
+
+
+def _model_overrides(raw: dict, root: Path, smoke: dict[str, str]) -> list[str]:
+    found = [f"output_dir={smoke[raw['output_dir']]}", "train.max_steps=2"]
+    for key in ("model", "vision", "language", "init_from"):
+        if raw.get(key):
+            value = _earlier_smoke_run(raw[key], smoke) or _model_fixture(raw["task"], key, raw[key], root)
+            found.append(f"{key}={value}")
+    if raw["task"].startswith("vlm"):
+        found += ["eval.max_samples=2", "eval.max_new_tokens=2"]
+    return found
+
+
+def _earlier_smoke_run(value: str, smoke: dict[str, str]) -> str | None:
+    """A recipe that starts from another built-in recipe's run starts from that recipe's smoke run."""
+    for out, run in smoke.items():
+        if value == out or value.startswith(out + "/"):
+            return run + value[len(out) :]
+    return None
+
+
+def _model_fixture(task: str, key: str, value: str, root: Path) -> str:
+    name = value.lower()
+    timm_like = name.startswith(("timm:", "builtin:"))  # the built-in image models are timm CNNs
+    if key == "language":
+        return str(root / "lm" / ("qwen2" if "qwen" in name else "llama"))
+    if task == "vlm_sft":
+        families = {"llava": "llava", "qwen2.5": "qwen2_5_vl", "qwen": "qwen2_vl"}  # else SmolVLM / Idefics3
+        return str(root / "vlm" / next((f for k, f in families.items() if k in name), "idefics3"))
+    if task.startswith("clip") or (key == "vision" and not timm_like):
+        return str(root / ("siglip" if "siglip" in name else "clip"))
+    if key == "vision":
+        return f"timm:local-dir:{root / 'timm-cnn'}"
+    return str(root / ("timm-vit" if "vit" in name else "timm-cnn")) if timm_like else str(root / "hf-vit")
+
+
+def _data_overrides(raw: dict, root: Path) -> list[str]:
+    """Data paths of the recipe's own (`data/...` placeholders) go to the fixture data; builtin: data is offline."""
+    task, data = raw["task"], raw.get("data") or {}
+    talks = task == "vlm_sft" or raw.get("stage") == "instruct"
+    captions = task in ("clip_contrastive", "vlm_assemble")
+    fixture = "conversations.json" if talks else "captions.csv" if captions else "images"
+    found = [f"data.train={root / fixture}"] if _own_path(data.get("train")) else []
+    found += ["data.val=null"] if _own_path(data.get("val")) else []
+    found += [f"data.{key}=null" for key in ("dataset_name", "image_root") if data.get(key)]
+    found += [f"wise_ft.control={root / 'images'}"] if _own_path((raw.get("wise_ft") or {}).get("control")) else []
+    found += ["data.image_size=32"] if task.startswith("clip") and data.get("image_size") else []  # CLIP fixture: 32 px
+    found += ["data.limit=16"] if task == "vlm_assemble" else []
+    return found
+
+
+def _own_path(value: object) -> bool:
+    return isinstance(value, str) and not value.startswith("builtin:")

@@ -1,0 +1,99 @@
+"""Typed recipe for `task: vlm_assemble` — build a LLaVA-style VLM from a vision encoder, a projector and a causal
+LM, then train it in two stages: `align` (only the projector learns, on captions) and `instruct` (projector + LM,
+on conversations, starting from an `align` run)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from visiontune.run.config import Strict, TrackConfig, TrainConfig
+from visiontune.vlm.config import VlmEvalConfig
+
+
+class ProjectorConfig(Strict):
+    kind: Literal["linear", "mlp2x_gelu", "moe", "patch_reducer"] = "mlp2x_gelu"
+    options: dict[str, int | float] = Field(
+        default_factory=dict,
+        description="The kind's own arguments: moe {num_experts, top_k, hidden, balance_coef}; patch_reducer "
+        "{num_tokens_out, depth, hidden} (num_patches_in is read off the vision encoder); hidden for mlp2x_gelu.",
+    )
+
+
+class AssembleDataConfig(Strict):
+    train: str = Field(
+        description="align: captions (LLaVA-Pretrain / COCO-captions JSON, CSV/JSONL image,caption, "
+        "a saved dataset, builtin:mnist-5k-captions); instruct: conversations as in vlm_sft."
+    )
+    val: str | None = None
+    val_split: float = Field(0.05, ge=0, lt=1)
+    limit: int | None = Field(None, gt=0, description="Use only the first N training records (quick runs).")
+    image_root: str | None = None
+    dataset_name: str | None = Field(None, description="Entry of a LLaMA-Factory dataset_info.json (instruct).")
+    train_on: Literal["assistant", "all"] = Field("assistant", description="Loss on answers/captions only, or all.")
+    prompt: str = Field("Describe the image briefly.", description="align: the user turn put before each caption.")
+    max_length: int = Field(512, gt=0)
+    max_image_pixels: int = Field(512 * 512, gt=0)
+    on_bad_sample: Literal["error", "skip"] = "error"
+    group_by_length: bool = True
+    workers: int = Field(0, ge=0)
+    cache: bool = True
+
+
+class ScheduledSamplingConfig(Strict):
+    """Feed the model its own previous prediction with probability 1 - ratio; costs a second forward per step."""
+
+    schedule: Literal["linear", "exponential", "inverse_sigmoid"] = "inverse_sigmoid"
+    start: float = Field(1.0, ge=0, le=1, description="Teacher-forcing ratio at step 0.")
+    end: float = Field(0.5, ge=0, le=1, description="Teacher-forcing ratio at the last step.")
+    k: float | None = Field(None, description="Schedule constant; None picks the documented default.")
+
+
+class AssembleTuneConfig(Strict):
+    language: Literal["frozen", "full", "lora"] = Field(
+        "lora", description="instruct stage: how the LM trains (align always keeps it frozen)."
+    )
+    lora_r: int = Field(16, gt=0)
+    lora_alpha: int = Field(32, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    train_projector: bool = True
+
+
+class AssembleTrainConfig(TrainConfig):
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    epochs: float = Field(1, gt=0)
+    batch_size: int = Field(16, gt=0)
+    metric: str = "loss"
+
+
+class VlmAssembleConfig(Strict):
+    task: Literal["vlm_assemble"] = "vlm_assemble"
+    stage: Literal["align", "instruct"] = Field(description="align: projector only; instruct: projector + LM.")
+    vision: str | None = Field(None, description="CLIP/SigLIP hub id or folder, timm:NAME, builtin:efficientnet-lite0.")
+    language: str | None = Field(None, description="Causal-LM hub id or folder, or builtin:smollm2-135m-instruct.")
+    init_from: str | None = Field(None, description="instruct: the align run folder (or its model/) to start from.")
+    projector: ProjectorConfig = ProjectorConfig()
+    vision_layer: int = Field(-1, description="Hidden state the features come from (-1 last, -2 as LLaVA).")
+    drop_cls: bool = Field(True, description="Drop the CLS / prefix tokens of a ViT encoder.")
+    image_size: int | None = Field(None, gt=0, description="Input edge; the encoder's pretrained size if unset.")
+    chat_template: str | None = Field(None, description="Jinja chat template when the LM's tokenizer has none.")
+    output_dir: str
+    seed: int = 42
+    data: AssembleDataConfig
+    tune: AssembleTuneConfig = AssembleTuneConfig()
+    scheduled_sampling: ScheduledSamplingConfig | None = None
+    train: AssembleTrainConfig = AssembleTrainConfig()
+    eval: VlmEvalConfig = VlmEvalConfig()
+    track: TrackConfig = TrackConfig()
+
+    @model_validator(mode="after")
+    def _sources(self) -> VlmAssembleConfig:
+        if self.stage == "align" and not (self.vision and self.language):
+            raise ValueError("stage align builds a new model: set both `vision` and `language`")
+        if self.stage == "instruct" and not self.init_from and not (self.vision and self.language):
+            raise ValueError("stage instruct needs `init_from` (an align run) or both `vision` and `language`")
+        if self.scheduled_sampling and self.scheduled_sampling.end > self.scheduled_sampling.start:
+            raise ValueError("scheduled_sampling.end must not exceed scheduled_sampling.start")
+        return self

@@ -1,0 +1,80 @@
+"""Typed recipe for `task: vlm_sft` — supervised fine-tuning of a vision-language model (SmolVLM / Idefics3,
+Qwen2-VL, Qwen2.5-VL, LLaVA). Key names follow LLaMA-Factory where users know them (noted per field)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from visiontune.run.config import Strict, TrackConfig, TrainConfig
+
+
+class VlmTrainConfig(TrainConfig):
+    """SFT defaults (LoRA-sized LR, loss as the model-selection metric)."""
+
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    epochs: float = Field(1, gt=0)
+    batch_size: int = Field(4, gt=0)
+    metric: str = "loss"
+
+
+class VlmDataConfig(Strict):
+    train: str = Field(description="JSON/JSONL (ShareGPT, LLaVA or messages style), dataset_info.json, or dataset.")
+    val: str | None = None
+    val_split: float = Field(0.1, ge=0, lt=1, description="LLaMA-Factory `val_size`.")
+    dataset_name: str | None = Field(None, description="Entry of a LLaMA-Factory dataset_info.json.")
+    image_root: str | None = Field(None, description="Folder relative image paths start from.")
+    max_length: int = Field(2048, gt=0, description="LLaMA-Factory `cutoff_len`: tokens per record, images included.")
+    max_image_pixels: int = Field(
+        512 * 512,
+        gt=0,
+        description="LLaMA-Factory `image_max_pixels`: images above "
+        "are downscaled (keeps aspect) before the processor.",
+    )
+    on_bad_sample: Literal["error", "skip"] = "error"
+    train_on: Literal["assistant", "all"] = Field("assistant", description="Loss on assistant turns only, or all.")
+    group_by_length: bool = Field(True, description="Batch records of similar length to cut padding.")
+    workers: int = Field(0, ge=0)
+    cache: bool = Field(True, description="Cache tokenised records so a re-run does not re-tokenise.")
+
+
+class VlmTuneConfig(Strict):
+    method: Literal["full", "lora", "qlora"] = Field("lora", description="LLaMA-Factory `finetuning_type`.")
+    lora_r: int = Field(16, gt=0, description="LLaMA-Factory `lora_rank`.")
+    lora_alpha: int = Field(32, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_target: list[str] | Literal["all"] = Field("all", description="`all`: every Linear of the language model.")
+    train_vision: bool = False
+    train_projector: bool = True
+    train_language: bool = True
+
+
+class VlmEvalConfig(Strict):
+    metrics: list[str] = Field(default_factory=lambda: ["exact_match"])
+    max_new_tokens: int = Field(64, gt=0)
+    max_samples: int | None = Field(None, gt=0, description="Before/after training: at most this many val records.")
+    samples_during_training: int = Field(
+        8, ge=0, description="Val records answered at each validation during training (0: loss only)."
+    )
+
+
+class VlmSftConfig(Strict):
+    task: Literal["vlm_sft"] = "vlm_sft"
+    model: str = Field(description="LLaMA-Factory `model_name_or_path`: hub id or folder.")
+    output_dir: str
+    seed: int = 42
+    chat_template: str | None = Field(None, description="Jinja template when the processor has none.")
+    data: VlmDataConfig
+    tune: VlmTuneConfig = VlmTuneConfig()
+    train: VlmTrainConfig = VlmTrainConfig()
+    eval: VlmEvalConfig = VlmEvalConfig()
+    track: TrackConfig = TrackConfig()
+
+    @model_validator(mode="after")
+    def _something_trains(self) -> VlmSftConfig:
+        t = self.tune
+        if not (t.train_vision or t.train_projector or t.train_language):
+            raise ValueError("tune.train_vision, train_projector and train_language are all false: nothing trains")
+        return self
