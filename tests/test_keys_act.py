@@ -673,6 +673,11 @@ class Runner:
         key = level + json.dumps(raw, sort_keys=True, default=str)
         if memo and key in self.memo:
             return self.memo[key]
+        result = _hashed(self.collect(raw, level))
+        self.memo[key] = result
+        return result
+
+    def collect(self, raw: dict, level: str) -> dict[str, Any]:
         cfg = parse_config(copy.deepcopy(raw))
         with self.isolated(cfg) as mp:
             try:
@@ -683,9 +688,7 @@ class Runner:
             found["environment"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("WANDB_")}
             found["cache"] = _files(Path(os.environ["VISIONTUNE_CACHE"]))
             found["exports"] = _files(self.world.paths["exports"])
-        result = _hashed(found)
-        self.memo[key] = result
-        return result
+        return found
 
     def isolated(self, cfg: Any):
         import contextlib
@@ -756,7 +759,9 @@ def _continual(cfg: Any, mp: Any) -> dict:
         return trainer
 
     def accuracy(self, clf, names, split):  # what would be evaluated, without evaluating it
-        evaluated.append(describe([names, [split.val.ref(i) for i in range(len(split.val))], model_digest(clf)["values"]]))
+        evaluated.append(
+            describe([names, [split.val.ref(i) for i in range(len(split.val))], model_digest(clf)["values"]])
+        )
         return 0.5
 
     evaluated: list = []
@@ -923,26 +928,39 @@ LEVELS: dict[str, Callable[[Runner, Any, Any], dict]] = {
 
 
 def case_recipes(task: str, key: str, w: World) -> tuple[dict, list[dict]]:
-    """The base recipe (with the key's context) and candidate variants with the key changed."""
-    base = base_recipe(task, w)
+    """The base recipe (with the key's context) written out in full, and variants with only the key changed."""
+    raw = base_recipe(task, w)
     for k, v in (lookup(CONTEXT, task, key) or {}).items():
-        set_key(base, k, _resolve(v, w))
-    cfg = parse_config(copy.deepcopy(base))
+        set_key(raw, k, _resolve(v, w))
+    cfg = parse_config(copy.deepcopy(raw))
+    # Every key explicit, so that setting one key inside a section leaves the section's other keys as they were
+    # (a section written in a recipe starts from its class defaults, not from the field's default instance).
+    base = cfg.model_dump(mode="json")
     current = get_value(cfg, key)
     table = ALT.get(f"{task}:{key}", ALT.get(key))
     candidates = [_resolve(table, w)] if table is not None else derived_values(field_of(CONFIGS[task], key), current)
     variants = []
     for value in candidates:
-        if value == current:
-            continue
-        raw = copy.deepcopy(base)
-        set_key(raw, key, value)
+        variant = copy.deepcopy(base)
+        set_key(variant, key, value)
         try:
-            parse_config(copy.deepcopy(raw))
+            dumped = parse_config(copy.deepcopy(variant)).model_dump(mode="json")
         except Exception:
             continue
-        variants.append(raw)
+        changed = {k for k, v in _flat(dumped).items() if _flat(base).get(k, "<absent>") != v}
+        changed |= {k for k in _flat(base) if k not in _flat(dumped)}
+        scope = key.replace("[]", ".0")
+        if changed and all(k == scope or k.startswith(scope + ".") for k in changed):
+            variants.append(variant)
     return base, variants
+
+
+def _flat(raw: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(raw, dict) and raw:
+        return {k: v for name, value in raw.items() for k, v in _flat(value, f"{prefix}{name}.").items()}
+    if isinstance(raw, list) and raw and all(isinstance(v, dict) for v in raw):
+        return {k: v for i, value in enumerate(raw) for k, v in _flat(value, f"{prefix}{i}.").items()}
+    return {prefix.rstrip("."): raw}
 
 
 def derived_values(field: Any, current: Any) -> list[Any]:

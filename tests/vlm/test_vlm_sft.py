@@ -123,13 +123,13 @@ def test_train_eval_export(family, method, vlm_recipe, write_recipe, cli):
     processor = AutoProcessor.from_pretrained(run / "merged")
     conv = read_conversations(recipe["data"]["train"])[0]
     from visiontune.vlm.conversations import load_images, to_messages
-    from visiontune.vlm.tokenize import _nested_images, render
+    from visiontune.vlm.tokenize import nested_images, render
 
     images = load_images(conv)
     inputs = processor(
         text=[render(processor, to_messages(conv))],
         return_tensors="pt",
-        images=[images] if _nested_images(processor) else images,
+        images=[images] if nested_images(processor) else images,
     )
     with torch.no_grad():
         torch.testing.assert_close(merged(**inputs).logits, adapted(**inputs).logits, rtol=1e-4, atol=1e-4)

@@ -23,6 +23,7 @@ from visiontune.classify.metrics import ClassificationMetrics, classification_re
 from visiontune.classify.model import ImageClassifier
 from visiontune.classify.resolve import resolve_classifier
 from visiontune.core.check import BadSample, clean, clean_splits
+from visiontune.core.config import PIL_MAX_PIXELS
 from visiontune.core.dataset import Collator, ImageClassificationDataset, stratified_split
 from visiontune.core.errors import DataError
 from visiontune.core.images import open_image
@@ -34,7 +35,7 @@ from visiontune.run.optim import build_optimizer, layer_decay_scales
 from visiontune.run.task import Fit, Skipped, Task
 from visiontune.run.trainer import VisiontuneTrainer
 
-MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit, for eval/predict of saved models
+MAX_PIXELS = PIL_MAX_PIXELS  # eval/predict of saved models
 
 
 @dataclass

@@ -9,6 +9,8 @@ from pydantic import Field
 
 from visiontune.run.config import Strict
 
+PIL_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit: the default `data.max_image_pixels`
+
 
 class AugmentConfig(Strict):
     preset: Literal["none", "light", "strong"] = "light"

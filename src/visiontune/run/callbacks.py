@@ -12,7 +12,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import TrainerCallback
 
-
 NOT_SHOWN = ("runtime", "per_second", "model_preparation_time")  # timings, not results
 
 

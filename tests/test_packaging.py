@@ -1,0 +1,28 @@
+"""The package installs like one: the wheel carries every built-in recipe, found by name from any directory."""
+
+import subprocess
+import sys
+import zipfile
+
+from tests.conftest import REPO
+from visiontune.recipe import RECIPES_DIR, find_recipe
+
+
+def test_wheel_ships_every_builtin_recipe(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(REPO)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "deprecat" not in proc.stderr.lower()
+    (wheel,) = tmp_path.glob("visiontune-*.whl")
+    shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("visiontune/recipes/")}
+    expected = {f"visiontune/recipes/{p.relative_to(RECIPES_DIR)}" for p in RECIPES_DIR.rglob("*.yaml")}
+    assert expected and expected <= shipped
+
+
+def test_builtin_recipes_resolve_by_name_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert find_recipe("mnist-efficientnet-lite0") == RECIPES_DIR / "classify" / "mnist-efficientnet-lite0.yaml"
