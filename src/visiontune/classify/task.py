@@ -181,7 +181,7 @@ def classification_fit(model: torch.nn.Module, cfg: ClassifyConfig, data: SplitD
         eval_dataset=ImageClassificationDataset(data.val, eval_transform(pre), max_pixels, pre.image_size),
         collator=Collator(),
         compute_metrics=ClassificationMetrics(data.train.class_names),
-        optimizer=build_optimizer(model, cfg.train, plan.include, plan.layer_scales),
+        make_optimizer=lambda m: build_optimizer(m, cfg.train, plan.include, plan.layer_scales),
         callbacks=plan.callbacks,
         trainer_attrs={"batch_mixer": batch_mixer(aug, len(data.train.class_names))},
         workers=loader_workers(cfg.data.workers, in_memory=data.train.kind == "array"),
