@@ -14,13 +14,15 @@ have a LEVEL that runs further with the real code: `evaluate` (evaluation before
 (exports, WiSE-FT), `entry` (`Task.train` with the training run stubbed: skip_training), `resume` (where
 `train.resume` resumes from), `epochs` (callbacks stepped through epochs: gradual unfreezing), `step` (one
 mid-training loss computation: scheduled sampling), `kwargs` (what reaches TrainingArguments where it cannot be
-built here: DeepSpeed). A key shown elsewhere can point to an existing test (POINTERS; checked to exist).
+built here: DeepSpeed, FSDP). A key shown elsewhere can point to an existing test (POINTERS; checked to exist).
+Before the key is changed the base recipe is written out in full, and a variant must differ from it in that key
+only (validators and section defaults must not move other keys).
 
 A recipe section carried whole by an object (e.g. `GenerationEval.cfg`) does not count as an effect: pydantic
 models are opaque to the fingerprint, so each of their keys must show its own consequence.
 
 Keys found not to act are KNOWN_IGNORED: `xfail(strict=True)`, so the case flips when the key is made to act or
-removed from the schema.
+removed from the schema. ALSO_UNDER holds keys that act in their CONTEXT but must act under other settings too.
 """
 
 from __future__ import annotations
@@ -206,15 +208,20 @@ def world(fixtures_dir, tmp_path_factory) -> World:
     root = tmp_path_factory.mktemp("keys-act")
     images = fixtures_dir / "images"
     p: dict[str, Path] = {}
-    # Labelled images: another train set, a val set, one with an unreadable file, a mirrored copy.
+    # Labelled images: another train set, a val set, one with an unreadable file, one with 64 x 64 images too.
     p["images2"] = _subset(images, root / "images2", per_class=8, skip=4)
     p["images_val"] = _subset(images, root / "images_val", per_class=3)
     p["images_bad"] = _subset(images, root / "images_bad", per_class=8)
+    p["images_mixed"] = _subset(images, root / "images_mixed", per_class=4)  # and a 64 x 64 image per class
+    big = _transformed_images(p["images_val"], root / "big", lambda im: im.resize((64, 64)))
+    for folder in sorted(big.iterdir()):
+        shutil.copy(sorted(folder.glob("*.png"))[0], p["images_mixed"] / folder.name / "big.png")
     _write(p["images_bad"] / "class_0" / "broken.png", "not a png")
     # Relative paths resolve against the data file's folder (`data`) or `image_root` (`data_alt`: mirrored images).
     data = root / "data"
     p["data_alt"] = _transformed_images(images, root / "data_alt" / "images", ImageOps.mirror).parent
     shutil.copytree(images, data / "images")
+    shutil.copytree(big, data / "big")
     files = sorted(str(f.relative_to(data)) for f in (data / "images").rglob("*.png"))
     # A CSV with two image and two label columns (data.image_column / data.label_column pick the second ones).
     rows = ["image,label,other_image,other_label"] + [
@@ -228,6 +235,8 @@ def world(fixtures_dir, tmp_path_factory) -> World:
     p["captions"] = _write(data / "captions.csv", "\n".join(captions) + "\n")
     p["captions2"] = _write(data / "captions2.csv", "\n".join(captions[:1] + captions[1::2]) + "\n")
     p["captions_val"] = _write(data / "captions_val.csv", "\n".join(captions[:1] + captions[2::6]) + "\n")
+    big_captions = [caption.format(f"big/class_{c}/000.png", COLOURS[c]) for c in range(3)]
+    p["captions_mixed"] = _write(data / "captions_mixed.csv", "\n".join(captions[:13] + big_captions) + "\n")
     p["captions_bad"] = _write(
         data / "captions_bad.csv", "\n".join([*captions, "images/class_0/missing.png,a red image"])
     )
@@ -276,6 +285,12 @@ def _align_run(vision: Path, language: Path, out: Path) -> Path:
     model.meta["stage"] = "align"
     model.save_pretrained(out / "model", processor)
     return out
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 CHAT_TEMPLATE = (  # a plain ChatML template: a different one from the fixtures' own
@@ -354,7 +369,7 @@ ALT: dict[str, Any] = {
     "scheduled_sampling.k": 2.0,
     "projector.options": {"hidden": 8},
     "vision_layer": -2,
-    "image_size": 16,
+    "image_size": 64,
     # data
     "data.train": lambda w: w["images2"],
     "clip_contrastive:data.train": lambda w: w["captions2"],
@@ -367,7 +382,9 @@ ALT: dict[str, Any] = {
     "data.val_split": 0.5,
     "data.image_size": 48,
     "data.workers": 1,
-    "data.max_image_pixels": 600,  # below the fixtures' images (32 x 32 labelled, 32 x 32 captioned)
+    "data.max_image_pixels": 2000,  # between the 32 x 32 and the 64 x 64 images (refused as too big)
+    "vlm_sft:data.max_image_pixels": 600,  # below the 32 x 32 images (downscaled)
+    "vlm_assemble:data.max_image_pixels": 600,
     "data.image_column": "other_image",
     "data.label_column": "other_label",
     "data.class_names": ["class_2", "class_1", "class_0"],
@@ -378,7 +395,8 @@ ALT: dict[str, Any] = {
     "data.augment.cutmix": 1.0,
     "data.image_root": lambda w: w["data_alt"],
     "data.dataset_name": "b",
-    "data.max_length": 40,
+    "vlm_sft:data.max_length": 53,  # the records have 55-56 tokens, 4-5 of them trained
+    "vlm_assemble:data.max_length": 70,  # 75-77 tokens, 10-12 trained
     "data.limit": 8,
     "data.prompt": "Caption this.",
     "data.zero_shot": lambda w: w["images_val"],
@@ -407,7 +425,7 @@ ALT: dict[str, Any] = {
     "vlm_assemble:train.metric": "exact_match",
     "train.early_stopping_patience": 2,
     "train.precision": "bf16",
-    "train.cpu": False,
+    "train.cpu": lambda w: _has_gpu(),  # the opposite of what the unset key picks on this machine
     "train.deepspeed": "configs/deepspeed/zero2.json",
     "train.fsdp": "full_shard auto_wrap",
     "track.wandb_project": "elsewhere",
@@ -422,14 +440,23 @@ CONTEXT: dict[str, Any] = {
     "data.augment.policy": {"data.augment.preset": "strong"},
     "pretrained": {"model": lambda w: f"timm:local-dir:{w.fx / 'timm-vit'}"},  # a folder loads its own weights
     "data.on_bad_sample": {"data.train": lambda w: w["images_bad"]},
+    "data.max_image_pixels": {"data.train": lambda w: w["images_mixed"], "data.on_bad_sample": "skip"},
+    "clip_continual:data.max_image_pixels": {
+        "tasks[].train": lambda w: w["images_mixed"],
+        "data.on_bad_sample": "skip",
+    },
+    "clip_contrastive:data.max_image_pixels": {
+        "data.train": lambda w: w["captions_mixed"],
+        "data.on_bad_sample": "skip",
+    },
+    "vlm_sft:data.max_image_pixels": {},  # the VLM tasks downscale big images instead of refusing them
+    "vlm_assemble:data.max_image_pixels": {},
     "clip_continual:data.on_bad_sample": {"tasks[].train": lambda w: w["images_bad"]},
     "clip_contrastive:data.on_bad_sample": {"data.train": lambda w: w["captions_bad"]},
     "vlm_sft:data.on_bad_sample": {"data.train": lambda w: w["convs_bad"]},
-    "vlm_assemble:data.on_bad_sample": {"data.train": lambda w: w["captions_bad"]},
+    "vlm_assemble:data.on_bad_sample": {"data.train": lambda w: w["captions_bad"], "data.limit": None},
     "data.image_column": {"data.train": lambda w: w["labels_csv"]},
     "data.label_column": {"data.train": lambda w: w["labels_csv"]},
-    "data.image_root": {"data.train": lambda w: str(w.root / "data" / "captions.csv")},
-    "vlm_sft:data.image_root": {"data.train": lambda w: w["convs"]},
     "data.dataset_name": {"data.train": lambda w: w["registry"], "data.dataset_name": "a"},
     "vlm_assemble:data.dataset_name": {
         "stage": "instruct",
@@ -444,6 +471,8 @@ CONTEXT: dict[str, Any] = {
         "tune.unfreeze": [{"epoch": 0, "blocks": 1}, {"epoch": 2, "blocks": "all"}],
     },
     "tune.train_language": {"tune.method": "full"},
+    "stage": {"data.train": lambda w: w["convs"]},  # conversations serve both stages
+    "vlm_assemble:image_size": {"vision": lambda w: f"timm:local-dir:{w.fx / 'timm-cnn'}"},  # a ViT's size is fixed
     "vlm_assemble:tune.*": {"stage": "instruct", "data.train": lambda w: w["convs"]},
     "train.momentum": {"train.optimizer": "sgd"},
     "train.ema.*": {"train.ema": {}},
@@ -451,7 +480,6 @@ CONTEXT: dict[str, Any] = {
     "track.wandb_mode": {"track.wandb": True},
     "wise_ft.*": {"wise_ft": {}},
     "scheduled_sampling.*": {"scheduled_sampling": {}},
-    "init_from": {},
     "vlm_assemble:init_from": {"stage": "instruct", "data.train": lambda w: w["convs"]},
 }
 
@@ -470,6 +498,7 @@ LEVEL: dict[str, str] = {
     "skip_training": "entry",
     "train.resume": "resume",
     "train.deepspeed": "kwargs",
+    "train.fsdp": "kwargs",
     "tune.unfreeze[].*": "epochs",
     "scheduled_sampling": "step",
     "scheduled_sampling.*": "step",
@@ -480,6 +509,9 @@ POINTERS: dict[str, str] = {}
 
 # Keys that reach nothing (bugs): each case is xfail(strict=True), so it flips once the key acts or is removed.
 KNOWN_IGNORED: dict[str, str] = {}
+
+# Keys that act in their CONTEXT but must act under other settings too: (task, key, context, known-bug reason).
+ALSO_UNDER: list[tuple[str, str, dict[str, Any], str | None]] = []
 
 
 # ------------------------------------------------------------------------------------------- fingerprint
@@ -638,7 +670,7 @@ def run_digest(fit: Any, trainer: Any, task: Any = None, data: Any = None) -> di
             "ema": describe(getattr(trainer, "ema", None)),
             "has_eval": trainer.eval_dataset is not None,
         },
-        "optimizer": optimizer_digest(trainer.optimizer, trainer.model),
+        "optimizer": optimizer_digest(trainer.optimizer or trainer.create_optimizer(), trainer.model),
         "callbacks": [describe(cb) for cb in trainer.callback_handler.callbacks],
         "model": model_digest(trainer.model),
         "collator": collator_state,
@@ -686,7 +718,7 @@ class Runner:
                 message = str(err).splitlines()[0] if str(err) else ""
                 found = {"error": f"{type(err).__name__}: {message}"}
             found["environment"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("WANDB_")}
-            found["cache"] = _files(Path(os.environ["VISIONTUNE_CACHE"]))
+            found["cache"] = len(_files(Path(os.environ["VISIONTUNE_CACHE"])))  # its names hash the settings
             found["exports"] = _files(self.world.paths["exports"])
         return found
 
@@ -771,7 +803,7 @@ def _continual(cfg: Any, mp: Any) -> dict:
     mp.setattr(continual.ClipContinualTask, "_accuracy", accuracy)
     continual.ClipContinualTask().train(cfg, overwrite=True)
     return {
-        "stages": stages,
+        **{f"task{i}.{part}": digest for i, stage in enumerate(stages) for part, digest in stage.items()},
         "evaluated": evaluated,
         "result": _untimed(result),
         "run_dir": _files(Path(cfg.output_dir)),
@@ -855,7 +887,8 @@ def level_resume(runner: Runner, cfg: Any, mp: Any) -> dict:
 
 
 def level_kwargs(runner: Runner, cfg: Any, mp: Any) -> dict:
-    """What reaches TrainingArguments, for values it cannot be built with here (DeepSpeed without the package)."""
+    """What reaches TrainingArguments, for values it cannot be built with here (DeepSpeed without the package, FSDP
+    outside a distributed launch)."""
     import visiontune.run.arguments as arguments
 
     seen: dict[str, Any] = {}
@@ -863,7 +896,7 @@ def level_kwargs(runner: Runner, cfg: Any, mp: Any) -> dict:
 
     def record(**kwargs):
         seen.update(kwargs)
-        return real(**{**kwargs, "deepspeed": None})
+        return real(**{**kwargs, "deepspeed": None, "fsdp": ""})
 
     mp.setattr(arguments, "_check_deepspeed", lambda train: None)
     mp.setattr(arguments, "TrainingArguments", record)
@@ -903,7 +936,7 @@ def level_step(runner: Runner, cfg: Any, mp: Any) -> dict:
 
     mp.setattr(assemble, "teacher_forcing_ratio", spy)
     task, data, fit, trainer = _built(cfg)
-    batch = fit.collator([fit.train_dataset[i] for i in range(2)])
+    batch = {k: v.to(trainer.args.device) for k, v in fit.collator([fit.train_dataset[i] for i in range(2)]).items()}
     trainer.state.global_step, trainer.state.max_steps = 3, 10
     trainer.model.train()
     torch.manual_seed(0)
@@ -1009,13 +1042,25 @@ def test_key_acts(task, key, world, runner):
         assert "error" not in before, f"{task}:{key}: the base recipe fails at level {level}: {before['error']}"
     after = runner.fingerprint(variants[0], level)
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-    if os.environ.get("KEYS_ACT_LOG"):  # TEMP
-        with open(os.environ["KEYS_ACT_LOG"], "a") as f:
-            f.write(json.dumps([task, key, level, changed, after.get("error")]) + "\n")
     assert changed, (
         f"{task}:{key} does not act: changing it ({_shown(base, variants[0], key)}) changes nothing at level "
         f"{level}. Make the key act, refuse it, or show its effect with a LEVEL or POINTERS entry."
     )
+
+
+def _also_params() -> list[Any]:
+    params = []
+    for task, key, context, reason in ALSO_UNDER:
+        marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+        label = ",".join(f"{k}={v}" for k, v in context.items())
+        params.append(pytest.param(task, key, context, id=f"{task}:{key}[{label}]", marks=marks))
+    return params
+
+
+@pytest.mark.parametrize(("task", "key", "context"), _also_params())
+def test_key_acts_under(task, key, context, world, runner, monkeypatch):
+    monkeypatch.setitem(CONTEXT, f"{task}:{key}", context)
+    test_key_acts(task, key, world, runner)
 
 
 def _shown(base: dict, variant: dict, key: str) -> str:

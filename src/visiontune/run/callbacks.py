@@ -67,7 +67,9 @@ class RichProgress(TrainerCallback):
                 for k, v in logs.items()
                 if k.startswith("eval_") and isinstance(v, float) and not k.endswith(NOT_SHOWN)
             )
-            self.progress.console.print(f"step {state.global_step} eval  {shown}", markup=False, highlight=False)
+            self.progress.console.print(
+                f"step {state.global_step} eval  {shown}", markup=False, highlight=False, soft_wrap=True
+            )
 
     def on_train_end(self, args, state, control, **kwargs):
         self.stop()
