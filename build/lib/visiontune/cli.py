@@ -266,6 +266,11 @@ def main() -> None:
     import logging
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # an optional CPU kernel download it cannot do offline
+    import warnings
+
+    # Deprecation notices about the libraries' own internals tell a visiontune user nothing they can act on.
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
     if "--debug" in sys.argv[1:]:  # accepted anywhere on the line, not only before the command
         sys.argv.remove("--debug")
         os.environ[DEBUG] = "1"

@@ -10,9 +10,11 @@ pieces below (`open_run`, `make_trainer`, `train_with_progress`) once per stage 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,9 +80,9 @@ def resume_point(run_dir: Path, flag: bool, recipe_key: bool) -> Path | None:
     return checkpoint
 
 
-# Keys a resumed run may change: how long it trains and what it reports. Anything else (model, data, tuning,
-# batch size...) would silently mix two different runs in one set of checkpoints.
-RESUME_MAY_CHANGE = ("train.epochs", "train.max_steps", "train.resume", "train.logging_steps", "track.")
+# Keys a resumed run may change: where the run folder is (it may have moved), how long it trains, what it reports.
+# Anything else (model, data, tuning, batch size...) would silently mix two different runs in one set of checkpoints.
+RESUME_MAY_CHANGE = ("output_dir", "train.epochs", "train.max_steps", "train.resume", "train.logging_steps", "track.")
 
 
 def check_resume_matches(run_dir: Path, cfg: BaseModel) -> None:
@@ -219,13 +221,35 @@ def tracking(track: BaseModel, run_dir: Path) -> list[str]:
 def fit_and_evaluate(task: Task, cfg: BaseModel, fit: Fit, trainer: Any, data: Any, run: RunStart) -> dict:
     """Evaluate before (fresh runs), train or resume, keep the better of trained/EMA weights, evaluate after."""
     if run.checkpoint is None:
-        save_eval(run.run_dir, "before", task.evaluate_run(cfg, fit, trainer, data, "before"))
+        with rng_preserved():  # else a resumed run (no eval before) would draw other batches than the first one
+            save_eval(run.run_dir, "before", task.evaluate_run(cfg, fit, trainer, data, "before"))
     train_with_progress(trainer, run.checkpoint)
     weights = keep_better_ema(trainer, cfg.train.metric)
     after = task.evaluate_run(cfg, fit, trainer, data, "after")
     after["weights"] = weights
     save_eval(run.run_dir, "after", after)
     return after
+
+
+@contextlib.contextmanager
+def rng_preserved() -> Iterator[None]:
+    """Leave the global RNGs as they were: evaluating draws from them (each DataLoader iterator takes a seed), and
+    samplers such as length grouping draw the training order from them."""
+    import random
+
+    import numpy as np
+    import torch
+
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 def train_with_progress(trainer: Any, checkpoint: Path | None) -> None:

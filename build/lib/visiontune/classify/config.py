@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from visiontune.core.config import AugmentConfig
+from visiontune.core.config import PIL_MAX_PIXELS, AugmentConfig
 from visiontune.run.config import ClassifierTrainConfig, Strict, TrackConfig
 
 
@@ -24,7 +24,7 @@ class DataConfig(Strict):
         "auto", description="DataLoader workers; auto: 0 for in-memory data, else up to 4 by CPU count."
     )
     on_bad_sample: Literal["error", "skip"] = "error"
-    max_image_pixels: int = Field(89_478_485, gt=0, description="Decompression-bomb guard (PIL's default).")
+    max_image_pixels: int = Field(PIL_MAX_PIXELS, gt=0, description="Decompression-bomb guard (PIL's default).")
     image_column: str | None = None
     label_column: str | None = None
     class_names: list[str] | None = Field(None, description="Fixes the class list and order; labels outside it fail.")

@@ -120,14 +120,14 @@ def _hf_preprocess(name: str, backbone) -> Preprocess:
     try:
         proc = AutoImageProcessor.from_pretrained(name)
         mean, std = tuple(proc.image_mean), tuple(proc.image_std)
-        size = _edge(getattr(proc, "crop_size", None) or {}) or _edge(proc.size) or size
+        size = square_edge(getattr(proc, "crop_size", None) or {}) or square_edge(proc.size) or size
         resample = getattr(proc, "resample", None)
     except Exception:  # no processor saved: fall back to config + ImageNet statistics
         pass
     return Preprocess(int(size), mean, std, "bicubic" if resample == 3 else "bilinear")  # 3: PIL BICUBIC
 
 
-def _edge(size) -> int | None:
+def square_edge(size) -> int | None:
     """The square input edge from an image processor's `size` (an int, a dict or a transformers SizeDict)."""
     if isinstance(size, int):
         return size

@@ -23,6 +23,7 @@ from visiontune.classify.metrics import ClassificationMetrics, classification_re
 from visiontune.classify.model import ImageClassifier
 from visiontune.classify.resolve import resolve_classifier
 from visiontune.core.check import BadSample, clean, clean_splits
+from visiontune.core.config import PIL_MAX_PIXELS
 from visiontune.core.dataset import Collator, ImageClassificationDataset, stratified_split
 from visiontune.core.errors import DataError
 from visiontune.core.images import open_image
@@ -34,7 +35,7 @@ from visiontune.run.optim import build_optimizer, layer_decay_scales
 from visiontune.run.task import Fit, Skipped, Task
 from visiontune.run.trainer import VisiontuneTrainer
 
-MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit, for eval/predict of saved models
+MAX_PIXELS = PIL_MAX_PIXELS  # eval/predict of saved models
 
 
 @dataclass
@@ -180,7 +181,7 @@ def classification_fit(model: torch.nn.Module, cfg: ClassifyConfig, data: SplitD
         eval_dataset=ImageClassificationDataset(data.val, eval_transform(pre), max_pixels, pre.image_size),
         collator=Collator(),
         compute_metrics=ClassificationMetrics(data.train.class_names),
-        optimizer=build_optimizer(model, cfg.train, plan.include, plan.layer_scales),
+        make_optimizer=lambda m: build_optimizer(m, cfg.train, plan.include, plan.layer_scales),
         callbacks=plan.callbacks,
         trainer_attrs={"batch_mixer": batch_mixer(aug, len(data.train.class_names))},
         workers=loader_workers(cfg.data.workers, in_memory=data.train.kind == "array"),

@@ -21,7 +21,7 @@ from PIL import Image
 
 from visiontune.core.check import BadSample, Wording, check_splits
 from visiontune.core.errors import DataError
-from visiontune.core.images import BadImage, check_image, open_image
+from visiontune.core.images import BadImage, check_image, hf_image_value, open_image
 from visiontune.core.readers import read_csv_rows, read_jsonl_rows, read_text
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -288,7 +288,7 @@ def _image_problem(pairs: CaptionPairs, i: int, max_pixels: int) -> str | None:
         if pairs.kind == "file":
             check_image(source, max_pixels)
         elif pairs.kind == "hf":
-            open_image(_hf_image(pairs, i), max_pixels)
+            open_image(hf_image(pairs, i), max_pixels)
     except BadImage as err:
         return f"image {Path(source).name} {err}" if pairs.kind == "file" else f"image {err}"
     return None
@@ -313,7 +313,7 @@ def load_image(pairs: CaptionPairs, i: int, max_pixels: int, draft_size: int | N
     if pairs.kind == "array":
         return Image.fromarray(pairs.sources[i]).convert("RGB")
     try:
-        source = pairs.sources[i] if pairs.kind == "file" else _hf_image(pairs, i)
+        source = pairs.sources[i] if pairs.kind == "file" else hf_image(pairs, i)
         return open_image(source, max_pixels, draft_size)
     except BadImage as err:
         raise DataError(
@@ -321,13 +321,8 @@ def load_image(pairs: CaptionPairs, i: int, max_pixels: int, draft_size: int | N
         ) from None
 
 
-def _hf_image(pairs: CaptionPairs, i: int) -> Any:
-    value = pairs.hf_dataset[int(pairs.sources[i])][pairs.image_column]
-    if isinstance(value, dict):  # undecoded datasets.Image: {"bytes": ..., "path": ...}
-        value = value.get("bytes") or value.get("path")
-    if value is None:
-        raise BadImage("is missing")
-    return value
+def hf_image(pairs: CaptionPairs, i: int) -> Any:
+    return hf_image_value(pairs.hf_dataset, int(pairs.sources[i]), pairs.image_column, missing="is missing")
 
 
 class CaptionedImages(torch.utils.data.Dataset):

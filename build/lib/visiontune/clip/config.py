@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from visiontune.classify.config import DataConfig
-from visiontune.core.config import AugmentConfig
+from visiontune.core.config import PIL_MAX_PIXELS, AugmentConfig, ImageAugmentConfig
 from visiontune.run.config import ClassifierTrainConfig, EmaTrainConfig, Strict, TrackConfig
 
 
@@ -131,7 +131,7 @@ class ClipSharedData(Strict):
     augment: AugmentConfig = AugmentConfig(preset="none")
     workers: int | Literal["auto"] = "auto"
     on_bad_sample: Literal["error", "skip"] = "error"
-    max_image_pixels: int = Field(89_478_485, gt=0)
+    max_image_pixels: int = Field(PIL_MAX_PIXELS, gt=0)
 
     _templates = field_validator("templates")(classmethod(lambda cls, v: _check_templates(v)))
 
@@ -170,10 +170,10 @@ class CaptionDataConfig(Strict):
     val_split: float = Field(0.1, gt=0, lt=1)
     image_root: str | None = Field(None, description="Folder image paths are relative to (default: the file's).")
     image_size: int | None = Field(None, gt=0)
-    augment: AugmentConfig = AugmentConfig(preset="none")
+    augment: ImageAugmentConfig = ImageAugmentConfig(preset="none")
     workers: int | Literal["auto"] = "auto"
     on_bad_sample: Literal["error", "skip"] = "error"
-    max_image_pixels: int = Field(89_478_485, gt=0)
+    max_image_pixels: int = Field(PIL_MAX_PIXELS, gt=0)
     zero_shot: str | None = Field(None, description="Labelled data for zero-shot accuracy after training.")
     zero_shot_class_names: list[str] | None = None
     templates: list[str] | Literal["builtin"] = "builtin"

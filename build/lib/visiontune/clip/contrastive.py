@@ -43,6 +43,7 @@ from visiontune.clip.dual_encoder import DualEncoder, image_features, resolve_du
 from visiontune.clip.retrieval import retrieval_metrics
 from visiontune.clip.zero_shot import zero_shot_head
 from visiontune.core.check import BadSample, clean
+from visiontune.core.config import PIL_MAX_PIXELS
 from visiontune.core.dataset import Collator, ImageClassificationDataset
 from visiontune.core.errors import DataError, ModelError, RecipeError
 from visiontune.core.readers import LabeledImages, read_dataset
@@ -59,7 +60,7 @@ TRAINABLE = {
 }
 TOWERS = ("vision_model", "text_model")
 MAX_LOGIT_SCALE = 100.0  # CLIP clamps the learnt temperature so logits never exceed 100 x cosine
-MAX_PIXELS = 89_478_485
+MAX_PIXELS = PIL_MAX_PIXELS
 VAL_METRICS = ["mean_recall", "loss", *(f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10))]
 
 

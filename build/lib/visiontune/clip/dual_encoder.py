@@ -176,7 +176,7 @@ def _preprocess_from(meta: dict) -> Preprocess | None:
 
 
 def _edge(processor: Any) -> int:
-    from visiontune.classify.resolve import _edge as edge
+    from visiontune.classify.resolve import square_edge as edge
 
     return edge(getattr(processor, "crop_size", None) or {}) or edge(processor.size) or 224
 

@@ -10,6 +10,7 @@ from visiontune.clip.classify import ClipClassifyTask, load_clip_classifier
 from visiontune.clip.dual_encoder import resolve_dual_encoder
 from visiontune.clip.merge import MERGE_METHODS
 from visiontune.core.check import clean
+from visiontune.core.config import PIL_MAX_PIXELS
 from visiontune.core.errors import RecipeError
 from visiontune.core.readers import read_dataset
 from visiontune.run.folder import prepare_output_folder
@@ -49,7 +50,7 @@ def evaluate_all(base: str, fine_tuned: list[str], merged: Path, data: list[str]
     }
     rows = []
     for spec in data:
-        images = clean(read_dataset(spec), "error", 89_478_485, "merge eval")[0]
+        images = clean(read_dataset(spec), "error", PIL_MAX_PIXELS, "merge eval")[0]
         row = {"data": spec}
         for label, source in models.items():
             clf = load_clip_classifier(source, images.class_names)

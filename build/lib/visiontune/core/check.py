@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from visiontune.core.errors import DataError
-from visiontune.core.images import BadImage, check_image, open_image
+from visiontune.core.images import BadImage, check_image, hf_image_value, open_image
 from visiontune.core.readers import LabeledImages
 
 LISTED = 10  # bad records an error names; the rest are counted, and all are written to the report file
@@ -60,7 +60,7 @@ def find_bad_samples(data: LabeledImages, max_pixels: int, workers: int = 4) -> 
             if data.kind == "file":
                 check_image(data.items[i], max_pixels)
             else:
-                open_image(_hf_image(data, i), max_pixels)
+                open_image(hf_image(data, i), max_pixels)
         except BadImage as err:
             return BadSample(i, data.ref(i), str(err))
         return None
@@ -148,10 +148,5 @@ def _keep(data: D, bad: list[BadSample], role: str, noun: str) -> D:
     return kept
 
 
-def _hf_image(data: LabeledImages, i: int):
-    value = data.hf_dataset[int(data.items[i])][data.image_column]
-    if isinstance(value, dict):  # undecoded datasets.Image: {"bytes": ..., "path": ...}
-        value = value.get("bytes") or value.get("path")
-    if value is None:
-        raise BadImage("has no image")
-    return value
+def hf_image(data: LabeledImages, i: int):
+    return hf_image_value(data.hf_dataset, int(data.items[i]), data.image_column)

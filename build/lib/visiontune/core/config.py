@@ -1,4 +1,4 @@
-"""Recipe section shared by the labelled-image tasks (classify, CLIP): augmentation. No torch here, so
+"""Recipe sections shared by the image tasks (classify, CLIP): augmentation. No torch here, so
 `visiontune validate` stays fast."""
 
 from __future__ import annotations
@@ -9,10 +9,19 @@ from pydantic import Field
 
 from visiontune.run.config import Strict
 
+PIL_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit: the default `data.max_image_pixels`
 
-class AugmentConfig(Strict):
+
+class ImageAugmentConfig(Strict):
+    """Per-image augmentation (every image task)."""
+
     preset: Literal["none", "light", "strong"] = "light"
     hflip: float | None = Field(None, ge=0, le=1, description="Horizontal-flip probability; preset default if unset.")
     policy: Literal["randaugment", "trivialaugment"] = "randaugment"
+
+
+class AugmentConfig(ImageAugmentConfig):
+    """Per-image augmentation plus batch mixing (the classifier tasks: mixed labels need a classification loss)."""
+
     mixup: float | None = Field(None, ge=0, description="Mixup alpha; 0 disables; `strong` uses 0.2 if unset.")
     cutmix: float | None = Field(None, ge=0, description="CutMix alpha; 0 disables; `strong` uses 1.0 if unset.")

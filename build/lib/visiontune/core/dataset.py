@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torch.utils.data import default_collate
 
-from visiontune.core.check import _hf_image
+from visiontune.core.check import hf_image
 from visiontune.core.errors import DataError
 from visiontune.core.images import BadImage, open_image
 from visiontune.core.readers import LabeledImages
@@ -38,7 +38,7 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         if d.kind == "array":
             return Image.fromarray(d.items[i]).convert("RGB")
         try:
-            source = d.items[i] if d.kind == "file" else _hf_image(d, i)
+            source = d.items[i] if d.kind == "file" else hf_image(d, i)
             return open_image(source, self.max_pixels, self.draft_size)
         except BadImage as err:
             hint = "fix or remove it (data.on_bad_sample=skip drops bad samples)"

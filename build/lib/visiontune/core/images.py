@@ -91,3 +91,13 @@ def _check_pixels(img: Image.Image, max_pixels: int) -> None:
 
 def _as_file(source: str | Path | bytes):
     return io.BytesIO(source) if isinstance(source, bytes) else source
+
+
+def hf_image_value(dataset, row: int, column: str, missing: str = "has no image"):
+    """The image of a `datasets` row: a decoded PIL image, or bytes/path of an undecoded `datasets.Image`."""
+    value = dataset[row][column]
+    if isinstance(value, dict):  # undecoded datasets.Image: {"bytes": ..., "path": ...}
+        value = value.get("bytes") or value.get("path")
+    if value is None:
+        raise BadImage(missing)
+    return value

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torchvision.transforms import v2
 
-from visiontune.core.config import AugmentConfig
+from visiontune.core.config import AugmentConfig, ImageAugmentConfig
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ def eval_transform(pre: Preprocess) -> v2.Compose:
     return v2.Compose([v2.Resize(size, interpolation=_interp(pre.interpolation)), v2.CenterCrop(size), *_finish(pre)])
 
 
-def train_transform(pre: Preprocess, aug: AugmentConfig) -> v2.Compose:
+def train_transform(pre: Preprocess, aug: ImageAugmentConfig) -> v2.Compose:
     if aug.preset == "none":
         return eval_transform(pre)
     size, interp = pre.image_size, _interp(pre.interpolation)

@@ -12,7 +12,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import TrainerCallback
 
-
 NOT_SHOWN = ("runtime", "per_second", "model_preparation_time")  # timings, not results
 
 
@@ -68,7 +67,9 @@ class RichProgress(TrainerCallback):
                 for k, v in logs.items()
                 if k.startswith("eval_") and isinstance(v, float) and not k.endswith(NOT_SHOWN)
             )
-            self.progress.console.print(f"step {state.global_step} eval  {shown}", markup=False, highlight=False)
+            self.progress.console.print(
+                f"step {state.global_step} eval  {shown}", markup=False, highlight=False, soft_wrap=True
+            )
 
     def on_train_end(self, args, state, control, **kwargs):
         self.stop()

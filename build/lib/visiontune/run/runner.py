@@ -179,10 +179,10 @@ def make_trainer(cfg: BaseModel, fit: Fit, run_dir: Path) -> Any:
         eval_dataset=fit.eval_dataset if validate else None,
         data_collator=fit.collator,
         compute_metrics=fit.compute_metrics,
-        optimizers=(fit.optimizer or build_optimizer(fit.model, train), None),
         callbacks=callbacks + ([ema] if ema else []),
     )
     trainer.remove_callback(PrinterCallback)
+    trainer.make_optimizer = fit.make_optimizer or (lambda model: build_optimizer(model, train))
     trainer.ema = ema
     for name, value in fit.trainer_attrs.items():
         setattr(trainer, name, value)

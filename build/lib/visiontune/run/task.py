@@ -24,7 +24,9 @@ class Fit:
     eval_dataset: Any | None
     collator: Callable
     compute_metrics: Callable | None = None
-    optimizer: Any | None = None  # default: `build_optimizer` over the parameters that require grad
+    # Builds the optimiser when training starts (model -> optimiser); default: `build_optimizer` over the parameters
+    # that require grad. A factory, not an optimiser: Trainer refuses ready optimisers under FSDP.
+    make_optimizer: Callable | None = None
     callbacks: list[Any] = field(default_factory=list)
     trainer_class: type | None = None  # default: VisiontuneTrainer
     trainer_attrs: dict[str, Any] = field(default_factory=dict)  # set on the trainer after construction

@@ -17,6 +17,13 @@ PARTIAL = ".partial"
 class VisiontuneTrainer(Trainer):
     samples_seen = 0
     batch_mixer = None  # mixup/cutmix, applied to training batches only (the collator also serves evaluation)
+    make_optimizer = None  # model -> optimiser (ours: parameter groups Trainer cannot express; see run/optim.py)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None and self.make_optimizer is not None:
+            self.optimizer = self.make_optimizer(self.model if model is None else model)
+            return self.optimizer
+        return super().create_optimizer(model)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.samples_seen += int(inputs["pixel_values" if "pixel_values" in inputs else "input_ids"].shape[0])

@@ -182,7 +182,7 @@ def is_caption_data(spec: str) -> bool:
 def captions_to_conversations(pairs: Any, prompt: str) -> list[Conversation]:
     from PIL import Image
 
-    from visiontune.clip.captions import _hf_image
+    from visiontune.clip.captions import hf_image
 
     convs = []
     for i, caption in enumerate(pairs.captions):
@@ -190,7 +190,7 @@ def captions_to_conversations(pairs: Any, prompt: str) -> list[Conversation]:
         if pairs.kind == "array":
             source = Image.fromarray(source).convert("RGB")
         elif pairs.kind == "hf":
-            source = _hf_image(pairs, i)
+            source = hf_image(pairs, i)
         else:
             source = Path(source)
         if not caption.strip():

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from visiontune.vlm.conversations import load_images
-from visiontune.vlm.tokenize import IGNORE, _nested_images, cap_pixels
+from visiontune.vlm.tokenize import IGNORE, cap_pixels, nested_images
 
 
 class VlmCollator:
@@ -35,7 +35,7 @@ class VlmCollator:
     def pixels(self, images: list[list]) -> dict[str, torch.Tensor]:
         if not any(images):
             return {}
-        flat = images if _nested_images(self.processor) else [im for per in images for im in per]
+        flat = images if nested_images(self.processor) else [im for per in images for im in per]
         out = self.processor.image_processor(images=flat, return_tensors="pt")
         return {k: v for k, v in out.items() if torch.is_tensor(v)}
 

@@ -77,4 +77,9 @@ class VlmSftConfig(Strict):
         t = self.tune
         if not (t.train_vision or t.train_projector or t.train_language):
             raise ValueError("tune.train_vision, train_projector and train_language are all false: nothing trains")
+        if t.method != "full" and not t.train_language:
+            raise ValueError(
+                f"tune.train_language=false with tune.method={t.method}: LoRA adapts the language model; use "
+                "tune.method=full to train only the vision tower or projector"
+            )
         return self

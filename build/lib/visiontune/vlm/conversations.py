@@ -29,6 +29,7 @@ from typing import Any, Literal
 from PIL import Image
 
 from visiontune.core.check import bad_count, bad_records_error
+from visiontune.core.config import PIL_MAX_PIXELS
 from visiontune.core.errors import DataError
 from visiontune.core.images import BadImage, check_image, open_image
 from visiontune.core.readers import read_text
@@ -36,7 +37,7 @@ from visiontune.core.readers import read_text
 Role = Literal["system", "user", "assistant"]
 ImageSource = Path | bytes | Image.Image  # Path: absolute; bytes: an encoded image file
 IMAGE_TOKEN = "<image>"
-DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit, as data.max_image_pixels defaults to
+DEFAULT_MAX_PIXELS = PIL_MAX_PIXELS
 LLAMAFACTORY_INFO = "dataset_info.json"
 # Without a LLaMA-Factory `tags` mapping, accept the role names of every supported format.
 DEFAULT_ROLES: dict[str, Role] = {

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from visiontune.vlm.conversations import IMAGE_TOKEN, Conversation, load_images, to_messages
-from visiontune.vlm.tokenize import _nested_images, cap_pixels, render
+from visiontune.vlm.tokenize import cap_pixels, nested_images, render
 
 
 def generation_report(
@@ -35,7 +35,7 @@ def answer(model: Any, processor: Any, conv: Conversation, max_new_tokens: int, 
         "return_tensors": "pt",
     }
     if images:
-        kwargs["images"] = [images] if _nested_images(processor) else images
+        kwargs["images"] = [images] if nested_images(processor) else images
     inputs = processor(**kwargs)
     was_training = model.training
     _eval_mode(model)

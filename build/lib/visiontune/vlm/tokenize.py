@@ -144,7 +144,7 @@ def _fit(processor: Any, record: Tokenized, max_length: int) -> Tokenized:
 def _encode(processor: Any, text: str, images: list) -> dict[str, list[int]]:
     kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt"}
     if images:
-        kwargs["images"] = [images] if _nested_images(processor) else images
+        kwargs["images"] = [images] if nested_images(processor) else images
     out = processor(**kwargs)
     return {k: v[0].tolist() for k, v in out.items() if k not in PIXEL_KEYS and torch.is_tensor(v) and v.ndim == 2}
 
@@ -153,7 +153,7 @@ def _token_aligned(values: list[int], ids: list[int]) -> bool:
     return isinstance(values, list) and len(values) == len(ids)
 
 
-def _nested_images(processor: Any) -> bool:
+def nested_images(processor: Any) -> bool:
     """Idefics3/SmolVLM processors take one list of images per text."""
     return type(processor).__name__.startswith(("Idefics", "SmolVLM"))
 
