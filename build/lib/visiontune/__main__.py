@@ -1,3 +1,0 @@
-from visiontune.cli import main
-
-main()
