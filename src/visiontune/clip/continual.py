@@ -16,7 +16,6 @@ from visiontune.classify.task import SplitData, TuningPlan, classification_fit, 
 from visiontune.clip.classify import ClipClassifyTask, prompt_names
 from visiontune.clip.config import ClipClassifyConfig, ClipContinualConfig, ClipDataConfig, ContinualTask
 from visiontune.clip.dual_encoder import resolve_dual_encoder
-from visiontune.clip.vision_lora import apply_vision_lora
 from visiontune.clip.zero_shot import CLIPClassifier
 from visiontune.core.errors import DataError, RecipeError
 from visiontune.core.transforms import with_image_size
@@ -85,13 +84,7 @@ class ClipContinualTask(ClipClassifyTask):
         if cfg.data.image_size:
             encoder.preprocess = with_image_size(encoder.preprocess, cfg.data.image_size)
         clf = CLIPClassifier(encoder, first_names, cfg.data.templates)
-        clf.label_smoothing = cfg.train.label_smoothing
-        if cfg.train.grad_checkpointing:
-            clf.enable_grad_checkpointing()
-        if cfg.tune.method == "full":
-            clf.freeze_all_but_vision()
-        else:
-            apply_vision_lora(clf, cfg.tune.lora, linearize=cfg.tune.method == "l_lora")
+        self.plan_tuning(clf, cfg)  # clip_classify's: label smoothing, checkpointing, full / LoRA / L-LoRA
         return clf
 
     def _accuracy(self, clf: CLIPClassifier, names: list[str], split: SplitData) -> float:
