@@ -70,8 +70,7 @@ class Task:
 
     def evaluate_run(self, cfg: BaseModel, fit: Fit, trainer: Any, data: Any, name: str) -> dict:
         """The task's evaluation of the in-training model: {"metrics": {...}, ...} (written to eval/NAME.json)."""
-        trainer.evaluate(metric_key_prefix=name)
-        return {"metrics": dict(getattr(trainer, "last_metrics", {}) or {})}
+        raise NotImplementedError
 
     def save(self, cfg: BaseModel, fit: Fit, trainer: Any, data: Any, run_dir: Path, after: dict) -> dict:
         """Write the exports; return extra summary.json fields. Runs on rank 0 only."""

@@ -11,8 +11,6 @@ from pathlib import Path
 from transformers import Trainer
 from transformers.trainer_utils import rotate_checkpoints
 
-PARTIAL = ".partial"
-
 
 class VisiontuneTrainer(Trainer):
     samples_seen = 0
@@ -34,7 +32,7 @@ class VisiontuneTrainer(Trainer):
     def _save_checkpoint(self, model, trial):
         """Write the checkpoint under `.partial/`, fsync it, then move it into place with one atomic rename, so a
         kill, power cut or full disk mid-save leaves the previous checkpoint as the newest complete one."""
-        from visiontune.run.folder import publish, save_error
+        from visiontune.run.folder import PARTIAL, publish, save_error
 
         run_dir = self.args.output_dir
         name = f"checkpoint-{self.state.global_step}"
