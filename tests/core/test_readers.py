@@ -240,8 +240,8 @@ def test_saved_dataset_dict_and_default_columns(tmp_path):
     path = _save_hf(tmp_path / "hf", [1, 1, 0], dict_split="validation")
     # 'img' is a default image column, 'target' is not a default label column:
     with _error(
-        rf"Dataset {path}: set data.label_column; none of \['label', 'labels', 'fine_label'\] is among "
-        r"\['img', 'target'\]"
+        rf"Dataset {path}: none of \['label', 'labels', 'fine_label'\] is among "
+        r"\['img', 'target'\]; set data.label_column"
     ):
         read_dataset(str(path))
     data = read_dataset(str(path), label_column="target", split="train")  # missing split: the first one

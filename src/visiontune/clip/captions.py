@@ -22,7 +22,7 @@ from PIL import Image
 from visiontune.core.check import BadSample, Wording, check_splits
 from visiontune.core.errors import DataError
 from visiontune.core.images import BadImage, check_image, hf_image_value, open_image
-from visiontune.core.readers import read_csv_rows, read_jsonl_rows, read_text
+from visiontune.core.readers import load_saved_dataset, pick_column, read_csv_rows, read_jsonl_rows, read_text
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # Phrasings for builtin:mnist-5k-captions; {word} is the digit's name, {n} its numeral.
@@ -164,16 +164,9 @@ def _read_coco(path: Path, root: Path) -> CaptionPairs:
 def _read_hf(path: Path, split: str) -> CaptionPairs:
     import datasets
 
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except Exception as err:  # datasets raises many types; the user needs one sentence
-        raise DataError(
-            f"Cannot load dataset {path} ({type(err).__name__}: {err}); save it with `Dataset.save_to_disk`."
-        ) from None
-    if isinstance(ds, datasets.DatasetDict):
-        ds = ds[split if split in ds else next(iter(ds))]
-    image_col = _pick_column(ds, ("image", "img"), path, "an image")
-    caption_col = _pick_column(ds, ("caption", "captions", "text", "sentences"), path, "a caption")
+    ds = load_saved_dataset(path, split)
+    image_col = pick_column(ds, ("image", "img"), path, "rename its image column to one of them")
+    caption_col = pick_column(ds, ("caption", "captions", "text", "sentences"), path, "rename its caption column")
     if isinstance(ds.features[image_col], datasets.Image) and ds.features[image_col].decode:
         # Keep the bytes: open_image decodes them, so the pixel cap applies and bad bytes become a bad pair.
         ds = ds.cast_column(image_col, datasets.Image(decode=False))

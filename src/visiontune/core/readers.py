@@ -298,18 +298,9 @@ def _read_hf(
 ) -> LabeledImages:
     import datasets
 
-    try:
-        ds = datasets.load_from_disk(str(spec)) if isinstance(spec, Path) else datasets.load_dataset(spec)
-    except Exception as err:  # datasets raises many types; the user needs one sentence
-        raise DataError(
-            f"Cannot load dataset {spec} ({type(err).__name__}: {err}); offline, use a folder saved "
-            "with `Dataset.save_to_disk`."
-        ) from None
-    if isinstance(ds, datasets.DatasetDict):
-        pick = split if split in ds else next(iter(ds))
-        ds = ds[pick]
-    image_col = image_column or _pick_column(ds, ("image", "img", "pixel_values"), spec, "data.image_column")
-    label_col = label_column or _pick_column(ds, ("label", "labels", "fine_label"), spec, "data.label_column")
+    ds = load_saved_dataset(spec, split)
+    image_col = image_column or pick_column(ds, ("image", "img", "pixel_values"), spec, "set data.image_column")
+    label_col = label_column or pick_column(ds, ("label", "labels", "fine_label"), spec, "set data.label_column")
     for col, key in ((image_col, "data.image_column"), (label_col, "data.label_column")):
         if col not in ds.column_names:
             raise DataError(f"Dataset {spec} has no column {col!r} ({key}); columns are {ds.column_names}.")
@@ -373,10 +364,28 @@ def _is_hf_saved(path: Path) -> bool:
     return (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
 
 
-def _pick_column(ds: Any, candidates: tuple[str, ...], spec: Any, key: str) -> str:
+def load_saved_dataset(spec: str | Path, split: str | None) -> Any:
+    """A `datasets` dataset saved to disk (a Path) or a hub id from the offline cache (a str), failing in one
+    sentence. Of a DatasetDict, `split` picks one split (the first if it is absent); None keeps the dict."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(spec)) if isinstance(spec, Path) else datasets.load_dataset(spec)
+    except Exception as err:  # datasets raises many types; the user needs one sentence
+        raise DataError(
+            f"Cannot load dataset {spec} ({type(err).__name__}: {err}); offline, use a folder saved "
+            "with `Dataset.save_to_disk`."
+        ) from None
+    if split is not None and isinstance(ds, datasets.DatasetDict):
+        ds = ds[split if split in ds else next(iter(ds))]
+    return ds
+
+
+def pick_column(ds: Any, candidates: tuple[str, ...], spec: Any, fix: str) -> str:
+    """The first of `candidates` among the dataset's columns; else one sentence ending in `fix`."""
     found = next((c for c in candidates if c in ds.column_names), None)
     if found is None:
-        raise DataError(f"Dataset {spec}: set {key}; none of {list(candidates)} is among {ds.column_names}.")
+        raise DataError(f"Dataset {spec}: none of {list(candidates)} is among {ds.column_names}; {fix}.")
     return found
 
 

@@ -32,7 +32,7 @@ from visiontune.core.check import bad_count, bad_records_error
 from visiontune.core.config import PIL_MAX_PIXELS
 from visiontune.core.errors import DataError
 from visiontune.core.images import BadImage, check_image, open_image
-from visiontune.core.readers import read_text
+from visiontune.core.readers import load_saved_dataset, read_text
 
 Role = Literal["system", "user", "assistant"]
 ImageSource = Path | bytes | Image.Image  # Path: absolute; bytes: an encoded image file
@@ -155,16 +155,7 @@ def _read_llamafactory_folder(folder: Path, request: _Request) -> list[Conversat
 
 
 def _read_saved_dataset(folder: Path, request: _Request) -> list[Conversation]:
-    import datasets
-
-    try:
-        ds = datasets.load_from_disk(str(folder))
-    except Exception as err:  # datasets raises many types; the user needs one sentence
-        raise DataError(
-            f"Cannot load dataset {folder} ({type(err).__name__}: {err}); save it with `Dataset.save_to_disk`."
-        ) from None
-    if isinstance(ds, datasets.DatasetDict):
-        ds = ds[request.split if request.split in ds else next(iter(ds))]
+    ds = load_saved_dataset(folder, request.split)
     # Arrow rows as Python objects: image columns stay {"bytes", "path"}, so nothing is decoded here.
     rows = ds.with_format("arrow")[:].to_pylist()
     refs = [f"{folder} record {i}" for i in range(len(rows))]

@@ -31,6 +31,7 @@ from PIL import Image
 
 from visiontune.core.errors import DataError
 from visiontune.core.images import BadImage, open_image
+from visiontune.core.readers import load_saved_dataset
 from visiontune.vlm.conversations import DEFAULT_MAX_PIXELS, IMAGE_TOKEN
 
 CORD_PROMPT = "Extract the receipt's fields as JSON."
@@ -284,12 +285,7 @@ def _dataset_rows(folder: Path, columns: tuple[str, ...]) -> Iterator[tuple[str,
     """Rows of a saved dataset as plain Python objects; image columns stay {"bytes", "path"} (no decoding)."""
     import datasets
 
-    try:
-        ds = datasets.load_from_disk(str(folder))
-    except Exception as err:  # datasets raises many types; the user needs one sentence
-        raise DataError(
-            f"Cannot load dataset {folder} ({type(err).__name__}: {err}); save it with `Dataset.save_to_disk`."
-        ) from None
+    ds = load_saved_dataset(folder, split=None)
     if isinstance(ds, datasets.DatasetDict):
         raise DataError(
             f"{folder} holds the splits {list(ds)}; convert one split at a time by pointing at its folder, e.g. "
