@@ -43,6 +43,24 @@ def test_nproc_2_runs_two_synchronised_ranks(tiny_recipe, write_recipe):
     assert (Path(recipe["output_dir"]) / "report.md").is_file()
 
 
+def test_nproc_2_lora_ranks_stay_in_step(tiny_recipe, write_recipe, fixtures_dir):
+    # LoRA wraps the model in PEFT before DDP sees it; both ranks must train the same adapters and export once.
+    recipe = tiny_recipe(
+        model=str(fixtures_dir / "hf-vit"), train={"epochs": 1, "batch_size": 4}, tune={"method": "lora"}
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "visiontune", "train", str(write_recipe(recipe)), "--nproc", "2"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = Path(recipe["output_dir"])
+    _check_ranks(run, train_size=27, epochs=1)
+    assert (run / "model").is_dir() and (run / "report.md").is_file()
+
+
 def test_plain_torchrun_without_cpu_flag_still_synchronises(tiny_recipe, write_recipe):
     """Known launcher trap: torchrun without a CPU flag used to give two unsynchronised processes."""
     recipe = tiny_recipe(train={"epochs": 1, "batch_size": 4})
