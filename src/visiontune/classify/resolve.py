@@ -8,32 +8,29 @@ from pathlib import Path
 
 from visiontune.classify.model import ImageClassifier, read_meta
 from visiontune.core.errors import ModelError
+from visiontune.core.sources import parse_source
 from visiontune.core.transforms import Preprocess
 
 
 def resolve_classifier(name: str, class_names: list[str] | None = None, pretrained: bool = True) -> ImageClassifier:
     """Build a classifier for `class_names` (None: keep the saved model's classes, for eval/predict)."""
-    if name.startswith("builtin:"):
-        return _builtin(name.removeprefix("builtin:"), class_names)
-    if name.startswith("timm:"):
-        return _timm(name.removeprefix("timm:"), class_names, pretrained)
-    path = Path(name).expanduser()
-    if path.is_dir():
-        path = path / "model" if (path / "model").is_dir() and not (path / "config.json").exists() else path
-        return _local(path, class_names)
-    if path.exists() or name.startswith((".", "/", "~")):
-        raise ModelError(
-            f"model: {name} is not a model folder; give a folder with config.json, a hub id, timm:NAME or builtin:NAME."
-        )
-    return _hf(name, class_names)
+    source = parse_source(name, "model")
+    if source.kind == "builtin":
+        return _builtin(source.name, class_names)
+    if source.kind == "timm":
+        return _timm(source.name, class_names, pretrained)
+    if source.path is not None:  # a folder
+        return _local(source.path, class_names)
+    return _hf(source.name, class_names)
 
 
 def _builtin(asset: str, class_names: list[str] | None) -> ImageClassifier:
     import timm
 
-    from visiontune.core.assets import efficientnet_lite0_state_dict, get_asset
+    from visiontune.core.assets import efficientnet_lite0_state_dict
 
-    get_asset(asset, "model")
+    if asset != "efficientnet-lite0":
+        raise ModelError(f"model: builtin:{asset} is not an image classifier; use builtin:efficientnet-lite0.")
     backbone = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     backbone.load_state_dict(efficientnet_lite0_state_dict())
     names = class_names or _imagenet_names(1000)

@@ -14,6 +14,7 @@ from torch import nn
 
 from visiontune.core.errors import ModelError
 from visiontune.core.manifest import read_manifest, write_manifest
+from visiontune.core.sources import ModelSource, parse_source
 from visiontune.core.transforms import Preprocess
 
 # model_type -> how its text side is tokenised (SigLIP was trained on max_length padding and pools the last token).
@@ -92,35 +93,39 @@ def max_text_length(model: nn.Module, tokenizer: Any) -> int:
 
 
 def resolve_dual_encoder(name: str) -> DualEncoder:
-    """Hub id, folder (transformers or visiontune format) or `builtin:lite0-minilm`."""
-    if name.startswith("builtin:"):
-        from visiontune.core.assets import get_asset
-
-        get_asset(name.removeprefix("builtin:"), "model")
-        if name != "builtin:lite0-minilm":
-            raise ModelError(f"model: {name} is an image classifier, not a dual encoder; use it with task: classify.")
+    """Hub id, folder (transformers or visiontune format; a run folder's model/) or `builtin:lite0-minilm`."""
+    source = parse_source(name, "model")
+    if source.kind == "builtin":
+        if source.name != "lite0-minilm":
+            raise ModelError(f"model: {name} is not a dual encoder; the built-in dual encoder is builtin:lite0-minilm.")
         return _builtin_pretrained()
-    path = Path(name).expanduser()
-    meta = _read_meta(path)
+    if source.kind == "timm":
+        raise ModelError(f"model: {name} is a timm image model, not a CLIP-style dual encoder; it fits task: classify.")
+    if source.path is None:  # a hub id
+        return _transformers(source, {})
+    meta = read_manifest(source.path)
     if meta.get("family") == "lite0-minilm":
-        return _builtin_saved(path, meta)
-    return _transformers(name, meta)
+        return _builtin_saved(source.path, meta)
+    return _transformers(source, meta)
 
 
-def _transformers(name: str, meta: dict) -> DualEncoder:
+def _transformers(source: ModelSource, meta: dict) -> DualEncoder:
     from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
 
+    name = source.name
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as err:
         raise ModelError(
-            f"model: {name} cannot be resolved offline ({str(err).splitlines()[0]}); give a local "
+            f"model: {source.text} cannot be resolved offline ({str(err).splitlines()[0]}); give a local "
             "CLIP/SigLIP folder or builtin:lite0-minilm."
         ) from None
     family = config.model_type
     if family not in FAMILIES:
         fits = OTHER_TASKS.get(family, "classify or vlm_sft")
-        raise ModelError(f"model: {name} is a `{family}` model, not a CLIP-style dual encoder; it fits task: {fits}.")
+        raise ModelError(
+            f"model: {source.text} is a `{family}` model, not a CLIP-style dual encoder; it fits task: {fits}."
+        )
     model = AutoModel.from_pretrained(name)
     tokenizer = AutoTokenizer.from_pretrained(name)
     processor = AutoImageProcessor.from_pretrained(name)
@@ -158,10 +163,6 @@ def _builtin_saved(path: Path, meta: dict) -> DualEncoder:
         None,
         _carry(meta),
     )
-
-
-def _read_meta(path: Path) -> dict:
-    return read_manifest(path) if path.is_dir() else {}
 
 
 def _carry(meta: dict) -> dict:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from visiontune.core.errors import ModelError
 from visiontune.core.manifest import MANIFEST, read_manifest, write_manifest
+from visiontune.core.sources import parse_source
 from visiontune.vlm.projectors import Projector, build_projector
 from visiontune.vlm.vision_features import VisionFeatures, load_vision, save_vision
 
@@ -284,15 +285,16 @@ def resolve_language(name: str) -> tuple[nn.Module, Any]:
     """Causal LM + tokenizer from a hub id, a folder, or builtin:smollm2-135m-instruct."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source: str | Path = name
-    if name.startswith("builtin:"):
-        from visiontune.core.assets import get_asset, smollm2_dir
+    source = parse_source(name, "language")
+    if source.kind == "timm" or (source.kind == "builtin" and source.name != "smollm2-135m-instruct"):
+        raise ModelError(f"language: {name} is not a language model; use builtin:smollm2-135m-instruct.")
+    location: str | Path = source.name
+    if source.kind == "builtin":
+        from visiontune.core.assets import smollm2_dir
 
-        if get_asset(name.removeprefix("builtin:"), "model").name != "smollm2-135m-instruct":
-            raise ModelError(f"language: {name} is not a language model; use builtin:smollm2-135m-instruct.")
-        source = smollm2_dir()
+        location = smollm2_dir()
     try:
-        return AutoModelForCausalLM.from_pretrained(source), AutoTokenizer.from_pretrained(source)
+        return AutoModelForCausalLM.from_pretrained(location), AutoTokenizer.from_pretrained(location)
     except (OSError, ValueError) as err:
         raise ModelError(
             f"language: {name} cannot be loaded as a causal LM offline ({str(err).splitlines()[0]}); give a local "

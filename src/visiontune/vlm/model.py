@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from visiontune.core.errors import ModelError, RecipeError
+from visiontune.core.sources import parse_source
 from visiontune.vlm.config import VlmSftConfig, VlmTuneConfig
 
 
@@ -41,8 +42,9 @@ def load_vlm(cfg: VlmSftConfig) -> tuple[nn.Module, Any]:
     """Model + processor from a hub id or folder; QLoRA loads the language model in 4-bit nf4."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
+    location = _location(cfg.model)
     try:
-        config = AutoConfig.from_pretrained(cfg.model)
+        config = AutoConfig.from_pretrained(location)
     except (OSError, ValueError) as err:
         raise ModelError(
             f"model: {cfg.model} cannot be resolved offline ({str(err).splitlines()[0]}); give a local folder "
@@ -52,7 +54,7 @@ def load_vlm(cfg: VlmSftConfig) -> tuple[nn.Module, Any]:
     kwargs: dict[str, Any] = {}
     if cfg.tune.method == "qlora":
         kwargs["quantization_config"] = _four_bit(family)
-    model = AutoModelForImageTextToText.from_pretrained(cfg.model, **kwargs)
+    model = AutoModelForImageTextToText.from_pretrained(location, **kwargs)
     model.visiontune_family = family
     return model, load_processor(cfg)
 
@@ -60,12 +62,24 @@ def load_vlm(cfg: VlmSftConfig) -> tuple[nn.Module, Any]:
 def load_processor(cfg: VlmSftConfig) -> Any:
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(cfg.model)
+    processor = AutoProcessor.from_pretrained(_location(cfg.model))
     if cfg.chat_template:
         processor.chat_template = cfg.chat_template
     if not getattr(processor, "chat_template", None):
         raise RecipeError(f"model: {cfg.model} has no chat template; set the recipe key `chat_template` (Jinja).")
     return processor
+
+
+def _location(name: str) -> str:
+    """What transformers loads for vlm_sft's `model:`: a folder's path or a hub id (no builtin or timm model is a
+    VLM; builtin parts make one with task: vlm_assemble)."""
+    source = parse_source(name, "model")
+    if source.kind in ("builtin", "timm"):
+        raise ModelError(
+            f"model: {name} is not a vision-language model; vlm_sft takes a transformers VLM folder or hub id "
+            "(task: vlm_assemble builds one from builtin parts)."
+        )
+    return source.name
 
 
 def family_of(model_type: str, name: str) -> str:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from visiontune.core.errors import ModelError
+from visiontune.core.sources import ModelSource, parse_source
 
 __all__ = ["TimmImageProcessor", "VisionFeatures", "load_vision", "resolve_vision"]
 
@@ -79,25 +80,25 @@ class TimmImageProcessor:
 
 def resolve_vision(name: str, layer: int, drop_cls: bool, image_size: int | None) -> tuple[VisionFeatures, Any]:
     """(features module, image processor) for a recipe's `vision:`."""
-    if name.startswith("builtin:"):
-        return _builtin(name.removeprefix("builtin:"), layer, drop_cls, image_size)
-    if name.startswith("timm:"):
+    source = parse_source(name, "vision")
+    if source.kind == "builtin":
+        return _builtin(source.name, layer, drop_cls, image_size)
+    if source.kind == "timm":
         import timm
 
         try:
-            encoder = timm.create_model(name.removeprefix("timm:"), pretrained=True, num_classes=0)
+            encoder = timm.create_model(source.name, pretrained=True, num_classes=0)
         except (RuntimeError, OSError) as err:
             raise ModelError(f"vision: {name} cannot be loaded offline ({str(err).splitlines()[0]}).") from None
-        return _timm_features(encoder, name.removeprefix("timm:"), layer, drop_cls, image_size)
-    return _hf(name, layer, drop_cls, image_size)
+        return _timm_features(encoder, source.name, layer, drop_cls, image_size)
+    return _hf(source, layer, drop_cls, image_size)
 
 
 def _builtin(asset: str, layer: int, drop_cls: bool, image_size: int | None) -> tuple[VisionFeatures, Any]:
     import timm
 
-    from visiontune.core.assets import efficientnet_lite0_state_dict, get_asset
+    from visiontune.core.assets import efficientnet_lite0_state_dict
 
-    get_asset(asset, "model")
     if asset != "efficientnet-lite0":
         raise ModelError(f"vision: builtin:{asset} is not an image encoder; use builtin:efficientnet-lite0.")
     encoder = timm.create_model("tf_efficientnet_lite0", pretrained=False)
@@ -117,24 +118,27 @@ def _timm_features(encoder: nn.Module, arch: str, layer: int, drop_cls: bool, im
     return VisionFeatures(encoder.eval(), "timm", layer, drop_cls, arch), processor
 
 
-def _hf(name: str, layer: int, drop_cls: bool, image_size: int | None) -> tuple[VisionFeatures, Any]:
+def _hf(source: ModelSource, layer: int, drop_cls: bool, image_size: int | None) -> tuple[VisionFeatures, Any]:
     from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
+    name = source.name
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as err:
         raise ModelError(
-            f"vision: {name} cannot be resolved offline ({str(err).splitlines()[0]}); give a local folder, "
+            f"vision: {source.text} cannot be resolved offline ({str(err).splitlines()[0]}); give a local folder, "
             "timm:NAME or builtin:efficientnet-lite0."
         ) from None
     model = AutoModel.from_pretrained(name)
     encoder = _standalone_tower(model, config) if hasattr(config, "vision_config") else model
     if not hasattr(encoder.config, "patch_size"):
-        raise ModelError(f"vision: {name} is a `{config.model_type}` model, not a CLIP/SigLIP-style vision encoder.")
+        raise ModelError(
+            f"vision: {source.text} is a `{config.model_type}` model, not a CLIP/SigLIP-style vision encoder."
+        )
     try:
         processor = AutoImageProcessor.from_pretrained(name)
     except (OSError, ValueError):
-        raise ModelError(f"vision: {name} has no image processor (preprocessor_config.json); add one.") from None
+        raise ModelError(f"vision: {source.text} has no image processor (preprocessor_config.json); add one.") from None
     if image_size:
         raise ModelError("image_size is fixed by a transformers vision encoder's position embeddings; remove it.")
     return VisionFeatures(encoder.eval(), "hf", layer, drop_cls), processor
