@@ -2,7 +2,7 @@
 
 A folder of photo-sized JPEGs (default 10 classes x 40 images of 480x360, smooth random content) is generated in a
 temporary directory. visiontune's side is what training uses: `read_dataset(folder)` ->
-`ImageClassificationDataset(..., train_transform(pre, AugmentConfig(preset="light")), max_pixels,
+`ImageClassificationDataset(..., train_transform(pre, preset="light"), max_pixels,
 draft_size=pre.image_size)` with `Collator()`. torchvision's side is `ImageFolder(folder, transform=<the same
 transform>)` with the default collate. Both use the same batch size, workers, shuffling and persistent workers.
 For each target size the loaders are measured alternately (torchvision, ours, torchvision, ours, ...); the first
@@ -26,7 +26,6 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 
 from visiontune.classify.config import DataConfig
-from visiontune.core.config import AugmentConfig
 from visiontune.core.dataset import Collator, ImageClassificationDataset
 from visiontune.core.readers import read_dataset
 from visiontune.core.transforms import Preprocess, train_transform
@@ -55,13 +54,13 @@ def make_image_folder(root: Path, classes: int, per_class: int, width: int, heig
 
 def visiontune_loader(root: Path, pre: Preprocess, batch_size: int, workers: int) -> DataLoader:
     data = read_dataset(str(root))
-    transform = train_transform(pre, AugmentConfig(preset="light"))
+    transform = train_transform(pre, preset="light")
     dataset = ImageClassificationDataset(data, transform, MAX_PIXELS, draft_size=pre.image_size)
     return make_loader(dataset, batch_size, workers, Collator())
 
 
 def torchvision_loader(root: Path, pre: Preprocess, batch_size: int, workers: int) -> DataLoader:
-    dataset = ImageFolder(str(root), transform=train_transform(pre, AugmentConfig(preset="light")))
+    dataset = ImageFolder(str(root), transform=train_transform(pre, preset="light"))
     return make_loader(dataset, batch_size, workers, None)
 
 

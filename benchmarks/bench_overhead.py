@@ -90,9 +90,9 @@ def run_baseline(cfg: ClassifyConfig, data: SplitData, total_steps: int, warmup:
     torch.manual_seed(cfg.seed)
     model = fresh_model(cfg, data).train()
     pre, train = model.preprocess, cfg.train
-    dataset = ImageClassificationDataset(
-        data.train, train_transform(pre, cfg.data.augment), cfg.data.max_image_pixels, draft_size=pre.image_size
-    )
+    aug = cfg.data.augment
+    augment = train_transform(pre, preset=aug.preset, hflip=aug.hflip, policy=aug.policy)
+    dataset = ImageClassificationDataset(data.train, augment, cfg.data.max_image_pixels, draft_size=pre.image_size)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=train.batch_size, shuffle=True, num_workers=0, collate_fn=Collator()
     )

@@ -16,7 +16,12 @@ have a LEVEL that runs further with the real code: `evaluate` (evaluation before
 mid-training loss computation: scheduled sampling), `kwargs` (what reaches TrainingArguments where it cannot be
 built here: DeepSpeed, FSDP). A key shown elsewhere can point to an existing test (POINTERS; checked to exist).
 Before the key is changed the base recipe is written out in full, and a variant must differ from it in that key
-only (validators and section defaults must not move other keys).
+only (validators and section defaults must not move other keys). Written out in full, a recipe also writes keys
+that are inert under its other settings (`train.momentum` with AdamW), which validation refuses (run/config.py:
+Inert); those are left out again, of the base and of each variant, and a key left out of a variant does not count
+as a change (it acts on nothing there). A key whose own variant leaves it inert needs a CONTEXT. INERT_UNDER is
+the other side: settings under which a written key is refused, each checked to be right (validated without the
+refusal, two values of the key must leave the fingerprint alike).
 
 A recipe section carried whole by an object (e.g. `GenerationEval.cfg`) does not count as an effect: pydantic
 models are opaque to the fingerprint, so each of their keys must show its own consequence.
@@ -43,9 +48,10 @@ from pathlib import Path, PurePath
 from typing import Any, Literal, Union, get_args, get_origin
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from visiontune.recipe import CONFIGS, parse_config
+from visiontune.run.config import INERT_ERROR, RECIPE_CONTEXT
 
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = ("red", "green", "blue")  # fixture image class c is tinted with channel c; words the tokenizers know
@@ -514,6 +520,63 @@ KNOWN_IGNORED: dict[str, str] = {}
 ALSO_UNDER: list[tuple[str, str, dict[str, Any], str | None]] = []
 
 
+def _both_tasks_val(w: World) -> list[dict]:
+    return [
+        {"name": "first", "train": str(w.fx / "images"), "val": w["images_val"]},
+        {"name": "second", "train": w["images2"], "val": w["images_val"]},
+    ]
+
+
+_INSTRUCT = {"stage": "instruct", "data.train": lambda w: w["convs"]}
+
+# The other side of CONTEXT: settings under which validation refuses a written key as inert (run/config.py:Inert).
+# Each case checks the refusal is right: validated without the refusal, two values of the key run alike at LEVEL.
+# (task, key, setting, two values of the key, level)
+INERT_UNDER: list[tuple[str, str, dict[str, Any], Any, Any, str]] = [
+    ("classify", "train.momentum", {"train.optimizer": "adamw"}, 0.5, 0.9, "build"),
+    ("classify", "tune.lora.r", {"tune.method": "full"}, 2, 8, "build"),
+    ("classify", "tune.layer_decay", {"tune.method": "lora"}, 0.5, 0.9, "build"),
+    ("classify", "tune.layer_decay", {"tune.method": "linear_probe"}, 0.5, 0.9, "build"),
+    (
+        "classify",
+        "tune.unfreeze",
+        {"tune.method": "full"},
+        [{"epoch": 0, "blocks": 0}],
+        [{"epoch": 1, "blocks": 1}],
+        "epochs",
+    ),
+    ("classify", "data.augment.hflip", {"data.augment.preset": "none"}, 0.0, 1.0, "build"),
+    ("classify", "data.augment.policy", {"data.augment.preset": "light"}, "randaugment", "trivialaugment", "build"),
+    ("classify", "pretrained", {}, True, False, "build"),  # the base model is a folder
+    ("classify", "data.val_split", {"data.val": lambda w: w["images_val"]}, 0.25, 0.5, "build"),
+    ("classify", "track.wandb_project", {"track.wandb": False}, "a", "b", "build"),
+    ("classify", "track.wandb_mode", {"track.wandb": False}, "online", "disabled", "build"),
+    ("clip_classify", "tune.lora.r", {"tune.method": "full"}, 2, 8, "build"),
+    ("clip_classify", "tune.lora.dropout", {"tune.method": "l_lora"}, 0.0, 0.3, "build"),
+    (
+        "clip_classify",
+        "export_state_to",
+        {"skip_training": True},
+        lambda w: str(w.paths["exports"] / "a.safetensors"),
+        lambda w: str(w.paths["exports"] / "b.safetensors"),
+        "entry",
+    ),
+    ("clip_continual", "data.val_split", {"tasks": _both_tasks_val}, 0.25, 0.5, "build"),
+    ("clip_contrastive", "data.zero_shot_class_names", {}, ["a", "b", "c"], ["blue", "green", "red"], "evaluate"),
+    ("clip_contrastive", "data.templates", {}, ["a photo of a {}"], ["a {} picture"], "evaluate"),
+    ("vlm_sft", "tune.lora_r", {"tune.method": "full"}, 4, 8, "build"),
+    ("vlm_sft", "eval.max_new_tokens", {"data.val_split": 0}, 1, 3, "evaluate"),
+    ("vlm_sft", "train.early_stopping_patience", {"data.val_split": 0}, 1, 3, "build"),
+    ("vlm_assemble", "tune.lora_r", {"stage": "align"}, 4, 8, "build"),
+    ("vlm_assemble", "tune.train_projector", {"stage": "align"}, True, False, "build"),
+    ("vlm_assemble", "init_from", {"stage": "align"}, lambda w: w["align_run"], "elsewhere", "build"),
+    ("vlm_assemble", "tune.lora_r", {**_INSTRUCT, "tune.language": "full"}, 4, 8, "build"),
+    ("vlm_assemble", "data.prompt", _INSTRUCT, "Describe it.", "Caption this.", "build"),
+    ("vlm_assemble", "vision_layer", {**_INSTRUCT, "init_from": lambda w: w["align_run"]}, -1, -2, "build"),
+    ("vlm_assemble", "scheduled_sampling.k", {"scheduled_sampling": {"schedule": "linear"}}, 2.0, 5.0, "step"),
+]
+
+
 # ------------------------------------------------------------------------------------------- fingerprint
 
 
@@ -968,24 +1031,55 @@ def case_recipes(task: str, key: str, w: World) -> tuple[dict, list[dict]]:
     cfg = parse_config(copy.deepcopy(raw))
     # Every key explicit, so that setting one key inside a section leaves the section's other keys as they were
     # (a section written in a recipe starts from its class defaults, not from the field's default instance).
-    base = cfg.model_dump(mode="json")
+    full = cfg.model_dump(mode="json")
+    base, _ = without_inert(task, full)
     current = get_value(cfg, key)
     table = ALT.get(f"{task}:{key}", ALT.get(key))
     candidates = [_resolve(table, w)] if table is not None else derived_values(field_of(CONFIGS[task], key), current)
     variants = []
+    scope = key.replace("[]", ".0")
     for value in candidates:
-        variant = copy.deepcopy(base)
+        variant = copy.deepcopy(full)
         set_key(variant, key, value)
+        variant, dropped = without_inert(task, variant)
+        if any(_within(scope, d) for d in dropped):  # the key itself acts on nothing in this variant
+            continue
         try:
             dumped = parse_config(copy.deepcopy(variant)).model_dump(mode="json")
         except Exception:
             continue
-        changed = {k for k, v in _flat(dumped).items() if _flat(base).get(k, "<absent>") != v}
-        changed |= {k for k in _flat(base) if k not in _flat(dumped)}
-        scope = key.replace("[]", ".0")
-        if changed and all(k == scope or k.startswith(scope + ".") for k in changed):
+        changed = {k for k, v in _flat(dumped).items() if _flat(full).get(k, "<absent>") != v}
+        changed |= {k for k in _flat(full) if k not in _flat(dumped)}
+        changed = {k for k in changed if not any(_within(k, d) for d in dropped)}
+        if changed and all(_within(k, scope) for k in changed):
             variants.append(variant)
     return base, variants
+
+
+def _within(key: str, scope: str) -> bool:
+    return key == scope or key.startswith(scope + ".")
+
+
+def without_inert(task: str, raw: dict) -> tuple[dict, list[str]]:
+    """The recipe without the keys validation refuses as inert under its other settings (a section emptied so is
+    left out too, on the next round), and those keys."""
+    raw, dropped = copy.deepcopy(raw), []
+    for _ in range(10):
+        try:
+            CONFIGS[task].model_validate(copy.deepcopy(raw), context=RECIPE_CONTEXT)
+            break
+        except ValidationError as err:
+            keys = [k for e in err.errors() if e["type"] == INERT_ERROR for k in e["ctx"]["keys"]]
+            if not keys:
+                break  # refused for another reason: the caller sees it
+            for k in keys:
+                *parents, leaf = k.split(".")
+                node = raw
+                for part in parents:
+                    node = node[part]
+                del node[leaf]
+            dropped += keys
+    return raw, dropped
 
 
 def _flat(raw: Any, prefix: str = "") -> dict[str, Any]:
@@ -1084,6 +1178,32 @@ def _test_exists(pointer: str) -> bool:
         return False
     tree = ast.parse(path.read_text())
     return any(isinstance(n, ast.FunctionDef) and n.name == name for n in ast.walk(tree))
+
+
+@pytest.mark.parametrize(
+    ("task", "key", "setting", "first", "second", "level"),
+    INERT_UNDER,
+    ids=[f"{c[0]}:{c[1]}[{','.join(c[2])}]" for c in INERT_UNDER],
+)
+def test_refused_key_is_inert(task, key, setting, first, second, level, world, runner, monkeypatch):
+    """Validation refuses the key under `setting`, and rightly: with the refusal off, its value changes nothing."""
+    import visiontune.recipe as recipe_module
+    from visiontune.core.errors import RecipeError
+
+    raw = base_recipe(task, world)
+    for k, v in setting.items():
+        set_key(raw, k, _resolve(v, world))
+    recipes = []
+    for value in (first, second):
+        recipes.append(copy.deepcopy(raw))
+        set_key(recipes[-1], key, _resolve(value, world))
+    with pytest.raises(RecipeError, match=key.replace(".", r"\.")):
+        parse_config(copy.deepcopy(recipes[0]))
+    monkeypatch.setattr(recipe_module, "RECIPE_CONTEXT", {})  # validate as code does, not as a recipe
+    before, after = (runner.fingerprint(r, level) for r in recipes)
+    assert "error" not in before, f"{task}:{key} under {setting}: the recipe fails at level {level}: {before['error']}"
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"{task}:{key} is refused under {setting} but acts there: it changes {changed} at {level}"
 
 
 @pytest.mark.parametrize("task", sorted(CONFIGS))

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 from visiontune.classify.config import ClassifyConfig
 from visiontune.clip.config import ClipClassifyConfig, ClipContinualConfig, ClipContrastiveConfig
 from visiontune.core.errors import RecipeError
+from visiontune.run.config import INERT_ERROR, RECIPE_CONTEXT
 from visiontune.vlm.assemble_config import VlmAssembleConfig
 from visiontune.vlm.config import VlmSftConfig
 
@@ -101,7 +102,7 @@ def parse_config(raw: dict[str, Any], source: str = "recipe") -> BaseModel:
         raise RecipeError(f"{source}: `task: {task}` is not a known task; use one of {sorted(CONFIGS)}.")
     schema = CONFIGS[task]
     try:
-        return schema.model_validate(raw)
+        return schema.model_validate(raw, context=RECIPE_CONTEXT)  # the context: refuse keys that would be inert
     except ValidationError as err:
         raise RecipeError(_explain(err, schema, source)) from None
 
@@ -120,6 +121,11 @@ def _explain(err: ValidationError, schema: type[BaseModel], source: str) -> str:
             lines.append(f"{source}: unknown key `{loc}`" + (f"; did you mean {hint}?" if hint else "."))
         elif e["type"] == "missing":
             lines.append(f"{source}: required key `{loc}` is missing.")
+        elif e["type"] == INERT_ERROR:  # one sentence per rule, each naming its keys (run/config.py:refuse_inert)
+            lines += [f"{source}: {sentence}" for sentence in e["ctx"]["sentences"]]
+        elif e["type"] == "value_error" and isinstance(e.get("input"), dict):
+            # A section's or the recipe's own check: its message names the keys; the input is the whole section.
+            lines.append(f"{source}: {e['msg'].removeprefix('Value error, ')}.")
         else:
             lines.append(f"{source}: `{loc}` = {e.get('input')!r} is invalid: {e['msg']}.")
     return "\n".join(lines)

@@ -6,7 +6,6 @@ import torch
 from visiontune.classify.layers import layer_groups, trainable_names
 from visiontune.classify.resolve import resolve_classifier
 from visiontune.core.errors import ModelError
-from visiontune.run.config import TrainConfig
 from visiontune.run.optim import build_optimizer, layer_decay_scales
 
 KINDS = ["timm-vit", "timm-cnn", "hf-vit"]
@@ -82,8 +81,7 @@ def test_layer_decay_and_no_decay_on_biases(fixtures_dir):
     scales = layer_decay_scales(groups, head, 0.5)
     assert all(scales[n] == 1.0 for n in head)
     assert all(scales[n] == 0.5 ** len(groups) for n in groups[0])
-    cfg = TrainConfig(lr=1e-2, weight_decay=0.1)
-    optimizer = build_optimizer(model, cfg, layer_scales=scales)
+    optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.1, layer_scales=scales)
     params = {id(p): n for n, p in model.named_parameters()}
     for group in optimizer.param_groups:
         for p in group["params"]:

@@ -97,3 +97,28 @@ def test_clean_pairs_alone_keeps_its_single_split_wording(tmp_path):
     pairs = read_captions(str(_pairs_file(tmp_path, 1, 1)))
     with pytest.raises(DataError, match=r"^1 bad train pair\(s\) in \S+pairs.jsonl: \S+ line 2 image gone00.png file"):
         clean_pairs(pairs, "error", 10**8, "train")
+
+
+def test_a_corrupt_image_under_dataloader_workers_is_one_sample_error(tmp_path):
+    """An image broken after the up-front check reaches the user as the same one-sentence SampleError the
+    labelled-image datasets raise, naming the pair's record and the image, not a worker traceback."""
+    import torch
+
+    from visiontune.clip.captions import CaptionedImages, stack_pixels
+    from visiontune.core.errors import SampleError
+
+    _png(tmp_path / "a.png")
+    _png(tmp_path / "b.png")
+    path = tmp_path / "pairs.csv"
+    path.write_text("image,caption\na.png,a red square\nb.png,another red square\n")
+    pairs, _ = clean_pairs(read_captions(str(path)), "error", 10**8, "train")
+    (tmp_path / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")  # replaced while the run goes on
+    dataset = CaptionedImages(pairs, lambda image: torch.zeros(3, 8, 8), 10**8)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=1, collate_fn=stack_pixels)
+    with pytest.raises(SampleError) as info:
+        list(loader)
+    message = str(info.value)
+    assert message.startswith(f"{path} line 3 image b.png cannot be decoded (")
+    assert message.endswith("; fix or remove it (data.on_bad_sample=skip drops bad pairs).")
+    assert "\n" not in message and "Traceback" not in message and "worker" not in message
+    assert isinstance(info.value, DataError) and info.value.__cause__ is None

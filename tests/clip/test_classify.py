@@ -66,7 +66,8 @@ def test_zero_shot_head_matches_hand_computation(family, fixtures_dir):
 
 @pytest.mark.parametrize("method", ["full", "lora", "l_lora"])
 def test_train_records_zero_shot_then_fine_tuned(method, clip_recipe, write_recipe, cli):
-    recipe = clip_recipe(tune={"method": method, "lora": {"r": 4}}, train={"lr": 5e-3 if method != "full" else 1e-3})
+    tune = {"method": method, **({"lora": {"r": 4}} if method != "full" else {})}  # tune.lora acts only with LoRA
+    recipe = clip_recipe(tune=tune, train={"lr": 5e-3 if method != "full" else 1e-3})
     code, _, err = cli("train", write_recipe(recipe))
     assert code == 0, err
     run = Path(recipe["output_dir"])
@@ -103,6 +104,7 @@ def test_text_tower_is_untouched(clip_recipe, write_recipe, cli, fixtures_dir):
 
 def test_skip_training_reports_zero_shot(clip_recipe, write_recipe, cli):
     recipe = clip_recipe(skip_training=True, family="siglip")
+    del recipe["train"], recipe["data"]["augment"], recipe["data"]["workers"]  # they act only when training
     code, _, err = cli("train", write_recipe(recipe))
     assert code == 0, err
     run = Path(recipe["output_dir"])

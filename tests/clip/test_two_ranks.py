@@ -40,7 +40,9 @@ def test_clip_classify_with_export_state_and_wise_ft(fixtures_dir, tmp_path, wri
 
 
 def test_clip_classify_skip_training(fixtures_dir, tmp_path, write_recipe):
-    recipe = write_recipe(_classify(fixtures_dir, tmp_path / "run", skip_training=True))
+    raw = _classify(fixtures_dir, tmp_path / "run", skip_training=True)
+    del raw["train"], raw["data"]["workers"]  # they act only when training
+    recipe = write_recipe(raw)
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     cmd = [sys.executable, "-m", "visiontune", "train", str(recipe), "--nproc", "2"]
     proc = subprocess.run(cmd, env=env | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)

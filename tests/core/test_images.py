@@ -11,7 +11,6 @@ import pytest
 import torch
 from PIL import Image
 
-from visiontune.core.config import AugmentConfig
 from visiontune.core.dataset import Collator, ImageClassificationDataset
 from visiontune.core.errors import DataError
 from visiontune.core.images import BadImage, check_image, open_image, to_rgb
@@ -265,7 +264,7 @@ def test_eval_transform_normalises_to_minus_one_one():
 @pytest.mark.parametrize("preset", ["none", "light", "strong"])
 def test_train_transform_shapes_and_range(preset):
     torch.manual_seed(0)
-    tf = train_transform(PRE, AugmentConfig(preset=preset))
+    tf = train_transform(PRE, preset=preset)
     rng = np.random.default_rng(0)
     for _ in range(3):
         x = tf(Image.fromarray(rng.integers(0, 256, (48, 60, 3), dtype=np.uint8)))
@@ -310,7 +309,7 @@ def test_dataset_bad_file_raises_data_error_naming_it(tmp_path):
 
 def test_mixup_gives_soft_labels_that_sum_to_one(tmp_path):
     torch.manual_seed(0)
-    mixer = batch_mixer(AugmentConfig(preset="none", mixup=0.4), num_classes=4)
+    mixer = batch_mixer(4, preset="none", mixup=0.4)
     assert mixer is not None
     ds = ImageClassificationDataset(_file_dataset(tmp_path), eval_transform(PRE), CAP)
     samples = [ds[i] for i in range(4)]
@@ -329,10 +328,10 @@ def test_mixup_gives_soft_labels_that_sum_to_one(tmp_path):
 
 
 def test_batch_mixer_presets():
-    assert batch_mixer(AugmentConfig(preset="light"), 3) is None
-    assert batch_mixer(AugmentConfig(preset="strong", mixup=0.0, cutmix=0.0), 3) is None
+    assert batch_mixer(3, preset="light") is None
+    assert batch_mixer(3, preset="strong", mixup=0.0, cutmix=0.0) is None
     torch.manual_seed(1)
-    mixer = batch_mixer(AugmentConfig(preset="strong"), 3)  # mixup or cutmix, chosen per batch
+    mixer = batch_mixer(3, preset="strong")  # mixup or cutmix, chosen per batch
     for _ in range(4):
         _, labels = mixer(torch.rand(6, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2]))
         assert labels.shape == (6, 3)

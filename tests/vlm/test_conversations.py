@@ -603,3 +603,40 @@ def test_in_memory_images_are_checked(tmp_path):
     broken = Conversation([Turn("user", "<image>Q"), Turn("assistant", "A")], [b"not an image"], "m record 1")
     kept, bad = check_conversations([good, broken], "skip")
     assert kept == [good] and bad[0][0] == "m record 1" and "cannot be decoded" in bad[0][1]
+
+
+# ---------------------------------------------------------------- images that break after the check
+
+
+def test_a_corrupt_image_under_dataloader_workers_is_one_sample_error(tmp_path):
+    """The collator decodes images in DataLoader workers: an image broken after the up-front check must reach the
+    user as the same one-sentence SampleError the labelled-image datasets raise, naming the record and the file."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from visiontune.core.errors import SampleError
+    from visiontune.vlm.collate import VlmCollator
+    from visiontune.vlm.sft import TokenizedDataset
+    from visiontune.vlm.tokenize import Tokenized
+
+    _png(tmp_path / "a.png")
+    _png(tmp_path / "b.png")
+    path = _json(tmp_path / "data.json", [GOOD, {**GOOD, "images": ["b.png"]}])
+    convs, _ = check_conversations(read_conversations(str(path)), "error")
+    (tmp_path / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")  # replaced while the run goes on
+    records = [Tokenized([1, 2], [-100, 2], {}, conv.ref, i) for i, conv in enumerate(convs)]
+    processor = SimpleNamespace(  # a stand-in: the batch fails before its images reach the image processor
+        tokenizer=SimpleNamespace(pad_token_id=0, eos_token_id=0),
+        image_processor=lambda images, return_tensors: {"pixel_values": torch.zeros(len(images), 3)},
+    )
+    loader = torch.utils.data.DataLoader(
+        TokenizedDataset(records, convs), batch_size=1, num_workers=1, collate_fn=VlmCollator(processor, 10**8)
+    )
+    with pytest.raises(SampleError) as info:
+        list(loader)
+    message = str(info.value)
+    assert message.startswith(f"{path} record 1 has image {tmp_path / 'b.png'} that cannot be decoded (")
+    assert message.endswith("; fix or remove it (data.on_bad_sample=skip drops bad conversations).")
+    assert "\n" not in message and "Traceback" not in message and "worker" not in message
+    assert isinstance(info.value, DataError) and info.value.__cause__ is None

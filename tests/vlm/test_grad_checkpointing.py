@@ -32,7 +32,7 @@ def test_checkpointing_keeps_loss_and_gradients(llava, method):
             "model": str(llava),
             "output_dir": "unused",
             "data": {"train": "x"},
-            "tune": {"method": method, "lora_dropout": 0.0},
+            "tune": {"method": method, **({"lora_dropout": 0.0} if method == "lora" else {})},
         }
     )
     runs = []

@@ -14,7 +14,6 @@ from PIL import Image
 
 from visiontune.core.errors import DataError
 from visiontune.vlm import token_cache
-from visiontune.vlm.config import VlmDataConfig
 from visiontune.vlm.conversations import Conversation, Turn, read_conversations
 from visiontune.vlm.token_cache import tokenize_cached
 from visiontune.vlm.tokenize import cache_key, tokenize
@@ -71,8 +70,10 @@ def cache_home(tmp_path, monkeypatch) -> Path:
     return tmp_path / "cache" / "tokenized"
 
 
-def _data_config(data: Path, **changes) -> VlmDataConfig:
-    return VlmDataConfig(train=str(data), max_length=64).model_copy(update=changes)
+def _options(**changes) -> dict:
+    """tokenize_cached's keyword arguments (what vlm_sft takes from the recipe's `data` section)."""
+    options = {"max_length": 64, "max_image_pixels": 1_000_000, "train_on": "assistant", "on_bad_sample": "error"}
+    return {**options, "cache": True, **changes}
 
 
 def _count_tokenize(monkeypatch) -> list[str]:
@@ -96,7 +97,7 @@ def _refuse_tokenize(monkeypatch) -> None:
 def _fresh(processor, convs, d) -> list:
     out = []
     for i, conv in enumerate(convs):
-        record = tokenize(processor, conv, d.max_length, d.max_image_pixels, d.train_on)
+        record = tokenize(processor, conv, d["max_length"], d["max_image_pixels"], d["train_on"])
         record.index = i
         out.append(record)
     return out
@@ -106,31 +107,43 @@ def _fresh(processor, convs, d) -> list:
 
 
 def test_a_cached_run_returns_exactly_what_tokenising_returns(processor, convs, data, cache_home, monkeypatch):
-    d = _data_config(data)
-    first, bad = tokenize_cached(d, processor, convs[:8], "m")
+    d = _options()
+    first, bad = tokenize_cached(processor, convs[:8], "m", **d)
     assert first == _fresh(processor, convs[:8], d) and bad == []
     assert [p.suffix for p in cache_home.iterdir()] == [".safetensors"]
     _refuse_tokenize(monkeypatch)
-    assert tokenize_cached(d, processor, convs[:8], "m") == (first, [])
+    assert tokenize_cached(processor, convs[:8], "m", **d) == (first, [])
 
 
 def test_another_split_with_the_same_size_and_first_records_misses(processor, convs, data, monkeypatch):
     """The old key (count + first three refs + file stat) paired one split's tokens with another split's records."""
-    d = _data_config(data)
-    tokenize_cached(d, processor, convs[:6], "m")
+    d = _options()
+    tokenize_cached(processor, convs[:6], "m", **d)
     other = convs[:3] + convs[5:8]
     calls = _count_tokenize(monkeypatch)
-    tokens, _ = tokenize_cached(d, processor, other, "m")
+    tokens, _ = tokenize_cached(processor, other, "m", **d)
     assert tokens == _fresh(processor, other, d) and len(calls) == len(other)
 
 
 def test_the_same_records_in_another_order_miss(processor, convs, data, monkeypatch):
-    d = _data_config(data)
-    tokenize_cached(d, processor, convs[:5], "m")
+    d = _options()
+    tokenize_cached(processor, convs[:5], "m", **d)
     calls = _count_tokenize(monkeypatch)
     swapped = [*convs[:3], convs[4], convs[3]]
-    tokens, _ = tokenize_cached(d, processor, swapped, "m")
+    tokens, _ = tokenize_cached(processor, swapped, "m", **d)
     assert tokens == _fresh(processor, swapped, d) and len(calls) == 5
+
+
+@pytest.mark.parametrize(
+    "change", [{"max_length": 65}, {"max_image_pixels": 999_999}, {"train_on": "all"}, {"on_bad_sample": "skip"}]
+)
+def test_every_setting_passed_in_reaches_the_key(change, processor, convs, monkeypatch):
+    """tokenize_cached takes its settings as plain arguments: each one must still change the cache key."""
+    tokenize_cached(processor, convs[:3], "m", **_options())
+    calls = _count_tokenize(monkeypatch)
+    d = _options(**change)
+    tokens, _ = tokenize_cached(processor, convs[:3], "m", **d)
+    assert tokens == _fresh(processor, convs[:3], d) and len(calls) == 3
 
 
 def _conv(image, text: str = "<image>What colour?", role: str = "assistant") -> Conversation:
@@ -222,10 +235,10 @@ def test_the_same_records_from_another_file_share_the_cache(processor, data, mon
     """The data file's path is not part of the key, and the records keep the refs of the file read now."""
     copy_path = data.with_name("copy.json")
     copy_path.write_text(data.read_text())
-    d = _data_config(data)
-    tokenize_cached(d, processor, read_conversations(str(data))[:3], "m")
+    d = _options()
+    tokenize_cached(processor, read_conversations(str(data))[:3], "m", **d)
     _refuse_tokenize(monkeypatch)
-    tokens, _ = tokenize_cached(d, processor, read_conversations(str(copy_path))[:3], "m")
+    tokens, _ = tokenize_cached(processor, read_conversations(str(copy_path))[:3], "m", **d)
     assert [t.ref for t in tokens] == [f"{copy_path} record {i}" for i in range(3)]
 
 
@@ -237,8 +250,8 @@ def test_loading_never_unpickles(processor, convs, data, cache_home, monkeypatch
 
     from safetensors import safe_open
 
-    d = _data_config(data, on_bad_sample="skip")
-    expected = tokenize_cached(d, processor, convs, "m")
+    d = _options(on_bad_sample="skip")
+    expected = tokenize_cached(processor, convs, "m", **d)
     (path,) = cache_home.iterdir()
     with safe_open(str(path), framework="pt") as f:
         assert json.loads(f.metadata()["bad"])[0][0] == 8  # plain JSON metadata next to the tensors
@@ -250,7 +263,7 @@ def test_loading_never_unpickles(processor, convs, data, cache_home, monkeypatch
     monkeypatch.setattr(pickle, "load", refuse)
     monkeypatch.setattr(pickle, "loads", refuse)
     _refuse_tokenize(monkeypatch)
-    assert tokenize_cached(d, processor, convs, "m") == expected
+    assert tokenize_cached(processor, convs, "m", **d) == expected
 
 
 def test_tensor_extras_round_trip(tmp_path, convs):
@@ -273,8 +286,8 @@ def test_tensor_extras_round_trip(tmp_path, convs):
 
 
 def test_no_cache_file_when_the_cache_is_off(processor, convs, data, cache_home):
-    d = _data_config(data, cache=False)
-    assert tokenize_cached(d, processor, convs[:2], "m") == (_fresh(processor, convs[:2], d), [])
+    d = _options(cache=False)
+    assert tokenize_cached(processor, convs[:2], "m", **d) == (_fresh(processor, convs[:2], d), [])
     assert not cache_home.exists()
 
 
@@ -289,10 +302,10 @@ def test_written_under_a_unique_temporary_name_then_renamed(processor, convs, da
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", spy)
-    d = _data_config(data)
-    tokenize_cached(d, processor, convs[:2], "m")
+    d = _options()
+    tokenize_cached(processor, convs[:2], "m", **d)
     moves[0][1].unlink()
-    tokenize_cached(d, processor, convs[:2], "m")  # the same key again: a second writer must not share the name
+    tokenize_cached(processor, convs[:2], "m", **d)  # the same key again: a second writer must not share the name
     (src, dst), (src2, dst2) = moves
     assert dst == dst2 and src != src2 and src.parent == dst.parent == cache_home
     assert [p.name for p in cache_home.iterdir()] == [dst.name]  # no temporary file left behind
@@ -302,8 +315,8 @@ def test_written_under_a_unique_temporary_name_then_renamed(processor, convs, da
 def test_a_broken_cache_file_is_retokenised_and_replaced(
     damage, processor, convs, data, cache_home, monkeypatch, caplog
 ):
-    d = _data_config(data)
-    expected = tokenize_cached(d, processor, convs[:4], "m")
+    d = _options()
+    expected = tokenize_cached(processor, convs[:4], "m", **d)
     (path,) = cache_home.iterdir()
     whole = path.read_bytes()
     broken = {
@@ -315,18 +328,18 @@ def test_a_broken_cache_file_is_retokenised_and_replaced(
     path.write_bytes(broken)
     calls = _count_tokenize(monkeypatch)
     with caplog.at_level(logging.WARNING, logger=token_cache.__name__):
-        assert tokenize_cached(d, processor, convs[:4], "m") == expected
+        assert tokenize_cached(processor, convs[:4], "m", **d) == expected
     assert len(calls) == 4 and all(r.exc_info is None for r in caplog.records)  # a one-line warning, no traceback
     _refuse_tokenize(monkeypatch)  # the broken file was overwritten with a good one
-    assert tokenize_cached(d, processor, convs[:4], "m") == expected
+    assert tokenize_cached(processor, convs[:4], "m", **d) == expected
 
 
 # ---------------------------------------------------------------------------------------------------- ranks
 
 
 def test_other_ranks_wait_for_the_writers_file(processor, convs, data, cache_home, monkeypatch):
-    d = _data_config(data)
-    expected = tokenize_cached(d, processor, convs[:4], "m")
+    d = _options()
+    expected = tokenize_cached(processor, convs[:4], "m", **d)
     (path,) = cache_home.iterdir()
     aside = path.with_name("aside")
     path.rename(aside)
@@ -337,7 +350,7 @@ def test_other_ranks_wait_for_the_writers_file(processor, convs, data, cache_hom
     writer = threading.Timer(0.5, aside.rename, args=(path,))  # rank 0 finishing its write
     writer.start()
     try:
-        assert tokenize_cached(d, processor, convs[:4], "m") == expected
+        assert tokenize_cached(processor, convs[:4], "m", **d) == expected
     finally:
         writer.cancel()
 
@@ -349,15 +362,15 @@ def test_a_waiting_rank_tokenises_itself_after_the_timeout_and_writes_nothing(
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setattr(token_cache, "WAIT_SECONDS", 0.2, raising=False)
     monkeypatch.setattr(token_cache, "POLL_SECONDS", 0.05, raising=False)
-    d = _data_config(data)
-    assert tokenize_cached(d, processor, convs[:2], "m") == (_fresh(processor, convs[:2], d), [])
+    d = _options()
+    assert tokenize_cached(processor, convs[:2], "m", **d) == (_fresh(processor, convs[:2], d), [])
     assert not cache_home.exists() or not any(cache_home.iterdir())
 
 
 def test_the_first_rank_writes(processor, convs, data, cache_home, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    tokenize_cached(_data_config(data), processor, convs[:2], "m")
+    tokenize_cached(processor, convs[:2], "m", **_options())
     assert len(list(cache_home.iterdir())) == 1
 
 
@@ -365,21 +378,21 @@ def test_the_first_rank_writes(processor, convs, data, cache_home, monkeypatch):
 
 
 def test_an_error_run_raises_even_after_a_skip_run_cached_the_bad_record(processor, convs, data):
-    tokens, bad = tokenize_cached(_data_config(data, on_bad_sample="skip"), processor, convs, "m")
+    tokens, bad = tokenize_cached(processor, convs, "m", **_options(on_bad_sample="skip"))
     assert len(tokens) == 8 and [ref for ref, _ in bad] == [convs[8].ref] and "data.max_length" in bad[0][1]
     with pytest.raises(DataError, match=r"record 8 .*on_bad_sample=skip") as err:
-        tokenize_cached(_data_config(data, on_bad_sample="error"), processor, convs, "m")
+        tokenize_cached(processor, convs, "m", **_options(on_bad_sample="error"))
     assert str(err.value).count(". ") == 0  # one sentence
 
 
 def test_the_error_is_raised_from_a_cached_bad_list_too(processor, convs, data, monkeypatch):
     """Belt and braces: even a cache that records a bad record for an error run's key makes the run fail."""
-    skip = _data_config(data, on_bad_sample="skip")
+    skip = _options(on_bad_sample="skip")
     monkeypatch.setattr(token_cache, "cache_key", lambda model, proc, cs, settings: cache_key(model, proc, cs, {}))
-    tokenize_cached(skip, processor, convs, "m")  # now cached under a key that ignores on_bad_sample
+    tokenize_cached(processor, convs, "m", **skip)  # now cached under a key that ignores on_bad_sample
     _refuse_tokenize(monkeypatch)
     with pytest.raises(DataError, match="record 8"):
-        tokenize_cached(_data_config(data, on_bad_sample="error"), processor, convs, "m")
+        tokenize_cached(processor, convs, "m", **_options(on_bad_sample="error"))
 
 
 def test_a_failed_write_warns_and_training_goes_on(processor, convs, data, cache_home, monkeypatch, caplog):
@@ -388,7 +401,7 @@ def test_a_failed_write_warns_and_training_goes_on(processor, convs, data, cache
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(token_cache, "save_file", disk_full)
-    d = _data_config(data)
+    d = _options()
     with caplog.at_level(logging.WARNING, logger=token_cache.__name__):
-        assert tokenize_cached(d, processor, convs[:2], "m") == (_fresh(processor, convs[:2], d), [])
+        assert tokenize_cached(processor, convs[:2], "m", **d) == (_fresh(processor, convs[:2], d), [])
     assert "No space left" in caplog.text and list(cache_home.iterdir()) == []  # the partial file is removed

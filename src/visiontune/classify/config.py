@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from visiontune.core.config import PIL_MAX_PIXELS, AugmentConfig
-from visiontune.run.config import ClassifierTrainConfig, Strict, TrackConfig
+from visiontune.run.config import ClassifierTrainConfig, Inert, Strict, TrackConfig, refuse_inert, val_split_rule
 
 
 class DataConfig(Strict):
@@ -28,6 +28,11 @@ class DataConfig(Strict):
     image_column: str | None = None
     label_column: str | None = None
     class_names: list[str] | None = Field(None, description="Fixes the class list and order; labels outside it fail.")
+
+    @model_validator(mode="after")
+    def _inert_keys(self, info: ValidationInfo) -> DataConfig:
+        refuse_inert(self, info, [val_split_rule(self)], prefix="data.")
+        return self
 
 
 class LoraConfig(Strict):
@@ -62,6 +67,28 @@ class TuneConfig(Strict):
             raise ValueError("tune.unfreeze epochs must be distinct and increasing")
         return steps
 
+    @model_validator(mode="after")
+    def _inert_keys(self, info: ValidationInfo) -> TuneConfig:
+        method = self.method
+        rules = [
+            Inert(("lora",), method != "lora", "with tune.method: lora", "set tune.method: lora"),
+            Inert(
+                ("unfreeze",),
+                method != "gradual_unfreeze",
+                "with tune.method: gradual_unfreeze",
+                "set tune.method: gradual_unfreeze",
+            ),
+            # LoRA builds no layer groups; a linear probe trains only the head, which keeps the full LR.
+            Inert(
+                ("layer_decay",),
+                method not in ("full", "gradual_unfreeze"),
+                "with tune.method full or gradual_unfreeze (lora and linear_probe train no decayed layer)",
+                "use one of those methods",
+            ),
+        ]
+        refuse_inert(self, info, rules, prefix="tune.")
+        return self
+
 
 class ClassifyConfig(Strict):
     """Recipe for `task: classify` — fine-tune an image classifier."""
@@ -77,7 +104,15 @@ class ClassifyConfig(Strict):
     track: TrackConfig = TrackConfig()
 
     @model_validator(mode="after")
-    def _check(self) -> ClassifyConfig:
+    def _check(self, info: ValidationInfo) -> ClassifyConfig:
         if self.train.ema is not None and self.tune.method == "lora":
             raise ValueError("train.ema is not supported with tune.method=lora; remove one of them")
+        # Only timm builds a model without its weights; builtin:, folders and hub ids always load theirs.
+        timm = Inert(
+            ("pretrained",),
+            not self.model.startswith("timm:"),
+            "with a timm:NAME model (builtin:, folders and hub ids load their own weights)",
+            "give model: timm:NAME",
+        )
+        refuse_inert(self, info, [timm])
         return self

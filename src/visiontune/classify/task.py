@@ -174,16 +174,26 @@ def load_split(cfg: ClassifyConfig) -> SplitData:
 
 def classification_fit(model: torch.nn.Module, cfg: ClassifyConfig, data: SplitData, plan: TuningPlan) -> Fit:
     """What the Trainer needs for a classifier (also CLIP's zero-shot-head classifier) on labelled images."""
-    pre, aug, max_pixels = model.preprocess, cfg.data.augment, cfg.data.max_image_pixels
+    pre, aug, max_pixels, t = model.preprocess, cfg.data.augment, cfg.data.max_image_pixels, cfg.train
+    augment = train_transform(pre, preset=aug.preset, hflip=aug.hflip, policy=aug.policy)
+    mixer = batch_mixer(len(data.train.class_names), preset=aug.preset, mixup=aug.mixup, cutmix=aug.cutmix)
     return Fit(
         model=model,
-        train_dataset=ImageClassificationDataset(data.train, train_transform(pre, aug), max_pixels, pre.image_size),
+        train_dataset=ImageClassificationDataset(data.train, augment, max_pixels, pre.image_size),
         eval_dataset=ImageClassificationDataset(data.val, eval_transform(pre), max_pixels, pre.image_size),
         collator=Collator(),
         compute_metrics=ClassificationMetrics(data.train.class_names),
-        make_optimizer=lambda m: build_optimizer(m, cfg.train, plan.include, plan.layer_scales),
+        make_optimizer=lambda m: build_optimizer(
+            m,
+            lr=t.lr,
+            weight_decay=t.weight_decay,
+            optimizer=t.optimizer,
+            momentum=t.momentum,
+            include=plan.include,
+            layer_scales=plan.layer_scales,
+        ),
         callbacks=plan.callbacks,
-        trainer_attrs={"batch_mixer": batch_mixer(aug, len(data.train.class_names))},
+        trainer_attrs={"batch_mixer": mixer},
         workers=loader_workers(cfg.data.workers, in_memory=data.train.kind == "array"),
     )
 

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from visiontune.core.check import BadSample, Wording, check_splits
-from visiontune.core.errors import DataError
+from visiontune.core.errors import DataError, SampleError
 from visiontune.core.images import BadImage, check_image, hf_image_value, open_image
 from visiontune.core.readers import load_saved_dataset, pick_column, read_csv_rows, read_jsonl_rows, read_text
 
@@ -283,8 +283,12 @@ def _image_problem(pairs: CaptionPairs, i: int, max_pixels: int) -> str | None:
         elif pairs.kind == "hf":
             open_image(hf_image(pairs, i), max_pixels)
     except BadImage as err:
-        return f"image {Path(source).name} {err}" if pairs.kind == "file" else f"image {err}"
+        return _image_reason(pairs, i, err)
     return None
+
+
+def _image_reason(pairs: CaptionPairs, i: int, err: BadImage) -> str:
+    return f"image {Path(pairs.sources[i]).name} {err}" if pairs.kind == "file" else f"image {err}"
 
 
 def split_by_image(pairs: CaptionPairs, fraction: float, seed: int) -> tuple[CaptionPairs, CaptionPairs]:
@@ -303,15 +307,16 @@ def split_by_image(pairs: CaptionPairs, fraction: float, seed: int) -> tuple[Cap
 
 
 def load_image(pairs: CaptionPairs, i: int, max_pixels: int, draft_size: int | None = None) -> Image.Image:
+    """Pair i's image; a SampleError (which stays one sentence through a DataLoader worker) naming the record and
+    the image when it cannot be decoded."""
     if pairs.kind == "array":
         return Image.fromarray(pairs.sources[i]).convert("RGB")
     try:
         source = pairs.sources[i] if pairs.kind == "file" else hf_image(pairs, i)
         return open_image(source, max_pixels, draft_size)
     except BadImage as err:
-        raise DataError(
-            f"{pairs.refs[i]} image {err}; fix or remove it (data.on_bad_sample=skip drops bad pairs)."
-        ) from None
+        hint = "fix or remove it (data.on_bad_sample=skip drops bad pairs)"
+        raise SampleError(f"{pairs.refs[i]} {_image_reason(pairs, i, err)}; {hint}.") from None
 
 
 def hf_image(pairs: CaptionPairs, i: int) -> Any:

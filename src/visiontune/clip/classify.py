@@ -18,6 +18,7 @@ from visiontune.clip.dual_encoder import resolve_dual_encoder
 from visiontune.clip.vision_lora import apply_vision_lora
 from visiontune.clip.zero_shot import CLIPClassifier, read_saved_meta
 from visiontune.core.errors import DataError, ModelError
+from visiontune.core.sources import model_folder
 from visiontune.core.transforms import with_image_size
 from visiontune.run.task import Fit
 
@@ -95,9 +96,10 @@ def prompt_names(configured: list[str] | None, class_names: list[str]) -> list[s
 
 def load_clip_classifier(name: str, class_names: list[str] | None = None) -> CLIPClassifier:
     """A saved clip_classify model (or any dual encoder) with a head for `class_names` (default: as saved)."""
-    meta = read_saved_meta(Path(name) / "model") if (Path(name) / "model").is_dir() else read_saved_meta(Path(name))
-    folder = str(Path(name) / "model") if (Path(name) / "model").is_dir() else name
-    encoder = resolve_dual_encoder(folder)
+    path = Path(name).expanduser()
+    folder = model_folder(path) if path.is_dir() else path
+    meta = read_saved_meta(folder)
+    encoder = resolve_dual_encoder(name)
     names = class_names or meta.get("class_names")
     if not names:
         raise DataError(f"{name} has no saved class names; evaluate it with labelled data (--data).")
@@ -108,12 +110,17 @@ def load_clip_classifier(name: str, class_names: list[str] | None = None) -> CLI
         apply_vision_lora(clf, cfg, linearize=True)
         from safetensors.torch import load_file
 
-        clf.vision.load_state_dict(load_file(str(Path(folder) / "linearized.safetensors")))
+        clf.vision.load_state_dict(load_file(str(folder / "linearized.safetensors")))
     return clf
 
 
 def load_vision_state(clf: CLIPClassifier, path: Path) -> None:
     """FusionBench's `state_dict_load_path`: vision weights from a .safetensors / .pt state dict."""
+    clf.encoder.model.load_state_dict(read_vision_state(path, clf.encoder.model.state_dict()), strict=False)
+
+
+def read_vision_state(path: Path, model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The `init_from` state dict at `path`, checked against the keys of the model it is for (`model_state`)."""
     if not path.is_file():
         raise ModelError(f"init_from: {path} does not exist; give a state dict file written by export_state_to.")
     if path.suffix == ".safetensors":
@@ -122,10 +129,10 @@ def load_vision_state(clf: CLIPClassifier, path: Path) -> None:
         state = load_file(str(path))
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    missing = [k for k in state if k not in clf.encoder.model.state_dict()]
+    missing = [k for k in state if k not in model_state]
     if missing:
         raise ModelError(f"init_from: {path} has keys the model lacks (first: {missing[0]}); it is from another model.")
-    clf.encoder.model.load_state_dict(state, strict=False)
+    return state
 
 
 def _export_vision_state(model_dir: Path, target: Path) -> None:

@@ -11,11 +11,19 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from visiontune.classify.config import DataConfig
 from visiontune.core.config import PIL_MAX_PIXELS, AugmentConfig, ImageAugmentConfig
-from visiontune.run.config import ClassifierTrainConfig, EmaTrainConfig, Strict, TrackConfig
+from visiontune.run.config import (
+    ClassifierTrainConfig,
+    EmaTrainConfig,
+    Inert,
+    Strict,
+    TrackConfig,
+    refuse_inert,
+    val_split_rule,
+)
 
 
 class ClipTrainConfig(ClassifierTrainConfig):
@@ -47,6 +55,21 @@ class ClipLoraConfig(Strict):
 class ClipTuneConfig(Strict):
     method: Literal["full", "lora", "l_lora"] = "full"
     lora: ClipLoraConfig = ClipLoraConfig()
+
+    @model_validator(mode="after")
+    def _inert_keys(self, info: ValidationInfo) -> ClipTuneConfig:
+        rules = [
+            Inert(("lora",), self.method == "full", "with tune.method lora or l_lora", "set one of those methods"),
+            # L-LoRA linearises the adapters around their initial values and trains without dropout (vision_lora.py).
+            Inert(
+                ("lora.dropout",),
+                self.method == "l_lora",
+                "with tune.method: lora (L-LoRA trains without dropout)",
+                "set tune.method: lora",
+            ),
+        ]
+        refuse_inert(self, info, rules, prefix="tune.")
+        return self
 
 
 def _check_templates(templates: list[str] | str) -> list[str] | str:
@@ -105,10 +128,18 @@ class ClipClassifyConfig(Strict):
     wise_ft: WiseFtConfig | None = None
 
     @model_validator(mode="after")
-    def _wise_ft_needs_mergeable_weights(self) -> ClipClassifyConfig:
+    def _wise_ft_needs_mergeable_weights(self, info: ValidationInfo) -> ClipClassifyConfig:
         if self.wise_ft is not None and self.tune.method == "l_lora":
             raise ValueError("wise_ft needs tune.method full or lora (L-LoRA weights are not a plain model)")
         _ema_needs_full(self)
+        # skip_training only scores the zero-shot head on the validation split (ClipClassifyTask.zero_shot_only).
+        training = Inert(
+            ("train", "tune", "track", "data.augment", "data.workers", "wise_ft", "export_state_to"),
+            self.skip_training,
+            "when the model trains",
+            "set skip_training: false",
+        )
+        refuse_inert(self, info, [training])
         return self
 
 
@@ -151,11 +182,18 @@ class ClipContinualConfig(Strict):
     track: TrackConfig = TrackConfig()
 
     @model_validator(mode="after")
-    def _tasks(self) -> ClipContinualConfig:
+    def _tasks(self, info: ValidationInfo) -> ClipContinualConfig:
         names = [t.name for t in self.tasks]
         if len(names) < 2 or len(set(names)) != len(names):
             raise ValueError("tasks must list at least two tasks with distinct names")
         _ema_needs_full(self)
+        split = Inert(
+            ("data.val_split",),
+            all(t.val is not None for t in self.tasks),
+            "for a task without its own val (every task here has one)",
+            "drop val from a task",
+        )
+        refuse_inert(self, info, [split])
         return self
 
 
@@ -179,6 +217,17 @@ class CaptionDataConfig(Strict):
     templates: list[str] | Literal["builtin"] = "builtin"
 
     _templates = field_validator("templates")(classmethod(lambda cls, v: _check_templates(v)))
+
+    @model_validator(mode="after")
+    def _inert_keys(self, info: ValidationInfo) -> CaptionDataConfig:
+        zero_shot = Inert(
+            ("zero_shot_class_names", "templates"),
+            self.zero_shot is None,
+            "with data.zero_shot (they name and prompt its classes)",
+            "set data.zero_shot",
+        )
+        refuse_inert(self, info, [val_split_rule(self), zero_shot], prefix="data.")
+        return self
 
 
 class ClipContrastiveConfig(Strict):

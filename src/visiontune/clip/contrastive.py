@@ -113,10 +113,9 @@ class ClipContrastiveTask(Task):
         set_trainable(model.model, cfg.trainable, cfg.model)
         if cfg.train.grad_checkpointing:
             _enable_grad_checkpointing(model.model, cfg.model)
-        pre, max_pixels, seed = encoder.preprocess, cfg.data.max_image_pixels, cfg.seed
-        train_set = CaptionedImages(
-            data.pairs.train, train_transform(pre, cfg.data.augment), max_pixels, seed, pre.image_size
-        )
+        pre, max_pixels, seed, aug = encoder.preprocess, cfg.data.max_image_pixels, cfg.seed, cfg.data.augment
+        augment = train_transform(pre, preset=aug.preset, hflip=aug.hflip, policy=aug.policy)
+        train_set = CaptionedImages(data.pairs.train, augment, max_pixels, seed, pre.image_size)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         return Fit(
             model=model,
@@ -170,7 +169,7 @@ class ClipContrastiveTask(Task):
     ) -> dict:
         """Recall@K of a dual encoder (run folder, saved model or any CLIP/SigLIP) on caption data; zero-shot
         accuracy too when `zero_shot` names labelled data."""
-        encoder = resolve_dual_encoder(str(Path(model) / "model") if (Path(model) / "model").is_dir() else model)
+        encoder = resolve_dual_encoder(model)
         pairs, skipped = clean_pairs(read_captions(data, image_root, split="test"), on_bad_sample, MAX_PIXELS, "val")
         wrapper = ContrastiveModel(encoder).to(_device())
         images = CaptionedImages(pairs, eval_transform(encoder.preprocess), MAX_PIXELS)

@@ -7,45 +7,64 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from visiontune.clip.config import ClipClassifyConfig
-from visiontune.clip.merge import interpolate
+from visiontune.clip.merge import StateDict, interpolate
 from visiontune.core.check import clean
+from visiontune.core.errors import ModelError
 from visiontune.core.readers import read_dataset
 
 
 def sweep(cfg: ClipClassifyConfig, run_dir: Path) -> list[dict]:
+    """Evaluate θ(α) for every `wise_ft.alphas`, save the chosen mix. The saved model is read from disk once: both
+    endpoints are kept as CPU state dicts and each α's mix is loaded into that one model."""
     from visiontune.classify.task import load_split
-    from visiontune.clip.classify import ClipClassifyTask, load_clip_classifier, load_vision_state
-    from visiontune.clip.dual_encoder import resolve_dual_encoder
+    from visiontune.clip.classify import ClipClassifyTask, load_clip_classifier
 
     task, wise = ClipClassifyTask(), cfg.wise_ft
     tuned = load_clip_classifier(str(run_dir / "model"))
-    zero_shot = load_clip_classifier(str(run_dir / "model"))  # same structure, then reset to the base weights
-    base = resolve_dual_encoder(cfg.model).model.state_dict()
-    zero_shot.encoder.model.load_state_dict(base)
-    if cfg.init_from:
-        load_vision_state(zero_shot, Path(cfg.init_from))
+    fine_tuned = {k: v.detach().to("cpu", copy=True) for k, v in tuned.vision_state().items()}
+    zero_shot = _zero_shot_state(cfg, fine_tuned)
     target = load_split(cfg).val
     target_names = tuned.class_names
     control = _control(wise.control, cfg.data.max_image_pixels)
     rows = []
     for alpha in wise.alphas:
-        tuned.encoder.model.load_state_dict(
-            interpolate(zero_shot.vision_state(), _ft_state(run_dir), alpha), strict=False
-        )
+        tuned.encoder.model.load_state_dict(interpolate(zero_shot, fine_tuned, alpha), strict=False)
         row = {"alpha": alpha, "target_accuracy": _accuracy(task, tuned, target_names, target)}
         if control is not None:
             row["control_accuracy"] = _accuracy(task, tuned, control.class_names, control)
         row["mean_accuracy"] = sum(v for k, v in row.items() if k.endswith("_accuracy")) / (1 + (control is not None))
         rows.append(row)
     chosen = _choose(rows, wise.choose)
-    tuned.encoder.model.load_state_dict(interpolate(zero_shot.vision_state(), _ft_state(run_dir), chosen), strict=False)
+    tuned.encoder.model.load_state_dict(interpolate(zero_shot, fine_tuned, chosen), strict=False)
     tuned.set_head(target_names)
     tuned.save(run_dir / "wise_ft_model")
     (run_dir / "eval" / "wise_ft.json").write_text(json.dumps({"rows": rows, "chosen_alpha": chosen}, indent=2))
     _plot(rows, chosen, run_dir / "plots" / "wise_ft.png")
     _report(run_dir, rows, chosen)
     return rows
+
+
+def _zero_shot_state(cfg: ClipClassifyConfig, fine_tuned: StateDict) -> StateDict:
+    """The vision weights training started from: the base model's, then `init_from`'s. Each is copied into a CPU
+    tensor shaped and typed like its fine-tuned counterpart, as loading them into the saved model would do."""
+    from visiontune.clip.classify import read_vision_state
+    from visiontune.clip.dual_encoder import resolve_dual_encoder
+
+    base = resolve_dual_encoder(cfg.model).model.state_dict()
+    if cfg.init_from:
+        base.update(read_vision_state(Path(cfg.init_from), base))
+    state = {}
+    for key, like in fine_tuned.items():
+        start = base.get(key)
+        if start is None or start.shape != like.shape:
+            raise ModelError(
+                f"wise_ft: the saved model's {key} does not match {cfg.model}'s; the run folder is from another model."
+            )
+        state[key] = torch.empty_like(like).copy_(start)
+    return state
 
 
 def _report(run_dir: Path, rows: list[dict], chosen: float) -> None:
@@ -62,12 +81,6 @@ def _report(run_dir: Path, rows: list[dict], chosen: float) -> None:
         image="plots/wise_ft.png",
     )
     write_report(run_dir)
-
-
-def _ft_state(run_dir: Path) -> dict:
-    from visiontune.clip.classify import load_clip_classifier
-
-    return load_clip_classifier(str(run_dir / "model")).vision_state()
 
 
 def _control(spec: str | None, max_pixels: int):

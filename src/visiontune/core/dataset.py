@@ -10,20 +10,9 @@ from PIL import Image
 from torch.utils.data import default_collate
 
 from visiontune.core.check import hf_image
-from visiontune.core.errors import DataError
+from visiontune.core.errors import DataError, SampleError
 from visiontune.core.images import BadImage, open_image
 from visiontune.core.readers import LabeledImages
-
-
-class SampleError(DataError):
-    """A sample that fails while training (one sentence). A DataLoader worker re-raises it in the main process as
-    `SampleError("Caught SampleError in DataLoader worker process 0. Original Traceback ...")`: keep only the
-    original sentence, the traceback's last line, so the user still reads one line."""
-
-    def __init__(self, message: str):
-        if "Original Traceback" in message:
-            message = message.rstrip().rpartition(f"{type(self).__name__}: ")[2]
-        super().__init__(message)
 
 
 class ImageClassificationDataset(torch.utils.data.Dataset):

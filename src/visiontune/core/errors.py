@@ -14,6 +14,18 @@ class DataError(VisiontuneError):
     """A dataset, file or record is unusable."""
 
 
+class SampleError(DataError):
+    """A sample that fails while training (one sentence naming the file or record). A DataLoader worker re-raises
+    it in the main process as `SampleError("Caught SampleError in DataLoader worker process 0. Original Traceback
+    ...")`: keep only the original sentence, the traceback's last line, so the user still reads one line. Every
+    dataset and collator that decodes images in a worker raises it (labelled images, caption pairs, VLM records)."""
+
+    def __init__(self, message: str):
+        if "Original Traceback" in message:
+            message = message.rstrip().rpartition(f"{type(self).__name__}: ")[2]
+        super().__init__(message)
+
+
 class ModelError(VisiontuneError):
     """A model name cannot be resolved or does not fit the task."""
 

@@ -7,8 +7,6 @@ from dataclasses import dataclass
 import torch
 from torchvision.transforms import v2
 
-from visiontune.core.config import AugmentConfig, ImageAugmentConfig
-
 
 @dataclass(frozen=True)
 class Preprocess:
@@ -41,24 +39,31 @@ def eval_transform(pre: Preprocess) -> v2.Compose:
     return v2.Compose([v2.Resize(size, interpolation=_interp(pre.interpolation)), v2.CenterCrop(size), *_finish(pre)])
 
 
-def train_transform(pre: Preprocess, aug: ImageAugmentConfig) -> v2.Compose:
-    if aug.preset == "none":
+def train_transform(
+    pre: Preprocess, *, preset: str, hflip: float | None = None, policy: str = "randaugment"
+) -> v2.Compose:
+    """Per-image augmentation: `preset` none / light / strong; `hflip` the flip probability (None: 0.5);
+    `policy` randaugment / trivialaugment (strong only)."""
+    if preset == "none":
         return eval_transform(pre)
     size, interp = pre.image_size, _interp(pre.interpolation)
-    light = aug.preset == "light"
+    light = preset == "light"
     steps: list = [v2.RandomResizedCrop(size, scale=(0.7, 1.0) if light else (0.35, 1.0), interpolation=interp)]
-    hflip = aug.hflip if aug.hflip is not None else 0.5
+    hflip = hflip if hflip is not None else 0.5
     if hflip > 0:
         steps.append(v2.RandomHorizontalFlip(hflip))
     if not light:
-        steps.append(v2.RandAugment(interpolation=interp) if aug.policy == "randaugment" else v2.TrivialAugmentWide())
+        steps.append(v2.RandAugment(interpolation=interp) if policy == "randaugment" else v2.TrivialAugmentWide())
     return v2.Compose(steps + _finish(pre))
 
 
-def batch_mixer(aug: AugmentConfig, num_classes: int) -> v2.Transform | None:
-    """Mixup / CutMix on whole batches (soft labels). `strong` turns both on unless the recipe says otherwise."""
-    mixup = aug.mixup if aug.mixup is not None else (0.2 if aug.preset == "strong" else 0.0)
-    cutmix = aug.cutmix if aug.cutmix is not None else (1.0 if aug.preset == "strong" else 0.0)
+def batch_mixer(
+    num_classes: int, *, preset: str, mixup: float | None = None, cutmix: float | None = None
+) -> v2.Transform | None:
+    """Mixup / CutMix on whole batches (soft labels): `mixup` / `cutmix` alphas, 0 off; None: on (0.2 / 1.0) for
+    the `strong` preset, off otherwise."""
+    mixup = mixup if mixup is not None else (0.2 if preset == "strong" else 0.0)
+    cutmix = cutmix if cutmix is not None else (1.0 if preset == "strong" else 0.0)
     mixers = ([v2.MixUp(alpha=mixup, num_classes=num_classes)] if mixup > 0 else []) + (
         [v2.CutMix(alpha=cutmix, num_classes=num_classes)] if cutmix > 0 else []
     )

@@ -2,17 +2,88 @@
 
 `TrainConfig` holds the keys every task honours; `EmaTrainConfig` and `ClassifierTrainConfig` add the keys only
 some tasks honour, so a task's schema never holds a key it would ignore (`visiontune.recipe` names the task that
-would use a refused key). A task that needs other defaults subclasses one of them."""
+would use a refused key). A task that needs other defaults subclasses one of them.
+
+A key the schema holds can still be inert under the recipe's other settings (`train.momentum` with AdamW): the
+configs refuse such keys when the recipe writes them (`Inert` rules, `refuse_inert`); a default never triggers."""
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+from pydantic_core import PydanticCustomError
+
+# Validation context under which inert keys are refused: `visiontune.recipe.parse_config` validates every recipe
+# with it. Code that builds a config from another config's full dump (clip_continual's per-task configs) writes
+# every key by construction, so it validates without it.
+RECIPE_CONTEXT = {"recipe": True}
+INERT_ERROR = "inert_key"  # the pydantic error type of a refusal; its ctx["keys"] lists the refused dotted keys
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+@dataclass(frozen=True)
+class Inert:
+    """Keys (dotted, relative to the validated model; a section stands for the keys written inside it) that act on
+    nothing when `inert` holds: they act only `when` ("with train.optimizer: sgd"); `fix` is the other way out."""
+
+    keys: tuple[str, ...]
+    inert: bool
+    when: str
+    fix: str
+
+
+def written(model: BaseModel, key: str) -> list[str]:
+    """The dotted keys at or inside `key` that the recipe wrote (explicitly set) with other than their default. A
+    key written as null or as its default is not counted: that is what leaving it out means (and a run's saved
+    config.yaml writes every key). A section counts by the keys written inside it; an empty one counts only when it
+    is optional (`wise_ft: {}` turns WiSE-FT on, `tune: {}` says nothing)."""
+    node: Any = model
+    parent: Any = None
+    for part in key.split("."):
+        if not isinstance(node, BaseModel) or part not in node.model_fields_set:
+            return []
+        parent, node = node, getattr(node, part)
+    if node is None:
+        return []
+    field = type(parent).model_fields[key.rsplit(".", 1)[-1]]
+    if (
+        not isinstance(node, BaseModel)
+        and not field.is_required()
+        and node == field.get_default(call_default_factory=True)
+    ):
+        return []
+    if isinstance(node, BaseModel):
+        inside = [
+            f"{key}.{k}" for name in node.model_fields if name in node.model_fields_set for k in written(node, name)
+        ]
+        return inside or ([key] if field.default is None else [])
+    return [key]
+
+
+def refuse_inert(model: BaseModel, info: ValidationInfo, rules: Iterable[Inert], prefix: str = "") -> None:
+    """One sentence per rule whose written keys would act on nothing; only when validating a recipe."""
+    if not (info.context or {}).get("recipe"):
+        return
+    sentences, refused = [], []
+    for rule in rules:
+        keys = [f"{prefix}{k}" for key in rule.keys if rule.inert for k in written(model, key)]
+        keys = [k for k in keys if k not in refused]
+        if not keys:
+            continue
+        one = len(keys) == 1
+        names = keys[0] if one else ", ".join(keys[:-1]) + " and " + keys[-1]
+        sentences.append(
+            f"{names} {'acts' if one else 'act'} only {rule.when}; remove {'it' if one else 'them'} or {rule.fix}."
+        )
+        refused += keys
+    if sentences:
+        raise PydanticCustomError(INERT_ERROR, "\n".join(sentences), {"keys": refused, "sentences": sentences})
 
 
 class EmaConfig(Strict):
@@ -42,6 +113,12 @@ class TrainConfig(Strict):
     deepspeed: str | None = Field(None, description="DeepSpeed JSON config (configs/deepspeed/zero2.json, zero3.json).")
     fsdp: str | None = Field(None, description="FSDP policy for transformers, e.g. `full_shard auto_wrap`.")
 
+    @model_validator(mode="after")
+    def _inert_keys(self, info: ValidationInfo) -> TrainConfig:
+        sgd = Inert(("momentum",), self.optimizer != "sgd", "with train.optimizer: sgd", "set train.optimizer: sgd")
+        refuse_inert(self, info, [sgd], prefix="train.")
+        return self
+
 
 class EmaTrainConfig(TrainConfig):
     """`train` for tasks that can keep an exponential moving average of the weights (the runner compares it with
@@ -61,3 +138,23 @@ class TrackConfig(Strict):
     wandb: bool = False
     wandb_project: str = "visiontune"
     wandb_mode: Literal["online", "offline", "disabled"] = "offline"
+
+    @model_validator(mode="after")
+    def _inert_keys(self, info: ValidationInfo) -> TrackConfig:
+        wandb = Inert(
+            ("wandb_project", "wandb_mode"), not self.wandb, "with track.wandb: true", "set track.wandb: true"
+        )
+        refuse_inert(self, info, [wandb], prefix="track.")
+        return self
+
+
+def no_validation_rule(data: Any, keys: tuple[str, ...]) -> Inert:
+    """Keys that act only on validation (best checkpoint, early stopping, evaluation), where the schema lets a
+    recipe have none: no `data.val` and `data.val_split: 0`."""
+    none = data.val is None and data.val_split == 0
+    return Inert(keys, none, "with validation data (data.val, or data.val_split above 0)", "give validation data")
+
+
+def val_split_rule(data: Any) -> Inert:
+    """`data.val_split` splits validation off `data.train` only when the recipe gives no `data.val`."""
+    return Inert(("val_split",), data.val is not None, "without data.val (it splits data.train)", "remove data.val")

@@ -9,24 +9,30 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from visiontune.run.config import TrainConfig
-
 
 def build_optimizer(
-    model: nn.Module, cfg: TrainConfig, include: set[str] | None = None, layer_scales: dict[str, float] | None = None
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float,
+    optimizer: str = "adamw",
+    momentum: float = 0.9,
+    include: set[str] | None = None,
+    layer_scales: dict[str, float] | None = None,
 ) -> torch.optim.Optimizer:
-    """`include`: names to optimise (default: those with requires_grad). `layer_scales`: name -> LR multiplier."""
+    """AdamW, or SGD with Nesterov `momentum` (`optimizer="sgd"`). `include`: names to optimise (default: those
+    with requires_grad). `layer_scales`: name -> LR multiplier."""
     buckets: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if (include is None and not p.requires_grad) or (include is not None and name not in include):
             continue
-        wd = 0.0 if p.ndim <= 1 or name.endswith(".bias") else cfg.weight_decay
+        wd = 0.0 if p.ndim <= 1 or name.endswith(".bias") else weight_decay
         scale = (layer_scales or {}).get(name, 1.0)
         buckets.setdefault((wd, scale), []).append(p)
-    groups = [{"params": ps, "weight_decay": wd, "lr": cfg.lr * s} for (wd, s), ps in buckets.items()]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+    groups = [{"params": ps, "weight_decay": wd, "lr": lr * s} for (wd, s), ps in buckets.items()]
+    if optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=lr)
 
 
 def layer_decay_scales(groups: list[list[str]], head: list[str], decay: float) -> dict[str, float]:

@@ -184,7 +184,11 @@ def make_trainer(cfg: BaseModel, fit: Fit, run_dir: Path) -> Any:
         callbacks=callbacks + ([ema] if ema else []),
     )
     trainer.remove_callback(PrinterCallback)
-    trainer.make_optimizer = fit.make_optimizer or (lambda model: build_optimizer(model, train))
+    trainer.make_optimizer = fit.make_optimizer or (
+        lambda model: build_optimizer(
+            model, lr=train.lr, weight_decay=train.weight_decay, optimizer=train.optimizer, momentum=train.momentum
+        )
+    )
     trainer.ema = ema
     for name, value in fit.trainer_attrs.items():
         setattr(trainer, name, value)

@@ -6,10 +6,21 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, model_validator
 
-from visiontune.run.config import Strict, TrackConfig, TrainConfig
-from visiontune.vlm.config import VlmEvalConfig
+from visiontune.run.config import (
+    Inert,
+    Strict,
+    TrackConfig,
+    TrainConfig,
+    no_validation_rule,
+    refuse_inert,
+    val_split_rule,
+)
+from visiontune.vlm.config import VALIDATION_KEYS, VlmEvalConfig
+
+# What assembles a new model; an instruct stage with `init_from` loads the align run's model as it was built.
+ASSEMBLY_KEYS = ("vision", "language", "projector", "vision_layer", "drop_cls", "image_size")
 
 
 class ProjectorConfig(Strict):
@@ -40,6 +51,11 @@ class AssembleDataConfig(Strict):
     workers: int = Field(0, ge=0)
     cache: bool = True
 
+    @model_validator(mode="after")
+    def _inert_keys(self, info: ValidationInfo) -> AssembleDataConfig:
+        refuse_inert(self, info, [val_split_rule(self)], prefix="data.")
+        return self
+
 
 class ScheduledSamplingConfig(Strict):
     """Feed the model its own previous prediction with probability 1 - ratio; costs a second forward per step."""
@@ -48,6 +64,17 @@ class ScheduledSamplingConfig(Strict):
     start: float = Field(1.0, ge=0, le=1, description="Teacher-forcing ratio at step 0.")
     end: float = Field(0.5, ge=0, le=1, description="Teacher-forcing ratio at the last step.")
     k: float | None = Field(None, description="Schedule constant; None picks the documented default.")
+
+    @model_validator(mode="after")
+    def _inert_keys(self, info: ValidationInfo) -> ScheduledSamplingConfig:
+        k = Inert(
+            ("k",),
+            self.schedule == "linear",
+            "with scheduled_sampling.schedule exponential or inverse_sigmoid",
+            "choose one of those schedules",
+        )
+        refuse_inert(self, info, [k], prefix="scheduled_sampling.")
+        return self
 
 
 class AssembleTuneConfig(Strict):
@@ -89,8 +116,36 @@ class VlmAssembleConfig(Strict):
     track: TrackConfig = TrackConfig()
 
     @model_validator(mode="after")
-    def _sources(self) -> VlmAssembleConfig:
-        if self.stage == "align" and not (self.vision and self.language):
+    def _sources(self, info: ValidationInfo) -> VlmAssembleConfig:
+        align = self.stage == "align"
+        # What each stage reads (assemble.py): align trains the projector alone, on captions under `data.prompt`;
+        # instruct loads `init_from` as saved and tunes the LM as `tune` says.
+        rules = [
+            Inert(
+                ("tune", "init_from"),
+                align,
+                "with stage: instruct (align trains the projector alone)",
+                "set stage: instruct",
+            ),
+            Inert(
+                ("tune.lora_r", "tune.lora_alpha", "tune.lora_dropout"),
+                not align and self.tune.language != "lora",
+                "with tune.language: lora",
+                "set tune.language: lora",
+            ),
+            Inert(
+                ("data.prompt",), not align, "with stage: align (the user turn before each caption)", "set stage: align"
+            ),
+            Inert(
+                ASSEMBLY_KEYS,
+                not align and self.init_from is not None,
+                "when a model is assembled (stage align, or instruct without init_from, which loads the align run)",
+                "remove init_from",
+            ),
+            no_validation_rule(self.data, VALIDATION_KEYS),
+        ]
+        refuse_inert(self, info, rules)
+        if align and not (self.vision and self.language):
             raise ValueError("stage align builds a new model: set both `vision` and `language`")
         if self.stage == "instruct" and not self.init_from and not (self.vision and self.language):
             raise ValueError("stage instruct needs `init_from` (an align run) or both `vision` and `language`")

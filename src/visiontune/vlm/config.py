@@ -5,9 +5,20 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, model_validator
 
-from visiontune.run.config import Strict, TrackConfig, TrainConfig
+from visiontune.run.config import (
+    Inert,
+    Strict,
+    TrackConfig,
+    TrainConfig,
+    no_validation_rule,
+    refuse_inert,
+    val_split_rule,
+)
+
+# Keys that act only through validation: the best checkpoint, early stopping and the generation evaluation.
+VALIDATION_KEYS = ("train.metric", "train.early_stopping_patience", "eval")
 
 
 class VlmTrainConfig(TrainConfig):
@@ -39,6 +50,11 @@ class VlmDataConfig(Strict):
     workers: int = Field(0, ge=0)
     cache: bool = Field(True, description="Cache tokenised records so a re-run does not re-tokenise.")
 
+    @model_validator(mode="after")
+    def _inert_keys(self, info: ValidationInfo) -> VlmDataConfig:
+        refuse_inert(self, info, [val_split_rule(self)], prefix="data.")
+        return self
+
 
 class VlmTuneConfig(Strict):
     method: Literal["full", "lora", "qlora"] = Field("lora", description="LLaMA-Factory `finetuning_type`.")
@@ -49,6 +65,26 @@ class VlmTuneConfig(Strict):
     train_vision: bool = False
     train_projector: bool = True
     train_language: bool = True
+
+    @model_validator(mode="after")
+    def _inert_keys(self, info: ValidationInfo) -> VlmTuneConfig:
+        full = self.method == "full"
+        rules = [
+            Inert(
+                ("lora_r", "lora_alpha", "lora_dropout", "lora_target"),
+                full,
+                "with tune.method lora or qlora",
+                "set one of those methods",
+            ),
+            Inert(
+                ("train_language",),
+                not full,
+                "with tune.method: full (LoRA and QLoRA always adapt the language model)",
+                "set tune.method: full",
+            ),
+        ]
+        refuse_inert(self, info, rules, prefix="tune.")
+        return self
 
 
 class VlmEvalConfig(Strict):
@@ -73,7 +109,8 @@ class VlmSftConfig(Strict):
     track: TrackConfig = TrackConfig()
 
     @model_validator(mode="after")
-    def _something_trains(self) -> VlmSftConfig:
+    def _something_trains(self, info: ValidationInfo) -> VlmSftConfig:
+        refuse_inert(self, info, [no_validation_rule(self.data, VALIDATION_KEYS)])
         t = self.tune
         if not (t.train_vision or t.train_projector or t.train_language):
             raise ValueError("tune.train_vision, train_projector and train_language are all false: nothing trains")

@@ -30,7 +30,7 @@ from PIL import Image
 
 from visiontune.core.check import bad_count, bad_records_error
 from visiontune.core.config import PIL_MAX_PIXELS
-from visiontune.core.errors import DataError
+from visiontune.core.errors import DataError, SampleError
 from visiontune.core.images import BadImage, check_image, open_image
 from visiontune.core.readers import load_saved_dataset, read_text
 
@@ -528,14 +528,19 @@ def _image_problems(convs: list[Conversation], max_pixels: int, workers: int) ->
             else:
                 open_image(source, max_pixels)  # in-memory images have no header-only check; decoding one is cheap
         except BadImage as err:
-            name = source if isinstance(source, Path) else f"({type(source).__name__})"
             fix = "fix the path or the image root" if str(err) == "file not found" else "replace or remove it"
-            return f"has image {name} that {_verb(err)} ({fix})"
+            return f"{_image_reason(source, err)} ({fix})"
         return None
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # I/O bound: threads overlap file reads
         found = dict(zip(unique, pool.map(probe, unique.values()), strict=True))
     return {key: reason for key, reason in found.items() if reason is not None}
+
+
+def _image_reason(source: ImageSource, err: BadImage) -> str:
+    """The clause `has image PATH that is corrupt ...`, naming the image (an in-memory one by its type)."""
+    name = source if isinstance(source, Path) else f"({type(source).__name__})"
+    return f"has image {name} that {_verb(err)}"
 
 
 def _verb(err: BadImage) -> str:
@@ -573,14 +578,16 @@ def _parts(text: str) -> list[dict]:
 
 
 def load_images(conv: Conversation, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Image.Image]:
-    """Decode a conversation's images to RGB, in placeholder order."""
-    try:
-        return [open_image(source, max_pixels) for source in conv.images]
-    except BadImage as err:
-        raise DataError(
-            f"{conv.ref} has an image that {_verb(err)}; fix or remove it (data.on_bad_sample=skip drops "
-            "bad conversations)."
-        ) from None
+    """Decode a conversation's images to RGB, in placeholder order. A bad one is a SampleError naming the record and
+    the image: the collator decodes in DataLoader workers, through which it stays one sentence."""
+    images = []
+    for source in conv.images:
+        try:
+            images.append(open_image(source, max_pixels))
+        except BadImage as err:
+            hint = "fix or remove it (data.on_bad_sample=skip drops bad conversations)"
+            raise SampleError(f"{conv.ref} {_image_reason(source, err)}; {hint}.") from None
+    return images
 
 
 FILE_READERS: dict[str, Callable[[Path, _Request], list[Conversation]]] = {

@@ -121,12 +121,20 @@ def prepare_data(
     else:
         train, bad = check_conversations(read(d.train), d.on_bad_sample)
         train, val = _split(train, d.val_split, cfg.seed)
-    tokens, bad_tokens = tokenize_cached(d, processor, train, model_key or cfg.model)
+    settings = {
+        "max_length": d.max_length,
+        "max_image_pixels": d.max_image_pixels,
+        "train_on": d.train_on,
+        "on_bad_sample": d.on_bad_sample,
+        "cache": d.cache,
+    }
+    key = model_key or cfg.model
+    tokens, bad_tokens = tokenize_cached(processor, train, key, **settings)
     if not tokens:
         raise DataError(
             f"No record of {d.train} fits for training (first problem: {bad_tokens[0][0]} {bad_tokens[0][1]})."
         )
-    val_tokens, bad_val_tokens = tokenize_cached(d, processor, val, model_key or cfg.model) if val else ([], [])
+    val_tokens, bad_val_tokens = tokenize_cached(processor, val, key, **settings) if val else ([], [])
     return VlmData(train, val, tokens, bad + bad_tokens + bad_val_tokens, val_tokens)
 
 

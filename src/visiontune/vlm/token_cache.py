@@ -31,38 +31,55 @@ Bad = list[tuple[int, str]]  # (index into convs, reason): refs are rebuilt from
 
 
 def tokenize_cached(
-    d: Any, processor: Any, convs: list[Conversation], model_key: str
+    processor: Any,
+    convs: list[Conversation],
+    model_key: str,
+    *,
+    max_length: int,
+    max_image_pixels: int,
+    train_on: str,
+    on_bad_sample: str,
+    cache: bool = True,
 ) -> tuple[list[Tokenized], list[tuple[str, str]]]:
     """Tokenise every record with assistant-only labels, or load the cached result for these exact records.
 
-    `d` is the recipe's `data` section (max_length, max_image_pixels, train_on, on_bad_sample, cache).
+    `max_length`, `max_image_pixels` and `train_on` go to `tokenize`; `on_bad_sample` (error / skip) says what a
+    record that does not fit does; `cache` off tokenises without reading or writing the cache. The cache key
+    covers all four settings, the records, the processor and `model_key`.
     Returns the tokenised records (`index` into `convs`) and the skipped ones as (ref, reason)."""
-    if not d.cache:
-        tokens, bad = _tokenize_all(d, processor, convs)
+    settings = {
+        "max_length": max_length,
+        "max_image_pixels": max_image_pixels,
+        "train_on": train_on,
+        "on_bad_sample": on_bad_sample,
+    }
+    if not cache:
+        tokens, bad = _tokenize_all(processor, convs, settings)
     else:
-        settings = {k: getattr(d, k) for k in ("max_length", "max_image_pixels", "train_on", "on_bad_sample")}
         key = cache_key(model_key, processor, convs, settings)
         path = _cache_dir() / f"{key}.safetensors"
         cached = _load(path, key, convs) if _is_writer() else _wait_for(path, key, convs)
         if cached is None:
-            tokens, bad = _tokenize_all(d, processor, convs)
+            tokens, bad = _tokenize_all(processor, convs, settings)
             if _is_writer():
                 _save(path, key, len(convs), tokens, bad)
         else:
             tokens, bad = cached
-    if bad and d.on_bad_sample == "error":  # a cache from a skip run must not hide them
+    if bad and on_bad_sample == "error":  # a cache from a skip run must not hide them
         raise _bad_record_error(convs[bad[0][0]].ref, bad[0][1])
     return tokens, [(convs[i].ref, reason) for i, reason in bad]
 
 
-def _tokenize_all(d: Any, processor: Any, convs: list[Conversation]) -> tuple[list[Tokenized], Bad]:
+def _tokenize_all(processor: Any, convs: list[Conversation], settings: dict[str, Any]) -> tuple[list[Tokenized], Bad]:
+    """Tokenise with exactly the `settings` the cache key was made from."""
     tokens: list[Tokenized] = []
     bad: Bad = []
+    limits = (settings["max_length"], settings["max_image_pixels"], settings["train_on"])
     for i, conv in enumerate(convs):
         try:
-            record = tokenize(processor, conv, d.max_length, d.max_image_pixels, d.train_on)
+            record = tokenize(processor, conv, *limits)
         except BadRecord as err:
-            if d.on_bad_sample == "error":
+            if settings["on_bad_sample"] == "error":
                 raise _bad_record_error(conv.ref, str(err)) from None
             bad.append((i, str(err)))
             continue
