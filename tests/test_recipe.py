@@ -73,3 +73,15 @@ def test_help_and_validate_do_not_import_torch(tiny_recipe, write_recipe):
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
     out = subprocess.run([sys.executable, "-m", "visiontune", "--help"], capture_output=True, text=True, check=True)
     assert "train" in out.stdout and "validate" in out.stdout
+
+
+@pytest.mark.parametrize(("key", "value"), [("model", "./no-such-model"), ("model", "builtin:digits")])
+def test_a_model_source_that_leads_nowhere_is_refused_before_any_run_folder(
+    key, value, tiny_recipe, write_recipe, cli, tmp_path
+):
+    recipe = write_recipe(tiny_recipe(output_dir=str(tmp_path / "run")))
+    code, _, err = cli("validate", recipe, f"{key}={value}")
+    assert code == 2 and err.startswith(f"error: {key}: {value} ") and len(err.strip().splitlines()) == 1, err
+    code, _, err = cli("train", recipe, f"{key}={value}")
+    assert code == 2 and f"{key}: {value}" in err
+    assert not (tmp_path / "run").exists()

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 from visiontune.classify.config import ClassifyConfig
 from visiontune.clip.config import ClipClassifyConfig, ClipContinualConfig, ClipContrastiveConfig
 from visiontune.core.errors import RecipeError
+from visiontune.core.sources import parse_source
 from visiontune.run.config import INERT_ERROR, RECIPE_CONTEXT
 from visiontune.vlm.assemble_config import VlmAssembleConfig
 from visiontune.vlm.config import VlmSftConfig
@@ -40,6 +41,7 @@ CONFIGS: dict[str, type[BaseModel]] = {
 }
 
 
+SOURCE_KEYS = ("model", "vision", "language")  # recipe keys holding model sources (core/sources.py)
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # package data: installed with the wheel
 
 
@@ -66,7 +68,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> BaseMod
     raw = read_yaml(path)
     for item in overrides or []:
         apply_override(raw, item)
-    return parse_config(raw, source=str(path))
+    config = parse_config(raw, source=str(path))
+    for key in SOURCE_KEYS:  # a model path that leads nowhere is refused here, so `validate` catches it too
+        if isinstance(text := getattr(config, key, None), str):
+            parse_source(text, key)
+    return config
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

@@ -48,7 +48,7 @@ def parse_source(text: str, key: str) -> ModelSource:
         _check_folder(folder, text, key)
         return ModelSource("folder", str(folder), text, folder)
     if path.exists() or text.startswith(PATH_STARTS):
-        _refuse(text, key, f"{path} is a file" if path.exists() else f"there is no folder {path}")
+        _refuse(text, key, f"{path} is a file" if path.exists() else f"there is no folder {path.absolute()}")
     return ModelSource("hub", text, text)
 
 
@@ -77,7 +77,7 @@ def _timm(text: str, key: str) -> ModelSource:
         return ModelSource("timm", name, text)
     path = Path(name.removeprefix(LOCAL_DIR)).expanduser()
     if not path.is_dir():
-        _refuse(text, key, f"there is no folder {path}")
+        _refuse(text, key, f"there is no folder {path.absolute()}")
     _check_folder(path, text, key)
     return ModelSource("timm", f"{LOCAL_DIR}{path}", text, path)
 
