@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from visiontune.core.errors import ModelError
-from visiontune.core.sources import ModelSource, parse_source
+from visiontune.core.sources import ModelSource, parse_source, pretrained_config
 
 
 def _model_folder(path: Path, marker: str = "config.json") -> Path:
@@ -92,3 +92,9 @@ def test_a_folder_without_model_files_is_refused(tmp_path):
 def test_hub_id_passes_through(hub_id, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no folder of that name here
     assert parse_source(hub_id, "model") == ModelSource("hub", hub_id, hub_id)
+
+
+def test_a_config_that_cannot_be_read_is_refused_in_one_sentence():
+    # no such hub id: offline (no cache) and online (no repository) alike transformers raises OSError
+    with pytest.raises(ModelError, match=r"^language: nobody/nothing cannot be resolved offline \(.*\); give a dir\.$"):
+        pretrained_config("nobody/nothing", "language", "nobody/nothing", "a dir")

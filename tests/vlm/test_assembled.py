@@ -254,6 +254,7 @@ def test_instruct_from_a_folder_that_is_not_stage_one_is_refused(parts, colour_d
     [
         ("vision", "/nonexistent/clip", "vision: /nonexistent/clip cannot be resolved"),
         ("language", "/nonexistent/lm", "language: /nonexistent/lm cannot be resolved"),
+        ("vision", "nobody/clip-not-cached", r"vision: nobody/clip-not-cached cannot be resolved offline .*timm:NAME"),
     ],
 )
 def test_unresolvable_parts_name_their_key(parts, colour_data, tmp_path, key, value, match):

@@ -14,7 +14,7 @@ from torch import nn
 
 from visiontune.core.errors import ModelError
 from visiontune.core.manifest import read_manifest, write_manifest
-from visiontune.core.sources import ModelSource, parse_source
+from visiontune.core.sources import ModelSource, parse_source, pretrained_config
 from visiontune.core.transforms import Preprocess
 
 # model_type -> how its text side is tokenised (SigLIP was trained on max_length padding and pools the last token).
@@ -110,16 +110,10 @@ def resolve_dual_encoder(name: str) -> DualEncoder:
 
 
 def _transformers(source: ModelSource, meta: dict) -> DualEncoder:
-    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
     name = source.name
-    try:
-        config = AutoConfig.from_pretrained(name)
-    except (OSError, ValueError) as err:
-        raise ModelError(
-            f"model: {source.text} cannot be resolved offline ({str(err).splitlines()[0]}); give a local "
-            "CLIP/SigLIP folder or builtin:lite0-minilm."
-        ) from None
+    config = pretrained_config(name, "model", source.text, "a local CLIP/SigLIP folder or builtin:lite0-minilm")
     family = config.model_type
     if family not in FAMILIES:
         fits = OTHER_TASKS.get(family, "classify or vlm_sft")

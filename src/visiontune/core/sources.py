@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NoReturn
+from typing import Any, Literal, NoReturn
 
 from visiontune.core.assets import ASSETS
 from visiontune.core.errors import ModelError
@@ -69,6 +69,19 @@ def builtin_model(name: str, key: str) -> str:
             f"{key}: builtin:{name} is not a built-in model; the built-in models are {models} (`visiontune assets`)."
         )
     return name
+
+
+def pretrained_config(location: str, key: str, text: str, instead: str) -> Any:
+    """transformers' config of a hub id or folder; one that cannot be read offline is refused in one sentence that
+    names the recipe `key`, what it said (`text`) and what the family can load `instead`."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(location)
+    except (OSError, ValueError) as err:  # hub ids without a cache raise OSError; a malformed config ValueError
+        raise ModelError(
+            f"{key}: {text} cannot be resolved offline ({str(err).splitlines()[0]}); give {instead}."
+        ) from None
 
 
 def _timm(text: str, key: str) -> ModelSource:

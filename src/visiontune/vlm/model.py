@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from visiontune.core.errors import ModelError, RecipeError
-from visiontune.core.sources import parse_source
+from visiontune.core.sources import parse_source, pretrained_config
 from visiontune.vlm.config import VlmSftConfig, VlmTuneConfig
 
 
@@ -40,16 +40,11 @@ FAMILY_PARTS: dict[str, Parts] = {
 
 def load_vlm(cfg: VlmSftConfig) -> tuple[nn.Module, Any]:
     """Model + processor from a hub id or folder; QLoRA loads the language model in 4-bit nf4."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText
 
     location = _location(cfg.model)
-    try:
-        config = AutoConfig.from_pretrained(location)
-    except (OSError, ValueError) as err:
-        raise ModelError(
-            f"model: {cfg.model} cannot be resolved offline ({str(err).splitlines()[0]}); give a local folder "
-            "(`visiontune fixtures DIR` writes tiny ones to try a recipe)."
-        ) from None
+    instead = "a local folder (`visiontune fixtures DIR` writes tiny ones to try a recipe)"
+    config = pretrained_config(location, "model", cfg.model, instead)
     family = family_of(config.model_type, cfg.model)
     kwargs: dict[str, Any] = {}
     if cfg.tune.method == "qlora":

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from visiontune.core.errors import ModelError
-from visiontune.core.sources import ModelSource, parse_source
+from visiontune.core.sources import ModelSource, parse_source, pretrained_config
 
 __all__ = ["TimmImageProcessor", "VisionFeatures", "load_vision", "resolve_vision"]
 
@@ -119,16 +119,10 @@ def _timm_features(encoder: nn.Module, arch: str, layer: int, drop_cls: bool, im
 
 
 def _hf(source: ModelSource, layer: int, drop_cls: bool, image_size: int | None) -> tuple[VisionFeatures, Any]:
-    from transformers import AutoConfig, AutoImageProcessor, AutoModel
+    from transformers import AutoImageProcessor, AutoModel
 
     name = source.name
-    try:
-        config = AutoConfig.from_pretrained(name)
-    except (OSError, ValueError) as err:
-        raise ModelError(
-            f"vision: {source.text} cannot be resolved offline ({str(err).splitlines()[0]}); give a local folder, "
-            "timm:NAME or builtin:efficientnet-lite0."
-        ) from None
+    config = pretrained_config(name, "vision", source.text, "a local folder, timm:NAME or builtin:efficientnet-lite0")
     model = AutoModel.from_pretrained(name)
     encoder = _standalone_tower(model, config) if hasattr(config, "vision_config") else model
     if not hasattr(encoder.config, "patch_size"):
