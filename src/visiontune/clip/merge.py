@@ -37,16 +37,12 @@ def interpolate(zero_shot: StateDict, fine_tuned: StateDict, alpha: float) -> St
         ModelError: The two state dicts differ in keys or shapes.
     """
     _check_same_layout(zero_shot, fine_tuned, "the zero-shot model", "the fine-tuned model")
-    merged = {}
-    for key, start in zero_shot.items():
-        end = fine_tuned[key]
-        if not end.is_floating_point():
-            merged[key] = end.clone()
-            continue
-        dtype = _compute_dtype(end)
+
+    def lerp(key: str, end: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         # lerp uses `end - (end - start) * (1 - w)` for w >= 0.5, so both endpoints come back bit-exact.
-        merged[key] = torch.lerp(start.to(end.device, dtype), end.to(dtype), alpha).to(end.dtype)
-    return merged
+        return torch.lerp(zero_shot[key].to(end.device, dtype), end.to(dtype), alpha)
+
+    return _per_tensor(zero_shot, fine_tuned, lerp)
 
 
 def task_vectors(base: StateDict, fine_tuned_list: Sequence[StateDict]) -> list[StateDict]:
@@ -94,15 +90,11 @@ def average(state_dicts: Sequence[StateDict]) -> StateDict:
     first = state_dicts[0]
     for index, other in enumerate(state_dicts[1:], start=2):
         _check_same_layout(first, other, "model 1", f"model {index}")
-    merged = {}
-    for key, reference in first.items():
-        if not reference.is_floating_point():
-            merged[key] = reference.clone()
-            continue
-        dtype = _compute_dtype(reference)
-        stacked = torch.stack([sd[key].to(reference.device, dtype) for sd in state_dicts])
-        merged[key] = stacked.mean(0).to(reference.dtype)
-    return merged
+
+    def mean(key: str, reference: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return torch.stack([sd[key].to(reference.device, dtype) for sd in state_dicts]).mean(0)
+
+    return _per_tensor(first, first, mean)
 
 
 def task_arithmetic(base: StateDict, fine_tuned_list: Sequence[StateDict], *, scaling: float = 0.3) -> StateDict:
@@ -195,16 +187,28 @@ def _trim(flat: torch.Tensor, density: float) -> torch.Tensor:
 def _merge_task_vectors(
     base: StateDict, fine_tuned_list: Sequence[StateDict], combine: Callable[[torch.Tensor], torch.Tensor]
 ) -> StateDict:
-    """`base + combine(stacked task vectors)` per floating tensor, one tensor at a time to bound memory."""
+    """`base + combine(stacked task vectors)` per floating tensor."""
     _check_all_against_base(base, fine_tuned_list)
-    merged = {}
-    for key, theta in base.items():
-        if not theta.is_floating_point():
-            merged[key] = theta.clone()
-            continue
-        dtype = _compute_dtype(theta)
+
+    def add(key: str, theta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         taus = torch.stack([_delta(theta, fine_tuned[key], dtype) for fine_tuned in fine_tuned_list])
-        merged[key] = (theta.to(dtype) + combine(taus)).to(theta.dtype)
+        return theta.to(dtype) + combine(taus)
+
+    return _per_tensor(base, base, add)
+
+
+def _per_tensor(
+    order: StateDict, source: StateDict, combine: Callable[[str, torch.Tensor, torch.dtype], torch.Tensor]
+) -> StateDict:
+    """The one per-tensor loop, in `order`'s key order and one tensor at a time to bound memory: each floating
+    tensor of `source` becomes `combine(key, tensor, compute dtype)` cast back to its dtype; the others are cloned."""
+    merged = {}
+    for key in order:
+        tensor = source[key]
+        if tensor.is_floating_point():
+            merged[key] = combine(key, tensor, _compute_dtype(tensor)).to(tensor.dtype)
+        else:
+            merged[key] = tensor.clone()
     return merged
 
 
