@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +48,7 @@ from visiontune.core.errors import DataError, ModelError, RecipeError
 from visiontune.core.readers import LabeledImages, read_dataset
 from visiontune.core.transforms import eval_transform, train_transform, with_image_size
 from visiontune.run.arguments import loader_workers
+from visiontune.run.distributed import launched_world_size
 from visiontune.run.task import Fit, Skipped, Task
 from visiontune.run.trainer import VisiontuneTrainer
 
@@ -116,7 +116,7 @@ class ClipContrastiveTask(Task):
         pre, max_pixels, seed, aug = encoder.preprocess, cfg.data.max_image_pixels, cfg.seed, cfg.data.augment
         augment = train_transform(pre, preset=aug.preset, hflip=aug.hflip, policy=aug.policy)
         train_set = CaptionedImages(data.pairs.train, augment, max_pixels, seed, pre.image_size)
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = launched_world_size()
         return Fit(
             model=model,
             train_dataset=train_set,

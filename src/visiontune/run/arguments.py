@@ -10,6 +10,7 @@ import torch
 from transformers import TrainingArguments
 
 from visiontune.run.config import TrainConfig
+from visiontune.run.distributed import launched_world_size
 from visiontune.run.folder import CHECKPOINTS
 
 
@@ -73,7 +74,7 @@ def training_arguments(
         ddp_find_unused_parameters=False,
         deepspeed=cfg.deepspeed,
         fsdp=cfg.fsdp or "",
-        ddp_backend="gloo" if use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        ddp_backend="gloo" if use_cpu and launched_world_size() > 1 else None,
     )
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)

@@ -22,6 +22,7 @@ INTERRUPTED = 130  # the shell's exit status for Ctrl-C
 
 
 def launched_world_size() -> int:
+    """How many ranks the launcher started (1 when run without one): the one reader of WORLD_SIZE's value."""
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 

@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from visiontune.core.errors import DataError
+from visiontune.run.distributed import launched_world_size
 from visiontune.vlm.conversations import Conversation
 from visiontune.vlm.tokenize import CACHE_FORMAT, BadRecord, Tokenized, cache_key, tokenize
 
@@ -98,7 +99,7 @@ def _bad_record_error(ref: str, reason: str) -> DataError:
 def _is_writer() -> bool:
     """A single process, or the first process on each machine (so a node-local cache folder gets its file on every
     node; on a shared folder several writers rename identical files into place, which is harmless)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if launched_world_size() <= 1:
         return True
     return int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))) == 0
 
