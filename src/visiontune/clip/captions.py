@@ -224,16 +224,6 @@ def _as_text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _pick_column(ds: Any, candidates: tuple[str, ...], spec: Path, what: str) -> str:
-    found = next((c for c in candidates if c in ds.column_names), None)
-    if found is None:
-        raise DataError(
-            f"Dataset {spec} has no {what} column (one of {list(candidates)}); its columns are "
-            f"{ds.column_names}, so rename one."
-        )
-    return found
-
-
 CAPTION_READERS: dict[str, Callable[[Path, Path], CaptionPairs]] = {
     ".csv": _read_csv,
     ".jsonl": _read_jsonl,
