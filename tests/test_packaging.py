@@ -1,4 +1,5 @@
-"""The package installs like one: the wheel carries every built-in recipe, found by name from any directory."""
+"""The package installs like one: the wheel carries every built-in recipe (found by name from any directory) and
+every built-in DeepSpeed config (`train.deepspeed: zero2`)."""
 
 import shutil
 import subprocess
@@ -7,9 +8,10 @@ import zipfile
 
 from tests.conftest import REPO
 from visiontune.recipe import RECIPES_DIR, find_recipe
+from visiontune.run.config import DEEPSPEED_DIR
 
 
-def test_wheel_ships_every_builtin_recipe(tmp_path):
+def test_wheel_ships_every_builtin_recipe_and_deepspeed_config(tmp_path):
     source = tmp_path / "source"  # a copy: building in the checkout would leave build/ there
     shutil.copytree(REPO / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     for name in ("pyproject.toml", "README.md"):
@@ -23,9 +25,10 @@ def test_wheel_ships_every_builtin_recipe(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "deprecat" not in proc.stderr.lower()
     (wheel,) = tmp_path.glob("visiontune-*.whl")
-    shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("visiontune/recipes/")}
-    expected = {f"visiontune/recipes/{p.relative_to(RECIPES_DIR)}" for p in RECIPES_DIR.rglob("*.yaml")}
-    assert expected and expected <= shipped
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    for folder, pattern in ((RECIPES_DIR, "*.yaml"), (DEEPSPEED_DIR, "*.json")):
+        expected = {f"visiontune/{p.relative_to(REPO / 'src' / 'visiontune')}" for p in folder.rglob(pattern)}
+        assert expected and expected <= shipped, folder
 
 
 def test_builtin_recipes_resolve_by_name_from_any_directory(tmp_path, monkeypatch):

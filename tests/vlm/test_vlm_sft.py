@@ -216,7 +216,7 @@ def test_deepspeed_without_the_package_is_one_sentence(vlm_recipe, write_recipe,
 
     if importlib.util.find_spec("deepspeed") is not None:
         pytest.skip("deepspeed is installed here")
-    code, _, err = cli("train", write_recipe(vlm_recipe(train={"deepspeed": "configs/deepspeed/zero2.json"})))
+    code, _, err = cli("train", write_recipe(vlm_recipe(train={"deepspeed": "zero2"})))
     assert code == 2 and "pip install deepspeed" in err
 
 

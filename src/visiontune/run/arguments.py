@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-from visiontune.run.config import TrainConfig
+from visiontune.run.config import TrainConfig, deepspeed_file
 from visiontune.run.distributed import launched_world_size
 from visiontune.run.folder import CHECKPOINTS
 
@@ -23,8 +23,6 @@ def _check_deepspeed(cfg: TrainConfig) -> None:
         raise RecipeError(
             "train.deepspeed needs the deepspeed package: `pip install deepspeed==0.19.8` (or remove it)."
         )
-    if cfg.deepspeed and not os.path.isfile(cfg.deepspeed):
-        raise RecipeError(f"train.deepspeed: {cfg.deepspeed} does not exist; see configs/deepspeed/ for examples.")
 
 
 def training_arguments(
@@ -72,7 +70,7 @@ def training_arguments(
         disable_tqdm=True,
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,
-        deepspeed=cfg.deepspeed,
+        deepspeed=str(deepspeed_file(cfg.deepspeed)) if cfg.deepspeed else None,  # a name or a checked path
         fsdp=cfg.fsdp or "",
         ddp_backend="gloo" if use_cpu and launched_world_size() > 1 else None,
     )

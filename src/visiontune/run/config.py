@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
@@ -21,10 +22,19 @@ from pydantic_core import PydanticCustomError
 # every key by construction, so it validates without it.
 RECIPE_CONTEXT = {"recipe": True}
 INERT_ERROR = "inert_key"  # the pydantic error type of a refusal; its ctx["keys"] lists the refused dotted keys
+DEEPSPEED_DIR = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"  # package data: in the wheel
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+DEEPSPEED = sorted(p.stem for p in DEEPSPEED_DIR.glob("*.json"))  # built-in names for train.deepspeed
+
+
+def deepspeed_file(value: str) -> Path:
+    """`train.deepspeed`'s file: a built-in name's packaged JSON, else the value as a path (`~` expanded)."""
+    return DEEPSPEED_DIR / f"{value}.json" if value in DEEPSPEED else Path(value).expanduser()
 
 
 @dataclass(frozen=True)
@@ -110,13 +120,27 @@ class TrainConfig(Strict):
     logging_steps: int = Field(10, gt=0)
     resume: bool = False
     cpu: bool | None = Field(None, description="Force CPU; default: CPU when no GPU is visible.")
-    deepspeed: str | None = Field(None, description="DeepSpeed JSON config (configs/deepspeed/zero2.json, zero3.json).")
+    deepspeed: str | None = Field(
+        None,
+        description="DeepSpeed config: a built-in name (zero2: optimizer states and gradients sharded; zero3: "
+        "parameters too) or the path of a DeepSpeed JSON file; needs the deepspeed package.",
+    )
     fsdp: str | None = Field(None, description="FSDP policy for transformers, e.g. `full_shard auto_wrap`.")
 
     @model_validator(mode="after")
     def _inert_keys(self, info: ValidationInfo) -> TrainConfig:
         sgd = Inert(("momentum",), self.optimizer != "sgd", "with train.optimizer: sgd", "set train.optimizer: sgd")
         refuse_inert(self, info, [sgd], prefix="train.")
+        return self
+
+    @model_validator(mode="after")
+    def _deepspeed_exists(self) -> TrainConfig:
+        # refused when the recipe is read, not when the ranks have started and the run folder exists
+        if self.deepspeed and not deepspeed_file(self.deepspeed).is_file():
+            raise ValueError(
+                f"train.deepspeed: {self.deepspeed} is neither a built-in DeepSpeed config ({', '.join(DEEPSPEED)}) "
+                "nor a file; give one of those names or the path of a DeepSpeed JSON config"
+            )
         return self
 
 
