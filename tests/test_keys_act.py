@@ -432,7 +432,7 @@ ALT: dict[str, Any] = {
     "train.early_stopping_patience": 2,
     "train.precision": "bf16",
     "train.cpu": lambda w: _has_gpu(),  # the opposite of what the unset key picks on this machine
-    "train.deepspeed": "configs/deepspeed/zero2.json",
+    "train.deepspeed": "zero2",
     "train.fsdp": "full_shard auto_wrap",
     "track.wandb_project": "elsewhere",
     "track.wandb_mode": "disabled",
