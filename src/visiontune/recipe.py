@@ -6,40 +6,16 @@ Errors come out as one `RecipeError` sentence that names the file and key and su
 from __future__ import annotations
 
 import difflib
-import importlib
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from visiontune.classify.config import ClassifyConfig
-from visiontune.clip.config import ClipClassifyConfig, ClipContinualConfig, ClipContrastiveConfig
 from visiontune.core.errors import RecipeError
 from visiontune.core.sources import parse_source
+from visiontune.registry import TASKS
 from visiontune.run.config import INERT_ERROR, RECIPE_CONTEXT
-from visiontune.vlm.assemble_config import VlmAssembleConfig
-from visiontune.vlm.config import VlmSftConfig
-
-# The one registry: task name -> its typed config, and its implementation as an import string (imported only when
-# the task runs, so `visiontune validate` and `--help` never import torch).
-TASKS: dict[str, str] = {
-    "classify": "visiontune.classify.task:ClassifyTask",
-    "clip_classify": "visiontune.clip.classify:ClipClassifyTask",
-    "clip_contrastive": "visiontune.clip.contrastive:ClipContrastiveTask",
-    "clip_continual": "visiontune.clip.continual:ClipContinualTask",
-    "vlm_sft": "visiontune.vlm.sft:VlmSftTask",
-    "vlm_assemble": "visiontune.vlm.assemble:VlmAssembleTask",
-}
-CONFIGS: dict[str, type[BaseModel]] = {
-    "classify": ClassifyConfig,
-    "clip_classify": ClipClassifyConfig,
-    "clip_continual": ClipContinualConfig,
-    "clip_contrastive": ClipContrastiveConfig,
-    "vlm_sft": VlmSftConfig,
-    "vlm_assemble": VlmAssembleConfig,
-}
-
 
 SOURCE_KEYS = ("model", "vision", "language")  # recipe keys holding model sources (core/sources.py)
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # package data: installed with the wheel
@@ -58,8 +34,7 @@ def get_task(name: str) -> Any:
     """The task object for a `task:` name (see `visiontune.run.task.Task`)."""
     if name not in TASKS:
         raise RecipeError(f"`{name}` is not a known task; use one of {sorted(TASKS)}.")
-    module, _, cls = TASKS[name].partition(":")
-    return getattr(importlib.import_module(module), cls)()
+    return TASKS[name].create()
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> BaseModel:
@@ -104,9 +79,9 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
 
 def parse_config(raw: dict[str, Any], source: str = "recipe") -> BaseModel:
     task = raw.get("task")
-    if task not in CONFIGS:
-        raise RecipeError(f"{source}: `task: {task}` is not a known task; use one of {sorted(CONFIGS)}.")
-    schema = CONFIGS[task]
+    if task not in TASKS:
+        raise RecipeError(f"{source}: `task: {task}` is not a known task; use one of {sorted(TASKS)}.")
+    schema = TASKS[task].config_class()
     try:
         return schema.model_validate(raw, context=RECIPE_CONTEXT)  # the context: refuse keys that would be inert
     except ValidationError as err:
@@ -139,7 +114,7 @@ def _explain(err: ValidationError, schema: type[BaseModel], source: str) -> str:
 
 def _tasks_with_key(loc: tuple) -> list[str]:
     """The tasks whose schema has this dotted key: a key refused here because this task would ignore it."""
-    return [name for name, schema in CONFIGS.items() if _has_key(schema, loc)]
+    return [name for name, spec in TASKS.items() if _has_key(spec.config_class(), loc)]
 
 
 def _has_key(schema: type[BaseModel], loc: tuple) -> bool:

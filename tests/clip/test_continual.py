@@ -47,8 +47,8 @@ def test_two_task_sequence_writes_matrix_and_report(fixtures_dir, tmp_path, writ
     assert all(0 <= v <= 1 for row in matrix for v in row if v is not None)
     assert len(result["zero_shot"]) == 2 and "forgetting" in result
     for i, name in enumerate(result["tasks"]):
-        assert (run / "tasks" / f"{i}-{name}" / "trainable.safetensors").is_file()
-        assert (run / "tasks" / f"{i}-{name}" / "metrics.jsonl").is_file()
+        assert (run / "stages" / f"{i}-{name}" / "trainable.safetensors").is_file()
+        assert (run / "stages" / f"{i}-{name}" / "metrics.jsonl").is_file()
     assert (run / "plots/continual_matrix.png").is_file()
     assert "Continual accuracy matrix" in (run / "report.md").read_text()
     assert (run / "model" / "visiontune.json").is_file()
@@ -80,35 +80,90 @@ def test_sequence_needs_two_distinct_tasks(fixtures_dir, tmp_path, write_recipe,
     assert code == 2 and "distinct" in err
 
 
-def test_resume_continues_in_the_middle_of_the_sequence(fixtures_dir, tmp_path, write_recipe, cli, monkeypatch):
-    """Stop after the first task has finished; --resume trains only the second and gives the same matrix shape."""
-    from visiontune.clip import continual
-
+def _two_tasks(fixtures_dir: Path, tmp_path: Path, **train) -> dict:
     first = _subset(fixtures_dir, tmp_path / "first", [0, 1])
     second = _subset(fixtures_dir, tmp_path / "second", [1, 2])
-    recipe = {
+    return {
         "task": "clip_continual",
         "model": str(fixtures_dir / "clip"),
         "output_dir": str(tmp_path / "run"),
         "tasks": [{"name": "a", "train": str(first)}, {"name": "b", "train": str(second)}],
         "data": {"templates": ["a photo of a {}"], "val_split": 0.25, "workers": 0},
-        "train": {"epochs": 1, "batch_size": 6, "lr": 1e-3, "logging_steps": 1},
+        "train": {"epochs": 1, "batch_size": 6, "lr": 1e-3, "logging_steps": 1, **train},
     }
-    path = write_recipe(recipe)
-    real, trained, stopped = continual.ClipContinualTask._train_one, [], []
 
-    def stop_at_second(self, clf, cfg, split, stage_dir, resuming):
-        if stage_dir.name == "1-b" and not stopped:
-            stopped.append(True)
+
+def _stop_at_second_stage(monkeypatch) -> list[str]:
+    """Interrupt (Ctrl-C) the second stage once, when its Trainer would be built; the stages built are listed."""
+    from visiontune.clip import continual
+
+    real, built = continual.ClipContinualTask.build_stage, []
+
+    def build_stage(self, cfg, data, clf, index, folder):
+        if folder.name == "1-b" and "interrupted" not in built:
+            built.append("interrupted")
             raise KeyboardInterrupt
-        trained.append(stage_dir.name)
-        return real(self, clf, cfg, split, stage_dir, resuming)
+        built.append(folder.name)
+        return real(self, cfg, data, clf, index, folder)
 
-    monkeypatch.setattr(continual.ClipContinualTask, "_train_one", stop_at_second)
+    monkeypatch.setattr(continual.ClipContinualTask, "build_stage", build_stage)
+    return built
+
+
+def test_resume_continues_in_the_middle_of_the_sequence(fixtures_dir, tmp_path, write_recipe, cli, monkeypatch):
+    """Stop after the first task has finished; --resume trains only the second and gives the same matrix shape."""
+    recipe = _two_tasks(fixtures_dir, tmp_path)
+    path = write_recipe(recipe)
+    built = _stop_at_second_stage(monkeypatch)
     assert cli("train", path)[0] == 130
-    assert trained == ["0-a"]
+    assert built == ["0-a", "interrupted"]
     code, out, err = cli("train", path, "--resume")
     assert code == 0, err
-    assert trained == ["0-a", "1-b"] and "after task 1 of 2" in out + err
-    result = json.loads((Path(recipe["output_dir"]) / "eval/continual.json").read_text())
+    assert built == ["0-a", "interrupted", "1-b"] and "after stage 1 of 2" in out + err
+    run = Path(recipe["output_dir"])
+    result = json.loads((run / "eval/continual.json").read_text())
     assert len(result["matrix"]) == 2 and "forgetting" in result
+    summary = json.loads((run / "summary.json").read_text())
+    assert [s["name"] for s in summary["stages"]] == ["a", "b"] and summary["task"] == "clip_continual"
+    assert summary["global_step"] == sum(s["global_step"] for s in summary["stages"]) > 0
+    assert summary["final_metrics"]["accuracy"] == pytest.approx(result["average_accuracy"])
+
+
+def test_resume_refuses_a_changed_recipe(fixtures_dir, tmp_path, write_recipe, cli, monkeypatch):
+    recipe = _two_tasks(fixtures_dir, tmp_path)
+    _stop_at_second_stage(monkeypatch)
+    assert cli("train", write_recipe(recipe))[0] == 130
+    recipe["train"]["lr"] = 5e-3
+    code, _, err = cli("train", write_recipe(recipe), "--resume")
+    assert code == 2 and "train.lr" in err and "Traceback" not in err
+
+
+def test_ema_weights_are_scored_and_the_report_is_written_once(fixtures_dir, tmp_path, write_recipe, cli, monkeypatch):
+    """train.ema acts in every stage (the averaged weights are evaluated against the trained ones); the report is
+    written once, at the end, from the full summary."""
+    import visiontune.report as report
+
+    written = []
+    real = report.write_report
+    monkeypatch.setattr(report, "write_report", lambda run_dir: written.append(run_dir) or real(run_dir))
+    recipe = _two_tasks(fixtures_dir, tmp_path, ema={"decay": 0.5})
+    code, _, err = cli("train", write_recipe(recipe))
+    assert code == 0, err
+    run = Path(recipe["output_dir"])
+    for stage in ("0-a", "1-b"):
+        logged = (run / "stages" / stage / "metrics.jsonl").read_text()
+        assert "final_ema_accuracy" in logged and "final_trained_accuracy" in logged
+    summary = json.loads((run / "summary.json").read_text())
+    assert all(s["weights"] in ("ema", "trained") for s in summary["stages"])
+    assert written == [run]
+    assert "Continual accuracy matrix" in (run / "report.md").read_text()
+
+
+def test_refused_launch_leaves_no_run_folder(fixtures_dir, tmp_path, write_recipe, cli, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # accelerate's silent single-process launch
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    recipe = _two_tasks(fixtures_dir, tmp_path)
+    code, _, err = cli("train", write_recipe(recipe))
+    assert code == 2 and "single process" in err
+    assert not Path(recipe["output_dir"]).exists()

@@ -74,7 +74,7 @@ def test_clip_continual(fixtures_dir, tmp_path, write_recipe):
     run = tmp_path / "run"
     assert len(json.loads((run / "eval" / "continual.json").read_text())["matrix"]) == 2
     for stage in ("0-a", "1-b"):
-        records = [json.loads((run / "tasks" / stage / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+        records = [json.loads((run / "stages" / stage / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
         assert _same_weights(records)
 
 

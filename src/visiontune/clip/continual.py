@@ -1,15 +1,16 @@
 """`task: clip_continual` — fine-tune one CLIP vision encoder on a sequence of classification tasks.
 
-Each task gets its own zero-shot head, a fresh optimizer and schedule (a new Trainer), and a checkpoint. After
-each task every task seen so far is evaluated: the accuracy matrix A[i][j] (after task i, on task j) gives the
-average accuracy, forgetting and backward transfer (Lopez-Paz & Ranzato, 2017; Chaudhry et al., 2018).
+One runner stage per task of the sequence (`visiontune.run.stages`): each gets its own zero-shot head, a fresh
+optimiser and schedule (a new Trainer) and its checkpoints in `stages/I-NAME/`. After each task every task seen so
+far is evaluated: the accuracy matrix A[i][j] (after task i, on task j) gives the average accuracy, forgetting and
+backward transfer (Lopez-Paz & Ranzato, 2017; Chaudhry et al., 2018).
 """
 
 from __future__ import annotations
 
 import json
 import random
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from visiontune.classify.task import SplitData, TuningPlan, classification_fit, load_split
@@ -20,76 +21,108 @@ from visiontune.clip.zero_shot import CLIPClassifier
 from visiontune.core.errors import DataError, RecipeError
 from visiontune.core.transforms import with_image_size
 from visiontune.run.distributed import is_main_process
-from visiontune.run.folder import last_checkpoint
-from visiontune.run.runner import make_trainer, open_run, train_with_progress
-from visiontune.run.task import Skipped
+from visiontune.run.stages import StagedTask, stage_dir
+from visiontune.run.task import Fit, Skipped
 
 
-class ClipContinualTask(ClipClassifyTask):
-    """One Trainer per task of the sequence (fresh optimiser and schedule), built by the runner's `make_trainer`.
-    Progress is recorded after each task (eval/continual.json), so `--resume` continues mid-sequence: finished
-    tasks reload their trained parameters, the interrupted one resumes from its last checkpoint."""
+@dataclass
+class Sequence:
+    """The checked data of every task, in training order, with the recipe each one trains under."""
+
+    tasks: list[ContinualTask]
+    configs: list[ClipClassifyConfig]
+    splits: list[SplitData]
+    names: list[list[str]]  # each task's class names as the zero-shot head reads them
+
+
+class ClipContinualTask(StagedTask, ClipClassifyTask):
+    """A stage per task; clip_classify's model, tuning and evaluation (and its `evaluate`/`predict` for exports)."""
 
     name = "clip_continual"
 
-    def train(self, cfg: ClipContinualConfig, overwrite: bool = False, resume: bool = False) -> Path:
-        start = time.perf_counter()
+    def prepare(self, cfg: ClipContinualConfig) -> Sequence:
+        tasks = _ordered(cfg)
         run_dir = Path(cfg.output_dir).expanduser()
-        order = _ordered(cfg)
-        task_cfgs = [_task_config(cfg, task, run_dir / "tasks" / f"{i}-{task.name}") for i, task in enumerate(order)]
-        splits = [_load(task, c) for task, c in zip(order, task_cfgs, strict=True)]  # all data checked up front
-        progress = _resume_progress(run_dir, resume, cfg.train.resume)
-        skipped = [Skipped(b.ref, b.reason) for s in splits for b in s.skipped]
-        open_run(cfg, run_dir, overwrite, None, skipped, resuming=progress is not None)
-        if progress and is_main_process():
-            print(f"Resuming {run_dir} after task {len(progress['matrix'])} of {len(order)}.")
-        names = [prompt_names(t.prompt_names, s.train.class_names) for t, s in zip(order, splits, strict=True)]
-        clf = self._model(cfg, names[0])
-        result = progress or {"tasks": [t.name for t in order], "zero_shot": [], "matrix": []}
-        if not result["zero_shot"]:
-            result["zero_shot"] = [self._accuracy(clf, n, s) for n, s in zip(names, splits, strict=True)]
-        for i, (task_cfg, split) in enumerate(zip(task_cfgs, splits, strict=True)):
-            stage_dir = Path(task_cfg.output_dir)
-            clf.set_head(names[i])
-            if i < len(result["matrix"]):  # finished before the interruption
-                _load_trainable(clf, stage_dir / "trainable.safetensors")
-                continue
-            self._train_one(clf, task_cfg, split, stage_dir, resuming=progress is not None)
-            result["matrix"].append(
-                [self._accuracy(clf, names[j], splits[j]) if j <= i else None for j in range(len(order))]
-            )
-            if is_main_process():
-                _write_json(_progress_file(run_dir), result)
-        clf.set_head(names[-1])
-        if is_main_process():
-            clf.save(run_dir / "model")
-            result |= {**continual_metrics(result["matrix"]), "wall_time_s": round(time.perf_counter() - start, 1)}
-            _write_outputs(run_dir, result)
-        return run_dir
+        configs = [_task_config(cfg, t, stage_dir(run_dir, i, t.name)) for i, t in enumerate(tasks)]
+        splits = [_load(t, c) for t, c in zip(tasks, configs, strict=True)]  # all data checked up front
+        names = [prompt_names(t.prompt_names, s.train.class_names) for t, s in zip(tasks, splits, strict=True)]
+        return Sequence(tasks, configs, splits, names)
 
-    def _train_one(
-        self, clf: CLIPClassifier, cfg: ClipClassifyConfig, split: SplitData, stage_dir: Path, resuming: bool
-    ) -> None:
-        if is_main_process():
-            stage_dir.mkdir(parents=True, exist_ok=True)
-        trainer = make_trainer(cfg, classification_fit(clf, cfg, split, TuningPlan()), stage_dir)
-        checkpoint = last_checkpoint(stage_dir) if resuming else None
-        train_with_progress(trainer, checkpoint)
-        trainer.record_rank(stage_dir)
-        if is_main_process():
-            _save_trainable(clf, stage_dir / "trainable.safetensors")
+    def skipped(self, data: Sequence) -> list[Skipped]:
+        return [Skipped(b.ref, b.reason) for s in data.splits for b in s.skipped]
 
-    def _model(self, cfg: ClipContinualConfig, first_names: list[str]) -> CLIPClassifier:
+    def sizes(self, data: Sequence) -> dict[str, int]:
+        return {
+            "train_samples": sum(len(s.train) for s in data.splits),
+            "val_samples": sum(len(s.val) for s in data.splits),
+        }
+
+    def stage_names(self, cfg: ClipContinualConfig) -> list[str]:
+        return [t.name for t in _ordered(cfg)]
+
+    def start(self, cfg: ClipContinualConfig, data: Sequence) -> CLIPClassifier:
         encoder = resolve_dual_encoder(cfg.model)
         if cfg.data.image_size:
             encoder.preprocess = with_image_size(encoder.preprocess, cfg.data.image_size)
-        clf = CLIPClassifier(encoder, first_names, cfg.data.templates)
+        clf = CLIPClassifier(encoder, data.names[0], cfg.data.templates)
         self.plan_tuning(clf, cfg)  # clip_classify's: label smoothing, checkpointing, full / LoRA / L-LoRA
         return clf
 
-    def _accuracy(self, clf: CLIPClassifier, names: list[str], split: SplitData) -> float:
-        clf.set_head(names)
-        return self.evaluate_loaded(clf, split.val)["metrics"]["accuracy"]
+    def build_stage(
+        self, cfg: ClipContinualConfig, data: Sequence, clf: CLIPClassifier, index: int, folder: Path
+    ) -> tuple[ClipClassifyConfig, Fit]:
+        clf.set_head(data.names[index])
+        task_cfg = data.configs[index]
+        return task_cfg, classification_fit(clf, task_cfg, data.splits[index], TuningPlan())
+
+    def end_stage(
+        self, cfg: ClipContinualConfig, data: Sequence, clf: CLIPClassifier, index: int, folder: Path
+    ) -> dict:
+        if is_main_process():
+            _save_trainable(clf, folder / TRAINABLE)
+        return {"accuracy": [self._accuracy(clf, data, j) if j <= index else None for j in range(len(data.tasks))]}
+
+    def restore_stage(
+        self, cfg: ClipContinualConfig, data: Sequence, clf: CLIPClassifier, index: int, folder: Path
+    ) -> None:
+        _load_trainable(clf, folder / TRAINABLE)
+
+    def evaluate_state(
+        self, cfg: ClipContinualConfig, data: Sequence, clf: CLIPClassifier, name: str, stages: list[dict]
+    ) -> dict:
+        """Before: zero-shot accuracy on every task. After: the last stage's row of the matrix (already measured)
+        and the sequence's forgetting and backward transfer."""
+        tasks = [t.name for t in data.tasks]
+        if name == "before":
+            zero_shot = [self._accuracy(clf, data, j) for j in range(len(tasks))]
+            per_task = dict(zip(tasks, zero_shot, strict=True))
+            return {"metrics": {"accuracy": sum(zero_shot) / len(zero_shot)}, "per_task": per_task}
+        matrix = [stage["accuracy"] for stage in stages]
+        found = continual_metrics(matrix)
+        metrics = {"accuracy": found.pop("average_accuracy"), **found}
+        return {"metrics": metrics, "per_task": dict(zip(tasks, matrix[-1], strict=True)), "matrix": matrix}
+
+    def save_state(
+        self, cfg: ClipContinualConfig, data: Sequence, clf: CLIPClassifier, run_dir: Path, after: dict, stages: list
+    ) -> dict:
+        clf.set_head(data.names[-1])
+        clf.save(run_dir / "model")
+        before = json.loads((run_dir / "eval" / "before.json").read_text())
+        result = {
+            "tasks": [t.name for t in data.tasks],
+            "zero_shot": list(before["per_task"].values()),
+            "matrix": after["matrix"],
+            **continual_metrics(after["matrix"]),
+        }
+        _write_outputs(run_dir, result)
+        return {}
+
+    def _accuracy(self, clf: CLIPClassifier, data: Sequence, index: int) -> float:
+        clf.set_head(data.names[index])
+        return self.evaluate_loaded(clf, data.splits[index].val)["metrics"]["accuracy"]
+
+
+TRAINABLE = "trainable.safetensors"  # a finished stage's trained parameters, reloaded on resume
 
 
 def continual_metrics(matrix: list[list[float | None]]) -> dict[str, float]:
@@ -128,23 +161,6 @@ def _load(task: ContinualTask, cfg: ClipClassifyConfig) -> SplitData:
         raise DataError(f"Continual task `{task.name}`: {err}") from None
 
 
-def _progress_file(run_dir: Path) -> Path:
-    return run_dir / "eval" / "continual.json"
-
-
-def _resume_progress(run_dir: Path, flag: bool, recipe_key: bool) -> dict | None:
-    """The recorded progress to continue from; `--resume` with nothing to continue is refused."""
-    from visiontune.core.errors import RunDirError
-
-    path = _progress_file(run_dir)
-    progress = json.loads(path.read_text()) if (flag or recipe_key) and path.is_file() else None
-    if progress is None and (flag or recipe_key) and any((run_dir / "tasks").glob("*/checkpoints/checkpoint-*")):
-        progress = {"tasks": [], "zero_shot": [], "matrix": []}  # stopped inside the first task
-    if flag and progress is None:
-        raise RunDirError(f"--resume: {run_dir} has no finished task or checkpoint yet; start it without --resume.")
-    return progress
-
-
 def _load_trainable(clf: CLIPClassifier, path: Path) -> None:
     from safetensors.torch import load_file
 
@@ -152,11 +168,6 @@ def _load_trainable(clf: CLIPClassifier, path: Path) -> None:
     if missing:
         raise RecipeError(f"{path} holds parameters this model lacks ({missing[0]}); resume with the same recipe.")
     clf.vision.load_state_dict(load_file(str(path)), strict=False)
-
-
-def _write_json(path: Path, value: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, indent=2))
 
 
 def _save_trainable(clf: CLIPClassifier, path: Path) -> None:
@@ -168,11 +179,11 @@ def _save_trainable(clf: CLIPClassifier, path: Path) -> None:
 
 
 def _write_outputs(run_dir: Path, result: dict) -> None:
-    from visiontune.report import write_report
     from visiontune.report.sections import add_section
 
-    _write_json(_progress_file(run_dir), result)
-    (run_dir / "summary.json").write_text(json.dumps({"wall_time_s": result["wall_time_s"]}, indent=2))
+    path = run_dir / "eval" / "continual.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
     plot_matrix(result, run_dir / "plots" / "continual_matrix.png")
     tasks = result["tasks"]
     rows = [["zero-shot", *result["zero_shot"]]] + [
@@ -190,7 +201,6 @@ def _write_outputs(run_dir: Path, result: dict) -> None:
         rows=rows,
         image="plots/continual_matrix.png",
     )
-    write_report(run_dir)
 
 
 def plot_matrix(result: dict, path: Path) -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from visiontune.registry import TASKS, ReportLabels
 from visiontune.report._inputs import RunInputs, is_number, nested, scalar_metrics, series
 
 METRIC_ORDER = ["accuracy", "macro_f1", "top5_accuracy", "loss"]
@@ -147,23 +148,10 @@ def _run_section(summary: dict[str, Any] | None) -> list[Block]:
     return blocks
 
 
-# What the "before" column is, per task: its header and what it measured.
-BEFORE = {
-    "classify": ("before", "before training (pretrained backbone, new head)"),
-    "clip_classify": ("zero-shot", "of the pretrained encoder with its zero-shot text head (before training)"),
-    "clip_contrastive": ("before", "of the pretrained dual encoder (before training)"),
-    "vlm_sft": ("before", "of the base model (before training)"),
-    "vlm_assemble": ("before", "of the assembled model before this stage's training"),
-}
-
-
-def _metric_name(task: str, key: str) -> str:
-    """The classifier tasks' `loss` is plain cross-entropy; the logged `eval_loss` adds label smoothing."""
-    if key == "loss" and task in ("classify", "clip_classify", "clip_continual"):
-        return "cross-entropy (no label smoothing)"
-    if key == "accuracy" and task == "clip_classify":
-        return "accuracy (zero-shot before)"
-    return key
+def _labels(task: str) -> ReportLabels:
+    """The task's report labels from its registry entry (a run of an unknown task gets the plain ones)."""
+    spec = TASKS.get(task)
+    return spec.report if spec else ReportLabels()
 
 
 def _results_section(run: RunInputs) -> list[Block]:
@@ -172,17 +160,16 @@ def _results_section(run: RunInputs) -> list[Block]:
     keys += sorted((before.keys() | after.keys()) - set(keys))
     if not keys:
         return []
-    task = run.config.get("task", "classify")
+    labels = _labels(run.config.get("task", "classify"))
     rows: list[list[Inline]] = []
     for key in keys:
         b, a = before.get(key), after.get(key)
         change = f"{a - b:+.4f}" if a is not None and b is not None else "—"
-        rows.append([_metric_name(task, key), fmt(b), fmt(a), change])
-    before_label, meaning = BEFORE.get(task, BEFORE["classify"])
+        rows.append([labels.metrics.get(key, key), fmt(b), fmt(a), change])
     blocks: list[Block] = [
         Heading("Results"),
-        Paragraph(f"Validation metrics {meaning} and after training."),
-        Table(["metric", before_label, "after", "change"], rows, "lrrr"),
+        Paragraph(f"Validation metrics {labels.before_means} and after training."),
+        Table(["metric", labels.before, "after", "change"], rows, "lrrr"),
     ]
     weights = run.after.get("weights") if run.after else None
     if weights == "ema":

@@ -225,13 +225,14 @@ def recipe_overrides(root: Path) -> dict[str, list[str]]:
 
 
 def _model_overrides(raw: dict, root: Path, smoke: dict[str, str]) -> list[str]:
-    found = [f"output_dir={smoke[raw['output_dir']]}", "train.max_steps=2"]
+    from visiontune.registry import TASKS
+
+    spec = TASKS[raw["task"]].smoke
+    found = [f"output_dir={smoke[raw['output_dir']]}", "train.max_steps=2", *spec.overrides]
     for key in ("model", "vision", "language", "init_from"):
         if raw.get(key):
-            value = _earlier_smoke_run(raw[key], smoke) or _model_fixture(raw["task"], key, raw[key], root)
+            value = _earlier_smoke_run(raw[key], smoke) or _model_fixture(spec.model, key, raw[key], root)
             found.append(f"{key}={value}")
-    if raw["task"].startswith("vlm"):
-        found += ["eval.max_samples=2", "eval.max_new_tokens=2"]
     return found
 
 
@@ -243,33 +244,47 @@ def _earlier_smoke_run(value: str, smoke: dict[str, str]) -> str | None:
     return None
 
 
-def _model_fixture(task: str, key: str, value: str, root: Path) -> str:
+def _model_fixture(kind: str, key: str, value: str, root: Path) -> str:
+    """The fixture standing in for `value` under recipe key `key`; `kind` is the task's `model:` fixture kind."""
     name = value.lower()
     timm_like = name.startswith(("timm:", "builtin:"))  # the built-in image models are timm CNNs
     if key == "language":
         return str(root / "lm" / ("qwen2" if "qwen" in name else "llama"))
-    if task == "vlm_sft":
-        families = {"llava": "llava", "qwen2.5": "qwen2_5_vl", "qwen": "qwen2_vl"}  # else SmolVLM / Idefics3
-        return str(root / "vlm" / next((f for k, f in families.items() if k in name), "idefics3"))
-    if task.startswith("clip") or (key == "vision" and not timm_like):
-        return str(root / ("siglip" if "siglip" in name else "clip"))
     if key == "vision":
-        return f"timm:local-dir:{root / 'timm-cnn'}"
-    return str(root / ("timm-vit" if "vit" in name else "timm-cnn")) if timm_like else str(root / "hf-vit")
+        return f"timm:local-dir:{root / 'timm-cnn'}" if timm_like else str(root / "clip")
+    return MODEL_FIXTURES[kind](name, root)
+
+
+def _vlm_fixture(name: str, root: Path) -> str:
+    families = {"llava": "llava", "qwen2.5": "qwen2_5_vl", "qwen": "qwen2_vl"}  # else SmolVLM / Idefics3
+    return str(root / "vlm" / next((f for k, f in families.items() if k in name), "idefics3"))
+
+
+def _image_classifier_fixture(name: str, root: Path) -> str:
+    if name.startswith(("timm:", "builtin:")):
+        return str(root / ("timm-vit" if "vit" in name else "timm-cnn"))
+    return str(root / "hf-vit")
+
+
+# Fixture kinds a task's registry entry names (registry.Smoke): model name in the recipe -> fixture folder.
+MODEL_FIXTURES = {
+    "image_classifier": _image_classifier_fixture,
+    "dual_encoder": lambda name, root: str(root / ("siglip" if "siglip" in name else "clip")),
+    "vlm": _vlm_fixture,
+}
+DATA_FIXTURES = {"images": "images", "captions": "captions.csv", "conversations": "conversations.json"}
 
 
 def _data_overrides(raw: dict, root: Path) -> list[str]:
     """Data paths of the recipe's own (`data/...` placeholders) go to the fixture data; builtin: data is offline."""
-    task, data = raw["task"], raw.get("data") or {}
-    talks = task == "vlm_sft" or raw.get("stage") == "instruct"
-    captions = task in ("clip_contrastive", "vlm_assemble")
-    fixture = "conversations.json" if talks else "captions.csv" if captions else "images"
+    from visiontune.registry import TASKS
+
+    spec, data = TASKS[raw["task"]].smoke, raw.get("data") or {}
+    fixture = DATA_FIXTURES[spec.data_by_stage.get(raw.get("stage", ""), spec.data)]
     found = [f"data.train={root / fixture}"] if _own_path(data.get("train")) else []
     found += ["data.val=null"] if _own_path(data.get("val")) else []
     found += [f"data.{key}=null" for key in ("dataset_name", "image_root") if data.get(key)]
     found += [f"wise_ft.control={root / 'images'}"] if _own_path((raw.get("wise_ft") or {}).get("control")) else []
-    found += ["data.image_size=32"] if task.startswith("clip") and data.get("image_size") else []  # CLIP fixture: 32 px
-    found += ["data.limit=16"] if task == "vlm_assemble" else []
     return found
 
 
