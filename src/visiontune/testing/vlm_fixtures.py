@@ -21,6 +21,16 @@ TEXT = {
     "num_key_value_heads": 2,
     "max_position_embeddings": 512,
 }
+# The tiny ViT tower (32 px, 8 px patches, width 32) of the CLIP-style fixtures: Idefics3 and LLaVA here, and the
+# CLIP/SigLIP dual encoders of testing/fixtures.py.
+TINY_VISION = {
+    "image_size": 32,
+    "patch_size": 8,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+}
 
 # Chat templates, verbatim as the hub checkpoints ship them (only split into Python literals to fit 120 columns).
 # HuggingFaceTB/SmolVLM-Instruct chat_template.json (Idefics3 architecture).
@@ -190,16 +200,8 @@ def tiny_idefics3(out: Path) -> Path:
         size={"longest_edge": 32}, max_image_size={"longest_edge": 32}, do_image_splitting=False
     )
     processor = Idefics3Processor(image_processor, tok, image_seq_len=4, chat_template=IDEFICS3_TEMPLATE)
-    vision = {
-        "image_size": 32,
-        "patch_size": 8,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-    }
     config = Idefics3Config(
-        vision_config=vision,
+        vision_config=TINY_VISION,
         text_config=_text_config(tok),
         scale_factor=2,
         image_token_id=tok.convert_tokens_to_ids("<image>"),
@@ -316,17 +318,8 @@ def tiny_llava(out: Path) -> Path:
         num_additional_image_tokens=1,
         chat_template=LLAVA_TEMPLATE,
     )
-    vision = {
-        "image_size": 32,
-        "patch_size": 8,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "projection_dim": 32,
-    }
     config = LlavaConfig(
-        vision_config=vision,
+        vision_config={**TINY_VISION, "projection_dim": 32},
         text_config=_text_config(tok),
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,

@@ -12,12 +12,11 @@ from visiontune.run.config import (
     Inert,
     Strict,
     TrackConfig,
-    TrainConfig,
     no_validation_rule,
     refuse_inert,
     val_split_rule,
 )
-from visiontune.vlm.config import VALIDATION_KEYS, VlmEvalConfig
+from visiontune.vlm.config import VALIDATION_KEYS, VlmEvalConfig, VlmTrainConfig, vlm_validation_metrics
 
 # What assembles a new model; an instruct stage with `init_from` loads the align run's model as it was built.
 ASSEMBLY_KEYS = ("vision", "language", "projector", "vision_layer", "drop_cls", "image_size")
@@ -87,12 +86,11 @@ class AssembleTuneConfig(Strict):
     train_projector: bool = True
 
 
-class AssembleTrainConfig(TrainConfig):
+class AssembleTrainConfig(VlmTrainConfig):
+    """vlm_sft's defaults, with a projector-sized LR and larger batches (align trains only the small projector)."""
+
     lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    epochs: float = Field(1, gt=0)
     batch_size: int = Field(16, gt=0)
-    metric: str = "loss"
 
 
 class VlmAssembleConfig(Strict):
@@ -114,6 +112,9 @@ class VlmAssembleConfig(Strict):
     train: AssembleTrainConfig = AssembleTrainConfig()
     eval: VlmEvalConfig = VlmEvalConfig()
     track: TrackConfig = TrackConfig()
+
+    def validation_metrics(self) -> list[str]:
+        return vlm_validation_metrics(self.eval)
 
     @model_validator(mode="after")
     def _sources(self, info: ValidationInfo) -> VlmAssembleConfig:
