@@ -43,7 +43,9 @@ def train(
 ) -> None:
     """Train a model from a recipe."""
     from visiontune.recipe import get_task, load_recipe
+    from visiontune.run.folder import refuse_resume_with_overwrite, release_run_locks
 
+    refuse_resume_with_overwrite(resume, overwrite)
     config = load_recipe(find_recipe(recipe), overrides)  # a bad recipe stops here, before any rank starts
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         from visiontune.run.distributed import relaunch
@@ -60,6 +62,8 @@ def train(
                 err=True,
             )
         raise typer.Exit(130) from None
+    finally:
+        release_run_locks()  # the run is over; the next one in this process (or another) may take the folder
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(f"Run folder: {run_dir}\nReport: {run_dir / 'report.md'} and {run_dir / 'report.html'}")
 

@@ -1,4 +1,4 @@
-"""Run and output folders: --overwrite only ever deletes what visiontune made; checkpoints are saved durably and a
+"""Run and output folders: --overwrite only ever deletes what a visiontune run made; checkpoints are saved durably and a
 failed save keeps the previous one."""
 
 import errno
@@ -12,6 +12,7 @@ import pytest
 from visiontune.core.errors import RunDirError
 from visiontune.run import folder
 from visiontune.run.folder import (
+    LOCK,
     MARKER,
     last_checkpoint,
     marker_kind,
@@ -69,13 +70,12 @@ def test_parent_of_runs_is_refused(tmp_path):
     assert _tree(runs) == before
 
 
-def test_run_holding_other_runs_is_not_overwritten(tmp_path):
+def test_overwrite_keeps_the_runs_a_run_holds(tmp_path):
     outer = _finished_run(tmp_path / "outer")
-    _finished_run(outer / "inner")  # a later run was pointed inside the first one
-    before = _tree(outer)
-    with pytest.raises(RunDirError, match="holds other runs \\(inner\\)"):
-        prepare_run_dir(outer, overwrite=True, resume=False)
-    assert _tree(outer) == before
+    inner = _finished_run(outer / "inner")  # a later run was pointed inside the first one
+    before = _tree(inner)
+    prepare_run_dir(outer, overwrite=True, resume=False)
+    assert _tree(inner) == before and not (outer / "model").exists()
 
 
 @pytest.mark.parametrize("spec", [".", "", "..", Path("")])
@@ -107,7 +107,7 @@ def test_run_that_failed_early_is_reused_without_overwrite(tmp_path):
     (run / "data_report.json").write_text("{}")
     (run / "checkpoints" / ".partial" / "checkpoint-2").mkdir(parents=True)
     assert prepare_run_dir(run, overwrite=False, resume=False) is None
-    assert sorted(p.name for p in run.iterdir()) == [MARKER]
+    assert sorted(p.name for p in run.iterdir()) == [LOCK, MARKER]
 
 
 @pytest.mark.parametrize("work", ["checkpoint", "model"])
@@ -120,7 +120,7 @@ def test_run_with_a_checkpoint_or_model_needs_overwrite(tmp_path, work):
         prepare_run_dir(run, overwrite=False, resume=False)
     assert _tree(run) == before
     assert prepare_run_dir(run, overwrite=True, resume=False) is None
-    assert sorted(p.name for p in run.iterdir()) == [MARKER]
+    assert sorted(p.name for p in run.iterdir()) == [LOCK, MARKER]
 
 
 def test_overwrite_keeps_the_folder_itself(tmp_path):

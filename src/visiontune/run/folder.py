@@ -1,7 +1,10 @@
-"""Run-folder lifecycle: never overwrite by accident, find the checkpoint to resume from, save checkpoints durably.
+"""Run-folder lifecycle: never overwrite by accident, one writer per run folder, find the checkpoint to resume from,
+save checkpoints durably.
 
-Every folder visiontune creates carries a marker file (`.visiontune-run`, a small JSON); `--overwrite` only ever
-deletes a folder that has one, so pointing output_dir at a data folder, a parent of runs or `.` loses nothing."""
+Every folder visiontune creates carries a marker file (`.visiontune-run`, a small JSON) that also records the
+top-level names the run writes; `--overwrite` removes only those, so a data folder, a user's notes, a run nested
+inside or an input of the new run are never lost. A run holds the folder's lock file (`.visiontune-lock`) while it
+writes, so a second run into the same folder is refused instead of interleaving with the first."""
 
 from __future__ import annotations
 
@@ -10,6 +13,11 @@ import json
 import os
 import re
 import shutil
+import socket
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,26 +26,102 @@ from visiontune.core.errors import RunDirError
 
 CHECKPOINTS = "checkpoints"
 MARKER = ".visiontune-run"
+LOCK = ".visiontune-lock"  # holds the pid and host of the run writing the folder; locked with flock while it does
+BOOKKEEPING = frozenset({MARKER, LOCK, f"{MARKER}.tmp"})  # never removed by --overwrite, never reported as kept
 PARTIAL = ".partial"  # staging folder under checkpoints/ that VisiontuneTrainer._save_checkpoint writes into
 RUN = "run"  # the marker kind of a training run folder; output folders use their command's name
-# What a run writes before its first checkpoint. A folder holding only these (and no complete checkpoint) is a run
-# that failed early: nothing in it is worth protecting, so it is cleared and reused without --overwrite.
-EARLY = frozenset(
-    {MARKER, "config.yaml", "data_report.json", "eval", "metrics.jsonl", "tb", "wandb", "ranks", CHECKPOINTS}
+# What a run writes before its first checkpoint. A run folder holding only these (and no complete checkpoint) is a
+# run that failed early: nothing in it is worth protecting, so it is cleared and reused without --overwrite.
+EARLY = frozenset({"config.yaml", "data_report.json", "eval", "metrics.jsonl", "tb", "wandb", "ranks", CHECKPOINTS})
+# Every top-level name a training run writes, with those its follow-up commands write by default (`eval`'s
+# eval/cli, `export`'s merged/ and llava/). A new run records the ones not yet in its folder as its own.
+RUN_WRITES = EARLY | frozenset(
+    {
+        "model",
+        "adapter",
+        "llava",
+        "merged",
+        "wise_ft_model",
+        "tasks",
+        "stages",
+        "plots",
+        "summary.json",
+        "report.md",
+        "report.html",
+    }
 )
+# Recipe keys that name where a run writes, not what it reads.
+OUTPUT_KEYS = frozenset({"output_dir", "export_state_to"})
 LOW_DISK = 16 * 2**20  # free bytes under which a failed write is put down to a full disk
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
-def prepare_run_dir(path: Path | str, overwrite: bool, resume: bool) -> Path | None:
-    """Create (or reopen) the run folder; return the checkpoint to resume from (None for a fresh run)."""
+def prepare_run_dir(path: Path | str, overwrite: bool, resume: bool, inputs: Iterable[Path] = ()) -> Path | None:
+    """Create (or reopen) the run folder; return the checkpoint to resume from (None for a fresh run).
+    `open_run_dir` + `OpenedRun.begin` in one go, for callers with nothing to load in between."""
+    opened = open_run_dir(path, overwrite, resume, inputs)
+    opened.begin()
+    return opened.checkpoint
+
+
+@dataclass
+class OpenedRun:
+    """A run folder checked and locked for this process, not changed yet (except torn saves, when resuming).
+    `begin` removes the previous run's files and marks the folder as the new run's: the runner calls it only once
+    the new run's data and model are loaded, so a start that fails leaves the previous run as it was."""
+
+    path: Path
+    checkpoint: Path | None = None  # where a resumed run continues from
+    remove: list[Path] = field(default_factory=list)
+    fresh: bool = True  # a new run: it gets a new marker (a resumed one keeps its own)
+
+    def begin(self) -> None:
+        for target in self.remove:
+            _remove(target, self.path)
+        if self.fresh:
+            present = {p.name for p in self.path.iterdir()} - BOOKKEEPING
+            _create(self.path, RUN, writes=RUN_WRITES - present)
+            if present:
+                print(_kept_note(self.path, present), file=sys.stderr)
+
+
+def open_run_dir(path: Path | str, overwrite: bool, resume: bool, inputs: Iterable[Path] = ()) -> OpenedRun:
+    """Check the run folder and take its lock; plan what `begin` removes. `inputs`: paths the new run reads."""
     path = _run_path(path)
     if resume:
-        return _reopen(path)
-    if path.is_dir() and any(path.iterdir()):
-        _clear(path, overwrite)
-    _create(path, RUN)
-    return None
+        checkpoint = _resume_checkpoint(path)
+        lock_run_dir(path)
+        _remove(path / CHECKPOINTS / PARTIAL, path)  # torn saves of the interrupted run; never resumed from
+        return OpenedRun(path, checkpoint, fresh=False)
+    existing = _entries(path)
+    if existing and marker_kind(path) != RUN:
+        raise RunDirError(_not_ours(path, marker_kind(path), "output_dir", "set output_dir to a new or empty folder"))
+    _make(path)
+    lock_run_dir(path)
+    return OpenedRun(path, remove=_previous_files(path, overwrite, list(inputs)) if existing else [])
+
+
+def refuse_resume_with_overwrite(resume: bool, overwrite: bool) -> None:
+    """The pair contradicts itself (continue the run / replace it); neither may silently win."""
+    if resume and overwrite:
+        raise RunDirError(
+            "--resume continues the run in output_dir and --overwrite replaces it, so pass only one of them."
+        )
+
+
+def resume_wanted(flag: bool, recipe_key: bool, overwrite: bool) -> bool:
+    """Whether a recipe's `train.resume: true` applies. --overwrite on the command line outranks it (said in one
+    line); --resume with --overwrite is refused."""
+    refuse_resume_with_overwrite(flag, overwrite)
+    if recipe_key and overwrite and os.environ.get("RANK", "0") == "0":
+        print("--overwrite starts the run afresh, so the recipe's train.resume: true does not apply.", file=sys.stderr)
+    return recipe_key and not overwrite
+
+
+def recipe_paths(recipe: dict) -> list[Path]:
+    """Every existing path a recipe (as a dict) reads: model, data, init_from ... (the keys that name outputs
+    excluded). Relative paths are taken from the working folder, as the loaders take them."""
+    return [Path(text).expanduser() for text in _strings(recipe) if _exists(text)]
 
 
 def prepare_output_folder(path: Path | str, what: str) -> Path:
@@ -48,6 +132,65 @@ def prepare_output_folder(path: Path | str, what: str) -> Path:
         raise RunDirError(_not_ours(path, marker_kind(path), what, "pass a new or empty folder"))
     _create(path, what)
     return path
+
+
+# ---- one writer per run folder
+
+_HELD: dict[Path, int] = {}  # run folder -> open descriptor of its lock file, for the locks this process holds
+
+
+def lock_run_dir(path: Path) -> None:
+    """Hold `path`'s lock until `release_run_locks` or the end of the process, or refuse in one sentence naming the
+    holder. flock belongs to the open file, so the kernel drops it when its holder dies however it dies: a lock file
+    left by a crashed run never blocks. Taken by rank 0 only; the other ranks of a launch write under its lock."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; one writer per folder is then up to the user
+        return
+    key = path.resolve()
+    held = _HELD.get(key)
+    if held is not None and _same_file(held, key / LOCK):
+        return  # this process (e.g. a second stage of the same run) holds it already
+    fd = os.open(key / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = _holder(fd)
+        os.close(fd)
+        raise RunDirError(
+            f"Run folder {path} is being written by {holder}; wait for that run to end (or stop it) or set "
+            "output_dir to another folder."
+        ) from None
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "since": datetime.now(UTC).isoformat()}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+    _HELD[key] = fd
+
+
+def release_run_locks() -> None:
+    """Let go of every run-folder lock this process holds (its runs are over)."""
+    while _HELD:
+        os.close(_HELD.popitem()[1])
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except OSError:
+        return False  # the folder was removed and made again: its lock file is a new one
+
+
+def _holder(fd: int) -> str:
+    """Who holds the lock, from what the holder wrote into the file (it writes just after locking: wait a moment)."""
+    for _ in range(20):
+        try:
+            record = json.loads(os.pread(fd, 4096, 0) or b"null")
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and "pid" in record:
+            return f"visiontune pid {record['pid']} on {record.get('host', 'an unknown host')}"
+        time.sleep(0.05)
+    return "another visiontune process"
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
@@ -137,43 +280,103 @@ def _usable(path: Path | str, what: str) -> Path:
     return path
 
 
-def _reopen(path: Path) -> Path:
+def _resume_checkpoint(path: Path) -> Path:
     ckpt = last_checkpoint(path)
     if ckpt is None:
         raise RunDirError(
             f"--resume: {path} has no complete checkpoint yet; start it without --resume "
             "(add --overwrite to replace what is there)."
         )
-    _remove(path / CHECKPOINTS / PARTIAL, path)  # torn saves of the interrupted run; never resumed from
     return ckpt
 
 
-def _clear(path: Path, overwrite: bool) -> None:
-    """Empty a non-empty run folder, or refuse: only our own runs are cleared, and a finished one needs --overwrite."""
-    kind = marker_kind(path)
-    if kind != RUN:
-        raise RunDirError(_not_ours(path, kind, "output_dir", "set output_dir to a new or empty folder"))
-    if _failed_early(path):
-        for name in EARLY:
-            _remove(path / name, path)
-        return
-    if not overwrite:
+def _entries(path: Path) -> list[Path]:
+    """What a folder holds besides its lock file (a run that failed before marking its folder leaves only that)."""
+    return [p for p in path.iterdir() if p.name != LOCK] if path.is_dir() else []
+
+
+def _previous_files(path: Path, overwrite: bool, inputs: list[Path]) -> list[Path]:
+    """The previous run's own files that a new run removes, or a refusal: a run that got as far as a checkpoint
+    or a model needs --overwrite, and an input of the new run must not be among them."""
+    theirs = [p for p in path.iterdir() if p.name in _recorded(path)]
+    if not overwrite and not _failed_early(path, theirs):
         raise RunDirError(
             f"Run folder {path} already exists; pass --resume to continue it, --overwrite to "
             "replace it, or set output_dir to a new folder."
         )
-    nested = [p.name for p in path.iterdir() if p.is_dir() and not p.is_symlink() and marker_kind(p) == RUN]
-    if nested:
-        raise RunDirError(
-            f"--overwrite: {path} holds other runs ({', '.join(sorted(nested))}), so it is left alone; "
-            "set output_dir to the run itself."
-        )
-    for child in path.iterdir():  # empty it rather than delete it: the folder may be someone's working folder
-        _remove(child, path)
+    _refuse_inputs_among(path, theirs, inputs)
+    # A symlink may have been put there by hand, and a folder now holding another visiontune output is no longer
+    # only the previous run's: both are left in place (and said).
+    return [p for p in theirs if not p.is_symlink() and not _holds_marker(p)]
 
 
-def _failed_early(path: Path) -> bool:
-    return last_checkpoint(path) is None and all(p.name in EARLY for p in path.iterdir())
+def _recorded(path: Path) -> frozenset[str]:
+    """The top-level names the folder's run recorded writing; a marker from before records existed: RUN_WRITES."""
+    try:
+        writes = json.loads((path / MARKER).read_text()).get("writes")
+    except (OSError, ValueError, AttributeError):
+        writes = None
+    return frozenset(writes) if isinstance(writes, list) else RUN_WRITES
+
+
+def _failed_early(path: Path, theirs: list[Path]) -> bool:
+    """No checkpoint and nothing but what a run writes before its first one: nothing worth protecting."""
+    return last_checkpoint(path) is None and all(p.name in EARLY for p in theirs)
+
+
+def _refuse_inputs_among(path: Path, theirs: list[Path], inputs: list[Path]) -> None:
+    for given in inputs:
+        for form in (Path(os.path.abspath(given)), given.resolve()):  # the path as named, and where it leads
+            where = _overlap(path, theirs, form)
+            if where:
+                raise RunDirError(
+                    f"{given} is an input of this run and {where}; a new run in {path} replaces the previous run's "
+                    f"files, so move the input out of {path} or use a new output_dir."
+                )
+
+
+def _overlap(path: Path, theirs: list[Path], form: Path) -> str | None:
+    """How an input path meets the previous run's files, in words; None when it does not."""
+    if form == path.resolve():
+        return "is the run folder itself"
+    for entry in theirs:
+        if form == entry.resolve():
+            return "was written there by the previous run"
+        if entry.resolve() in form.parents:
+            return f"lies in {entry}, which the previous run wrote"
+    return None
+
+
+def _holds_marker(folder: Path) -> bool:
+    """Whether a (non-symlink) folder holds another visiontune output's marker anywhere below it."""
+    if not folder.is_dir() or folder.is_symlink():
+        return False
+    return any(MARKER in files for _root, _dirs, files in os.walk(folder))  # os.walk never follows symlinks
+
+
+def _kept_note(path: Path, kept: set[str]) -> str:
+    names = sorted(kept)
+    listed = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    return f"Left in {path} what the previous run did not write (or what holds other outputs): {listed}."
+
+
+def _strings(value: object, key: str = "") -> Iterator[str]:
+    if isinstance(value, dict):
+        for name, item in value.items():
+            if name not in OUTPUT_KEYS:
+                yield from _strings(item, name)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _strings(item, key)
+    elif isinstance(value, str) and value.strip() and "\n" not in value:
+        yield value
+
+
+def _exists(text: str) -> bool:
+    try:
+        return os.path.lexists(Path(text).expanduser())
+    except (OSError, ValueError):
+        return False
 
 
 def _not_ours(path: Path, kind: str | None, what: str, fix: str) -> str:
@@ -181,17 +384,28 @@ def _not_ours(path: Path, kind: str | None, what: str, fix: str) -> str:
     return f"{what}: {path} {made} (no matching {MARKER} marker), so it is left alone; {fix}."
 
 
-def _create(path: Path, kind: str) -> None:
+def _make(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
-        marker = {"visiontune": __version__, "kind": kind, "created": datetime.now(UTC).isoformat()}
+    except OSError as err:
+        raise RunDirError(
+            f"Cannot create {path} ({err.strerror or err}); check that no file sits in its path and that it is "
+            "writable."
+        ) from None
+
+
+def _create(path: Path, kind: str, writes: Iterable[str] | None = None) -> None:
+    _make(path)
+    marker = {"visiontune": __version__, "kind": kind, "created": datetime.now(UTC).isoformat()}
+    if writes is not None:
+        marker["writes"] = sorted(writes)  # the names a later --overwrite may remove: what this run writes
+    try:
         staged = path / f"{MARKER}.tmp"
         staged.write_text(json.dumps(marker) + "\n")
         os.replace(staged, path / MARKER)  # never a torn marker: a half-written one would disown the folder
     except OSError as err:
         raise RunDirError(
-            f"Cannot create {path} ({err.strerror or err}); check that no file sits in its path and that it is "
-            "writable."
+            f"Cannot write {path / MARKER} ({err.strerror or err}); check that {path} is writable."
         ) from None
 
 
