@@ -38,22 +38,13 @@ def answer(model: Any, processor: Any, conv: Conversation, max_new_tokens: int, 
         kwargs["images"] = [images] if nested_images(processor) else images
     inputs = processor(**kwargs)
     was_training = model.training
-    _eval_mode(model)
+    model.eval()  # a model that trains has 4-bit layers that stay trainable through this (vlm/quantized.py)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     model.train(was_training)
     new = out[0, inputs["input_ids"].shape[1] :]
     prediction = processor.tokenizer.decode(new, skip_special_tokens=True).strip()
     question = next((t.text for t in reversed(prompt_turns) if t.role == "user"), "")
     return {"ref": conv.ref, "question": question, "reference": conv.turns[last].text, "prediction": prediction}
-
-
-def _eval_mode(model: Any) -> None:
-    """Eval mode, except bitsandbytes 4-bit layers: in eval mode on CPU they repack their weights for inference, and
-    a later training step then fails (an in-place bias add on a tensor that needs grad)."""
-    model.eval()
-    for module in model.modules():
-        if type(module).__name__ == "Linear4bit":
-            module.training = True
 
 
 def evaluate_model(

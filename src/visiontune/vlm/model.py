@@ -18,6 +18,7 @@ from torch import nn
 from visiontune.core.errors import ModelError, RecipeError
 from visiontune.core.sources import parse_source, pretrained_config
 from visiontune.vlm.config import VlmSftConfig, VlmTuneConfig
+from visiontune.vlm.quantized import keep_trainable_layout
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,9 @@ def part_of(name: str, parts: Parts) -> str:
 
 
 def apply_tuning(model: nn.Module, tune: VlmTuneConfig) -> nn.Module:
-    """Freeze per part; with LoRA/QLoRA the language model gets adapters and the other trained parts train fully."""
+    """Freeze per part; with LoRA/QLoRA the language model gets adapters and the other trained parts train fully.
+    4-bit layers (QLoRA, or a 4-bit checkpoint) keep a trainable layout through any evaluation (vlm/quantized.py)."""
+    keep_trainable_layout(model)
     parts = FAMILY_PARTS[model.visiontune_family]
     wanted = {"vision": tune.train_vision, "projector": tune.train_projector, "language": tune.train_language}
     if tune.method == "full":
