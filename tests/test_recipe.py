@@ -85,3 +85,81 @@ def test_a_model_source_that_leads_nowhere_is_refused_before_any_run_folder(
     code, _, err = cli("train", recipe, f"{key}={value}")
     assert code == 2 and f"{key}: {value}" in err
     assert not (tmp_path / "run").exists()
+
+
+# ---- values that should not pass: `validate` catches each one in one sentence
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("task: classify\ndata:\n  train: a\ndata:\n  val: b\n", r":4: `data` appears twice \(first on line 2\)"),
+        ("task: classify\nmodel: [a\n", r":3 is not valid YAML"),
+        ("", "is empty; a recipe starts with `task:`"),
+        ("model: m\noutput_dir: o\n", "`task:` is missing"),
+    ],
+)
+def test_recipe_files_that_are_not_recipes(tmp_path, text, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(path)
+
+
+def test_a_folder_is_not_a_recipe(tmp_path):
+    with pytest.raises(RecipeError, match="is a folder"):
+        load_recipe(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.batch_size=true", "`train.batch_size` = True is invalid: .*true/false"),
+        ("train.epochs=.inf", "`train.epochs` = inf is invalid: .*finite"),
+        ("train.lr=.nan", "`train.lr` = nan is invalid: .*finite"),
+        ("train.metric=acc", "train.metric `acc` is not a validation metric of classify.*accuracy, macro_f1"),
+    ],
+)
+def test_values_that_would_fail_late_are_refused(tiny_recipe, write_recipe, override, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(write_recipe(tiny_recipe()), [override])
+
+
+def test_a_true_false_key_still_takes_true(tiny_recipe, write_recipe):
+    assert load_recipe(write_recipe(tiny_recipe()), ["train.cpu=true"]).train.cpu is True
+
+
+def test_vlm_metric_follows_the_generation_metrics(write_recipe):
+    raw = {"task": "vlm_sft", "model": "m", "output_dir": "o", "data": {"train": "c.json"}}
+    ok = load_recipe(write_recipe(raw), ["train.metric=json_field_f1", "eval.metrics=[json]"])
+    assert ok.train.metric == "json_field_f1"
+    with pytest.raises(RecipeError, match="use one of loss$|use one of loss\\."):
+        load_recipe(write_recipe(raw), ["train.metric=exact_match", "eval.samples_during_training=0"])
+
+
+# ---- layers: a command-line key that makes a recipe key inert wins; a contradiction inside one layer is refused
+
+
+def test_command_line_key_wins_over_the_file_key_it_makes_inert(write_recipe, capsys, tmp_path):
+    raw = {"task": "classify", "model": "timm:resnet18", "output_dir": "o", "data": {"train": "a", "val_split": 0.3}}
+    cfg = load_recipe(write_recipe(raw), [f"data.val={tmp_path}"])
+    assert cfg.data.val == str(tmp_path) and "val_split" not in cfg.data.model_fields_set
+    assert "`data.val_split` no longer applies" in capsys.readouterr().err
+
+
+def test_builtin_recipe_takes_command_line_keys_that_override_it(cli, tmp_path):
+    code, _, err = cli("validate", "mnist-efficientnet-lite0", f"data.train={tmp_path}", f"data.val={tmp_path}")
+    assert code == 0, err
+    assert "data.val_split" in err and "no longer applies" in err
+    code, _, err = cli("validate", "l-lora", "skip_training=true")
+    assert code == 0, err
+    assert "train.lr" in err and "tune.method" in err
+
+
+def test_contradiction_inside_one_layer_is_refused(write_recipe):
+    raw = {"task": "classify", "model": "timm:resnet18", "output_dir": "o", "data": {"train": "a"}}
+    with pytest.raises(RecipeError, match="train.momentum acts only with train.optimizer: sgd"):
+        load_recipe(write_recipe(raw), ["train.momentum=0.5"])  # inside the command line
+    raw["data"] |= {"val": "v", "val_split": 0.3}
+    with pytest.raises(RecipeError, match="data.val_split acts only"):
+        load_recipe(write_recipe(raw))  # inside the file

@@ -43,6 +43,9 @@ class ToyConfig(Strict):
     train: TrainConfig = TrainConfig()
     track: TrackConfig = TrackConfig()
 
+    def validation_metrics(self) -> list[str]:
+        return ["loss", "accuracy"]
+
 
 class ToyTask(Task):
     name = "toy"

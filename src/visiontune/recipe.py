@@ -5,7 +5,9 @@ Errors come out as one `RecipeError` sentence that names the file and key and su
 
 from __future__ import annotations
 
+import copy
 import difflib
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +42,13 @@ def get_task(name: str) -> Any:
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> BaseModel:
     """Read a recipe, apply `a.b=value` overrides and validate it into the task's config class."""
     path = Path(path)
-    raw = read_yaml(path)
+    file_raw = read_yaml(path)
+    raw = copy.deepcopy(file_raw)
     for item in overrides or []:
         apply_override(raw, item)
+    for key in made_inert_by_overrides(file_raw, raw):  # the later layer wins: drop what it made inert, say so
+        _drop(raw, key)
+        print(f"Note: {path}'s `{key}` no longer applies with the command line's keys; left out.", file=sys.stderr)
     config = parse_config(raw, source=str(path))
     for key in SOURCE_KEYS:  # a model path that leads nowhere is refused here, so `validate` catches it too
         if isinstance(text := getattr(config, key, None), str):
@@ -50,16 +56,91 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> BaseMod
     return config
 
 
+def made_inert_by_overrides(file_raw: dict[str, Any], raw: dict[str, Any]) -> list[str]:
+    """Keys the recipe file writes that the command line made inert (`data.val=...` over a file's `data.val_split`):
+    refused in the merged recipe but not in the file itself. A contradiction inside one layer (the file alone, or a
+    key the command line itself writes) is still refused. Only judged when the file alone is a valid recipe."""
+    file_refused = _inert_refusals(file_raw)
+    if file_refused is None:
+        return []
+    merged_refused = _inert_refusals(raw) or []
+    return [key for key in merged_refused if key not in file_refused and _lookup(file_raw, key) == _lookup(raw, key)]
+
+
+def _inert_refusals(raw: dict[str, Any]) -> list[str] | None:
+    """The dotted keys refused as inert when `raw` is validated; None if it fails for another reason too."""
+    spec = TASKS.get(raw.get("task"))  # type: ignore[arg-type]
+    if spec is None:
+        return None
+    try:
+        spec.config_class().model_validate(raw, context=RECIPE_CONTEXT)
+    except ValidationError as err:
+        errors = err.errors()
+        if any(e["type"] != INERT_ERROR for e in errors):
+            return None
+        return [key for e in errors for key in e["ctx"]["keys"]]
+    return []
+
+
+_MISSING = object()
+
+
+def _lookup(raw: dict[str, Any], key: str) -> Any:
+    node: Any = raw
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _drop(raw: dict[str, Any], key: str) -> None:
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node[part]
+    del node[leaf]
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise RecipeError(f"Recipe {path} is a folder; give a recipe file (.yaml) or a built-in recipe's name.")
     if not path.is_file():
         raise RecipeError(f"Recipe {path} does not exist; `visiontune recipes` lists the built-in ones.")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
     except yaml.YAMLError as err:
-        raise RecipeError(f"Recipe {path} is not valid YAML ({err}); fix the syntax at the line shown.") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        if isinstance(err, DuplicateKeyError):
+            raise RecipeError(f"Recipe {where}: {problem}.") from None
+        raise RecipeError(f"Recipe {where} is not valid YAML: {problem}; fix the syntax on that line.") from None
+    if raw is None:
+        raise RecipeError(f"Recipe {path} is empty; a recipe starts with `task:` (one of {', '.join(TASKS)}).")
     if not isinstance(raw, dict):
         raise RecipeError(f"Recipe {path} must be a mapping of keys to values, not {type(raw).__name__}.")
     return raw
+
+
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    pass
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys without a word; a recipe with a second `data:` section would lose
+    the first one. Refuse it instead (the error carries the line of the second key)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise DuplicateKeyError(
+                    None, None, f"`{key}` appears twice (first on line {seen[key]}); keep one", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -79,13 +160,27 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
 
 def parse_config(raw: dict[str, Any], source: str = "recipe") -> BaseModel:
     task = raw.get("task")
+    if task is None:
+        raise RecipeError(f"{source}: `task:` is missing; use one of {sorted(TASKS)}.")
     if task not in TASKS:
         raise RecipeError(f"{source}: `task: {task}` is not a known task; use one of {sorted(TASKS)}.")
     schema = TASKS[task].config_class()
     try:
-        return schema.model_validate(raw, context=RECIPE_CONTEXT)  # the context: refuse keys that would be inert
+        config = schema.model_validate(raw, context=RECIPE_CONTEXT)  # the context: refuse keys that would be inert
     except ValidationError as err:
         raise RecipeError(_explain(err, schema, source)) from None
+    _check_metric(config, source)
+    return config
+
+
+def _check_metric(config: Any, source: str) -> None:
+    """`train.metric` must be something the task's validation reports, else the run fails at its first evaluation."""
+    known = config.validation_metrics()
+    if config.train.metric not in known:
+        raise RecipeError(
+            f"{source}: train.metric `{config.train.metric}` is not a validation metric of {config.task} with this "
+            f"recipe; use one of {', '.join(known)}."
+        )
 
 
 def _explain(err: ValidationError, schema: type[BaseModel], source: str) -> str:

@@ -90,6 +90,10 @@ class TuneConfig(Strict):
         return self
 
 
+# What a classifier's validation reports (classify/metrics.py; top5_accuracy with five classes or more).
+CLASSIFIER_METRICS = ("accuracy", "macro_f1", "top5_accuracy", "loss")
+
+
 class ClassifyConfig(Strict):
     """Recipe for `task: classify` — fine-tune an image classifier."""
 
@@ -102,6 +106,9 @@ class ClassifyConfig(Strict):
     tune: TuneConfig = TuneConfig()
     train: ClassifierTrainConfig = ClassifierTrainConfig()
     track: TrackConfig = TrackConfig()
+
+    def validation_metrics(self) -> list[str]:
+        return list(CLASSIFIER_METRICS)
 
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> ClassifyConfig:

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from visiontune.classify.config import DataConfig
+from visiontune.classify.config import CLASSIFIER_METRICS, DataConfig
 from visiontune.core.config import PIL_MAX_PIXELS, AugmentConfig, ImageAugmentConfig
 from visiontune.run.config import (
     ClassifierTrainConfig,
@@ -127,6 +127,9 @@ class ClipClassifyConfig(Strict):
     skip_training: bool = Field(False, description="Evaluate zero-shot only.")
     wise_ft: WiseFtConfig | None = None
 
+    def validation_metrics(self) -> list[str]:
+        return list(CLASSIFIER_METRICS)
+
     @model_validator(mode="after")
     def _wise_ft_needs_mergeable_weights(self, info: ValidationInfo) -> ClipClassifyConfig:
         if self.wise_ft is not None and self.tune.method == "l_lora":
@@ -181,6 +184,9 @@ class ClipContinualConfig(Strict):
     train: ClipTrainConfig = ClipTrainConfig()
     track: TrackConfig = TrackConfig()
 
+    def validation_metrics(self) -> list[str]:
+        return list(CLASSIFIER_METRICS)
+
     @model_validator(mode="after")
     def _tasks(self, info: ValidationInfo) -> ClipContinualConfig:
         names = [t.name for t in self.tasks]
@@ -230,6 +236,10 @@ class CaptionDataConfig(Strict):
         return self
 
 
+# What clip_contrastive's validation reports: retrieval recall both ways (clip/retrieval.py) and the loss.
+CONTRASTIVE_METRICS = ("mean_recall", "loss", *(f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)))
+
+
 class ClipContrastiveConfig(Strict):
     """Contrastive image-text fine-tuning (symmetric InfoNCE with the learnable temperature)."""
 
@@ -241,3 +251,6 @@ class ClipContrastiveConfig(Strict):
     trainable: Literal["both", "vision", "text", "projections"] = "both"
     train: ContrastiveTrainConfig = ContrastiveTrainConfig()
     track: TrackConfig = TrackConfig()
+
+    def validation_metrics(self) -> list[str]:
+        return list(CONTRASTIVE_METRICS)

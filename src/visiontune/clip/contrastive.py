@@ -44,7 +44,7 @@ from visiontune.clip.zero_shot import zero_shot_head
 from visiontune.core.check import BadSample, clean
 from visiontune.core.config import PIL_MAX_PIXELS
 from visiontune.core.dataset import Collator, ImageClassificationDataset
-from visiontune.core.errors import DataError, ModelError, RecipeError
+from visiontune.core.errors import DataError, ModelError
 from visiontune.core.readers import LabeledImages, read_dataset
 from visiontune.core.transforms import eval_transform, train_transform, with_image_size
 from visiontune.run.arguments import loader_workers
@@ -61,7 +61,6 @@ TRAINABLE = {
 TOWERS = ("vision_model", "text_model")
 MAX_LOGIT_SCALE = 100.0  # CLIP clamps the learnt temperature so logits never exceed 100 x cosine
 MAX_PIXELS = PIL_MAX_PIXELS
-VAL_METRICS = ["mean_recall", "loss", *(f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10))]
 
 
 @dataclass
@@ -89,7 +88,6 @@ class ClipContrastiveTask(Task):
     name = "clip_contrastive"
 
     def prepare(self, cfg: ClipContrastiveConfig) -> ContrastiveData:
-        check_metric(cfg.train.metric)
         return ContrastiveData(load_caption_split(cfg.data, cfg.seed), load_zero_shot(cfg.data))
 
     def skipped(self, data: ContrastiveData) -> list[Skipped]:
@@ -259,13 +257,6 @@ def set_trainable(model: nn.Module, trainable: str, name: str) -> int:
         p.requires_grad_(n.startswith(TRAINABLE[trainable]) or n == "logit_scale")
         count += p.numel() if p.requires_grad else 0
     return count
-
-
-def check_metric(metric: str) -> None:
-    if metric not in VAL_METRICS:
-        raise RecipeError(
-            f"train.metric: {metric} is not a clip_contrastive validation metric; use one of {VAL_METRICS}."
-        )
 
 
 def load_caption_split(d: CaptionDataConfig, seed: int) -> CaptionSplit:

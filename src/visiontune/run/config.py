@@ -12,9 +12,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 # Validation context under which inert keys are refused: `visiontune.recipe.parse_config` validates every recipe
@@ -26,7 +27,22 @@ DEEPSPEED_DIR = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # allow_inf_nan: `epochs: .inf` would pass and then overflow the step count.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """pydantic reads `batch_size: true` as 1; a number written as true/false is a mistake, not a number."""
+        if isinstance(value, bool) and info.field_name and not _admits_bool(cls.model_fields[info.field_name]):
+            raise ValueError("is true/false where a number or text belongs; write the value itself")
+        return value
+
+
+def _admits_bool(field: Any) -> bool:
+    annotation = field.annotation
+    members = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+    return any(m is bool or m is Any for m in members)
 
 
 DEEPSPEED = sorted(p.stem for p in DEEPSPEED_DIR.glob("*.json"))  # built-in names for train.deepspeed

@@ -96,6 +96,17 @@ class VlmEvalConfig(Strict):
     )
 
 
+def generation_metric_keys(names: list[str]) -> list[str]:
+    """The keys the generation metrics `names` report (vlm/generation_metrics.py: "json" reports four)."""
+    json_keys = ["json_valid_rate", "json_field_precision", "json_field_recall", "json_field_f1"]
+    return [key for name in names for key in (json_keys if name == "json" else [name])]
+
+
+def vlm_validation_metrics(ev: VlmEvalConfig) -> list[str]:
+    """Validation during training: the loss, plus the generation metrics when it answers some records."""
+    return ["loss", *(generation_metric_keys(ev.metrics) if ev.samples_during_training else [])]
+
+
 class VlmSftConfig(Strict):
     task: Literal["vlm_sft"] = "vlm_sft"
     model: str = Field(description="LLaMA-Factory `model_name_or_path`: hub id or folder.")
@@ -107,6 +118,9 @@ class VlmSftConfig(Strict):
     train: VlmTrainConfig = VlmTrainConfig()
     eval: VlmEvalConfig = VlmEvalConfig()
     track: TrackConfig = TrackConfig()
+
+    def validation_metrics(self) -> list[str]:
+        return vlm_validation_metrics(self.eval)
 
     @model_validator(mode="after")
     def _something_trains(self, info: ValidationInfo) -> VlmSftConfig:
