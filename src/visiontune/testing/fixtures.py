@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -124,12 +125,9 @@ def word_tokenizer(out: Path, max_length: int = 16):
     return tok
 
 
-def tiny_clip(out: Path) -> Path:
-    """transformers CLIPModel (32 px, width 32, projection 16) + tokenizer + image processor."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    tok = word_tokenizer(out)
-    text = {
+def _tiny_text(tok: Any) -> dict[str, Any]:
+    """The tiny text tower of both dual encoders (width 32, 2 layers) over `word_tokenizer`'s ids."""
+    return {
         "vocab_size": len(tok),
         "hidden_size": 32,
         "intermediate_size": 64,
@@ -140,15 +138,16 @@ def tiny_clip(out: Path) -> Path:
         "bos_token_id": 2,
         "eos_token_id": 3,
     }
-    vision = {
-        "image_size": 32,
-        "patch_size": 8,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-    }
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(out)
+
+
+def tiny_clip(out: Path) -> Path:
+    """transformers CLIPModel (32 px, width 32, projection 16) + tokenizer + image processor."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from visiontune.testing.vlm_fixtures import TINY_VISION
+
+    text = _tiny_text(word_tokenizer(out))
+    CLIPModel(CLIPConfig(text_config=text, vision_config=TINY_VISION, projection_dim=16)).save_pretrained(out)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
     return out
 
@@ -157,28 +156,10 @@ def tiny_siglip(out: Path) -> Path:
     """transformers SiglipModel (32 px, width 32) + tokenizer + image processor."""
     from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
 
-    tok = word_tokenizer(out)
-    text = {
-        "vocab_size": len(tok),
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "max_position_embeddings": 16,
-        "pad_token_id": 0,
-        "bos_token_id": 2,
-        "eos_token_id": 3,
-        "projection_size": 32,
-    }
-    vision = {
-        "image_size": 32,
-        "patch_size": 8,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-    }
-    SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).save_pretrained(out)
+    from visiontune.testing.vlm_fixtures import TINY_VISION
+
+    text = {**_tiny_text(word_tokenizer(out)), "projection_size": 32}
+    SiglipModel(SiglipConfig(text_config=text, vision_config=TINY_VISION)).save_pretrained(out)
     SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(out)
     return out
 
