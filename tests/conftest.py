@@ -22,10 +22,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def fixtures_dir(tmp_path_factory) -> Path:
+    import torch
+
     from visiontune.testing.fixtures import write_all
 
     out = tmp_path_factory.mktemp("fixtures")
-    write_all(out)
+    with torch.random.fork_rng():  # the same weights whichever test asks first (and the RNG left as it was)
+        torch.manual_seed(0)
+        write_all(out)
     return out
 
 
@@ -98,3 +102,31 @@ def train_two_ranks(recipe: Path) -> list[dict]:
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = Path(yaml.safe_load(recipe.read_text())["output_dir"])
     return [json.loads((run / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+# Random tiny models decide nothing by their argmax: where two logits lie within float rounding of each other, which
+# one wins depends on the CPU's kernels (ATEN_CPU_CAPABILITY), the batch size and what ran before. Comparisons of two
+# models' predictions go through these two helpers, which accept a different choice only at such a tie.
+
+
+def assert_same_predictions(expected, actual, atol: float) -> None:
+    """Logits within `atol`: so the same top class in every row whose top two logits are more than 2·atol apart (a
+    closer row is a tie float rounding breaks either way, its argmax no evidence), and some row must be that clear."""
+    import torch
+
+    torch.testing.assert_close(actual, expected, rtol=0, atol=atol)
+    top = expected.topk(2, dim=-1).values
+    assert (top[..., 0] - top[..., 1] > 2 * atol).any(), "every row is a near-tie: the logits decide no prediction"
+
+
+def assert_same_greedy(ours, theirs, prompt_length: int, tol: float) -> None:
+    """Greedy answers of two models whose logits agree within `tol`: `ours` (prompt + new ids) equals
+    `theirs.sequences` (from `generate(..., output_logits=True, return_dict_in_generate=True)`), or parts from it only
+    at a step where their logits of the two tokens lie within 2·tol, a tie (the tokens after it show nothing)."""
+    a, b = ours[0, prompt_length:].tolist(), theirs.sequences[0, prompt_length:].tolist()
+    for step, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            gap = float(theirs.logits[step][0, y] - theirs.logits[step][0, x])
+            assert gap <= 2 * tol, f"new token {step}: ours {x}, theirs {y}, {gap:.2e} apart in their logits"
+            return
+    assert len(a) == len(b), (a, b)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import assert_same_predictions
 from visiontune.classify.model import ImageClassifier
 from visiontune.classify.resolve import resolve_classifier
 from visiontune.core.transforms import Preprocess, eval_transform
@@ -59,11 +60,6 @@ def _visiontune_logits(folder) -> torch.Tensor:
     return model(torch.stack([transform(im) for im in _images()]))["logits"]
 
 
-def _assert_same_predictions(plain: torch.Tensor, ours: torch.Tensor, atol: float) -> None:
-    assert plain.argmax(-1).tolist() == ours.argmax(-1).tolist()
-    torch.testing.assert_close(plain, ours, rtol=0, atol=atol)
-
-
 @pytest.mark.parametrize(("kind", "size"), [("timm-cnn", 64), ("timm-vit", 48)])
 def test_timm_export_predicts_the_same_in_plain_timm(kind, size, models, tmp_path):
     import timm
@@ -78,7 +74,7 @@ def test_timm_export_predicts_the_same_in_plain_timm(kind, size, models, tmp_pat
     transform = create_transform(**cfg)
     with torch.no_grad():
         logits = plain(torch.stack([transform(im) for im in _images()]))
-    _assert_same_predictions(logits, _visiontune_logits(tmp_path / "model"), atol=1e-5)
+    assert_same_predictions(logits, _visiontune_logits(tmp_path / "model"), atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", [None, "pil"])
@@ -97,7 +93,7 @@ def test_transformers_export_at_another_size_predicts_the_same(backend, models, 
         logits = plain(**processor(_images(), return_tensors="pt")).logits
     # The default (torchvision) backend resizes tensors, not PIL images: pixels differ by up to 1/255.
     ours = _visiontune_logits(tmp_path / "model")
-    _assert_same_predictions(logits, ours, atol=1e-5 if backend else 1e-3)
+    assert_same_predictions(logits, ours, atol=1e-5 if backend else 1e-3)
 
 
 @pytest.mark.parametrize(("backend", "atol"), [("pil", 1e-5), (None, 0.03)])

@@ -99,15 +99,23 @@ def test_the_sweep_reads_the_saved_model_once_and_hits_both_endpoints(run, monke
 
 
 def test_rows_match_mixing_freshly_loaded_models(run, monkeypatch):
-    """What the sweep computed when it reloaded both models from disk for every alpha."""
+    """What the sweep computed when it reloaded both models from disk for every alpha. The whole evaluation is
+    compared, loss included: a tiny random CLIP's accuracy alone would match a wrongly mixed model as well."""
     from visiontune.classify.task import load_split
 
     cfg, run_dir, _ = run
     monkeypatch.setattr(wise_ft, "_report", lambda *args: None)
+    scored, real = [], classify.ClipClassifyTask.evaluate_loaded
+    monkeypatch.setattr(
+        classify.ClipClassifyTask,
+        "evaluate_loaded",
+        lambda *args, **kwargs: scored.append(real(*args, **kwargs)) or scored[-1],
+    )
     rows = wise_ft.sweep(cfg, run_dir)
+    swept = [report["metrics"] for report in scored]
 
     task, target = classify.ClipClassifyTask(), load_split(cfg).val
-    for row in rows:
+    for row, metrics in zip(rows, swept, strict=True):
         tuned = classify.load_clip_classifier(str(run_dir / "model"))
         zero_shot = classify.load_clip_classifier(str(run_dir / "model"))
         zero_shot.encoder.model.load_state_dict(dual_encoder.resolve_dual_encoder(cfg.model).model.state_dict())
@@ -118,4 +126,5 @@ def test_rows_match_mixing_freshly_loaded_models(run, monkeypatch):
             interpolate(zero_shot.vision_state(), fine_tuned, row["alpha"]), strict=False
         )
         tuned.set_head(tuned.class_names)
-        assert row["target_accuracy"] == task.evaluate_loaded(tuned, target)["metrics"]["accuracy"]
+        assert row["target_accuracy"] == metrics["accuracy"]
+        assert task.evaluate_loaded(tuned, target)["metrics"] == pytest.approx(metrics, rel=1e-6)
