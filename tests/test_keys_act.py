@@ -438,6 +438,7 @@ ALT: dict[str, Any] = {
     "track.wandb_mode": "disabled",
     "eval.metrics": ["exact_match", "anls"],
     "eval.max_samples": 1,
+    "eval.samples_during_training": 1,  # the vlm_sft fixture has 2 val records
 }
 
 # Settings under which a key matters, applied to both sides of the comparison.
@@ -711,7 +712,7 @@ def _files(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.is_dir() else []
 
 
-_TIMINGS = ("runtime", "per_second", "wall_time_s", "epoch")
+_TIMINGS = ("runtime", "per_second", "preparation_time", "wall_time_s", "epoch")
 
 
 def _untimed(obj: Any) -> Any:
@@ -874,8 +875,13 @@ def _continual(cfg: Any, mp: Any) -> dict:
 
 
 def level_evaluate(runner: Runner, cfg: Any, mp: Any) -> dict:
-    """The task's evaluation before training and the validation during training (and the zero-shot heads it
-    scores with: on a random tiny model two heads can score the same accuracy)."""
+    """The task's evaluation before training and the validation during training, and what it asks of the model:
+    the zero-shot heads it scores with and every `generate` call (arguments, input shapes). A random tiny model's
+    scores and answers are no evidence: two heads can score the same accuracy, and 2 or 3 new tokens can decode to
+    the same text, depending on float rounding (the CPU's kernels) and on what ran before."""
+    import torch
+    from transformers.generation.utils import GenerationMixin
+
     import visiontune.clip.contrastive as contrastive
 
     heads: list = []
@@ -886,11 +892,25 @@ def level_evaluate(runner: Runner, cfg: Any, mp: Any) -> dict:
         heads.append(describe(result))
         return result
 
+    generations: list = []
+    real_generate = GenerationMixin.generate
+
+    def generate(self, *args, **kwargs):
+        shown = {k: list(v.shape) if isinstance(v, torch.Tensor) else describe(v) for k, v in kwargs.items()}
+        generations.append({"model": type(self).__qualname__, "args": len(args), **shown})
+        return real_generate(self, *args, **kwargs)
+
     mp.setattr(contrastive, "zero_shot_head", head)
+    mp.setattr(GenerationMixin, "generate", generate)
     task, data, fit, trainer = _built(cfg)
     before = task.evaluate_run(cfg, fit, trainer, data, "before")
     during = trainer.evaluate() if trainer.eval_dataset is not None else {}
-    return {"before": describe(_untimed(before)), "during": describe(_untimed(during)), "heads": heads}
+    return {
+        "before": describe(_untimed(before)),
+        "during": describe(_untimed(during)),
+        "heads": heads,
+        "generations": generations,
+    }
 
 
 def level_save(runner: Runner, cfg: Any, mp: Any) -> dict:
