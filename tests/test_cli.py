@@ -14,7 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from visiontune.recipe import TASKS
+from visiontune.registry import TASKS
 
 
 @pytest.fixture(autouse=True)
@@ -227,3 +227,77 @@ def test_compare_follows_the_bad_record_rule_and_writes_only_its_own_folder(cli,
     code, _, err = cli("compare", tiny_vlm_dir, tiny_vlm_dir, "--data", data, "--out", mine, "--skip-bad")
     assert code == 2 and "left alone" in _one_error_line(err)
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
+
+# ----------------------------------------------------------------------- --out never replaces what it did not write
+
+
+def _users_results(folder: Path) -> dict[str, str]:
+    folder.mkdir(parents=True)
+    files = {"predictions.csv": "mine\n", "metrics.json": '{"mine": 1}'}
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    return files
+
+
+def test_eval_out_leaves_a_users_folder_alone(cli, tmp_path):
+    mine = tmp_path / "results"
+    files = _users_results(mine)
+    code, _, err = cli("eval", tmp_path / "model", "--data", tmp_path / "data", "--out", mine)
+    assert code == 2 and "left alone" in _one_error_line(err) and "eval --out" in err
+    assert {p.name: p.read_text() for p in mine.iterdir()} == files
+
+
+def test_eval_out_that_is_or_holds_an_input_is_refused(cli, tmp_path):
+    data = _conversations(tmp_path / "data").parent
+    for out in (data, tmp_path):
+        code, _, err = cli("eval", tmp_path / "model", "--data", data, "--out", out, "--task", "vlm_sft")
+        line = _one_error_line(err)
+        assert code == 2 and "input" in line and str(data) in line, line
+    assert sorted(p.name for p in data.iterdir()) == ["conversations.json", "red.png"]
+
+
+def test_eval_out_may_replace_its_own_earlier_output(cli, tiny_vlm_dir, tmp_path):
+    data, out = _conversations(tmp_path / "data"), tmp_path / "eval"
+    args = ["eval", tiny_vlm_dir, "--data", data, "--task", "vlm_sft", "--out", out]
+    assert cli(*args)[0] == 0
+    code, _, err = cli(*args)
+    assert code == 0, err
+
+
+def _chartqa(tmp_path: Path) -> tuple[Path, Path]:
+    (tmp_path / "png").mkdir()
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "png" / "c.png")
+    data = tmp_path / "qa.json"
+    data.write_text(json.dumps([{"imgname": "c.png", "query": "Q?", "label": "A"}]), encoding="utf-8")
+    return data, tmp_path / "png"
+
+
+def test_convert_out_that_is_its_input_is_refused(cli, tmp_path):
+    data, png = _chartqa(tmp_path)
+    before = data.read_text()
+    code, _, err = cli("convert", "chartqa", data, "--out", data, "--image-root", png)
+    assert code == 2 and "input" in _one_error_line(err)
+    assert data.read_text() == before
+
+
+def test_convert_out_over_a_users_file_is_refused_but_its_own_is_rewritten(cli, tmp_path):
+    data, png = _chartqa(tmp_path)
+    mine = tmp_path / "train.json"
+    mine.write_text("[]")
+    code, _, err = cli("convert", "chartqa", data, "--out", mine, "--image-root", png)
+    assert code == 2 and "left alone" in _one_error_line(err) and mine.read_text() == "[]"
+    out = tmp_path / "converted.json"
+    for _ in range(2):
+        code, _, err = cli("convert", "chartqa", data, "--out", out, "--image-root", png)
+        assert code == 0, err
+
+
+def test_merge_out_that_is_an_input_is_refused_before_loading(cli, tmp_path):
+    from visiontune.run.folder import prepare_output_folder
+
+    earlier = prepare_output_folder(tmp_path / "merged", "merge --out")  # a merge's output, now merged again
+    (earlier / "model.safetensors").write_bytes(b"w")
+    code, _, err = cli("merge", "base", str(earlier), "other", "--out", earlier)
+    assert code == 2 and "input" in _one_error_line(err)
+    assert (earlier / "model.safetensors").read_bytes() == b"w"

@@ -10,7 +10,8 @@ from pathlib import Path
 import typer
 
 from visiontune.core.errors import RecipeError, VisiontuneError, describe_unexpected
-from visiontune.recipe import RECIPES_DIR, TASKS, find_recipe
+from visiontune.recipe import RECIPES_DIR, find_recipe
+from visiontune.registry import TASKS
 
 DEBUG = "VISIONTUNE_DEBUG"
 # Commands that never download anything: they skip the hub probe (and its up to PROBE_SECONDS wait).
@@ -91,8 +92,13 @@ def evaluate(
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable samples instead of stopping."),
 ) -> None:
     """Evaluate a trained model on a labelled dataset (or a VLM on conversations)."""
+    from visiontune.run.folder import prepare_output_folder
+
     task_impl = _task(task or _recorded_task(Path(model)))
-    out = out or (Path(model) / "eval" / "cli" if (Path(model) / "model").is_dir() else None)
+    if out is not None:  # before loading anything: a refused folder fails fast
+        out = prepare_output_folder(out, "eval --out", inputs=[model, data])
+    else:  # a run folder's own eval/ (the run recorded writing it)
+        out = Path(model) / "eval" / "cli" if (Path(model) / "model").is_dir() else None
     report = task_impl.evaluate(model, data, out_dir=out, on_bad_sample="skip" if skip_bad else "error")
     for key, value in report["metrics"].items():
         typer.echo(f"{key:>14}: {value:.4f}")
@@ -178,7 +184,9 @@ def merge(
 ) -> None:
     """Merge CLIP vision encoders fine-tuned from one base, and evaluate on every task's data."""
     from visiontune.clip.merge_eval import merge_clip
+    from visiontune.run.folder import refuse_input_as_output
 
+    refuse_input_as_output(out, [base, *fine_tuned, *data], "merge --out")
     options = {k: v for k, v in {"scaling": scaling, "density": density}.items() if v is not None}
     result = merge_clip(base, fine_tuned, method, out, data, **options)
     for row in result["results"]:
@@ -221,8 +229,10 @@ def compare(
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip bad records instead of stopping."),
 ) -> None:
     """Evaluate a base and a tuned VLM on the same data; side-by-side report with wins and losses."""
+    from visiontune.run.folder import refuse_input_as_output
     from visiontune.vlm.export import compare as run_compare
 
+    refuse_input_as_output(out, [base, tuned, data], "compare --out")
     on_bad = "skip" if skip_bad else "error"
     result = run_compare(base, tuned, data, out, metrics, max_new_tokens, on_bad_sample=on_bad)
     for name, value in result["metrics"]["tuned"].items():
@@ -242,9 +252,12 @@ def convert(
     prompt: str = typer.Option(None, "--prompt", help="User text (cord) or a template with {query} (chartqa)."),
 ) -> None:
     """Turn a task dataset (CORD receipts, ChartQA) into LLaMA-Factory conversations for vlm_sft."""
+    from visiontune.run.folder import check_output_file, mark_output_file
     from visiontune.vlm.convert import convert as convert_dataset
 
+    out = check_output_file(out, "convert --out", inputs=[data, image_root])
     count = convert_dataset(kind, data, out, image_root=image_root, prompt=prompt)
+    mark_output_file(out, "convert --out")  # so that converting again may replace it
     typer.echo(f"Wrote {count} {kind} conversation records to {out}")
 
 

@@ -124,14 +124,53 @@ def recipe_paths(recipe: dict) -> list[Path]:
     return [Path(text).expanduser() for text in _strings(recipe) if _exists(text)]
 
 
-def prepare_output_folder(path: Path | str, what: str) -> Path:
-    """Create the folder a command (`what`, e.g. "merge --out") writes into; refuse one that holds anything but a
-    previous output of the same command. Returns the path with `~` expanded."""
+def prepare_output_folder(path: Path | str, what: str, inputs: Iterable[object] = ()) -> Path:
+    """Create the folder a command (`what`, e.g. "merge --out") writes into; refuse one that is or holds one of the
+    command's `inputs`, or holds anything but a previous output of the same command. Returns `path`, `~` expanded."""
     path = _usable(path, what)
+    refuse_input_as_output(path, inputs, what)
     if path.is_dir() and any(path.iterdir()) and marker_kind(path) != what:
         raise RunDirError(_not_ours(path, marker_kind(path), what, "pass a new or empty folder"))
     _create(path, what)
     return path
+
+
+def check_output_file(path: Path | str, what: str, inputs: Iterable[object] = ()) -> Path:
+    """The folder rules for a command that writes one file (`what`, e.g. "convert --out"): refuse an input, and an
+    existing file unless the same command wrote it (it then left a hidden `.NAME.visiontune-run` beside it, see
+    `mark_output_file`). Returns `path`, `~` expanded."""
+    path = Path(path).expanduser()
+    refuse_input_as_output(path, inputs, what)
+    if path.is_dir() and not path.is_symlink():
+        raise RunDirError(f"{what} {path} is a folder; give the path of the file to write.")
+    if os.path.lexists(path) and _kind(_file_marker(path)) != what:
+        raise RunDirError(
+            f"{what}: {path} exists and was not written by `visiontune {what.split()[0]}`, so it is left alone; "
+            "pass a new file name."
+        )
+    return path
+
+
+def mark_output_file(path: Path, what: str) -> None:
+    """Record that `what` wrote `path`, so that running it again may replace the file."""
+    marker = {"visiontune": __version__, "kind": what, "created": datetime.now(UTC).isoformat()}
+    _file_marker(path).write_text(json.dumps(marker) + "\n")
+
+
+def refuse_input_as_output(out: Path | str, inputs: Iterable[object], what: str) -> None:
+    """An output never replaces what its command reads: refuse one that is an input or holds one. `inputs` may
+    hold anything a command takes (hub ids, `builtin:` names, None); only existing paths count."""
+    target = Path(out).expanduser().resolve()
+    for given in inputs:
+        if not isinstance(given, str | Path) or not _exists(str(given)):
+            continue
+        source = Path(given).expanduser().resolve()
+        if source == target or target in source.parents:
+            relation = "is also an input" if source == target else f"holds {given}, an input"
+            raise RunDirError(
+                f"{what}: {out} {relation} of this command, which writing there would replace; pass another "
+                f"{what.split()[-1]}."
+            )
 
 
 # ---- one writer per run folder
@@ -209,11 +248,19 @@ def newest_checkpoint(folder: Path) -> Path | None:
 
 def marker_kind(folder: Path) -> str | None:
     """The kind recorded in `folder`'s marker ("run", "merge --out", ...); None if there is no readable marker."""
+    return _kind(folder / MARKER)
+
+
+def _kind(marker: Path) -> str | None:
     try:
-        data = json.loads((folder / MARKER).read_text())
+        data = json.loads(marker.read_text())
     except (OSError, ValueError):
         return None
     return data.get("kind") if isinstance(data, dict) else None
+
+
+def _file_marker(path: Path) -> Path:
+    return path.with_name(f".{path.name}{MARKER}")
 
 
 def publish(staging: Path, final: Path) -> None:
