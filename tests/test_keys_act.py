@@ -1130,12 +1130,21 @@ def runner(world) -> Runner:
     return Runner(world, pytest.MonkeyPatch)
 
 
+# Levels that run a tiny random model (evaluation, generation, a loss): their cases are `random_model` tests, which
+# `make test-portable` runs on the CPU kernels without SIMD as well.
+MODEL_LEVELS = ("evaluate", "save", "step")
+
+
+def _model_mark(task: str, key: str) -> list[Any]:
+    return [pytest.mark.random_model] if (lookup(LEVEL, task, key) or "build") in MODEL_LEVELS else []
+
+
 def _params() -> list[Any]:
     params = []
     for task, key in all_cases():
         reason = KNOWN_IGNORED.get(f"{task}:{key}")
         marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-        params.append(pytest.param(task, key, id=f"{task}:{key}", marks=marks))
+        params.append(pytest.param(task, key, id=f"{task}:{key}", marks=marks + _model_mark(task, key)))
     return params
 
 
@@ -1167,7 +1176,9 @@ def _also_params() -> list[Any]:
     for task, key, context, reason in ALSO_UNDER:
         marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
         label = ",".join(f"{k}={v}" for k, v in context.items())
-        params.append(pytest.param(task, key, context, id=f"{task}:{key}[{label}]", marks=marks))
+        params.append(
+            pytest.param(task, key, context, id=f"{task}:{key}[{label}]", marks=marks + _model_mark(task, key))
+        )
     return params
 
 
@@ -1202,8 +1213,12 @@ def _test_exists(pointer: str) -> bool:
 
 @pytest.mark.parametrize(
     ("task", "key", "setting", "first", "second", "level"),
-    INERT_UNDER,
-    ids=[f"{c[0]}:{c[1]}[{','.join(c[2])}]" for c in INERT_UNDER],
+    [
+        pytest.param(
+            *c, id=f"{c[0]}:{c[1]}[{','.join(c[2])}]", marks=[pytest.mark.random_model] * (c[5] in MODEL_LEVELS)
+        )
+        for c in INERT_UNDER
+    ],
 )
 def test_refused_key_is_inert(task, key, setting, first, second, level, world, runner, monkeypatch):
     """Validation refuses the key under `setting`, and rightly: with the refusal off, its value changes nothing."""

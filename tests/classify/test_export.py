@@ -60,6 +60,7 @@ def _visiontune_logits(folder) -> torch.Tensor:
     return model(torch.stack([transform(im) for im in _images()]))["logits"]
 
 
+@pytest.mark.random_model
 @pytest.mark.parametrize(("kind", "size"), [("timm-cnn", 64), ("timm-vit", 48)])
 def test_timm_export_predicts_the_same_in_plain_timm(kind, size, models, tmp_path):
     import timm
@@ -77,6 +78,7 @@ def test_timm_export_predicts_the_same_in_plain_timm(kind, size, models, tmp_pat
     assert_same_predictions(logits, _visiontune_logits(tmp_path / "model"), atol=1e-5)
 
 
+@pytest.mark.random_model
 @pytest.mark.parametrize("backend", [None, "pil"])
 def test_transformers_export_at_another_size_predicts_the_same(backend, models, tmp_path):
     """The 32 px ViT trained at 48 px (interpolated position embeddings) exports as a native 48 px model."""

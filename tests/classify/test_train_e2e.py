@@ -58,6 +58,7 @@ def test_train_eval_predict_report(tiny_recipe, write_recipe, cli, fixtures_dir)
     assert lines[0].endswith(image.name) and len(lines) == 3 and "%" in lines[1]
 
 
+@pytest.mark.random_model
 def test_learns_the_task(tiny_recipe, write_recipe, cli):
     recipe = write_recipe(tiny_recipe(train={"epochs": 6}, data={"val_split": 0.25}))
     code, _, err = cli("train", recipe)

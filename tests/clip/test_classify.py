@@ -64,6 +64,7 @@ def test_zero_shot_head_matches_hand_computation(family, fixtures_dir):
     torch.testing.assert_close(logits, model.logit_scale.exp() * image @ head.T)
 
 
+@pytest.mark.random_model
 @pytest.mark.parametrize("method", ["full", "lora", "l_lora"])
 def test_train_records_zero_shot_then_fine_tuned(method, clip_recipe, write_recipe, cli):
     tune = {"method": method, **({"lora": {"r": 4}} if method != "full" else {})}  # tune.lora acts only with LoRA
@@ -112,6 +113,7 @@ def test_skip_training_reports_zero_shot(clip_recipe, write_recipe, cli):
     assert (run / "report.md").is_file() and not (run / "checkpoints").exists()
 
 
+@pytest.mark.random_model
 def test_wise_ft_endpoints_reproduce_zero_shot_and_fine_tuned(
     clip_recipe, write_recipe, cli, fixtures_dir, monkeypatch
 ):

@@ -98,6 +98,7 @@ def test_the_sweep_reads_the_saved_model_once_and_hits_both_endpoints(run, monke
     assert all(torch.equal(saved.vision_state()[k], mixed[k]) for k in fine_tuned)
 
 
+@pytest.mark.random_model
 def test_rows_match_mixing_freshly_loaded_models(run, monkeypatch):
     """What the sweep computed when it reloaded both models from disk for every alpha. The whole evaluation is
     compared, loss included: a tiny random CLIP's accuracy alone would match a wrongly mixed model as well."""

@@ -160,6 +160,7 @@ def test_save_and_load_give_identical_logits(parts, tmp_path, vision):
         assert torch.allclose(model(**batch).logits, loaded(**again).logits, atol=1e-6)
 
 
+@pytest.mark.random_model
 @pytest.mark.parametrize("lm", ["qwen2", "llama"])
 def test_llava_export_loads_in_plain_transformers_with_identical_logits_and_generation(parts, tmp_path, lm):
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -191,6 +192,7 @@ def test_llava_export_refuses_projectors_llava_cannot_hold(parts, tmp_path):
         export_llava(model, processor, tmp_path / "llava")
 
 
+@pytest.mark.random_model
 def test_align_then_instruct_end_to_end(parts, colour_data, tmp_path):
     align_run = VlmAssembleTask().train(parse_config(_recipe(parts, colour_data, tmp_path, "align")))
     losses = [

@@ -95,6 +95,7 @@ def vlm_recipe(vlms, colour_data, tmp_path, monkeypatch):
     return make
 
 
+@pytest.mark.random_model
 @pytest.mark.parametrize(
     "family,method", [("qwen2_vl", "lora"), ("idefics3", "full"), ("llava", "lora"), ("qwen2_5_vl", "lora")]
 )
