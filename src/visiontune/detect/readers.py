@@ -1,0 +1,1 @@
+"""Format readers behind detect/data.py:read_boxes (being written)."""
