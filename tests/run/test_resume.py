@@ -23,7 +23,9 @@ def _interrupt_at(monkeypatch, step: int):
 
 
 def test_resume_matches_uninterrupted_run(tiny_recipe, write_recipe, cli, monkeypatch, tmp_path):
-    sections = {"train": {"max_steps": 8, "eval_steps": 3, "save_total_limit": 5, "lr": 1e-3}}
+    # Best by loss: the tiny model's accuracy reaches 1.0 by step 3 and, tied from there on, would keep checkpoint-3,
+    # saved before the cut, as the final model of both runs.
+    sections = {"train": {"max_steps": 8, "eval_steps": 3, "save_total_limit": 5, "lr": 1e-3, "metric": "loss"}}
     full = tiny_recipe(**sections, output_dir=str(tmp_path / "full"))
     assert cli("train", write_recipe(full, "full.yaml"))[0] == 0
 
@@ -40,6 +42,8 @@ def test_resume_matches_uninterrupted_run(tiny_recipe, write_recipe, cli, monkey
     assert code == 0, err
     state = json.loads((last_checkpoint(tmp_path / "cut") / "trainer_state.json").read_text())
     assert state["global_step"] == 8
+    best = json.loads((tmp_path / "cut" / "summary.json").read_text())["best_checkpoint"]
+    assert not best.endswith("checkpoint-3")  # the final model was trained after the cut
     a = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
     b = load_file(str(tmp_path / "cut" / "model" / "model.safetensors"))
     for key in a:
