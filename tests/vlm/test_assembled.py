@@ -195,12 +195,10 @@ def test_llava_export_refuses_projectors_llava_cannot_hold(parts, tmp_path):
 @pytest.mark.random_model
 def test_align_then_instruct_end_to_end(parts, colour_data, tmp_path):
     align_run = VlmAssembleTask().train(parse_config(_recipe(parts, colour_data, tmp_path, "align")))
-    losses = [
-        json.loads(line)["loss"]
-        for line in (align_run / "metrics.jsonl").read_text().splitlines()
-        if '"loss"' in line and "train_loss" not in line
-    ]
-    assert losses[-1] < losses[0]  # the projector learns the toy captions
+    # The projector learns the toy captions: the validation loss falls (6.18 -> 6.11, with any ATEN_CPU_CAPABILITY). Not
+    # the first and last training batches': those differ by their captions about as much as training moves them.
+    before, after = (json.loads((align_run / "eval" / f"{n}.json").read_text())["metrics"] for n in ("before", "after"))
+    assert after["loss"] < before["loss"] - 0.02
     summary = json.loads((align_run / "summary.json").read_text())
     assert summary["trainable_parameters"]["language"] == 0 and summary["trainable_parameters"]["vision"] == 0
     assert (align_run / "llava" / "config.json").is_file()
