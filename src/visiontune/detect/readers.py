@@ -375,7 +375,7 @@ def read_voc(root: Path, split: str, class_names: list[str] | None, on_bad_sampl
     parsed, problems = [], []
     for k, xml in enumerate(files):
         parsed.append(_voc_parse(xml, root, k, problems))
-    found = sorted({obj[0] for _, objs in parsed for obj in objs})
+    found = sorted({obj[0] for _, objs in parsed for obj in objs} | _voc_names(root, files))
     classes = pick_classes(list(enumerate(found)), class_names, str(root))
     classes.index = {name: classes.index[i] for i, name in enumerate(found) if i in classes.index}
     raws = []
@@ -388,6 +388,17 @@ def read_voc(root: Path, split: str, class_names: list[str] | None, on_bad_sampl
     if not class_names:
         classes.category_ids = list(range(len(classes.names)))
     return assemble(raws, problems, classes, on_bad_sample, f"{root} ({split})", max_pixels)
+
+
+def _voc_names(root: Path, read: list[Path]) -> set[str]:
+    """The object names of the XML files outside this split, so train and val get the same class list."""
+    names: set[str] = set()
+    for xml in sorted(set((root / "Annotations").glob("*.xml")) - set(read)):
+        try:
+            names |= {(n.text or "").strip() for n in ET.fromstring(read_text(xml)).iterfind("object/name")}
+        except ET.ParseError:
+            continue  # reported when the split holding it is read
+    return names - {""}
 
 
 def _voc_files(root: Path, split: str) -> list[Path]:
