@@ -133,3 +133,36 @@ def test_a_failed_start_after_overwrite_leaves_the_old_run_intact(tiny_recipe, w
     code, _, err = cli("train", write_recipe(recipe), "--overwrite")
     assert code == 2 and "could not be loaded" in err
     assert _tree(run) == before
+
+
+# ---- --resume with --overwrite
+
+
+def test_resume_with_overwrite_is_refused_in_one_sentence(tiny_recipe, write_recipe, cli):
+    recipe = tiny_recipe(train={"max_steps": 1})
+    run = Path(recipe["output_dir"])
+    assert cli("train", write_recipe(recipe))[0] == 0
+    before = _tree(run)
+    code, _, err = cli("train", write_recipe(recipe), "--resume", "--overwrite")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "--resume" in lines[0] and "--overwrite" in lines[0], err
+    assert _tree(run) == before
+
+
+def test_the_library_refuses_the_pair_too(tiny_recipe):
+    from visiontune.recipe import get_task, parse_config
+
+    cfg = parse_config(tiny_recipe(), source="test")
+    with pytest.raises(RunDirError, match="only one of them"):
+        get_task("classify").train(cfg, overwrite=True, resume=True)
+    assert not Path(cfg.output_dir).exists()
+
+
+def test_overwrite_outranks_the_recipes_resume_key_and_says_so(tiny_recipe, write_recipe, cli):
+    recipe = tiny_recipe(train={"max_steps": 2, "eval_steps": 1, "resume": True})
+    assert cli("train", write_recipe(recipe))[0] == 0
+    code, _, err = cli("train", write_recipe(recipe), "--overwrite")
+    assert code == 0, err
+    assert "Resuming" not in err and "train.resume" in err
+    rows = [json.loads(line) for line in (Path(recipe["output_dir"]) / "metrics.jsonl").open()]
+    assert sum("before_loss" in row for row in rows) == 1  # evaluated before training: a fresh run, in a fresh file
