@@ -63,11 +63,13 @@ class Classes:
     names: list[str]
     category_ids: list[int]
     index: dict[Any, int]  # the file's category id or name -> class index
+    file_names: dict[Any, str] = field(default_factory=dict)  # the file's category id -> its name
 
-    def lookup(self, key: Any, ref: str, problems: list[Problem], image: int, shown: str = "") -> int | None:
+    def lookup(self, key: Any, ref: str, problems: list[Problem], image: int) -> int | None:
         if key in self.index:
             return self.index[key]
-        what = f"category {key!r}" + (f" ({shown})" if shown else "")
+        shown = self.file_names.get(key)
+        what = f"category {key!r}" + (f" ({shown!r})" if shown is not None and shown != key else "")
         problems.append(Problem(image, ref, f"has {what}, which is not among the classes {self.names}"))
         return None
 
@@ -76,13 +78,15 @@ def pick_classes(file_classes: list[tuple[Any, str]], class_names: list[str] | N
     """The classes: the file's (id, name) pairs in their order, or `class_names` (the ids then map by name)."""
     names = [name for _, name in file_classes]
     _unique(names, where)
+    file_names = dict(file_classes)
     if not class_names:
-        return Classes(names, [int(i) for i, _ in file_classes], {i: k for k, (i, _) in enumerate(file_classes)})
+        index = {i: k for k, (i, _) in enumerate(file_classes)}
+        return Classes(names, [int(i) for i, _ in file_classes], index, file_names)
     wanted = [str(n) for n in class_names]
     _unique(wanted, "data.class_names")
     by_name = {name: i for i, name in file_classes}
     index = {i: wanted.index(name) for i, name in file_classes if name in wanted}
-    return Classes(wanted, [int(by_name[n]) if n in by_name else -1 for n in wanted], index)
+    return Classes(wanted, [int(by_name[n]) if n in by_name else -1 for n in wanted], index, file_names)
 
 
 def _unique(names: list[str], where: str) -> None:
