@@ -18,16 +18,17 @@ PRESETS = ("none", "light", "strong")
 
 
 def detection_transforms(preset: str, image_size: int, train: bool, hflip: float = 0.5) -> v2.Compose:
-    """The pipeline for `preset` (`train=False` or preset none: resize only). `hflip` is the flip probability
-    (set it to 0 where a mirror image is another class, e.g. digits). strong adds scale jitter (0.5-1.5x of
-    `image_size`) and an SSD-style random IoU crop on top of light's flip and photometric jitter."""
+    """The pipeline for `preset` (`train=False` or preset none: resize only). light: horizontal flip with
+    probability `hflip` (set 0 where a mirror image is another class, e.g. digits) and colour jitter; strong adds
+    scale jitter (0.5-1.5x of `image_size`), an SSD-style random IoU crop and stronger colour jitter."""
     if preset not in PRESETS:
         raise ValueError(f"unknown augment preset {preset!r}; use one of {PRESETS}")
-    steps: list = [v2.ToImage()]
-    if train and preset != "none":
-        steps += _augment(preset, image_size, hflip)
+    augment = train and preset != "none"
+    steps: list = [v2.ToImage(), *(_geometric(preset, image_size, hflip) if augment else [])]
+    steps.append(v2.Resize(size=None, max_size=image_size, antialias=True))
+    if augment:  # after the resize: colour work on a large photo would cost more than the rest of the pipeline
+        steps.append(_photometric(preset))
     steps += [
-        v2.Resize(size=None, max_size=image_size, antialias=True),
         v2.ClampBoundingBoxes(),
         v2.SanitizeBoundingBoxes(min_size=1.0, labels_getter=box_fields),
         v2.ToDtype(torch.float32, scale=True),
@@ -35,7 +36,7 @@ def detection_transforms(preset: str, image_size: int, train: bool, hflip: float
     return v2.Compose(steps)
 
 
-def _augment(preset: str, image_size: int, hflip: float) -> list:
+def _geometric(preset: str, image_size: int, hflip: float) -> list:
     steps: list = []
     if preset == "strong":
         steps += [
@@ -45,9 +46,14 @@ def _augment(preset: str, image_size: int, hflip: float) -> list:
         ]
     if hflip > 0:
         steps.append(v2.RandomHorizontalFlip(hflip))
-    strength = 0.2 if preset == "light" else 0.4
-    steps.append(v2.ColorJitter(brightness=strength, contrast=strength, saturation=strength, hue=strength / 10))
     return steps
+
+
+def _photometric(preset: str) -> v2.ColorJitter:
+    """light: brightness, contrast, saturation +-20 %; strong: +-40 % and hue +-0.04 (hue costs ~4x the rest)."""
+    if preset == "light":
+        return v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2)
+    return v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.04)
 
 
 def box_fields(inputs: Any) -> tuple[torch.Tensor, ...]:
