@@ -9,7 +9,7 @@ import pytest
 import torch
 from torchvision import tv_tensors
 
-from visiontune.detect.dataset import DetectionDataset
+from visiontune.detect.dataset import DetectionDataset, MosaicDataset
 from visiontune.detect.transforms import PRESETS, detection_transforms
 
 SIZE = 48
@@ -76,6 +76,35 @@ def test_boxes_stay_valid_and_on_their_objects(preset, train):
             assert float(out[:, cy, cx].mean()) > 0.3, (preset, seed)
         kept += len(boxes)
     assert kept > 0
+
+
+class _Generated(torch.utils.data.Dataset):
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, i: int):
+        return self.transform(*_sample(torch.Generator().manual_seed(i), n_boxes=i % 4 + 1))
+
+
+def test_mosaic_keeps_boxes_on_their_objects():
+    mosaic = MosaicDataset(_Generated(detection_transforms("none", SIZE, train=True)), SIZE, p=1.0)
+    kept = 0
+    for seed in range(30):
+        torch.manual_seed(seed)
+        image, target = mosaic[seed % 10]
+        boxes = target["boxes"]
+        assert image.shape == (3, SIZE, SIZE) and tuple(boxes.canvas_size) == (SIZE, SIZE)
+        assert len(boxes) == len(target["labels"]) == len(target["iscrowd"]) and target["image_id"] == seed % 10
+        assert bool((boxes >= 0).all() and (boxes <= SIZE).all())
+        assert bool(((boxes[:, 2:] - boxes[:, :2]) >= 1).all())
+        assert target["iscrowd"].tolist() == (target["labels"] % 3 == 0).tolist()
+        for x0, y0, x1, y1 in boxes.tolist():  # inside its border (blurred by the resize) a box is all white
+            assert bool((image[:, int(y0) + 1 : int(y1) - 1, int(x0) + 1 : int(x1) - 1] > 0.8).all()), seed
+        kept += len(boxes)
+    assert kept > 30
 
 
 def test_flip_mirrors_boxes():

@@ -67,3 +67,58 @@ def make_target(record: BoxRecord, image_id: int) -> dict:
 def detection_collate(batch: list[tuple]) -> tuple[list[torch.Tensor], list[dict]]:
     images, targets = zip(*batch, strict=True)
     return list(images), list(targets)
+
+
+MIN_VISIBLE = 0.25  # of a box's area that must stay inside a mosaic window
+
+
+class MosaicDataset(torch.utils.data.Dataset):
+    """Mosaic augmentation (YOLOv4 / Ultralytics) around a training DetectionDataset: with probability `p` an item
+    is four items (its own and three random others, each through the dataset's transform, so at most
+    `image_size` a side) placed round a random point on a grey 2s x 2s canvas, cut to the s x s window centred on
+    that point. Boxes move with their images and are clipped to the window; one with under MIN_VISIBLE of its area
+    left in it is dropped, its label and crowd flag with it. Draws from torch's RNG (DataLoader seeds each worker)."""
+
+    def __init__(self, dataset: DetectionDataset, image_size: int, p: float = 0.5):
+        self.dataset, self.size, self.p = dataset, image_size, p
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[tv_tensors.Image, dict]:
+        if len(self.dataset) < 2 or float(torch.rand(())) >= self.p:
+            return self.dataset[i]
+        s = self.size
+        picks = [i, *torch.randint(len(self.dataset), (3,)).tolist()]
+        canvas = torch.full((3, 2 * s, 2 * s), 0.45)
+        xc, yc = (int(v) for v in torch.randint(s // 2, 3 * s // 2 + 1, (2,)))
+        parts = [self._place(canvas, *self.dataset[j], corner, xc, yc) for corner, j in enumerate(picks)]
+        left, top = xc - s // 2, yc - s // 2
+        boxes = torch.cat([b for b, _, _ in parts]) - torch.tensor([left, top, left, top], dtype=torch.float32)
+        clipped = boxes.clamp(0, s)
+        # Keep a box when at least MIN_VISIBLE of it is in the window: a sliver of an object is not the object.
+        wide = ((clipped[:, 2:] - clipped[:, :2]) >= 1).all(dim=1)
+        keep = wide & (_area(clipped) >= MIN_VISIBLE * _area(boxes))
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(clipped[keep], format="XYXY", canvas_size=(s, s)),
+            "labels": torch.cat([lab for _, lab, _ in parts])[keep],
+            "iscrowd": torch.cat([c for _, _, c in parts])[keep],
+            "image_id": i,
+            "orig_size": (s, s),
+        }
+        return tv_tensors.Image(canvas[:, top : top + s, left : left + s].clone()), target
+
+    @staticmethod
+    def _place(canvas: torch.Tensor, image: torch.Tensor, target: dict, corner: int, xc: int, yc: int) -> tuple:
+        """Paste `image` with one corner on (xc, yc): 0 above-left, 1 above-right, 2 below-left, 3 below-right."""
+        h, w = image.shape[-2:]
+        x0, y0 = xc - w if corner in (0, 2) else xc, yc - h if corner in (0, 1) else yc
+        side = canvas.shape[-1]
+        cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x0 + w, side), min(y0 + h, side)
+        canvas[:, cy0:cy1, cx0:cx1] = image[:, cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]
+        shift = torch.tensor([x0, y0, x0, y0], dtype=torch.float32)
+        return target["boxes"].as_subclass(torch.Tensor).float() + shift, target["labels"], target["iscrowd"]
+
+
+def _area(boxes: torch.Tensor) -> torch.Tensor:
+    return (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
