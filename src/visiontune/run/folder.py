@@ -93,11 +93,10 @@ def open_run_dir(path: Path | str, overwrite: bool, resume: bool, inputs: Iterab
         lock_run_dir(path)
         _remove(path / CHECKPOINTS / PARTIAL, path)  # torn saves of the interrupted run; never resumed from
         return OpenedRun(path, checkpoint, fresh=False)
-    existing = _entries(path)
-    if existing and marker_kind(path) != RUN:
-        raise RunDirError(_not_ours(path, marker_kind(path), "output_dir", "set output_dir to a new or empty folder"))
+    _refuse_foreign(path)  # before the lock: no lock file is written into a folder that is not a run's
     _make(path)
     lock_run_dir(path)
+    existing = _refuse_foreign(path)  # again under the lock: another run may have ended in between
     return OpenedRun(path, remove=_previous_files(path, overwrite, list(inputs)) if existing else [])
 
 
@@ -340,6 +339,14 @@ def _resume_checkpoint(path: Path) -> Path:
 def _entries(path: Path) -> list[Path]:
     """What a folder holds besides its lock file (a run that failed before marking its folder leaves only that)."""
     return [p for p in path.iterdir() if p.name != LOCK] if path.is_dir() else []
+
+
+def _refuse_foreign(path: Path) -> list[Path]:
+    """What the folder holds (its lock file aside); refused unless that is nothing or a visiontune run."""
+    existing = _entries(path)
+    if existing and marker_kind(path) != RUN:
+        raise RunDirError(_not_ours(path, marker_kind(path), "output_dir", "set output_dir to a new or empty folder"))
+    return existing
 
 
 def _previous_files(path: Path, overwrite: bool, inputs: list[Path]) -> list[Path]:
