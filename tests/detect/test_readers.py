@@ -327,3 +327,17 @@ def test_dataset_items_and_collate(sets):
         assert target["boxes"].shape == (len(record.boxes), 4) and target["labels"].tolist() == record.labels
         assert target["iscrowd"].dtype == torch.bool and target["image_id"] == i
         assert target["orig_size"] == (record.height, record.width)
+
+
+def test_truncated_image_found_by_the_decode_check(copy):
+    from visiontune.core.check import check_splits
+    from visiontune.detect.check import ANNOTATIONS, find_bad_images
+
+    png = copy["voc"] / "JPEGImages" / "img_001.png"
+    png.write_bytes(png.read_bytes()[:-40])  # the header still reads: only a full decode finds it
+    data = _read(copy, "voc")
+    assert len(data) == 8
+    with pytest.raises(DataError, match=r"1 bad train annotation\(s\).*img_001.png"):
+        check_splits({"train": data}, lambda d: find_bad_images(d, 10**8), "error", ANNOTATIONS)
+    kept, bad = check_splits({"train": data}, lambda d: find_bad_images(d, 10**8), "skip", ANNOTATIONS)
+    assert len(kept["train"]) == 7 and kept["train"].class_names == CLASSES and bad[0].ref.endswith("img_001.png")

@@ -45,7 +45,7 @@ def probe_image(source: str | Path | bytes, max_pixels: int) -> ImageInfo:
     try:
         with Image.open(_as_file(source)) as img:
             _check_pixels(img, max_pixels)
-            orientation = img.getexif().get(0x0112, 1)  # what ImageOps.exif_transpose reads
+            orientation = _orientation(img)
             return ImageInfo(img.size, orientation if orientation in range(1, 9) else 1)
     except BadImage:
         raise
@@ -53,6 +53,14 @@ def probe_image(source: str | Path | bytes, max_pixels: int) -> ImageInfo:
         raise BadImage("is missing (file not found)") from None
     except Exception as err:  # PIL raises several types on a file that is not an image
         raise BadImage(f"is not an image PIL can open ({type(err).__name__})") from None
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation ImageOps.exif_transpose will apply. A PNG with no eXIf chunk before its pixel data is
+    taken as upright: PIL would decode the whole image looking for one after it (writers put it before)."""
+    if img.format == "PNG" and "exif" not in img.info:
+        return 1
+    return img.getexif().get(0x0112, 1)
 
 
 def probe_images(
