@@ -89,11 +89,13 @@ def read_boxes(
             return readers.read_voc(where, split, class_names, on_bad_sample, max_image_pixels)
         if (where / "dataset_info.json").is_file() or (where / "dataset_dict.json").is_file():
             return readers.read_hf(where, split, class_names, on_bad_sample, max_image_pixels)
+    if not where.exists() and "/" in path and not path.startswith((".", "/", "~")):
+        return readers.read_hf(path, split, class_names, on_bad_sample, max_image_pixels)  # a hub id, cached offline
     if not where.exists():
         raise DataError(f"Detection data {path} does not exist; check data.train / data.val in the recipe.")
     raise DataError(
         f"{path} is not a detection set visiontune reads; use a COCO .json file, a YOLO data.yaml (or its folder), "
-        "a Pascal VOC folder (Annotations/ + JPEGImages/), a saved `datasets` folder with an `objects` column, or "
+        "a Pascal VOC folder (Annotations/ + JPEGImages/), a `datasets` dataset with an `objects` column, or "
         "builtin:mnist-detect."
     )
 

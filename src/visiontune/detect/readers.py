@@ -458,7 +458,9 @@ def _voc_box(node: ET.Element | None) -> Box | None:
 # ------------------------------------------------------------------------------------------------ datasets
 
 
-def read_hf(path: Path, split: str, class_names: list[str] | None, on_bad_sample: str, max_pixels: int) -> BoxDataset:
+def read_hf(
+    path: str | Path, split: str, class_names: list[str] | None, on_bad_sample: str, max_pixels: int
+) -> BoxDataset:
     import datasets
 
     from visiontune.core.images import hf_image_value
