@@ -67,7 +67,7 @@ def test_empty_class_folder_is_named(tmp_path):
     _png(root / "cat" / "1.png")
     (root / "dog").mkdir()
     (root / "dog" / "readme.txt").write_text("no images here")
-    with _error(rf"Class folder {root / 'dog'} has no images; add images or remove the folder"):
+    with _error(rf"Class folder {root / 'dog'} has no images; its 1 .txt file\(s\) are not a format Pillow reads"):
         read_dataset(str(root))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,10 +23,19 @@ from visiontune.classify.lora import apply_lora
 from visiontune.classify.metrics import ClassificationMetrics, classification_report
 from visiontune.classify.model import ImageClassifier
 from visiontune.classify.resolve import resolve_classifier
-from visiontune.core.check import BadSample, clean, clean_splits
+from visiontune.core.check import BadSample, clean, clean_splits, say_left_out
 from visiontune.core.config import PIL_MAX_PIXELS
-from visiontune.core.dataset import Collator, ImageClassificationDataset, stratified_split
+from visiontune.core.dataset import (
+    Collator,
+    ImageClassificationDataset,
+    identify,
+    refuse_empty_classes,
+    refuse_leak,
+    split_duplicates,
+    stratified_split,
+)
 from visiontune.core.errors import DataError
+from visiontune.core.identity import fingerprint
 from visiontune.core.images import open_image
 from visiontune.core.readers import LabeledImages, read_dataset
 from visiontune.core.transforms import batch_mixer, eval_transform, train_transform, with_image_size
@@ -43,6 +53,7 @@ class SplitData:
     train: LabeledImages
     val: LabeledImages
     skipped: list[BadSample] = field(default_factory=list)
+    left_out: list[str] = field(default_factory=list)  # image-folder files Pillow cannot read
 
 
 @dataclass
@@ -57,7 +68,12 @@ class ClassifyTask(Task):
     reads_own_classes = False  # evaluate(): data labels map onto the model's saved classes
 
     def prepare(self, cfg: ClassifyConfig) -> SplitData:
-        return load_split(cfg)
+        data = load_split(cfg)
+        say_left_out(data.left_out)
+        return data
+
+    def findings(self, data: SplitData) -> dict:
+        return split_findings(data)
 
     def skipped(self, data: SplitData) -> list[Skipped]:
         return [Skipped(b.ref, b.reason) for b in data.skipped]
@@ -161,15 +177,32 @@ class ClassifyTask(Task):
 
 
 def load_split(cfg: ClassifyConfig) -> SplitData:
-    """Read train (and val, or a seeded stratified split), then check every sample once."""
+    """Read train (and val, or a seeded stratified split that keeps every copy of an image on one side), check every
+    sample once, then refuse validation images that are also training images and classes left with no image."""
     d = cfg.data
     train = read_dataset(d.train, d.class_names, d.image_column, d.label_column, split="train")
+    left_out = list(train.left_out)
     if d.val:
         val = read_dataset(d.val, train.class_names, d.image_column, d.label_column, split="validation")
+        left_out += val.left_out
+        identify(train, val)  # both at once, so that keys compare across the two
     else:
         train, val = stratified_split(train, d.val_split, cfg.seed)
     kept, bad = clean_splits({"train": train, "val": val}, d.on_bad_sample, d.max_image_pixels)
-    return SplitData(kept["train"], kept["val"], bad)
+    refuse_leak(kept["train"], kept["val"])
+    refuse_empty_classes(kept["train"])
+    return SplitData(kept["train"], kept["val"], bad, left_out)
+
+
+def split_findings(data: SplitData) -> dict:
+    """data_report.json: duplicates within each split, files left out, and the data's fingerprint (for resume)."""
+    splits = {"train": data.train, "val": data.val}
+    records = {role: (split.keys or [], split.labels) for role, split in splits.items()}
+    return {
+        "duplicates": split_duplicates(splits),
+        "left_out": data.left_out,
+        "data": fingerprint(records, data.train.class_names),
+    }
 
 
 def classification_fit(model: torch.nn.Module, cfg: ClassifyConfig, data: SplitData, plan: TuningPlan) -> Fit:
@@ -193,9 +226,42 @@ def classification_fit(model: torch.nn.Module, cfg: ClassifyConfig, data: SplitD
             layer_scales=plan.layer_scales,
         ),
         callbacks=plan.callbacks,
-        trainer_attrs={"batch_mixer": mixer},
+        trainer_class=ClassifierTrainer,
+        trainer_attrs={"batch_mixer": mixer, "drop_lone_batch": lone_last_batch(model, len(data.train), t.batch_size)},
         workers=loader_workers(cfg.data.workers, in_memory=data.train.kind == "array"),
     )
+
+
+class ClassifierTrainer(VisiontuneTrainer):
+    """Drops each epoch's last training batch when `drop_lone_batch` says so (`lone_last_batch`), never a batch of
+    evaluation: Trainer's `dataloader_drop_last` serves both loaders, and would shrink the validation set."""
+
+    drop_lone_batch = False
+
+    def get_train_dataloader(self):
+        if not self.drop_lone_batch:
+            return super().get_train_dataloader()
+        self.args.dataloader_drop_last = True
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.args.dataloader_drop_last = False
+
+
+def lone_last_batch(model: torch.nn.Module, samples: int, batch_size: int) -> bool:
+    """Whether to drop each epoch's last training batch: only when it would hold one sample and the model has
+    BatchNorm, which cannot normalise a batch of one in training ("Expected more than 1 value per channel", at the
+    end of the first epoch). The order is reshuffled every epoch, so a different sample sits out each time; models
+    without BatchNorm keep every sample. Each process trains on ceil(samples / processes) samples."""
+    if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return False
+    per_process = math.ceil(samples / launched_world_size())
+    if per_process == 1:
+        raise DataError(
+            "The training data has one image per process, and the model's BatchNorm layers cannot train on a batch "
+            "of one; add images (or train on fewer processes)."
+        )
+    return per_process % batch_size == 1
 
 
 def plan_tuning(model: ImageClassifier, cfg: ClassifyConfig) -> TuningPlan:

@@ -21,6 +21,8 @@ from PIL import Image
 
 from visiontune.core.check import BadSample, Wording, check_splits
 from visiontune.core.errors import DataError, SampleError
+from visiontune.core.identity import duplicates, identify_sets, refuse_shared
+from visiontune.core.identity import groups as key_groups
 from visiontune.core.images import BadImage, check_image, hf_image_value, open_image
 from visiontune.core.readers import load_saved_dataset, pick_column, read_csv_rows, read_jsonl_rows, read_text
 
@@ -52,6 +54,7 @@ class CaptionPairs:
     kind: str = "file"  # "file" | "array" | "hf"
     hf_dataset: Any = None
     image_column: str | None = None
+    keys: list[str] | None = None  # per pair, equal <=> the same image content (core.identity); see `identify_pairs`
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -67,6 +70,7 @@ class CaptionPairs:
             self.kind,
             self.hf_dataset,
             self.image_column,
+            [self.keys[i] for i in pick] if self.keys is not None else None,
         )
 
     def images(self) -> list[list[int]]:
@@ -282,8 +286,10 @@ def _image_reason(pairs: CaptionPairs, i: int, err: BadImage) -> str:
 
 
 def split_by_image(pairs: CaptionPairs, fraction: float, seed: int) -> tuple[CaptionPairs, CaptionPairs]:
-    """Seeded split of the images (not the pairs), so the captions of one image never straddle train and val."""
-    groups = pairs.images()
+    """Seeded split of the images (not the pairs), so the captions of one image never straddle train and val; copies
+    of one image under other names or ids count as that image (`identify_pairs`)."""
+    (keys,) = identify_pairs(pairs)
+    groups = image_groups([(pairs.image_ids[i], keys[i]) for i in range(len(pairs))])
     n_val = int(round(fraction * len(groups)))
     if n_val < 1 or n_val >= len(groups):
         raise DataError(
@@ -294,6 +300,50 @@ def split_by_image(pairs: CaptionPairs, fraction: float, seed: int) -> tuple[Cap
     train = [i for g, group in enumerate(groups) if g not in val_groups for i in group]
     val = [i for g, group in enumerate(groups) if g in val_groups for i in group]
     return pairs.subset(sorted(train)), pairs.subset(sorted(val))
+
+
+def identify_pairs(*sets: CaptionPairs) -> list[list[str]]:
+    """Each set's per-pair image keys, comparable across the sets (core.identity.identify_sets)."""
+    return identify_sets(sets, _pair_sources)
+
+
+def _pair_sources(pairs: CaptionPairs) -> list[Any]:
+    if pairs.kind != "hf":
+        return list(pairs.sources)
+    found = []
+    for i in range(len(pairs)):
+        try:
+            found.append(hf_image(pairs, i))
+        except BadImage:
+            found.append(None)  # the bad-pair check names it
+    return found
+
+
+def image_groups(ids_and_keys: list[tuple[Hashable, str]]) -> list[list[int]]:
+    """Pair indices grouped by image: by image id, and ids whose images have the same content joined into one."""
+    by_id = key_groups([image_id for image_id, _ in ids_and_keys])
+    first_of_key: dict[str, int] = {}
+    joined: list[list[int]] = []
+    for group in by_id:
+        key = ids_and_keys[group[0]][1]
+        if key in first_of_key:
+            joined[first_of_key[key]] += group
+        else:
+            first_of_key[key] = len(joined)
+            joined.append(list(group))
+    return joined
+
+
+def refuse_pair_leak(train: CaptionPairs, val: CaptionPairs) -> None:
+    """Refuse validation pairs whose image is also a training image: retrieval would be scored on trained images."""
+    train_keys, val_keys = identify_pairs(train, val)
+    refuse_shared(train_keys, val_keys, lambda i: train.refs[i], lambda i: val.refs[i])
+
+
+def pair_duplicates(pairs: CaptionPairs) -> int:
+    """Pairs that repeat an earlier pair of the set: the same image content with the same caption."""
+    (keys,) = identify_pairs(pairs)
+    return duplicates(list(zip(keys, pairs.captions, strict=True)))
 
 
 def load_image(pairs: CaptionPairs, i: int, max_pixels: int, draft_size: int | None = None) -> Image.Image:

@@ -33,7 +33,10 @@ from visiontune.clip.captions import (
     CaptionPairs,
     clean_pair_splits,
     clean_pairs,
+    identify_pairs,
+    pair_duplicates,
     read_captions,
+    refuse_pair_leak,
     split_by_image,
     stack_pixels,
 )
@@ -45,6 +48,7 @@ from visiontune.core.check import BadSample, clean
 from visiontune.core.config import PIL_MAX_PIXELS
 from visiontune.core.dataset import Collator, ImageClassificationDataset
 from visiontune.core.errors import DataError, ModelError
+from visiontune.core.identity import fingerprint
 from visiontune.core.readers import LabeledImages, read_dataset
 from visiontune.core.transforms import eval_transform, train_transform, with_image_size
 from visiontune.run.arguments import loader_workers
@@ -102,6 +106,15 @@ class ClipContrastiveTask(Task):
             "val_images": len(pairs.val.images()),
             "val_pairs": len(pairs.val),
             "zero_shot_samples": len(zero_shot.images) if zero_shot else 0,
+        }
+
+    def findings(self, data: ContrastiveData) -> dict:
+        """Duplicate pairs per split and the fingerprint a resume must find unchanged (data_report.json)."""
+        splits = {"train": data.pairs.train, "val": data.pairs.val}
+        records = {role: (identify_pairs(pairs)[0], pairs.captions) for role, pairs in splits.items()}
+        return {
+            "duplicates": {role: pair_duplicates(pairs) for role, pairs in splits.items()},
+            "data": fingerprint(records, None),
         }
 
     def build(self, cfg: ClipContrastiveConfig, data: ContrastiveData, run_dir: Path) -> Fit:
@@ -264,9 +277,11 @@ def load_caption_split(d: CaptionDataConfig, seed: int) -> CaptionSplit:
     train = read_captions(d.train, d.image_root, seed, split="train")
     if d.val:
         val = read_captions(d.val, d.image_root, seed, split="validation")
+        identify_pairs(train, val)  # both at once, so that image keys compare across the two
     else:
         train, val = split_by_image(train, d.val_split, seed)
     kept, bad = clean_pair_splits({"train": train, "val": val}, d.on_bad_sample, d.max_image_pixels)
+    refuse_pair_leak(kept["train"], kept["val"])
     return CaptionSplit(kept["train"], kept["val"], bad)
 
 

@@ -150,3 +150,19 @@ def _keep(data: D, bad: list[BadSample], role: str, noun: str) -> D:
 
 def hf_image(data: LabeledImages, i: int):
     return hf_image_value(data.hf_dataset, int(data.items[i]), data.image_column)
+
+
+def say(line: str) -> None:
+    """One line on stderr, from the first process only (every rank reads and checks the data)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False).print(line, markup=False, soft_wrap=True)
+
+
+def say_left_out(files: Sequence[str]) -> None:
+    """Name the files an image folder held that Pillow cannot read (all of them go to data_report.json)."""
+    if files:
+        named = ", ".join(files[:LISTED]) + (f" and {len(files) - LISTED} more" if len(files) > LISTED else "")
+        say(f"Left out {len(files)} file(s) that are not a format Pillow reads: {named} (listed in data_report.json).")

@@ -11,6 +11,7 @@ from torch.utils.data import default_collate
 
 from visiontune.core.check import hf_image
 from visiontune.core.errors import DataError, SampleError
+from visiontune.core.identity import duplicates, groups, identify_sets, refuse_shared
 from visiontune.core.images import BadImage, open_image
 from visiontune.core.readers import LabeledImages
 
@@ -38,21 +39,65 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
 
 
 def stratified_split(data: LabeledImages, fraction: float, seed: int) -> tuple[LabeledImages, LabeledImages]:
-    """Seeded split keeping class proportions (sklearn); plain shuffle when a class has a single sample."""
+    """Seeded split keeping class proportions (sklearn); plain shuffle when a class has a single sample. Records of
+    the same image (`identify`) go to one side together: the split is drawn over images, each labelled as its
+    first record, so data without duplicates splits exactly as before."""
     from sklearn.model_selection import train_test_split
 
-    idx = np.arange(len(data))
-    labels = np.asarray(data.labels)
+    same = groups(identify(data)[0])
+    idx = np.arange(len(same))
+    labels = np.asarray([data.labels[g[0]] for g in same])
     present = np.bincount(labels)[np.unique(labels)]
-    n_val = int(round(fraction * len(data)))
-    if n_val < 1 or n_val >= len(data):
-        raise DataError(f"data.val_split={fraction} leaves no train or no val samples from {len(data)}; change it.")
+    n_val = int(round(fraction * len(same)))
+    if n_val < 1 or n_val >= len(same):
+        raise DataError(f"data.val_split={fraction} leaves no train or no val samples from {len(same)}; change it.")
     # sklearn needs at least one sample per class on each side to stratify.
-    stratifiable = present.size > 1 and present.min() >= 2 and present.size <= min(n_val, len(data) - n_val)
+    stratifiable = present.size > 1 and present.min() >= 2 and present.size <= min(n_val, len(same) - n_val)
     stratify = labels if stratifiable else None
     # An integer size, so the split is exactly the n_val checked above (a fraction would be rounded up by sklearn).
     train_idx, val_idx = train_test_split(idx, test_size=n_val, random_state=seed, stratify=stratify)
-    return data.subset(sorted(train_idx.tolist())), data.subset(sorted(val_idx.tolist()))
+    records = [[i for g in side.tolist() for i in same[g]] for side in (train_idx, val_idx)]
+    return data.subset(sorted(records[0])), data.subset(sorted(records[1]))
+
+
+def identify(*sets: LabeledImages) -> list[list[str]]:
+    """Each set's per-record image keys (core.identity), computed over all sets at once so that they compare across
+    sets, and kept on the sets (`keys`, carried by `subset`) so that a split does not hash twice."""
+    return identify_sets(sets, _sources)
+
+
+def _sources(data: LabeledImages) -> list:
+    if data.kind != "hf":
+        return list(data.items)
+    found = []
+    for i in range(len(data)):
+        try:
+            found.append(hf_image(data, i))
+        except BadImage:
+            found.append(None)  # the bad-sample check names it
+    return found
+
+
+def refuse_leak(train: LabeledImages, val: LabeledImages) -> None:
+    """Refuse validation images that are also training images (`core.identity.refuse_shared`)."""
+    train_keys, val_keys = identify(train, val)
+    refuse_shared(train_keys, val_keys, train.ref, val.ref)
+
+
+def refuse_empty_classes(train: LabeledImages) -> None:
+    """A class with no training image would stay in the model's head, trained on nothing: refuse it."""
+    counts = np.bincount(np.asarray(train.labels, dtype=np.int64), minlength=len(train.class_names))
+    empty = [name for name, n in zip(train.class_names, counts.tolist(), strict=True) if n == 0]
+    if empty:
+        raise DataError(
+            f"Class(es) {empty} have no usable training image in {train.origin} (after leaving out unreadable and "
+            "bad files); add images of them, or remove them from the data (and from data.class_names)."
+        )
+
+
+def split_duplicates(splits: dict[str, LabeledImages]) -> dict[str, int]:
+    """Per split, the records whose image repeats an earlier record's (for data_report.json)."""
+    return {role: duplicates(identify(data)[0]) for role, data in splits.items()}
 
 
 class Collator:

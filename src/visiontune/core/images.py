@@ -12,11 +12,20 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 # Our own guard (below) replaces PIL's global one so the limit is per-recipe and the message is ours.
 Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 _BUFFER = re.compile(r" <_io\.BytesIO object at 0x[0-9a-f]+>")
+
+
+def _readable_extensions() -> frozenset[str]:
+    """The extensions of every format this Pillow opens (its registered plugins, so .jfif is read as the JPEG it is
+    and .avif wherever Pillow has AVIF support), not a list of our own that silently drops the rest. Save-only
+    formats (PDF, Palm) are left out; MPO files are opened by the JPEG plugin."""
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN or fmt == "MPO")
+
+
+IMAGE_EXTENSIONS = _readable_extensions()
 
 
 class BadImage(Exception):

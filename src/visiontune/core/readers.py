@@ -35,6 +35,8 @@ class LabeledImages:
     hf_dataset: Any = None
     image_column: str | None = None
     refs: list[str] = field(default_factory=list)
+    keys: list[str] | None = None  # per record, equal <=> the same image (core.identity); set by core.dataset.identify
+    left_out: list[str] = field(default_factory=list)  # files of an image folder that Pillow cannot read
 
     def ref(self, i: int) -> str:
         """Human-readable name of record i, for error messages."""
@@ -52,6 +54,7 @@ class LabeledImages:
             self.kind,
             self.hf_dataset,
             self.image_column,
+            keys=[self.keys[i] for i in indices] if self.keys is not None else None,
         )
 
     def __len__(self) -> int:
@@ -88,16 +91,35 @@ def _read_imagefolder(root: Path, class_names: list[str] | None) -> LabeledImage
         raise DataError(f"{root} has no class sub-folders; put each class's images in {root}/<class name>/.")
     names = _class_names(class_names) or list(dict.fromkeys(_folder_class(p) for p in folders))
     index = _class_index(names, str(root))
-    items, labels = [], []
+    items, labels, left_out = [], [], []
     for folder in folders:
-        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and _visible(p, folder))
+        files, others = _folder_files(folder)
         if not files:
-            raise DataError(f"Class folder {folder} has no images; add images or remove the folder.")
+            raise DataError(_no_images(folder, others))
         if _folder_class(folder) not in index:
             raise DataError(f"Class folder {folder} is not in data.class_names {names}; add it or remove the folder.")
         items += files
         labels += [index[_folder_class(folder)]] * len(files)
-    return LabeledImages(items, labels, names, str(root))
+        left_out += [str(p) for p in others]
+    return LabeledImages(items, labels, names, str(root), left_out=left_out)
+
+
+def _folder_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """A class folder's visible files: those of a format Pillow reads, and the rest (left out, and said so)."""
+    visible = sorted(p for p in folder.rglob("*") if _visible(p, folder))
+    readable = [p for p in visible if p.suffix.lower() in IMAGE_EXTENSIONS]
+    return readable, [p for p in visible if p.suffix.lower() not in IMAGE_EXTENSIONS]
+
+
+def _no_images(folder: Path, others: list[Path]) -> str:
+    """A class with nothing to train on is refused, not kept in the model; a folder of HEIC photos is not "empty"."""
+    if not others:
+        return f"Class folder {folder} has no images; add images or remove the folder."
+    kinds = ", ".join(sorted({p.suffix.lower() or p.name for p in others}))
+    return (
+        f"Class folder {folder} has no images; its {len(others)} {kinds} file(s) are not a format Pillow reads, so "
+        "convert them to JPEG or PNG, or remove the folder."
+    )
 
 
 def _hidden(name: str) -> bool:

@@ -40,9 +40,14 @@ def run_task(task: Task, cfg: BaseModel, overwrite: bool = False, resume: bool =
     if checkpoint is not None:
         check_resume_matches(run_dir, cfg)
     data = task.prepare(cfg)  # every data error surfaces here, before a run folder exists
+    if checkpoint is not None:
+        from visiontune.core.identity import check_resume_data
+
+        check_resume_data(run_dir / "data_report.json", task.findings(data))  # before anything is written
     run = open_run(cfg, run_dir, overwrite, checkpoint, task.skipped(data))
     if is_main_process():
-        write_json(run_dir / "data_report.json", {**task.sizes(data), "skipped": skipped_json(task.skipped(data))})
+        report = {**task.sizes(data), **task.findings(data), "skipped": skipped_json(task.skipped(data))}
+        write_json(run_dir / "data_report.json", report)
     fit = task.build(cfg, data, run_dir)
     trainer = make_trainer(cfg, fit, run_dir)
     after = fit_and_evaluate(task, cfg, fit, trainer, data, run)

@@ -65,6 +65,11 @@ class Task:
         """Counts for summary.json (train_samples, val_samples, ...)."""
         return {}
 
+    def findings(self, data: Any) -> dict[str, Any]:
+        """What the data check found besides errors, for data_report.json: duplicates within a split, files left
+        out, truncated records, and `data` (the data's fingerprint, which a resume must find unchanged)."""
+        return {}
+
     def build(self, cfg: BaseModel, data: Any, run_dir: Path) -> Fit:
         raise NotImplementedError
 

@@ -31,6 +31,7 @@ from PIL import Image
 from visiontune.core.check import bad_count, bad_records_error
 from visiontune.core.config import PIL_MAX_PIXELS
 from visiontune.core.errors import DataError, SampleError
+from visiontune.core.identity import duplicates, groups, image_keys, memory_digest, refuse_shared
 from visiontune.core.images import BadImage, check_image, open_image
 from visiontune.core.readers import load_saved_dataset, read_text
 
@@ -63,6 +64,7 @@ class Conversation:
     images: list[ImageSource]  # in the order of the `<image>` placeholders
     ref: str  # where it came from, for messages: "FILE record 12" / "FILE line 13"
     problem: str | None = None  # set by the reader when the record could not be normalised (turns/images empty)
+    keys: tuple[str, ...] | None = None  # what makes two records the same (`identify_conversations`)
 
 
 @dataclass
@@ -551,6 +553,54 @@ def _verb(err: BadImage) -> str:
 
 def _key(source: ImageSource) -> Any:
     return str(source) if isinstance(source, Path) else id(source)
+
+
+# ---------------------------------------------------------------------------------------------- the same image
+
+
+def identify_conversations(*sets: list[Conversation]) -> list[list[tuple[str, ...]]]:
+    """Per conversation, the keys that make two records "the same": one per image (core.identity: the same content)
+    and a last one for the whole record (turns and images), so that text-only copies are found too. Computed over
+    all sets at once, so that keys compare across them, and kept on each conversation (`keys`)."""
+    if any(c.keys is None for convs in sets for c in convs):
+        flat = iter(image_keys([source for convs in sets for c in convs for source in c.images]))
+        for conv in (c for convs in sets for c in convs):
+            images = tuple(next(flat) for _ in conv.images)
+            record = json.dumps([[[t.role, t.text] for t in conv.turns], images])
+            conv.keys = (*images, "record:" + memory_digest(record.encode()))
+    return [[c.keys or () for c in convs] for convs in sets]
+
+
+def conversation_groups(convs: list[Conversation]) -> list[list[int]]:
+    """Conversation indices joined when they share an image or are the same record (a union-find over keys), groups
+    in order of their first conversation: what a split must keep on one side."""
+    (keys,) = identify_conversations(convs)
+    parent = list(range(len(convs)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[str, int] = {}
+    for i, record in enumerate(keys):
+        for key in record:
+            a, b = root(i), root(first.setdefault(key, i))
+            parent[max(a, b)] = min(a, b)
+    return groups([root(i) for i in range(len(convs))])
+
+
+def refuse_conversation_leak(train: list[Conversation], val: list[Conversation]) -> None:
+    """Refuse validation conversations that share an image (or the whole record) with a training conversation."""
+    train_keys, val_keys = identify_conversations(train, val)
+    refuse_shared(train_keys, val_keys, lambda i: train[i].ref, lambda i: val[i].ref, "an image or the whole record")
+
+
+def conversation_duplicates(convs: list[Conversation]) -> int:
+    """Conversations that repeat an earlier one of the set: the same turns with the same images."""
+    (keys,) = identify_conversations(convs)
+    return duplicates([record[-1] for record in keys])
 
 
 # ---------------------------------------------------------------------------------------------------- output

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from visiontune.core.errors import DataError
+from visiontune.core.identity import fingerprint
 from visiontune.core.manifest import write_manifest
 from visiontune.run.task import Fit, Skipped, Task
 from visiontune.run.trainer import VisiontuneTrainer
@@ -28,12 +29,16 @@ from visiontune.vlm.conversations import (
     Conversation,
     check_conversation_splits,
     check_conversations,
+    conversation_duplicates,
+    conversation_groups,
+    identify_conversations,
     read_conversations,
+    refuse_conversation_leak,
 )
 from visiontune.vlm.generate import generation_report
 from visiontune.vlm.model import apply_tuning, enable_grad_checkpointing, load_vlm, trainable_summary
 from visiontune.vlm.token_cache import tokenize_cached
-from visiontune.vlm.tokenize import Tokenized
+from visiontune.vlm.tokenize import Tokenized, say_truncation, truncation
 
 
 @dataclass
@@ -79,6 +84,9 @@ class VlmSftTask(Task):
     def sizes(self, prepared: VlmPrepared) -> dict[str, int]:
         return {"train_samples": len(prepared.data.train_tokens), "val_samples": len(prepared.data.val)}
 
+    def findings(self, prepared: VlmPrepared) -> dict:
+        return vlm_findings(prepared.data)
+
     def build(self, cfg: VlmSftConfig, prepared: VlmPrepared, run_dir: Path) -> Fit:
         model = apply_tuning(prepared.model, cfg.tune)
         if cfg.train.grad_checkpointing:
@@ -118,6 +126,7 @@ def prepare_data(
     if d.val:  # one check over both, so every bad record is named at once
         kept, bad = check_conversation_splits({"train": read(d.train), "val": read(d.val)}, d.on_bad_sample)
         train, val = kept["train"], kept["val"]
+        refuse_conversation_leak(train, val)
     else:
         train, bad = check_conversations(read(d.train), d.on_bad_sample)
         train, val = _split(train, d.val_split, cfg.seed)
@@ -135,15 +144,32 @@ def prepare_data(
             f"No record of {d.train} fits for training (first problem: {bad_tokens[0][0]} {bad_tokens[0][1]})."
         )
     val_tokens, bad_val_tokens = tokenize_cached(processor, val, key, **settings) if val else ([], [])
-    return VlmData(train, val, tokens, bad + bad_tokens + bad_val_tokens, val_tokens)
+    data = VlmData(train, val, tokens, bad + bad_tokens + bad_val_tokens, val_tokens)
+    say_truncation(vlm_findings(data)["truncated"], d.max_length)
+    return data
+
+
+def vlm_findings(data: VlmData) -> dict:
+    """data_report.json: records cut at data.max_length and the answer tokens lost, repeated records per split, and
+    the fingerprint a resume must find unchanged."""
+    splits = {"train": data.train, "val": data.val}
+    identify_conversations(data.train, data.val)
+    records = {role: ([c.keys for c in convs], []) for role, convs in splits.items()}
+    return {
+        "truncated": {"train": truncation(data.train_tokens), "val": truncation(data.val_tokens)},
+        "duplicates": {role: conversation_duplicates(convs) for role, convs in splits.items()},
+        "data": fingerprint(records, None),
+    }
 
 
 def _split(convs: list[Conversation], fraction: float, seed: int) -> tuple[list[Conversation], list[Conversation]]:
-    if fraction <= 0 or len(convs) < 2:
+    """A seeded split of the conversations that keeps those sharing an image (or repeating a record) on one side."""
+    same = conversation_groups(convs)
+    if fraction <= 0 or len(same) < 2:
         return convs, []
-    order = torch.randperm(len(convs), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = max(1, round(fraction * len(convs)))
-    val_idx = set(order[:n_val])
+    order = torch.randperm(len(same), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, round(fraction * len(same)))
+    val_idx = {i for g in order[:n_val] for i in same[g]}
     return [c for i, c in enumerate(convs) if i not in val_idx], [c for i, c in enumerate(convs) if i in val_idx]
 
 

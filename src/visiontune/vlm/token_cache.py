@@ -150,6 +150,7 @@ def _read(path: Path, key: str, convs: list[Conversation]) -> tuple[list[Tokeniz
     if meta.get("format") != CACHE_FORMAT or meta.get("key") != key or int(meta["records"]) != len(convs):
         raise ValueError("written for other records or by another version")
     index, lengths = tensors["index"].tolist(), tensors["length"].tolist()
+    cut, lost = tensors["cut"].tolist(), tensors["lost"].tolist()  # truncation, counted again on every run
     bad = [(int(i), str(reason)) for i, reason in json.loads(meta["bad"])]
     if any(not 0 <= i < len(convs) for i in index + [i for i, _ in bad]) or len(lengths) != len(index):
         raise ValueError("record indexes out of range")
@@ -159,8 +160,8 @@ def _read(path: Path, key: str, convs: list[Conversation]) -> tuple[list[Tokeniz
         for row, value in _unpack_extra(tensors, name, kind):
             extras[row][name] = value
     tokens = [
-        Tokenized(i_ids, i_labels, extra, convs[i].ref, i)
-        for i_ids, i_labels, extra, i in zip(ids, labels, extras, index, strict=True)
+        Tokenized(i_ids, i_labels, extra, convs[i].ref, i, n_cut, n_lost)
+        for i_ids, i_labels, extra, i, n_cut, n_lost in zip(ids, labels, extras, index, cut, lost, strict=True)
     ]
     return tokens, bad
 
@@ -206,6 +207,8 @@ def _pack(tokens: list[Tokenized]) -> tuple[dict[str, torch.Tensor], dict[str, s
     tensors = {
         "index": torch.tensor([r.index for r in tokens], dtype=torch.int64),
         "length": torch.tensor([len(r.input_ids) for r in tokens], dtype=torch.int64),
+        "cut": torch.tensor([r.cut for r in tokens], dtype=torch.int64),
+        "lost": torch.tensor([r.lost for r in tokens], dtype=torch.int64),
         "input_ids": torch.tensor([t for r in tokens for t in r.input_ids], dtype=torch.int32),
         "labels": torch.tensor([t for r in tokens for t in r.labels], dtype=torch.int32),
     }

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from visiontune.core.identity import file_digest, memory_digest
 from visiontune.vlm.conversations import Conversation, load_images, to_messages
 
 IGNORE = -100
@@ -35,6 +36,8 @@ class Tokenized:
     extra: dict[str, list[int]] = field(default_factory=dict)  # token-aligned processor outputs (mm_token_type_ids)
     ref: str = ""
     index: int = 0
+    cut: int = 0  # tokens cut off at data.max_length
+    lost: int = 0  # of those, answer (trained) tokens: what truncation took from training
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -135,6 +138,8 @@ def _fit(processor: Any, record: Tokenized, max_length: int) -> Tokenized:
             record.labels[:max_length],
             {k: v[:max_length] for k, v in record.extra.items()},
             record.ref,
+            cut=len(record) - max_length,
+            lost=sum(label != IGNORE for label in record.labels[max_length:]),
         )
     if all(label == IGNORE for label in record.labels):
         raise BadRecord(f"has no assistant tokens within data.max_length={max_length}; raise it or shorten the prompt")
@@ -183,15 +188,14 @@ def cache_key(model: str, processor: Any, convs: list[Conversation], settings: d
     h.update(_processor_fingerprint(processor).encode())
     for path in _processor_files(model):
         if path.is_file():
-            stat = path.stat()
-            h.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+            h.update(f"{path.name}:{file_digest(path)}".encode())
     for conv in convs:  # each record is one self-delimiting JSON value, so the stream is unambiguous
         record = [[[t.role, t.text] for t in conv.turns], [_image_identity(s) for s in conv.images]]
         h.update(json.dumps(record).encode())
     return h.hexdigest()[:32]
 
 
-CACHE_FORMAT = "visiontune-tokenized-2"  # bump when the stored layout or the tokenisation rules change
+CACHE_FORMAT = "visiontune-tokenized-3"  # bump when the stored layout or the tokenisation rules change
 _IMAGE_TOKEN_ATTRS = ("image_token", "num_image_tokens", "image_seq_len", "patch_size", "num_additional_image_tokens")
 
 
@@ -219,18 +223,16 @@ def _describe(obj: Any) -> Any:
 
 
 def _image_identity(source: Any) -> str:
-    """A file by resolved path, size and mtime (no decoding); in-memory images by a hash of their bytes."""
-    if isinstance(source, bytes):
-        return "bytes:" + hashlib.sha256(source).hexdigest()
-    if isinstance(source, Image.Image):
-        pixels = hashlib.sha256(source.tobytes()).hexdigest()
-        return f"pil:{source.mode}:{source.size}:{pixels}"
+    """An image by its content: a file by a hash of its bytes (not size + mtime, which a replaced image can keep:
+    stale tokens then fail with "Image features and image tokens do not match"; ~0.15 ms per 60 KB JPEG), so moved
+    data keeps its cache too; in-memory images by a hash of their bytes."""
+    if isinstance(source, bytes | Image.Image):
+        return "data:" + memory_digest(source)
     path = Path(source).resolve()
     try:
-        stat = path.stat()
+        return "file:" + file_digest(path)
     except OSError:  # a missing file still keys by its path; tokenising reports it
         return f"file:{path}:missing"
-    return f"file:{path}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def _processor_files(model: str) -> list[Path]:
@@ -246,3 +248,21 @@ def _processor_files(model: str) -> list[Path]:
         "preprocessor_config.json",
     )
     return [folder / n for n in names]
+
+
+def truncation(records: list[Tokenized]) -> dict[str, int]:
+    """How many records data.max_length cut, and how many answer tokens they lost (for data_report.json)."""
+    return {"records": sum(r.cut > 0 for r in records), "answer_tokens_lost": sum(r.lost for r in records)}
+
+
+def say_truncation(counts: dict[str, dict[str, int]], max_length: int) -> None:
+    """One line when data.max_length cut answers: training on half an answer teaches half answers."""
+    from visiontune.core.check import say
+
+    cut = {role: c for role, c in counts.items() if c["records"]}
+    if cut:
+        parts = ", ".join(
+            f"{c['records']} {role} record(s) losing {c['answer_tokens_lost']} answer token(s)"
+            for role, c in cut.items()
+        )
+        say(f"data.max_length={max_length} cut {parts}; raise data.max_length to train on whole answers.")
