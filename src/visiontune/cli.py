@@ -145,14 +145,36 @@ def _say_skipped(skipped: list[dict]) -> None:
 def predict(
     model: str = typer.Argument(..., help="Run folder or model."),
     images: list[str] = typer.Argument(..., help="Image files."),
-    top_k: int = typer.Option(5, "--top-k", min=1),
-    task: str = typer.Option("classify", "--task"),
+    top_k: int = typer.Option(5, "--top-k", min=1, help="Classifiers: labels shown per image."),
+    conf: float = typer.Option(None, "--conf", min=0, max=1, help="Detectors: score threshold (default 0.25)."),
+    iou: float = typer.Option(None, "--iou", min=0, max=1, help="Detectors: NMS IoU (default: the detector's own)."),
+    out: Path = typer.Option(None, "--out", help="Detectors: folder for predictions.json and the drawn images."),
+    task: str = typer.Option(None, "--task", help="Default: the run folder's recorded task, else classify."),
 ) -> None:
-    """Print the top-k labels with probabilities for each image."""
-    for result in _task(task).predict(model, images, top_k=top_k):
+    """Print the top-k labels with probabilities (classifiers) or the boxes (detectors) for each image."""
+    import inspect
+
+    from visiontune.run.folder import prepare_output_folder
+
+    task_impl = _task(task or _recorded_task(Path(model)))
+    takes = inspect.signature(task_impl.predict).parameters
+    given = {"--conf": ("conf", conf), "--iou": ("iou", iou), "--out": ("out_dir", out)}
+    if refused := [flag for flag, (name, value) in given.items() if value is not None and name not in takes]:
+        raise RecipeError(f"{', '.join(refused)}: options of detection models, not of a {task_impl.name} model.")
+    options = {k: v for k, v in {"conf": conf, "iou": iou}.items() if v is not None}
+    if "out_dir" in takes:  # a run folder's own eval/predict unless --out says otherwise
+        if out is not None:
+            options["out_dir"] = prepare_output_folder(out, "predict --out", inputs=[model, *images])
+        elif (Path(model) / "model").is_dir():
+            options["out_dir"] = Path(model) / "eval" / "predict"
+    for result in task_impl.predict(model, images, top_k=top_k, **options):
         typer.echo(result["input"])
-        for label, prob in result["top"]:
+        for label, prob in result.get("top", []):
             typer.echo(f"  {prob:7.2%}  {label}")
+        for found in result.get("detections", []):
+            typer.echo(f"  {found['score']:7.2%}  {found['label']}  [{', '.join(f'{v:g}' for v in found['box'])}]")
+    if options.get("out_dir"):
+        typer.echo(f"Results: {options['out_dir']}")
 
 
 @app.command()

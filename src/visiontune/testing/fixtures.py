@@ -53,6 +53,33 @@ def tiny_hf_vit(out: Path, num_classes: int = 3) -> Path:
     return out
 
 
+def tiny_hf_detr(out: Path, num_classes: int = 3) -> Path:
+    """transformers DetrForObjectDetection (a 4-stage ResNet of width 8-16, d_model 32, one encoder and one decoder
+    layer, 10 queries) + its image processor at 64 px: the transformers detector kind of `task: detect`."""
+    from transformers import DetrConfig, DetrForObjectDetection, DetrImageProcessor, ResNetConfig
+
+    backbone = ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16, 16, 16], depths=[1, 1, 1, 1], out_features=["stage4"]
+    )
+    config = DetrConfig(
+        backbone_config=backbone,
+        use_timm_backbone=False,
+        use_pretrained_backbone=False,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        num_queries=10,
+        id2label={i: f"class_{i}" for i in range(num_classes)},
+    )
+    DetrForObjectDetection(config).save_pretrained(out)
+    DetrImageProcessor(size={"max_height": 64, "max_width": 64}).save_pretrained(out)
+    return out
+
+
 def image_folder(root: Path, classes: int = 3, per_class: int = 12, size: int = 32, seed: int = 0) -> Path:
     """A learnable image-folder dataset: each class has its own colour and stripe direction, plus noise."""
     rng = np.random.default_rng(seed)
@@ -88,6 +115,7 @@ def write_all(out: Path) -> dict[str, Path]:
         "timm-vit": tiny_timm_vit(out / "timm-vit"),
         "timm-cnn": tiny_timm_cnn(out / "timm-cnn"),
         "hf-vit": tiny_hf_vit(out / "hf-vit"),
+        "detr": tiny_hf_detr(out / "detr"),
         "clip": tiny_clip(out / "clip"),
         "siglip": tiny_siglip(out / "siglip"),
         "images": image_folder(out / "images"),
@@ -174,11 +202,13 @@ def write_everything(out: Path) -> dict[str, Path]:
     tiny causal LMs (vlm_assemble's `language:`) and small data sets. `out` must be new, empty or an earlier
     fixtures folder (`prepare_output_folder`), so nobody's files are overwritten."""
     from visiontune.run.folder import prepare_output_folder
+    from visiontune.testing.detect_fixtures import write_detection_sets
     from visiontune.testing.vlm_fixtures import write_all_lms, write_all_vlms
 
     out = prepare_output_folder(out, "fixtures")
     written = {**write_all(out), **write_all_vlms(out / "vlm"), **write_all_lms(out / "lm")}
-    return {**written, **write_data(out, written["images"])}
+    boxes = {f"boxes-{name}": path for name, path in write_detection_sets(out / "boxes").items()}
+    return {**written, **write_data(out, written["images"]), **boxes}
 
 
 def write_data(out: Path, images: Path) -> dict[str, Path]:
@@ -247,13 +277,24 @@ def _image_classifier_fixture(name: str, root: Path) -> str:
     return str(root / "hf-vit")
 
 
+def _detector_fixture(name: str, root: Path) -> str:
+    """A backbone under a torchvision detector (builtin:/timm:) -> the tiny timm CNN; else the tiny DETR."""
+    return f"timm:local-dir:{root / 'timm-cnn'}" if name.startswith(("timm:", "builtin:")) else str(root / "detr")
+
+
 # Fixture kinds a task's registry entry names (registry.Smoke): model name in the recipe -> fixture folder.
 MODEL_FIXTURES = {
     "image_classifier": _image_classifier_fixture,
     "dual_encoder": lambda name, root: str(root / ("siglip" if "siglip" in name else "clip")),
     "vlm": _vlm_fixture,
+    "detector": _detector_fixture,
 }
-DATA_FIXTURES = {"images": "images", "captions": "captions.csv", "conversations": "conversations.json"}
+DATA_FIXTURES = {
+    "images": "images",
+    "captions": "captions.csv",
+    "conversations": "conversations.json",
+    "boxes": "boxes/coco/train.json",  # the same set is also written as YOLO (boxes/yolo) and VOC (boxes/voc)
+}
 
 
 def _data_overrides(raw: dict, root: Path) -> list[str]:

@@ -1,0 +1,65 @@
+"""COCO box metrics from torchmetrics' `MeanAveragePrecision` on the pycocotools backend (COCOeval itself):
+mAP@[.5:.95], mAP@.5, mAP@.75, mAP small/medium/large, AR@100, per-class AP and precision-recall curves. Crowd regions
+(`iscrowd`) are matched the COCO way: a detection on one is neither a hit nor a false positive."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from visiontune.detect.config import DETECTION_METRICS
+
+
+def detection_report(preds: list[dict], targets: list[dict], class_names: list[str]) -> dict[str, Any]:
+    """preds: [{"boxes" xyxy, "scores", "labels"}], targets: [{"boxes", "labels", "iscrowd"}], one per image, in the
+    same (original image) pixel frame. Scalars under "metrics" (-1 where COCO has nothing to measure, e.g. no small
+    objects); "per_class": AP, AP@.5 and object count per class; "pr_curves": precision at each recall point (IoU .5,
+    all sizes, up to 100 detections) per class."""
+    from torchmetrics.detection import MeanAveragePrecision
+
+    metric = MeanAveragePrecision(
+        box_format="xyxy", iou_type="bbox", class_metrics=True, extended_summary=True, backend="pycocotools"
+    )
+    metric.update([_pred(p) for p in preds], [_target(t) for t in targets])
+    result = metric.compute()
+    metrics = {name: float(result[name]) for name in DETECTION_METRICS}
+    classes = [int(c) for c in torch.atleast_1d(result["classes"]).tolist()]
+    precision = result["precision"]  # [IoU thresholds, recall points, classes, areas, max detections]
+    curves, ap50 = {}, {}
+    for k, c in enumerate(classes):
+        curve = precision[0, :, k, 0, -1]
+        if (curve >= 0).any():  # -1: the class has no ground truth objects here
+            curves[class_names[c]] = curve.clamp(min=0).tolist()
+            ap50[c] = float(curve.clamp(min=0).mean())
+    ap = dict(zip(classes, torch.atleast_1d(result["map_per_class"]).tolist(), strict=True))
+    counts = _object_counts(targets, len(class_names))
+    per_class = [
+        {"label": name, "ap": _present(ap.get(c)), "ap_50": ap50.get(c), "objects": counts[c]}
+        for c, name in enumerate(class_names)
+    ]
+    return {"metrics": metrics, "per_class_ap": per_class, "pr_curves": curves, "class_names": list(class_names)}
+
+
+def _pred(p: dict) -> dict[str, torch.Tensor]:
+    return {"boxes": p["boxes"].float().reshape(-1, 4), "scores": p["scores"].float(), "labels": p["labels"].long()}
+
+
+def _target(t: dict) -> dict[str, torch.Tensor]:
+    boxes = torch.as_tensor(t["boxes"], dtype=torch.float32).reshape(-1, 4)
+    labels = torch.as_tensor(t["labels"], dtype=torch.long).reshape(-1)
+    crowd = torch.as_tensor(t.get("iscrowd", [False] * len(labels)), dtype=torch.bool).reshape(-1)
+    return {"boxes": boxes, "labels": labels, "iscrowd": crowd.long()}
+
+
+def _object_counts(targets: list[dict], n: int) -> list[int]:
+    counts = [0] * n
+    for t in targets:
+        crowd = t.get("iscrowd", [False] * len(t["labels"]))
+        for label, is_crowd in zip(torch.as_tensor(t["labels"]).tolist(), torch.as_tensor(crowd).tolist(), strict=True):
+            counts[int(label)] += 0 if is_crowd else 1
+    return counts
+
+
+def _present(value: float | None) -> float | None:
+    return None if value is None or value < 0 else value

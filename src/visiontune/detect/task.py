@@ -1,0 +1,393 @@
+"""`task: detect` — fine-tune an object detector (torchvision detectors on timm / built-in backbones, transformers
+detection checkpoints).
+
+What is its own: box-labelled data (read and checked once, detect/data.py), the detector and its tuning plan,
+the evaluation (detections are lists of boxes per image, which the Trainer cannot concatenate: `DetectionTrainer`
+runs that loop and scores it with COCO mAP), the exports, pictures and predictions. The runner does the rest.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_utils import EvalLoopOutput
+
+from visiontune.classify.freeze import GradualUnfreeze, set_trainable
+from visiontune.core.check import BadSample, check_splits
+from visiontune.core.config import PIL_MAX_PIXELS
+from visiontune.core.errors import DataError
+from visiontune.detect.check import ANNOTATIONS, find_bad_images
+from visiontune.detect.config import DetectConfig
+from visiontune.detect.data import BoxDataset, read_boxes, split_boxes
+from visiontune.detect.dataset import DetectionDataset, detection_collate
+from visiontune.detect.metrics import detection_report
+from visiontune.detect.model import Detector, build_detector, image_sizes
+from visiontune.detect.transforms import detection_transforms
+from visiontune.run.arguments import loader_workers
+from visiontune.run.distributed import launched_world_size
+from visiontune.run.optim import build_optimizer
+from visiontune.run.task import Fit, Skipped, Task
+from visiontune.run.trainer import VisiontuneTrainer
+
+MAX_PIXELS = PIL_MAX_PIXELS  # eval/predict of saved models
+SAMPLES = 4  # validation images whose detections are kept for the report's pictures
+PREDICT_CONF = 0.25  # `visiontune predict` shows confident boxes; evaluation scores weak ones too (eval.conf)
+
+
+@dataclass
+class DetectData:
+    train: BoxDataset
+    val: BoxDataset
+    skipped: list[BadSample] = field(default_factory=list)
+
+
+@dataclass
+class TuningPlan:
+    callbacks: list[TrainerCallback] = field(default_factory=list)
+    include: set[str] | None = None  # parameters given to the optimiser (None: those with requires_grad)
+
+
+class DetectTask(Task):
+    name = "detect"
+
+    def prepare(self, cfg: DetectConfig) -> DetectData:
+        return load_split(cfg)
+
+    def skipped(self, data: DetectData) -> list[Skipped]:
+        return [Skipped(b.ref, b.reason) for b in data.skipped]
+
+    def sizes(self, data: DetectData) -> dict[str, int]:
+        objects = {
+            name: sum(len(r.labels) for r in d.records) for name, d in (("train", data.train), ("val", data.val))
+        }
+        return {
+            "train_samples": len(data.train),
+            "val_samples": len(data.val),
+            "train_objects": objects["train"],
+            "val_objects": objects["val"],
+        }
+
+    def build(self, cfg: DetectConfig, data: DetectData, run_dir: Path) -> Fit:
+        model = build_detector(cfg.model, data.train.class_names, cfg.detector, cfg.fpn_channels, cfg.data.image_size)
+        model.configure(cfg.eval.conf, cfg.eval.iou, cfg.eval.max_detections)
+        model.category_ids = list(data.train.category_ids)
+        return detection_fit(model, cfg, data, plan_tuning(model, cfg))
+
+    def evaluate_run(
+        self, cfg: DetectConfig, fit: Fit, trainer: VisiontuneTrainer, data: DetectData, name: str
+    ) -> dict:
+        trainer.evaluate(metric_key_prefix=name)
+        report = dict(trainer.compute_metrics.last)
+        report.pop("records", None)
+        return report
+
+    def save(
+        self, cfg: DetectConfig, fit: Fit, trainer: VisiontuneTrainer, data: DetectData, run_dir: Path, after: dict
+    ) -> dict:
+        from visiontune.detect.export import save_detector
+        from visiontune.detect.pictures import report_pictures
+
+        save_detector(fit.model, run_dir / "model")
+        records = trainer.compute_metrics.last["records"]
+        write_coco_results(run_dir / "eval" / "predictions.json", records, data.val)
+        before = (
+            json.loads((run_dir / "eval" / "before.json").read_text())
+            if (run_dir / "eval" / "before.json").is_file()
+            else {}
+        )
+        report_pictures(run_dir, fit.eval_dataset, before, after)
+        return {}
+
+    # ---- saved models (visiontune eval / predict)
+    def evaluate(
+        self,
+        model: str,
+        data: str,
+        out_dir: Path | None = None,
+        batch_size: int = 8,
+        workers: int = 0,
+        on_bad_sample: str = "error",
+    ) -> dict:
+        detector = build_detector(model, None).eval()
+        boxes = read_boxes(data, "val", detector.class_names, on_bad_sample, max_image_pixels=MAX_PIXELS)
+        kept, bad = check_splits({"eval": boxes}, lambda d: find_bad_images(d, MAX_PIXELS), on_bad_sample, ANNOTATIONS)
+        dataset = DetectionDataset(kept["eval"], detection_transforms("none", detector.image_size, False), MAX_PIXELS)
+        loader = torch.utils.data.DataLoader(dataset, batch_size, num_workers=workers, collate_fn=DetectionCollator())
+        evaluator = DetectionEvaluator(kept["eval"])
+        evaluator(run_detector(detector, loader))
+        report = {k: v for k, v in evaluator.last.items() if k != "records"}
+        report["skipped_samples"] = [{"ref": b.ref, "reason": b.reason} for b in [*boxes.skipped, *bad]]
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
+            write_coco_results(out_dir / "predictions.json", evaluator.last["records"], kept["eval"])
+        return report
+
+    def predict(
+        self,
+        model: str,
+        inputs: list[str],
+        top_k: int = 5,
+        conf: float = PREDICT_CONF,
+        iou: float | None = None,
+        out_dir: Path | None = None,
+    ) -> list[dict]:
+        """Boxes per image (original pixels); with `out_dir`, COCO results (predictions.json, image_id = position in
+        `inputs`) and each image with its boxes drawn. `top_k` is the classifiers' option, unused here."""
+        from visiontune.detect.pictures import draw_predictions
+
+        detector = build_detector(model, None).eval()
+        detector.configure(conf, iou, detector.max_detections)
+        results, coco = [], []
+        for index, path in enumerate(inputs):
+            image = load_image(path)
+            found = detect_image(detector, image)
+            names = detector.class_names
+            results.append(
+                {
+                    "input": path,
+                    "detections": [
+                        {"label": names[int(c)], "score": float(s), "box": [round(float(v), 1) for v in b]}
+                        for b, s, c in zip(found["boxes"], found["scores"], found["labels"], strict=True)
+                    ],
+                }
+            )
+            coco += coco_results(index, found, detector.category_ids, Path(path).name)
+            if out_dir is not None:
+                draw_predictions(image, found, names, out_dir / f"{index:04d}-{Path(path).stem}.png")
+        if out_dir is not None:
+            (out_dir / "predictions.json").write_text(json.dumps(coco, indent=1))
+        return results
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def load_split(cfg: DetectConfig) -> DetectData:
+    """Read train (and val, or a seeded split of train), then decode-check every image of both at once."""
+    d = cfg.data
+    read = dict(on_bad_sample=d.on_bad_sample, max_image_pixels=d.max_image_pixels)
+    train = read_boxes(d.train, "train", d.class_names, **read)
+    skipped = list(train.skipped)
+    if d.val:
+        val = read_boxes(d.val, "val", train.class_names, **read)
+        skipped += val.skipped
+    else:
+        train, val = split_boxes(train, d.val_split, cfg.seed)
+    find = lambda data: find_bad_images(data, d.max_image_pixels)  # noqa: E731
+    kept, bad = check_splits({"train": train, "val": val}, find, d.on_bad_sample, ANNOTATIONS)
+    return DetectData(kept["train"], kept["val"], skipped + bad)
+
+
+class DetectionCollator:
+    """One padded batch (images top-left aligned, `pixel_mask` marks real pixels), so the Trainer can count and move
+    it, with the targets as plain tensors."""
+
+    def __call__(self, batch: list[tuple]) -> dict[str, Any]:
+        images, targets = detection_collate(batch)
+        height, width = max(i.shape[-2] for i in images), max(i.shape[-1] for i in images)
+        pixels = torch.zeros(len(images), 3, height, width)
+        mask = torch.zeros(len(images), height, width, dtype=torch.bool)
+        for i, image in enumerate(images):
+            h, w = image.shape[-2:]
+            pixels[i, :, :h, :w] = image.as_subclass(torch.Tensor)
+            mask[i, :h, :w] = True
+        plain = [
+            {
+                "boxes": t["boxes"].as_subclass(torch.Tensor).float().reshape(-1, 4),
+                "labels": t["labels"],
+                "iscrowd": t["iscrowd"],
+                "image_id": torch.tensor(t["image_id"]),
+            }
+            for t in targets
+        ]
+        return {"pixel_values": pixels, "pixel_mask": mask, "targets": plain}
+
+
+def detection_fit(model: Detector, cfg: DetectConfig, data: DetectData, plan: TuningPlan) -> Fit:
+    d, t = cfg.data, cfg.train
+    train_tf = detection_transforms(d.augment.preset, model.image_size, train=True, hflip=d.augment.hflip)
+    eval_tf = detection_transforms("none", model.image_size, train=False)
+    return Fit(
+        model=model,
+        train_dataset=DetectionDataset(data.train, train_tf, d.max_image_pixels),
+        eval_dataset=DetectionDataset(data.val, eval_tf, d.max_image_pixels),
+        collator=DetectionCollator(),
+        compute_metrics=DetectionEvaluator(data.val),
+        make_optimizer=lambda m: build_optimizer(
+            m, lr=t.lr, weight_decay=t.weight_decay, optimizer=t.optimizer, momentum=t.momentum, include=plan.include
+        ),
+        callbacks=plan.callbacks,
+        trainer_class=DetectionTrainer,
+        workers=loader_workers(d.workers, in_memory=False),
+    )
+
+
+def plan_tuning(model: Detector, cfg: DetectConfig) -> TuningPlan:
+    """What trains: everything (full), all but the backbone (freeze_backbone), the head (linear_probe), the neck and
+    head plus a growing top of the backbone (gradual_unfreeze), or LoRA adapters plus the head (lora)."""
+    tune, plan = cfg.tune, TuningPlan()
+    if cfg.train.grad_checkpointing and not model.enable_grad_checkpointing():
+        print(f"note: {cfg.model} does not support gradient checkpointing; training without it")
+    names = {n for n, _ in model.named_parameters()}
+    if tune.method == "lora":
+        from visiontune.detect.model import apply_lora
+
+        apply_lora(model, tune.lora)
+    elif tune.method == "linear_probe":
+        set_trainable(model, set(model.head_names()))
+    elif tune.method == "full" and tune.freeze_backbone:
+        set_trainable(model, names - set(model.backbone_names()))
+    elif tune.method == "gradual_unfreeze":
+        groups, rest = model.layer_groups()
+        plan.callbacks.append(GradualUnfreeze(model, groups, rest, tune.unfreeze, launched_world_size() > 1))
+        plan.include = names
+    return plan
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+class DetectionTrainer(VisiontuneTrainer):
+    """The Trainer's evaluation loop concatenates logits; detections are a list of boxes per image. This loop runs
+    the model over the (rank-sharded) eval loader, gathers every rank's detections and scores them with
+    `compute_metrics` (a `DetectionEvaluator`); the Trainer's `evaluate` logs, selects the best checkpoint and
+    stops early on what it returns."""
+
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ) -> EvalLoopOutput:
+        self.callback_handler.eval_dataloader = dataloader
+        records = run_detector(self.model, dataloader, self._prepare_inputs)
+        if self.args.world_size > 1:
+            from accelerate.utils import gather_object
+
+            records = gather_object(records)
+        scores = self.compute_metrics(records)
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in scores.items()}
+        return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=len(records))
+
+
+def run_detector(model: torch.nn.Module, loader, prepare=None) -> list[dict]:
+    """Detections for every image of `loader`, boxes scaled to the original image, on the CPU."""
+    model.eval()
+    device = next(model.parameters()).device
+    prepare = prepare or (lambda batch: _to(batch, device))
+    records = []
+    with torch.no_grad():
+        for batch in loader:
+            batch = prepare(batch)
+            found = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])["detections"]
+            sizes = image_sizes(batch["pixel_values"], batch["pixel_mask"])
+            for d, size, t in zip(found, sizes, batch["targets"], strict=True):
+                records.append(
+                    {
+                        "image_id": int(t["image_id"]),
+                        **{k: v.detach().float().cpu() for k, v in d.items()},
+                        "size": size,
+                    }
+                )
+    return records
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class DetectionEvaluator:
+    """`compute_metrics` of the detect task: scores detections against the original annotations of `data` (not the
+    resized ones: COCO's small/medium/large areas are in original pixels) and keeps the full report in `.last`."""
+
+    def __init__(self, data: BoxDataset):
+        self.data = data
+        self.last: dict[str, Any] = {}
+
+    def __call__(self, records: list[dict]) -> dict[str, float]:
+        by_id = {r["image_id"]: r for r in records}  # the last batch of a rank-sharded loader repeats images
+        records = [_original_frame(by_id[i], self.data.records[i]) for i in sorted(by_id)]
+        targets = [
+            {
+                "boxes": self.data.records[r["image_id"]].boxes,
+                "labels": self.data.records[r["image_id"]].labels,
+                "iscrowd": self.data.records[r["image_id"]].iscrowd,
+            }
+            for r in records
+        ]
+        report = detection_report(records, targets, self.data.class_names)
+        report["samples"] = [_listed(r) for r in records[:SAMPLES]]
+        report["records"] = records
+        self.last = report
+        return report["metrics"]
+
+
+def _original_frame(record: dict, box_record) -> dict:
+    h, w = record["size"]
+    scale = torch.tensor([box_record.width / w, box_record.height / h] * 2)
+    return {**record, "boxes": record["boxes"] * scale}
+
+
+def _listed(record: dict) -> dict:
+    return {
+        "image_id": record["image_id"],
+        "boxes": [[round(v, 2) for v in b] for b in record["boxes"].tolist()],
+        "scores": [round(s, 4) for s in record["scores"].tolist()],
+        "labels": record["labels"].long().tolist(),
+    }
+
+
+def write_coco_results(path: Path, records: list[dict], data: BoxDataset) -> None:
+    """COCO results format: one {"image_id", "category_id", "bbox": [x, y, w, h], "score"} per detection, with the
+    data's own category ids; image_id is the image's position in the set (its file is named alongside)."""
+    found = []
+    for r in records:
+        found += coco_results(r["image_id"], r, data.category_ids, data.records[r["image_id"]].image)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(found, indent=1))
+
+
+def coco_results(image_id: int, found: dict, category_ids: list[int], file_name: str) -> list[dict]:
+    return [
+        {
+            "image_id": image_id,
+            "file_name": file_name,
+            "category_id": int(category_ids[int(c)]),
+            "bbox": [round(b[0], 2), round(b[1], 2), round(b[2] - b[0], 2), round(b[3] - b[1], 2)],
+            "score": round(float(s), 4),
+        }
+        for b, s, c in zip(found["boxes"].tolist(), found["scores"], found["labels"], strict=True)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- predict
+
+
+def load_image(path: str):
+    from visiontune.core.images import open_image
+
+    try:
+        return open_image(path, MAX_PIXELS)
+    except Exception as err:
+        raise DataError(f"{path} {err}; give a readable image file.") from None
+
+
+def detect_image(detector: Detector, image) -> dict[str, torch.Tensor]:
+    """Detections on one PIL image, boxes in its own pixels."""
+    from torchvision import tv_tensors
+
+    empty = {
+        "boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(image.height, image.width)),
+        "labels": torch.zeros(0, dtype=torch.long),
+        "iscrowd": torch.zeros(0, dtype=torch.bool),
+        "image_id": 0,
+    }
+    pixels, _ = detection_transforms("none", detector.image_size, train=False)(tv_tensors.Image(image), empty)
+    batch = DetectionCollator()([(pixels, empty)])
+    (record,) = run_detector(detector, [batch])
+    h, w = record["size"]
+    scale = torch.tensor([image.width / w, image.height / h] * 2)
+    return {**record, "boxes": record["boxes"] * scale}
