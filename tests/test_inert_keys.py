@@ -22,6 +22,7 @@ BASES: dict[str, dict[str, Any]] = {
     "clip_contrastive": {"model": "clip", "data": {"train": "captions.csv"}},
     "vlm_sft": {"model": "vlm", "data": {"train": "convs.json"}},
     "vlm_assemble": {"stage": "align", "vision": "clip", "language": "lm", "data": {"train": "captions.csv"}},
+    "detect": {"model": "builtin:efficientnet-lite0", "data": {"train": "coco.json"}},
 }
 BOTH_TASKS_VAL = [{"name": "a", "train": "a", "val": "va"}, {"name": "b", "train": "b", "val": "vb"}]
 
@@ -154,6 +155,28 @@ CASES: list[tuple[str, dict[str, Any], str, dict[str, Any]]] = [
     ),
     ("vlm_assemble", {"data.val_split": 0, "eval.max_new_tokens": 8}, "eval.max_new_tokens", {"data.val_split": 0.05}),
     ("vlm_assemble", {"data.val": "val.csv", "data.val_split": 0.2}, "data.val_split", {"data.val": None}),
+    ("detect", {"model": "detr", "detector": "retinanet"}, "detector", {"model": "timm:resnet18"}),
+    ("detect", {"model": "runs/detect", "fpn_channels": 128}, "fpn_channels", {"model": "builtin:efficientnet-lite0"}),
+    (
+        "detect",
+        {"tune.method": "linear_probe", "tune.freeze_backbone": True},
+        "tune.freeze_backbone",
+        {"tune.method": "full"},
+    ),
+    (
+        "detect",
+        {"model": "detr", "tune.lora.r": 4},
+        "tune.lora.r",
+        {"tune.method": "lora"},
+    ),
+    ("detect", {"tune.unfreeze": [{"epoch": 0, "blocks": 1}]}, "tune.unfreeze", {"tune.method": "gradual_unfreeze"}),
+    (
+        "detect",
+        {"data.augment.preset": "none", "data.augment.hflip": 0.0},
+        "data.augment.hflip",
+        {"data.augment.preset": "light"},
+    ),
+    ("detect", {"data.val": "val.json", "data.val_split": 0.2}, "data.val_split", {"data.val": None}),
 ]
 
 

@@ -209,6 +209,7 @@ def _conversations(images: list[str]) -> list[dict]:
 def world(fixtures_dir, tmp_path_factory) -> World:
     from PIL import ImageOps
 
+    from visiontune.testing.detect_fixtures import write_detection_sets
     from visiontune.testing.vlm_fixtures import tiny_causal_lm, tiny_vlm
 
     root = tmp_path_factory.mktemp("keys-act")
@@ -271,6 +272,12 @@ def world(fixtures_dir, tmp_path_factory) -> World:
     p["clip_state"] = _vision_state(fixtures_dir / "clip", root / "clip_vision.safetensors")
     p["align_run"] = _align_run(fixtures_dir / "clip", p["lm"], root / "align_run")
     p["exports"] = root / "exports"
+    # Box-labelled images (detect): COCO train/val, the same set as YOLO, one with an annotation off its image.
+    p.update({f"boxes-{k}": v for k, v in write_detection_sets(root / "boxes").items()})
+    coco = json.loads(p["boxes-coco-train"].read_text())
+    coco["annotations"].append({**coco["annotations"][0], "id": 999, "bbox": [500, 500, 10, 10]})
+    p["boxes-bad"] = _write(p["boxes-coco-train"].with_name("bad.json"), json.dumps(coco))
+    p["timm-cnn2"] = _perturbed_copy(fixtures_dir / "timm-cnn", root / "timm-cnn2")
     return World(root, fixtures_dir, p)
 
 
@@ -344,6 +351,11 @@ def base_recipe(task: str, w: World) -> dict:
             "data": {"train": w["captions"], "val_split": 0.2, "limit": 16},
             "train": small_train,
             "eval": vlm_eval,
+        },
+        "detect": {
+            "model": f"timm:local-dir:{w.fx / 'timm-cnn'}",
+            "data": {**image_data, "train": w["boxes-coco-train"], "image_size": 64},
+            "train": small_train,
         },
     }
     return {"task": task, "output_dir": out, **copy.deepcopy(recipes[task])}
@@ -439,6 +451,16 @@ ALT: dict[str, Any] = {
     "eval.metrics": ["exact_match", "anls"],
     "eval.max_samples": 1,
     "eval.samples_during_training": 1,  # the vlm_sft fixture has 2 val records
+    # detect
+    "detect:model": lambda w: f"timm:local-dir:{w['timm-cnn2']}",
+    "detect:data.train": lambda w: w["boxes-yolo"],
+    "detect:data.val": lambda w: w["boxes-coco-val"],
+    "detect:data.class_names": ["red", "green", "blue"],
+    "detect:data.max_image_pixels": 4000,  # between the 60 x 60 and the 80 x 60 images (refused as too big)
+    "detect:train.metric": "map_50",
+    "detect:eval.conf": 0.5,  # above every score of the random detector
+    "detect:eval.iou": 0.3,
+    "detect:eval.max_detections": 2,
 }
 
 # Settings under which a key matters, applied to both sides of the comparison.
@@ -488,6 +510,10 @@ CONTEXT: dict[str, Any] = {
     "wise_ft.*": {"wise_ft": {}},
     "scheduled_sampling.*": {"scheduled_sampling": {}},
     "vlm_assemble:init_from": {"stage": "instruct", "data.train": lambda w: w["convs"]},
+    "detect:data.on_bad_sample": {"data.train": lambda w: w["boxes-bad"]},
+    "detect:data.max_image_pixels": {"data.on_bad_sample": "skip"},
+    "detect:tune.lora.*": {"tune.method": "lora", "model": lambda w: str(w.fx / "detr")},
+    "detect:eval.iou": {"model": lambda w: str(w.fx / "detr")},  # the random FCOS's boxes are points: none overlap
 }
 
 # Keys whose base side is refused by design (the variant is the one that goes through).
@@ -575,6 +601,11 @@ INERT_UNDER: list[tuple[str, str, dict[str, Any], Any, Any, str]] = [
     ("vlm_assemble", "data.prompt", _INSTRUCT, "Describe it.", "Caption this.", "build"),
     ("vlm_assemble", "vision_layer", {**_INSTRUCT, "init_from": lambda w: w["align_run"]}, -1, -2, "build"),
     ("vlm_assemble", "scheduled_sampling.k", {"scheduled_sampling": {"schedule": "linear"}}, 2.0, 5.0, "step"),
+    ("detect", "tune.freeze_backbone", {"tune.method": "linear_probe"}, True, False, "build"),
+    ("detect", "fpn_channels", {"model": lambda w: str(w.fx / "detr")}, 32, 64, "build"),
+    ("detect", "detector", {"model": lambda w: str(w.fx / "detr")}, "fcos", "retinanet", "build"),
+    ("detect", "data.augment.hflip", {"data.augment.preset": "none"}, 0.0, 1.0, "build"),
+    ("detect", "data.val_split", {"data.val": lambda w: w["boxes-coco-val"]}, 0.25, 0.5, "build"),
 ]
 
 

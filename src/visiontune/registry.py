@@ -84,6 +84,32 @@ TASKS: dict[str, TaskSpec] = {
         smoke=Smoke(model="dual_encoder", data="captions", overrides=("data.image_size=32",)),
         report=ReportLabels("before", "of the pretrained dual encoder (before training)"),
     ),
+    "detect": TaskSpec(
+        config="visiontune.detect.config:DetectConfig",
+        task="visiontune.detect.task:DetectTask",
+        smoke=Smoke(
+            model="detector",
+            data="boxes",
+            overrides=(
+                "data.image_size=64",
+                "data.train=builtin:mnist-detect:64",
+                "data.val=builtin:mnist-detect-heldout:16",
+            ),
+        ),
+        report=ReportLabels(
+            "before",
+            "(COCO box metrics) of the detector with its new, untrained head (before training)",
+            {
+                "map": "mAP@[.5:.95]",
+                "map_50": "mAP@.5",
+                "map_75": "mAP@.75",
+                "map_small": "mAP small",
+                "map_medium": "mAP medium",
+                "map_large": "mAP large",
+                "mar_100": "AR@100",
+            },
+        ),
+    ),
     "vlm_sft": TaskSpec(
         config="visiontune.vlm.config:VlmSftConfig",
         task="visiontune.vlm.sft:VlmSftTask",
