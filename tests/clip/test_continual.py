@@ -167,3 +167,24 @@ def test_refused_launch_leaves_no_run_folder(fixtures_dir, tmp_path, write_recip
     code, _, err = cli("train", write_recipe(recipe))
     assert code == 2 and "single process" in err
     assert not Path(recipe["output_dir"]).exists()
+
+
+def test_resume_refuses_changed_data_and_overwrite_waits_for_the_model(
+    fixtures_dir, tmp_path, write_recipe, cli, monkeypatch
+):
+    recipe = _two_tasks(fixtures_dir, tmp_path)
+    path = write_recipe(recipe)
+    _stop_at_second_stage(monkeypatch)
+    assert cli("train", path)[0] == 130
+    run = Path(recipe["output_dir"])
+    extra = next((tmp_path / "second" / "class_1").glob("*.png"))
+    shutil.copy(extra, extra.with_name("added.png"))
+    code, _, err = cli("train", path, "--resume")
+    assert code == 2 and "data changed" in err
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")  # a model folder that fails only when loaded
+    code, _, err = cli("train", path, f"model={broken}", "--overwrite")
+    assert code != 0 and "Traceback" not in err
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # a failed start leaves the old run

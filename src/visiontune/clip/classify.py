@@ -76,8 +76,9 @@ class ClipClassifyTask(ClassifyTask):
         data = self.prepare(cfg)
         if not is_main_process():  # one evaluation is enough; the other ranks have nothing to add
             return run_dir
-        open_run(cfg, run_dir, overwrite, None, self.skipped(data))
+        run = open_run(cfg, run_dir, overwrite, None, self.skipped(data), defer=True)
         clf = self.build_model(cfg, data.val.class_names)
+        run.begin()  # --overwrite removes the previous run's files only once the model has loaded
         save_eval(run_dir, "after", self.evaluate_loaded(clf, data.val, run_dir / "eval"))
         write_report(run_dir)
         return run_dir

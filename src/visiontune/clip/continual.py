@@ -13,12 +13,13 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from visiontune.classify.task import SplitData, TuningPlan, classification_fit, load_split
+from visiontune.classify.task import SplitData, TuningPlan, classification_fit, load_split, split_findings
 from visiontune.clip.classify import ClipClassifyTask, prompt_names
 from visiontune.clip.config import ClipClassifyConfig, ClipContinualConfig, ClipDataConfig, ContinualTask
 from visiontune.clip.dual_encoder import resolve_dual_encoder
 from visiontune.clip.zero_shot import CLIPClassifier
 from visiontune.core.errors import DataError, RecipeError
+from visiontune.core.identity import fingerprint
 from visiontune.core.transforms import with_image_size
 from visiontune.run.distributed import is_main_process
 from visiontune.run.stages import StagedTask, stage_dir
@@ -50,6 +51,19 @@ class ClipContinualTask(StagedTask, ClipClassifyTask):
 
     def skipped(self, data: Sequence) -> list[Skipped]:
         return [Skipped(b.ref, b.reason) for s in data.splits for b in s.skipped]
+
+    def findings(self, data: Sequence) -> dict:
+        """Each task's findings; the run's fingerprint (checked on resume) covers every task's records."""
+        found = {task.name: split_findings(split) for task, split in zip(data.tasks, data.splits, strict=True)}
+        records = {
+            f"{task.name}.{role}": (split.keys or [], split.labels)
+            for task, s in zip(data.tasks, data.splits, strict=True)
+            for role, split in (("train", s.train), ("val", s.val))
+        }
+        return {
+            "tasks": {name: {k: v for k, v in f.items() if k != "data"} for name, f in found.items()},
+            "data": fingerprint(records, None),
+        }
 
     def sizes(self, data: Sequence) -> dict[str, int]:
         return {

@@ -1,11 +1,12 @@
 """The one run lifecycle, for every task.
 
-check data -> open the run folder (only now: a failed check leaves nothing behind) -> config.yaml -> build ->
-Trainer with tracking, validation, best checkpoint, early stopping, EMA -> evaluate before -> train (or resume)
--> evaluate after -> per-rank record -> save (rank 0) -> summary.json -> report.
+check data -> lock the run folder (only now: a failed check leaves nothing behind) -> build -> remove what
+--overwrite replaces, config.yaml, data_report.json -> Trainer with tracking, validation, best checkpoint, early
+stopping, EMA -> evaluate before -> train (or resume) -> evaluate after -> per-rank record -> save (rank 0) ->
+summary.json -> report.
 
-A task supplies only what is its own (see `visiontune.run.task.Task`). Multi-stage tasks (clip_continual) use the
-pieces below (`open_run`, `make_trainer`, `train_with_progress`) once per stage instead of `run_task`.
+A task supplies only what is its own (see `visiontune.run.task.Task`). Tasks that train several times in one run
+folder (clip_continual) run on the same pieces through `visiontune.run.stages`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from visiontune.run.distributed import check_launch_environment, is_main_process
-from visiontune.run.folder import last_checkpoint, prepare_run_dir
+from visiontune.run.folder import last_checkpoint, lock_run_dir, open_run_dir, recipe_paths, resume_wanted
 from visiontune.run.task import Fit, Skipped, Task
 
 
@@ -30,45 +31,63 @@ from visiontune.run.task import Fit, Skipped, Task
 class RunStart:
     run_dir: Path
     checkpoint: Path | None  # the checkpoint to resume from; None for a fresh run
+    begin: Callable[[], None] = lambda: None  # see open_run's `defer`; a no-op on ranks other than 0
 
 
 def run_task(task: Task, cfg: BaseModel, overwrite: bool = False, resume: bool = False) -> Path:
     start = time.perf_counter()
     run_dir = Path(cfg.output_dir).expanduser()
     check_launch_environment()  # a refused launch must not leave a run folder behind
-    checkpoint = resume_point(run_dir, resume, cfg.train.resume)
+    checkpoint = resume_point(run_dir, resume, resume_wanted(resume, cfg.train.resume, overwrite))
     if checkpoint is not None:
         check_resume_matches(run_dir, cfg)
     data = task.prepare(cfg)  # every data error surfaces here, before a run folder exists
     if checkpoint is not None:
-        from visiontune.core.identity import check_resume_data
-
-        check_resume_data(run_dir / "data_report.json", task.findings(data))  # before anything is written
-    run = open_run(cfg, run_dir, overwrite, checkpoint, task.skipped(data))
-    if is_main_process():
-        report = {**task.sizes(data), **task.findings(data), "skipped": skipped_json(task.skipped(data))}
-        write_json(run_dir / "data_report.json", report)
+        check_resume_data(run_dir, task, data)
+    run = open_run(cfg, run_dir, overwrite, checkpoint, task.skipped(data), defer=True)
     fit = task.build(cfg, data, run_dir)
+    run.begin()  # only now, with data and model loaded, may --overwrite remove the previous run's files
+    write_data_report(run_dir, task, data)
     trainer = make_trainer(cfg, fit, run_dir)
     after = fit_and_evaluate(task, cfg, fit, trainer, data, run)
     trainer.record_rank(run_dir)
     if is_main_process():
         extras = task.save(cfg, fit, trainer, data, run_dir, after)
-        summary = {
-            "task": cfg.task,
-            "wall_time_s": round(time.perf_counter() - start, 1),
-            **task.sizes(data),
-            "skipped_samples": skipped_json(task.skipped(data)),
-            "best_checkpoint": trainer.state.best_model_checkpoint,
-            "global_step": trainer.state.global_step,
-            "final_metrics": after.get("metrics", {}),
-            **extras,
-        }
-        write_json(run_dir / "summary.json", summary)
-        from visiontune.report import write_report
-
-        write_report(run_dir)
+        state = {"best_checkpoint": trainer.state.best_model_checkpoint, "global_step": trainer.state.global_step}
+        write_summary(run_dir, cfg, task, data, start, state, after, extras)
     return run_dir
+
+
+def check_resume_data(run_dir: Path, task: Task, data: Any) -> None:
+    """A resumed run must read the data its checkpoints were trained on; checked before anything is written."""
+    from visiontune.core.identity import check_resume_data as check
+
+    check(run_dir / "data_report.json", task.findings(data))
+
+
+def write_data_report(run_dir: Path, task: Task, data: Any) -> None:
+    if is_main_process():
+        report = {**task.sizes(data), **task.findings(data), "skipped": skipped_json(task.skipped(data))}
+        write_json(run_dir / "data_report.json", report)
+
+
+def write_summary(
+    run_dir: Path, cfg: BaseModel, task: Task, data: Any, start: float, state: dict, after: dict, extras: dict
+) -> None:
+    """summary.json (the same fields for every task, plus the task's `extras`), then the report. Rank 0 only."""
+    summary = {
+        "task": cfg.task,
+        "wall_time_s": round(time.perf_counter() - start, 1),
+        **task.sizes(data),
+        "skipped_samples": skipped_json(task.skipped(data)),
+        **state,
+        "final_metrics": after.get("metrics", {}),
+        **extras,
+    }
+    write_json(run_dir / "summary.json", summary)
+    from visiontune.report import write_report
+
+    write_report(run_dir)
 
 
 def resume_point(run_dir: Path, flag: bool, recipe_key: bool) -> Path | None:
@@ -126,18 +145,33 @@ def open_run(
     checkpoint: Path | None,
     skipped: list[Skipped],
     resuming: bool | None = None,
+    defer: bool = False,
 ) -> RunStart:
-    """Create (or reopen, when resuming) the run folder on rank 0, save config.yaml, say what matters once.
+    """Check and lock (rank 0) the run folder, or reopen it when resuming; then begin the run: remove the previous
+    run's files (--overwrite), save config.yaml, say what matters once. With `defer`, beginning waits for the
+    caller's `RunStart.begin()`, so a model load that fails in between leaves the previous run as it was.
     `resuming` defaults to "there is a checkpoint"; a multi-stage task that resumes between stages passes True."""
     resuming = checkpoint is not None if resuming is None else resuming
+    run = RunStart(run_dir, checkpoint)
     if is_main_process():
-        if checkpoint is not None or not resuming:
-            prepare_run_dir(run_dir, overwrite, resume=resuming)
         from visiontune.recipe import dump_config
 
-        dump_config(cfg, run_dir / "config.yaml")
-        announce(run_dir, checkpoint, skipped)
-    return RunStart(run_dir, checkpoint)
+        opened = None
+        if checkpoint is not None or not resuming:
+            opened = open_run_dir(run_dir, overwrite, resuming, recipe_paths(cfg.model_dump(mode="json")))
+        else:
+            lock_run_dir(run_dir)  # between the stages of a resumed run: nothing to check, still one writer
+
+        def begin() -> None:
+            if opened is not None:
+                opened.begin()
+            dump_config(cfg, run_dir / "config.yaml")
+            announce(run_dir, checkpoint, skipped)
+
+        run.begin = begin
+        if not defer:
+            begin()
+    return run
 
 
 def announce(run_dir: Path, checkpoint: Path | None, skipped: list[Skipped]) -> None:

@@ -1,6 +1,7 @@
 """Runner stages: one run folder in which a task trains several times (a task sequence, align -> instruct, ...).
 
-Every stage keeps the runner's promises: the launch and data checks run before the run folder exists, each stage
+Every stage keeps the runner's promises: the launch and data checks run before the run folder exists, --overwrite
+removes the previous run's files only once the shared model has loaded, each stage
 trains with the runner's own Trainer (`make_trainer`: validation, best checkpoint, early stopping, EMA, tracking)
 in `stages/I-NAME/`, a finished stage is recorded in `stages/progress.json`, and `--resume` refuses a changed
 recipe, reloads finished stages and resumes the interrupted one from its last checkpoint. summary.json and the
@@ -17,17 +18,17 @@ from typing import Any
 from pydantic import BaseModel
 
 from visiontune.run.distributed import check_launch_environment, is_main_process
-from visiontune.run.folder import last_checkpoint
+from visiontune.run.folder import last_checkpoint, resume_wanted
 from visiontune.run.runner import (
+    check_resume_data,
     check_resume_matches,
     keep_better_ema,
     make_trainer,
     open_run,
     rng_preserved,
     save_eval,
-    skipped_json,
     train_with_progress,
-    write_json,
+    write_data_report,
     write_summary,
 )
 from visiontune.run.task import Fit, Task
@@ -82,17 +83,18 @@ def run_stages(task: StagedTask, cfg: BaseModel, overwrite: bool = False, resume
     run_dir = Path(cfg.output_dir).expanduser()
     check_launch_environment()  # a refused launch must not leave a run folder behind
     names = task.stage_names(cfg)
-    progress = read_progress(run_dir, resume, cfg.train.resume)
+    progress = read_progress(run_dir, resume, resume_wanted(resume, cfg.train.resume, overwrite))
     if progress is not None:
         check_resume_matches(run_dir, cfg)
     data = task.prepare(cfg)  # every data error surfaces here, before a run folder exists
-    skipped = task.skipped(data)
-    open_run(cfg, run_dir, overwrite, None, skipped, resuming=progress is not None)
-    if is_main_process():
-        write_json(run_dir / "data_report.json", {**task.sizes(data), "skipped": skipped_json(skipped)})
-        if progress is not None:
-            print(f"Resuming {run_dir} after stage {len(progress['stages'])} of {len(names)}.")
+    if progress is not None:
+        check_resume_data(run_dir, task, data)
+    run = open_run(cfg, run_dir, overwrite, None, task.skipped(data), resuming=progress is not None, defer=True)
     state = task.start(cfg, data)
+    run.begin()  # only now, with data and model loaded, may --overwrite remove the previous run's files
+    write_data_report(run_dir, task, data)
+    if progress is not None and is_main_process():
+        print(f"Resuming {run_dir} after stage {len(progress['stages'])} of {len(names)}.")
     if progress is None:
         with rng_preserved():  # as in run_task: evaluating must not change the batches training draws
             progress = {"before": task.evaluate_state(cfg, data, state, "before", []), "stages": []}
