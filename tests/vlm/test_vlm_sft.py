@@ -154,7 +154,8 @@ def test_qlora_trains_on_cpu(family, vlm_recipe, write_recipe, cli):
 
 def test_max_length_too_small_for_an_image_names_the_record(vlm_recipe, write_recipe, cli):
     code, _, err = cli("train", write_recipe(vlm_recipe("llava", data={"max_length": 12})))
-    assert code == 2 and "record 0" in err and "data.max_length" in err and "Traceback" not in err
+    # Which record is named first depends on the split (records showing the same image stay on one side).
+    assert code == 2 and " record " in err and "data.max_length" in err and "Traceback" not in err
     code, _, err = cli(
         "train", write_recipe(vlm_recipe("llava", data={"max_length": 12, "on_bad_sample": "skip"})), "--overwrite"
     )
