@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from PIL import Image
@@ -25,22 +26,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         return len(self.data)
 
     def load(self, i: int) -> Image.Image:
-        """The image as displayed (EXIF orientation applied), RGB; a SampleError sentence if it cannot be used."""
-        record = self.data.records[i]
-        try:
-            source = record.image
-            if record.row is not None:
-                source = hf_image_value(self.data.hf_dataset, record.row, self.data.image_column)
-            image = open_image(source, self.max_image_pixels)
-        except BadImage as err:
-            hint = "fix or remove it (data.on_bad_sample=skip drops bad samples)"
-            raise SampleError(f"{record.image} {err}; {hint}.") from None
-        if image.size != (record.width, record.height):
-            raise SampleError(
-                f"{record.image} is {image.width}x{image.height} now but was {record.width}x{record.height} when "
-                "its boxes were read; restart the run so the data is read again."
-            )
-        return image
+        return load_image(self.data, i, self.max_image_pixels)
 
     def __getitem__(self, i: int) -> tuple[tv_tensors.Image, dict]:
         record = self.data.records[i]
@@ -51,6 +37,26 @@ class DetectionDataset(torch.utils.data.Dataset):
         if image.dtype == torch.uint8:
             image = tv_tensors.Image(image.float() / 255)
         return image, target
+
+
+def load_image(data: Any, i: int, max_image_pixels: int) -> Image.Image:
+    """Record i's image as displayed (EXIF orientation applied), RGB; a SampleError sentence if it cannot be used.
+    `data`: a BoxDataset, or any set whose records carry image / row / width / height (segmentation's MaskDataset)."""
+    record = data.records[i]
+    try:
+        source = record.image
+        if record.row is not None:
+            source = hf_image_value(data.hf_dataset, record.row, data.image_column)
+        image = open_image(source, max_image_pixels)
+    except BadImage as err:
+        hint = "fix or remove it (data.on_bad_sample=skip drops bad samples)"
+        raise SampleError(f"{record.image} {err}; {hint}.") from None
+    if image.size != (record.width, record.height):
+        raise SampleError(
+            f"{record.image} is {image.width}x{image.height} now but was {record.width}x{record.height} when "
+            "its labels were read; restart the run so the data is read again."
+        )
+    return image
 
 
 def make_target(record: BoxRecord, image_id: int) -> dict:
