@@ -47,7 +47,10 @@ class UnfreezeStep(Strict):
     blocks: int | Literal["all"] = Field(description="... train the head plus the last N blocks (or all).")
 
 
-class TuneConfig(Strict):
+class MethodTuneConfig(Strict):
+    """The `tune` keys of every task that trains by a freezing plan (classify, detect, segment): the method, gradual
+    unfreezing's schedule and LoRA's settings. A subclass adds its own keys and their `extra_rules`."""
+
     method: Literal["full", "linear_probe", "gradual_unfreeze", "lora"] = "full"
     unfreeze: list[UnfreezeStep] = Field(
         default_factory=lambda: [
@@ -57,7 +60,6 @@ class TuneConfig(Strict):
         ],
         description="Schedule for `gradual_unfreeze`.",
     )
-    layer_decay: float | None = Field(None, gt=0, le=1, description="Layer-wise LR decay factor (e.g. 0.75).")
     lora: LoraConfig = LoraConfig()
 
     @field_validator("unfreeze")
@@ -67,8 +69,11 @@ class TuneConfig(Strict):
             raise ValueError("tune.unfreeze epochs must be distinct and increasing")
         return steps
 
+    def extra_rules(self) -> list[Inert]:
+        return []
+
     @model_validator(mode="after")
-    def _inert_keys(self, info: ValidationInfo) -> TuneConfig:
+    def _inert_keys(self, info: ValidationInfo) -> MethodTuneConfig:
         method = self.method
         rules = [
             Inert(("lora",), method != "lora", "with tune.method: lora", "set tune.method: lora"),
@@ -78,16 +83,25 @@ class TuneConfig(Strict):
                 "with tune.method: gradual_unfreeze",
                 "set tune.method: gradual_unfreeze",
             ),
-            # LoRA builds no layer groups; a linear probe trains only the head, which keeps the full LR.
-            Inert(
-                ("layer_decay",),
-                method not in ("full", "gradual_unfreeze"),
-                "with tune.method full or gradual_unfreeze (lora and linear_probe train no decayed layer)",
-                "use one of those methods",
-            ),
+            *self.extra_rules(),
         ]
         refuse_inert(self, info, rules, prefix="tune.")
         return self
+
+
+class TuneConfig(MethodTuneConfig):
+    layer_decay: float | None = Field(None, gt=0, le=1, description="Layer-wise LR decay factor (e.g. 0.75).")
+
+    def extra_rules(self) -> list[Inert]:
+        # LoRA builds no layer groups; a linear probe trains only the head, which keeps the full LR.
+        return [
+            Inert(
+                ("layer_decay",),
+                self.method not in ("full", "gradual_unfreeze"),
+                "with tune.method full or gradual_unfreeze (lora and linear_probe train no decayed layer)",
+                "use one of those methods",
+            )
+        ]
 
 
 # What a classifier's validation reports (classify/metrics.py; top5_accuracy with five classes or more).

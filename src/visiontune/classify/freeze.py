@@ -50,3 +50,12 @@ class GradualUnfreeze(TrainerCallback):
             for n, p in self.model.named_parameters():
                 if n not in self.active:
                     p.grad = None
+
+
+def freeze_frozen_norms(model: nn.Module) -> None:
+    """Batch norms whose parameters are all frozen keep their running statistics in training mode, so a frozen
+    backbone stays the pretrained one (call after `model.train()`)."""
+    for module in model.modules():
+        params = list(module.parameters(recurse=False))
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and params and not any(p.requires_grad for p in params):
+            module.eval()

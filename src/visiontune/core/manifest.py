@@ -43,3 +43,15 @@ def read_manifest(folder: Path) -> dict[str, Any]:
             f"({FORMAT_VERSION}); upgrade visiontune."
         )
     return manifest
+
+
+def save_with_manifest(folder: Path, module: Any, kind: str, **fields: Any) -> Path:
+    """`module`'s state dict as model.safetensors plus the manifest: the export of a model that plain libraries
+    rebuild from the manifest's fields (the README shows how for each kind)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(folder / "model.safetensors"))
+    write_manifest(folder, kind, **fields)
+    return folder

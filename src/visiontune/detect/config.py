@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, model_validator
 
-from visiontune.classify.config import LoraConfig, UnfreezeStep
+from visiontune.classify.config import MethodTuneConfig
 from visiontune.core.config import PIL_MAX_PIXELS
 from visiontune.run.config import EmaTrainConfig, Inert, Strict, TrackConfig, refuse_inert, val_split_rule
 
@@ -62,48 +62,21 @@ class DetectDataConfig(Strict):
         return self
 
 
-class DetectTuneConfig(Strict):
+class DetectTuneConfig(MethodTuneConfig):
     method: Literal["full", "linear_probe", "gradual_unfreeze", "lora"] = Field(
         "full", description="linear_probe: only the detection head trains; lora: transformers detectors only."
     )
     freeze_backbone: bool = Field(False, description="method full: the backbone stays frozen, neck and head train.")
-    unfreeze: list[UnfreezeStep] = Field(
-        default_factory=lambda: [
-            UnfreezeStep(epoch=0, blocks=0),
-            UnfreezeStep(epoch=1, blocks=2),
-            UnfreezeStep(epoch=2, blocks="all"),
-        ],
-        description="Schedule for `gradual_unfreeze`: from `epoch`, neck + head + the last `blocks` backbone blocks.",
-    )
-    lora: LoraConfig = LoraConfig()
 
-    @field_validator("unfreeze")
-    @classmethod
-    def _sorted(cls, steps: list[UnfreezeStep]) -> list[UnfreezeStep]:
-        if [s.epoch for s in steps] != sorted({s.epoch for s in steps}):
-            raise ValueError("tune.unfreeze epochs must be distinct and increasing")
-        return steps
-
-    @model_validator(mode="after")
-    def _inert_keys(self, info: ValidationInfo) -> DetectTuneConfig:
-        method = self.method
-        rules = [
-            Inert(("lora",), method != "lora", "with tune.method: lora", "set tune.method: lora"),
-            Inert(
-                ("unfreeze",),
-                method != "gradual_unfreeze",
-                "with tune.method: gradual_unfreeze",
-                "set tune.method: gradual_unfreeze",
-            ),
+    def extra_rules(self) -> list[Inert]:
+        return [
             Inert(
                 ("freeze_backbone",),
-                method != "full",
+                self.method != "full",
                 "with tune.method: full (the other methods choose what trains themselves)",
                 "set tune.method: full",
-            ),
+            )
         ]
-        refuse_inert(self, info, rules, prefix="tune.")
-        return self
 
 
 class DetectTrainConfig(EmaTrainConfig):

@@ -12,18 +12,14 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from visiontune.core.manifest import write_manifest
+from visiontune.core.manifest import save_with_manifest, write_manifest
 from visiontune.detect.model import Detector
 
 
 def save_detector(model: Detector, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
     if model.library == "torchvision":
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in model.net.state_dict().items()}, str(folder / "model.safetensors"))
-        write_manifest(folder, "detector", library="torchvision", **_labels(model), **model.spec)
-        return folder
+        return save_with_manifest(folder, model.net, "detector", library="torchvision", **_labels(model), **model.spec)
+    folder.mkdir(parents=True, exist_ok=True)
     net = merged(model)
     net.config.id2label = dict(enumerate(model.class_names))
     net.config.label2id = {name: i for i, name in enumerate(model.class_names)}
@@ -39,10 +35,9 @@ def _labels(model: Detector) -> dict:
 
 def merged(model: Detector):
     """The transformers model with LoRA folded into its weights (plain transformers loads it)."""
-    from peft import PeftModel
+    from visiontune.classify.lora import merged_net
 
-    if isinstance(model.net, PeftModel):
-        model.net = model.net.merge_and_unload()
+    model.net = merged_net(model.net)
     return model.net
 
 

@@ -169,15 +169,10 @@ class Detector(nn.Module):
     def train(self, mode: bool = True) -> Detector:
         """Batch norms whose parameters are all frozen keep their running statistics (a frozen backbone stays the
         pretrained one)."""
+        from visiontune.classify.freeze import freeze_frozen_norms
+
         super().train(mode)
-        for module in self.modules():
-            params = list(module.parameters(recurse=False))
-            if (
-                isinstance(module, nn.modules.batchnorm._BatchNorm)
-                and params
-                and not any(p.requires_grad for p in params)
-            ):
-                module.eval()
+        freeze_frozen_norms(self)
         return self
 
 
@@ -204,12 +199,13 @@ def build_detector(
     """The detector a recipe's `model` names, with a head for `class_names` (None: keep a saved model's classes).
     builtin:/timm: sources are backbones under a torchvision `detector`; folders and hub ids are transformers
     detectors, or detectors visiontune saved (a run folder)."""
+    from visiontune.core.backbones import feature_body
     from visiontune.core.manifest import read_manifest
     from visiontune.core.sources import parse_source
 
     source = parse_source(model, "model")
     if source.kind in ("builtin", "timm"):
-        arch, args, body = _timm_body(source)
+        arch, args, body = feature_body(source)
         spec = torchvision_spec(detector, arch, args, body, class_names or [], fpn_channels, image_size)
         return Detector(make_torchvision(spec, TimmFPN(body, fpn_channels)), "torchvision", class_names or [], spec)
     manifest = read_manifest(source.path) if source.path is not None else {}
@@ -218,50 +214,19 @@ def build_detector(
     return _transformers(source.name, class_names, image_size, manifest)
 
 
-def _timm_body(source) -> tuple[str, dict, nn.Module]:
-    """(timm architecture, its constructor args, the features_only model with its pretrained weights)."""
-    import timm
-
-    if source.kind == "builtin":
-        from visiontune.core.assets import efficientnet_lite0_state_dict
-
-        if source.name != "efficientnet-lite0":
-            raise ModelError(f"model: builtin:{source.name} is not an image backbone; use builtin:efficientnet-lite0.")
-        body = timm.create_model("tf_efficientnet_lite0", features_only=True, pretrained=False)
-        wanted = body.state_dict()
-        body.load_state_dict({k: v for k, v in efficientnet_lite0_state_dict().items() if k in wanted})
-        return "tf_efficientnet_lite0", {}, body
-    try:
-        body = timm.create_model(source.name, features_only=True, pretrained=True)
-    except RuntimeError as err:
-        if "Unknown model" in str(err):
-            raise ModelError(
-                f"model: {source.text} is not a timm model; `timm.list_models('*name*')` lists them."
-            ) from None
-        raise
-    except OSError as err:
-        raise ModelError(
-            f"model: {source.text} weights cannot be loaded offline ({err}); use a local folder (timm:local-dir:PATH) "
-            "or download the weights first."
-        ) from None
-    except (AttributeError, AssertionError, NotImplementedError) as err:
-        raise ModelError(f"model: {source.text} has no feature pyramid in timm (features_only: {err}).") from None
-    args = getattr(body, "pretrained_model_args", None) or {}
-    args = {k: v for k, v in args.items() if k not in ("num_classes", "global_pool")}
-    return body.pretrained_cfg.get("architecture", source.name), args, body
-
-
 def torchvision_spec(
     detector: str, arch: str, args: dict, body: nn.Module, class_names: list[str], channels: int, image_size
 ) -> dict[str, Any]:
     """Everything that rebuilds the detector with plain timm + torchvision (the export's visiontune.json)."""
+    from visiontune.core.backbones import body_normalization
+
     strides = body.feature_info.reduction()[-LEVELS:]
     if detector == "fcos":  # one point per location; torchvision's FCOS assigns objects to levels by these sizes
         sizes, ratios = [[s] for s in strides], [[1.0]] * LEVELS
     else:  # three scales and three shapes per location, 4x the stride as torchvision's defaults
         sizes = [[round(4 * s * 2 ** (k / 3), 2) for k in range(3)] for s in strides]
         ratios = [[0.5, 1.0, 2.0]] * LEVELS
-    cfg = body.pretrained_cfg
+    mean, std = body_normalization(body)
     return {
         "detector": detector,
         "timm_model": arch,
@@ -272,8 +237,8 @@ def torchvision_spec(
         "anchor_sizes": sizes,
         "aspect_ratios": ratios,
         "image_size": image_size or DEFAULT_SIZE,
-        "image_mean": list(cfg.get("mean", (0.485, 0.456, 0.406))),
-        "image_std": list(cfg.get("std", (0.229, 0.224, 0.225))),
+        "image_mean": mean,
+        "image_std": std,
     }
 
 
@@ -304,8 +269,9 @@ def make_torchvision(spec: dict[str, Any], backbone: nn.Module) -> nn.Module:
 
 def _saved_torchvision(folder: Path, manifest: dict, class_names: list[str] | None, image_size) -> Detector:
     """A torchvision detector visiontune exported: rebuilt from its manifest, weights from model.safetensors."""
-    import timm
     from safetensors.torch import load_file
+
+    from visiontune.core.backbones import rebuilt_body
 
     saved = manifest["class_names"]
     if class_names is not None and list(class_names) != list(saved):
@@ -316,7 +282,7 @@ def _saved_torchvision(folder: Path, manifest: dict, class_names: list[str] | No
     spec = {k: v for k, v in manifest.items() if k not in ("format", "kind", "library", "class_names", "category_ids")}
     if image_size:
         spec["image_size"] = image_size
-    body = timm.create_model(spec["timm_model"], features_only=True, pretrained=False, **spec["timm_args"])
+    body = rebuilt_body(spec["timm_model"], spec["timm_args"])
     net = make_torchvision(spec, TimmFPN(body, spec["fpn_channels"]))
     net.load_state_dict(load_file(str(folder / "model.safetensors")))
     return _with_ids(Detector(net, "torchvision", saved, spec), manifest)
@@ -372,22 +338,11 @@ _LORA_TARGETS = ("q_proj", "v_proj", "query", "value")
 def apply_lora(model: Detector, cfg) -> None:
     """LoRA adapters on the attention projections of a transformers detector (PEFT); the class and box predictors
     stay fully trainable (`modules_to_save`)."""
-    from peft import LoraConfig, get_peft_model
+    from visiontune.classify.lora import wrap_lora
 
     if model.library != "transformers":
         raise ModelError(
             "tune.method lora applies to transformers detectors; use full, linear_probe or gradual_unfreeze."
         )
-    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.net.named_modules() if isinstance(m, nn.Linear)})
-    targets = [t for t in _LORA_TARGETS if t in linear] if cfg.target_modules == "auto" else cfg.target_modules
-    missing = [t for t in targets if t not in linear]
-    if not targets or missing:
-        raise ModelError(
-            f"tune.lora.target_modules {missing or cfg.target_modules} match no Linear layer of the detector; its "
-            f"Linear layers are named {linear}."
-        )
     heads = sorted({n.rsplit(".", 1)[-1] for n, _ in model.net.named_modules() if n.rsplit(".", 1)[-1] in HF_HEADS})
-    peft = LoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, modules_to_save=heads
-    )
-    model.net = get_peft_model(model.net, peft)
+    model.net = wrap_lora(model.net, cfg, _LORA_TARGETS, heads, "the detector")

@@ -51,16 +51,12 @@ def drawn(image: torch.Tensor, boxes: list | torch.Tensor, labels: list[str], co
 
 
 def _comparison(dataset, before: list[dict], after: list[dict], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from visiontune.report.pictures import save_grid
 
     names = dataset.data.class_names
     earlier = {s["image_id"]: s for s in before}
-    columns = ("ground truth", "before", "after")
-    fig, axes = plt.subplots(len(after), 3, figsize=(9, 3 * len(after)), squeeze=False)
-    for row, sample in enumerate(after):
+    rows = []
+    for sample in after:
         image, target = dataset[sample["image_id"]]
         pixels = (image.as_subclass(torch.Tensor) * 255).round().to(torch.uint8)
         record = dataset.data.records[sample["image_id"]]
@@ -69,14 +65,8 @@ def _comparison(dataset, before: list[dict], after: list[dict], out: Path) -> No
         panels = [drawn(pixels, truth, [names[c] for c in record.labels], TRUTH)]
         for found in (earlier.get(sample["image_id"]), sample):
             panels.append(pixels if found is None else _drawn_found(pixels, found, names, scale))
-        for col, panel in enumerate(panels):
-            axes[row][col].imshow(panel.permute(1, 2, 0).numpy())
-            axes[row][col].set_axis_off()
-            if row == 0:
-                axes[row][col].set_title(columns[col])
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+        rows.append([panel.permute(1, 2, 0).numpy() for panel in panels])
+    save_grid(rows, ("ground truth", "before", "after"), out)
 
 
 def _drawn_found(pixels: torch.Tensor, found: dict, names: list[str], scale: torch.Tensor) -> torch.Tensor:
