@@ -187,20 +187,24 @@ def read_coco(
 ) -> BoxDataset:
     coco = _load_json(path)
     root = Path(image_root).expanduser() if image_root else path.parent
-    categories = _coco_list(coco, "categories", path)
-    file_classes = []
-    for k, cat in enumerate(categories):
-        if not isinstance(cat, dict) or "id" not in cat:
-            raise DataError(f"{path} category {k} has no `id`; write each category as {{'id': 1, 'name': 'cat'}}.")
-        file_classes.append((cat["id"], str(cat.get("name", cat["id"]))))
-    if len({i for i, _ in file_classes}) != len(file_classes):
-        raise DataError(f"{path} lists a category id more than once; give each category its own id.")
-    classes = pick_classes(sorted(file_classes, key=lambda c: c[0]), class_names, str(path))
+    classes = pick_classes(coco_categories(coco, path), class_names, str(path))
     raws, by_id = _coco_images(coco, path, root)
     problems: list[Problem] = []
     for k, ann in enumerate(coco.get("annotations") or []):
         _coco_annotation(k, ann, path, raws, by_id, classes, problems)
     return assemble(raws, problems, classes, on_bad_sample, str(path), max_pixels)
+
+
+def coco_categories(coco: dict, path: Path) -> list[tuple[Any, str]]:
+    """The file's (category id, name) pairs, ordered by id (shared with segmentation's COCO reader)."""
+    file_classes = []
+    for k, cat in enumerate(_coco_list(coco, "categories", path)):
+        if not isinstance(cat, dict) or "id" not in cat:
+            raise DataError(f"{path} category {k} has no `id`; write each category as {{'id': 1, 'name': 'cat'}}.")
+        file_classes.append((cat["id"], str(cat.get("name", cat["id"]))))
+    if len({i for i, _ in file_classes}) != len(file_classes):
+        raise DataError(f"{path} lists a category id more than once; give each category its own id.")
+    return sorted(file_classes, key=lambda c: c[0])
 
 
 def _load_json(path: Path) -> dict:
@@ -244,19 +248,30 @@ def _declared(entry: dict) -> tuple[int, int] | None:
 def _coco_annotation(
     k: int, ann: Any, path: Path, raws: list[RawImage], by_id: dict, classes: Classes, problems: list[Problem]
 ) -> None:
-    ann = ann if isinstance(ann, dict) else {}
-    ref = f"{path} annotation {ann.get('id', k)}"
-    image = by_id.get(ann.get("image_id"), -1)
-    if image < 0:
-        problems.append(Problem(-1, ref, f"refers to image id {ann.get('image_id')!r}, which is not in `images`"))
+    found = coco_target(k, ann, path, raws, by_id, classes, problems)
+    if found is None:
         return
-    ref += f" (image {Path(raws[image].image).name})"
-    label = classes.lookup(ann.get("category_id"), ref, problems, image)
+    ann, ref, image, label = found
     box = _xywh(ann.get("bbox"))
     if box is None:
         problems.append(Problem(image, ref, f"has bbox {ann.get('bbox')!r}, not [x, y, width, height]"))
     elif label is not None:
         raws[image].anns.append(RawAnn(ref, box, label, bool(ann.get("iscrowd", 0))))
+
+
+def coco_target(
+    k: int, ann: Any, path: Path, raws: list, by_id: dict, classes: Classes, problems: list[Problem]
+) -> tuple[dict, str, int, int | None] | None:
+    """(annotation, its name for messages, its image's index, its class or None) for annotation k; None with a
+    problem when its image is not in `images`. `raws`: anything with `.image` (shared with segmentation)."""
+    ann = ann if isinstance(ann, dict) else {}
+    ref = f"{path} annotation {ann.get('id', k)}"
+    image = by_id.get(ann.get("image_id"), -1)
+    if image < 0:
+        problems.append(Problem(-1, ref, f"refers to image id {ann.get('image_id')!r}, which is not in `images`"))
+        return None
+    ref += f" (image {Path(raws[image].image).name})"
+    return ann, ref, image, classes.lookup(ann.get("category_id"), ref, problems, image)
 
 
 def _xywh(value: Any) -> Box | None:

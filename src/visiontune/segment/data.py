@@ -130,7 +130,136 @@ def split_masks(data: MaskDataset, fraction: float, seed: int) -> tuple[MaskData
 
 def decode_mask(data: MaskDataset, record: MaskRecord) -> np.ndarray:
     """The record's mask in the displayed frame: [H, W] int64 class ids, `data.ignore_index` where none counts.
-    Raises `readers.BadMask(reason)` for a mask that cannot be used (the reader has checked every one already)."""
-    from visiontune.segment import readers
+    Raises `BadMask(reason)` for a mask that cannot be used (read_masks has checked every one already)."""
+    return finish_mask(data, record, mask_values(data, record))
 
-    return readers.decode(data, record)
+
+class BadMask(Exception):
+    """Raised with a short reason; callers add the mask's name."""
+
+
+# EXIF orientation -> the PIL transpose that ImageOps.exif_transpose applies for it
+TRANSPOSE = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270"}
+TRANSPOSE |= {7: "TRANSVERSE", 8: "ROTATE_90"}
+
+
+def mask_values(data: MaskDataset, record: MaskRecord) -> np.ndarray:
+    """The mask as stored, before it is turned and checked: class ids for COCO shapes, the file's values (label ids)
+    or packed 0xRRGGBB colours (palette encoding) otherwise."""
+    if data.encoding == "coco":
+        turned = record.orientation in (5, 6, 7, 8)
+        width, height = (record.height, record.width) if turned else (record.width, record.height)
+        return render_shapes(data.shapes.get(record.mask, []), data.fill, width, height)
+    from PIL import Image
+
+    from visiontune.core.images import _as_file
+
+    try:
+        with Image.open(_as_file(_mask_source(data, record))) as img:
+            return _palette_values(img) if data.encoding == "palette" else _id_values(img)
+    except BadMask:
+        raise
+    except FileNotFoundError:
+        raise BadMask("is missing (file not found)") from None
+    except Exception as err:  # PIL raises several types on a file that is not an image
+        raise BadMask(f"is not an image PIL can decode ({type(err).__name__}: {err})") from None
+
+
+def finish_mask(data: MaskDataset, record: MaskRecord, values: np.ndarray) -> np.ndarray:
+    """Turn the stored values into the displayed frame, check the size, map them to class ids."""
+    if record.orientation != 1:
+        from PIL import Image
+
+        method = getattr(Image.Transpose, TRANSPOSE[record.orientation])
+        values = np.asarray(Image.fromarray(values.astype(np.int32)).transpose(method), dtype=np.int64)
+    if values.shape != (record.height, record.width):
+        h, w = values.shape
+        raise BadMask(f"is {w}x{h} but its image is {record.width}x{record.height}")
+    if data.encoding == "coco":
+        return values.astype(np.int64, copy=False)
+    if data.encoding == "palette":
+        return _map_colours(values, data.palette or {})
+    return _map_ids(values, data.lut, data.ignore_index)
+
+
+def _mask_source(data: MaskDataset, record: MaskRecord) -> Any:
+    if record.row is None:
+        return record.mask
+    from visiontune.core.images import BadImage, hf_image_value
+
+    try:
+        return hf_image_value(data.hf_dataset, record.row, data.mask_column, missing="has no annotation image")
+    except BadImage as err:
+        raise BadMask(str(err)) from None
+
+
+def _id_values(img: Any) -> np.ndarray:
+    """Label ids as stored: a P-mode PNG's palette indices (VOC), L / I;16 / I values; an RGB mask is accepted only
+    when it is grey (ids saved as RGB), since its colours would otherwise be read as ids."""
+    if img.mode in ("P", "L", "I", "1") or img.mode.startswith("I;16"):
+        return np.asarray(img).astype(np.int64)
+    if img.mode in ("LA", "PA"):
+        return np.asarray(img.getchannel(0)).astype(np.int64)
+    rgb = np.asarray(img.convert("RGB"))
+    if (rgb[..., 0] != rgb[..., 1]).any() or (rgb[..., 0] != rgb[..., 2]).any():
+        raise BadMask("is a colour (RGB) mask; give its colours as data.palette, or save label ids (mode L or P)")
+    return rgb[..., 0].astype(np.int64)
+
+
+def _palette_values(img: Any) -> np.ndarray:
+    rgb = np.asarray(img.convert("RGB")).astype(np.int64)
+    return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+
+
+def _map_ids(values: np.ndarray, lut: np.ndarray | None, ignore_index: int) -> np.ndarray:
+    if lut is None:
+        lut = np.arange(256, dtype=np.int64)
+    low, high = int(values.min()), int(values.max())
+    if low >= 0 and high < len(lut):
+        out = lut[values]
+        if out.min() >= 0:
+            return out
+    found = np.unique(values)
+    bad = [int(v) for v in found if not 0 <= v < len(lut) or lut[v] < 0]
+    known = [int(v) for v in np.flatnonzero(lut >= 0) if lut[v] != ignore_index]
+    span = f"{known[0]}-{known[-1]}" if known else "none"
+    raise BadMask(f"has label id(s) {_first(bad)} with no class (class ids {span}, ignore {ignore_index})")
+
+
+def _map_colours(packed: np.ndarray, palette: dict[int, int]) -> np.ndarray:
+    colours, inverse = np.unique(packed, return_inverse=True)
+    ids = np.array([palette.get(int(c), -1) for c in colours], dtype=np.int64)
+    if (ids < 0).any():
+        bad = [f"({c >> 16}, {(c >> 8) & 255}, {c & 255})" for c in colours[ids < 0].tolist()]
+        raise BadMask(f"has the colour(s) {_first(bad)}, not in data.palette")
+    return ids[inverse].reshape(packed.shape)
+
+
+def _first(values: list, n: int = 5) -> str:
+    return ", ".join(str(v) for v in values[:n]) + (f" and {len(values) - n} more" if len(values) > n else "")
+
+
+def render_shapes(shapes: list[Shape], fill: int, width: int, height: int) -> np.ndarray:
+    """COCO polygons / RLE painted in order (the reader puts crowd regions first, then objects largest first) onto
+    a `fill` canvas, rasterised by pycocotools as COCO's own tools do."""
+    from pycocotools import mask as coco_mask
+
+    out = np.full((height, width), fill, dtype=np.int64)
+    for shape in shapes:
+        region = coco_mask.decode(coco_rle(shape.segmentation, width, height)).astype(bool)
+        if region.shape != out.shape:
+            raise BadMask(f"has an RLE of {region.shape[1]}x{region.shape[0]} on a {width}x{height} image")
+        out[region] = shape.label
+    return out
+
+
+def coco_rle(segmentation: Any, width: int, height: int) -> dict:
+    """One compressed RLE of a COCO segmentation: polygons (merged), uncompressed or compressed RLE."""
+    from pycocotools import mask as coco_mask
+
+    if isinstance(segmentation, list):
+        return coco_mask.merge(coco_mask.frPyObjects(segmentation, height, width))
+    if isinstance(segmentation.get("counts"), list):
+        return coco_mask.frPyObjects(segmentation, height, width)
+    counts = segmentation["counts"]
+    return {"size": segmentation["size"], "counts": counts.encode() if isinstance(counts, str) else counts}

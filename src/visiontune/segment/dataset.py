@@ -24,7 +24,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return len(self.data)
 
     def mask(self, i: int) -> tv_tensors.Mask:
-        from visiontune.segment.readers import BadMask
+        from visiontune.segment.data import BadMask
 
         record = self.data.records[i]
         try:
