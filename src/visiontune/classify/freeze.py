@@ -7,6 +7,10 @@ frozen parameters have their gradients dropped before each optimiser step instea
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
 from torch import nn
 from transformers import TrainerCallback
 
@@ -59,3 +63,32 @@ def freeze_frozen_norms(model: nn.Module) -> None:
         params = list(module.parameters(recurse=False))
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and params and not any(p.requires_grad for p in params):
             module.eval()
+
+
+@dataclass
+class TuningPlan:
+    callbacks: list[TrainerCallback] = field(default_factory=list)
+    include: set[str] | None = None  # parameters given to the optimiser (None: those with requires_grad)
+
+
+def backbone_plan(model: Any, cfg: Any, apply_lora: Callable, probe: set[str], frozen: set[str]) -> TuningPlan:
+    """What trains in a model with a backbone and a head on it (detect, segment), as `cfg.tune.method` says:
+    everything (full) but `frozen`, only `probe` (linear_probe), the head plus a growing top of the backbone
+    (gradual_unfreeze, over `model.layer_groups()`), or LoRA adapters plus the head (`apply_lora`)."""
+    from visiontune.run.distributed import launched_world_size
+
+    tune, plan = cfg.tune, TuningPlan()
+    if cfg.train.grad_checkpointing and not model.enable_grad_checkpointing():
+        print(f"note: {cfg.model} does not support gradient checkpointing; training without it")
+    names = {n for n, _ in model.named_parameters()}
+    if tune.method == "lora":
+        apply_lora(model, tune.lora)
+    elif tune.method == "linear_probe":
+        set_trainable(model, probe)
+    elif tune.method == "gradual_unfreeze":
+        groups, rest = model.layer_groups()
+        plan.callbacks.append(GradualUnfreeze(model, groups, rest, tune.unfreeze, launched_world_size() > 1))
+        plan.include = names
+    elif frozen:
+        set_trainable(model, names - frozen)
+    return plan

@@ -17,7 +17,7 @@ def layer_groups(model: ImageClassifier) -> tuple[list[list[str]], list[str]]:
     names = [n for n, _ in model.named_parameters()]
     head = [n for n in names if n.startswith(head_prefixes)]
     body = [n for n in names if not n.startswith(head_prefixes)]
-    groups = _timm_groups(model, body) if model.kind == "timm" else _indexed_groups(body)
+    groups = _timm_groups(model, body) if model.kind == "timm" else indexed_groups(body)
     return [g for g in groups if g], head
 
 
@@ -33,7 +33,7 @@ def _timm_groups(model: ImageClassifier, body: list[str]) -> list[list[str]]:
     return [[f"backbone.{n}" for n in grouped[k] if f"backbone.{n}" in wanted] for k in sorted(grouped)]
 
 
-def _indexed_groups(body: list[str]) -> list[list[str]]:
+def indexed_groups(body: list[str]) -> list[list[str]]:
     stem, tail, blocks = [], [], {}
     for name in body:
         match = _BLOCK.search(name)

@@ -14,10 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
-from transformers.trainer_utils import EvalLoopOutput
 
-from visiontune.classify.freeze import GradualUnfreeze, set_trainable
+from visiontune.classify.freeze import TuningPlan, backbone_plan
 from visiontune.core.check import BadSample, check_splits
 from visiontune.core.config import PIL_MAX_PIXELS
 from visiontune.core.errors import DataError
@@ -29,8 +27,8 @@ from visiontune.detect.metrics import detection_report
 from visiontune.detect.model import Detector, build_detector, image_sizes
 from visiontune.detect.transforms import detection_transforms
 from visiontune.run.arguments import loader_workers
-from visiontune.run.distributed import launched_world_size
 from visiontune.run.optim import build_optimizer
+from visiontune.run.records import RecordsTrainer
 from visiontune.run.task import Fit, Skipped, Task
 from visiontune.run.trainer import VisiontuneTrainer
 
@@ -44,12 +42,6 @@ class DetectData:
     train: BoxDataset
     val: BoxDataset
     skipped: list[BadSample] = field(default_factory=list)
-
-
-@dataclass
-class TuningPlan:
-    callbacks: list[TrainerCallback] = field(default_factory=list)
-    include: set[str] | None = None  # parameters given to the optimiser (None: those with requires_grad)
 
 
 class DetectTask(Task):
@@ -231,46 +223,22 @@ def detection_fit(model: Detector, cfg: DetectConfig, data: DetectData, plan: Tu
 def plan_tuning(model: Detector, cfg: DetectConfig) -> TuningPlan:
     """What trains: everything (full), all but the backbone (freeze_backbone), the head (linear_probe), the neck and
     head plus a growing top of the backbone (gradual_unfreeze), or LoRA adapters plus the head (lora)."""
-    tune, plan = cfg.tune, TuningPlan()
-    if cfg.train.grad_checkpointing and not model.enable_grad_checkpointing():
-        print(f"note: {cfg.model} does not support gradient checkpointing; training without it")
-    names = {n for n, _ in model.named_parameters()}
-    if tune.method == "lora":
-        from visiontune.detect.model import apply_lora
+    from visiontune.detect.model import apply_lora
 
-        apply_lora(model, tune.lora)
-    elif tune.method == "linear_probe":
-        set_trainable(model, set(model.head_names()))
-    elif tune.method == "full" and tune.freeze_backbone:
-        set_trainable(model, names - set(model.backbone_names()))
-    elif tune.method == "gradual_unfreeze":
-        groups, rest = model.layer_groups()
-        plan.callbacks.append(GradualUnfreeze(model, groups, rest, tune.unfreeze, launched_world_size() > 1))
-        plan.include = names
-    return plan
+    frozen = set(model.backbone_names()) if cfg.tune.method == "full" and cfg.tune.freeze_backbone else set()
+    return backbone_plan(model, cfg, apply_lora, set(model.head_names()), frozen)
 
 
 # ------------------------------------------------------------------------------------------ evaluation
 
 
-class DetectionTrainer(VisiontuneTrainer):
-    """The Trainer's evaluation loop concatenates logits; detections are a list of boxes per image. This loop runs
-    the model over the (rank-sharded) eval loader, gathers every rank's detections and scores them with
-    `compute_metrics` (a `DetectionEvaluator`); the Trainer's `evaluate` logs, selects the best checkpoint and
-    stops early on what it returns."""
+class DetectionTrainer(RecordsTrainer):
+    """Detections are a list of boxes per image, which the Trainer's loop cannot concatenate: `run_detector` makes
+    them, `compute_metrics` (a `DetectionEvaluator`) scores them with COCO mAP."""
 
-    def evaluation_loop(
-        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
-    ) -> EvalLoopOutput:
-        self.callback_handler.eval_dataloader = dataloader
-        records = run_detector(self.model, dataloader, self._prepare_inputs)
-        if self.args.world_size > 1:
-            from accelerate.utils import gather_object
-
-            records = gather_object(records)
-        scores = self.compute_metrics(records)
-        metrics = {f"{metric_key_prefix}_{k}": v for k, v in scores.items()}
-        return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=len(records))
+    @staticmethod
+    def collect(model: torch.nn.Module, loader, prepare) -> list[dict]:
+        return run_detector(model, loader, prepare)
 
 
 def run_detector(model: torch.nn.Module, loader, prepare=None) -> list[dict]:
