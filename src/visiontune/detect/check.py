@@ -5,8 +5,9 @@ gives the size and the EXIF orientation. `find_bad_images` is the full-decode ch
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,17 +43,26 @@ class Problem:
 
 def probe_image(source: str | Path | bytes, max_pixels: int) -> ImageInfo:
     """Size and EXIF orientation from the header only (PIL opens lazily); BadImage(reason) if unusable."""
+    with opened(source) as img:
+        _check_pixels(img, max_pixels)
+        orientation = _orientation(img)
+        return ImageInfo(img.size, orientation if orientation in range(1, 9) else 1)
+
+
+@contextmanager
+def opened(source: str | Path | bytes, bad: type[Exception] = BadImage) -> Iterator[Image.Image]:
+    """PIL's lazily opened image of `source`; whatever goes wrong while it is open (a missing file, a file PIL
+    cannot read, its pixels failing to decode) becomes `bad(reason)`, and a `bad` raised inside passes through.
+    Shared with segmentation's mask decoding (bad=BadMask)."""
     try:
         with Image.open(_as_file(source)) as img:
-            _check_pixels(img, max_pixels)
-            orientation = _orientation(img)
-            return ImageInfo(img.size, orientation if orientation in range(1, 9) else 1)
-    except BadImage:
+            yield img
+    except bad:
         raise
     except FileNotFoundError:
-        raise BadImage("is missing (file not found)") from None
+        raise bad("is missing (file not found)") from None
     except Exception as err:  # PIL raises several types on a file that is not an image
-        raise BadImage(f"is not an image PIL can open ({type(err).__name__})") from None
+        raise bad(f"is not an image PIL can open ({type(err).__name__})") from None
 
 
 def _orientation(img: Image.Image) -> int:

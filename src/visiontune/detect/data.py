@@ -89,15 +89,23 @@ def read_boxes(
             return readers.read_voc(where, split, class_names, on_bad_sample, max_image_pixels)
         if (where / "dataset_info.json").is_file() or (where / "dataset_dict.json").is_file():
             return readers.read_hf(where, split, class_names, on_bad_sample, max_image_pixels)
-    if not where.exists() and "/" in path and not path.startswith((".", "/", "~")):
+    if hub_id_or_missing(path, "Detection"):
         return readers.read_hf(path, split, class_names, on_bad_sample, max_image_pixels)  # a hub id, cached offline
-    if not where.exists():
-        raise DataError(f"Detection data {path} does not exist; check data.train / data.val in the recipe.")
     raise DataError(
         f"{path} is not a detection set visiontune reads; use a COCO .json file, a YOLO data.yaml (or its folder), "
         "a Pascal VOC folder (Annotations/ + JPEGImages/), a `datasets` dataset with an `objects` column, or "
         "builtin:mnist-detect."
     )
+
+
+def hub_id_or_missing(path: str, kind: str) -> bool:
+    """For a data path no known format claimed: True when it is a `datasets` hub id (read from the offline cache),
+    a DataError when nothing is there, False for an existing path of no known format (the caller says which)."""
+    if Path(path).expanduser().exists():
+        return False
+    if "/" in path and not path.startswith((".", "/", "~")):
+        return True
+    raise DataError(f"{kind} data {path} does not exist; check data.train / data.val in the recipe.")
 
 
 def split_boxes(data: BoxDataset, fraction: float, seed: int) -> tuple[BoxDataset, BoxDataset]:

@@ -21,6 +21,7 @@ import numpy as np
 from visiontune.core.check import BadSample
 from visiontune.core.config import PIL_MAX_PIXELS
 from visiontune.core.errors import DataError
+from visiontune.detect.data import hub_id_or_missing
 
 Encoding = Literal["ids", "palette", "coco"]
 IGNORE_NAME = "ignore"  # a palette entry of this name marks pixels left out of the loss and the metrics
@@ -110,10 +111,8 @@ def read_masks(
             return readers.read_hf(where, split, options)
         if readers.mask_folders(where, split) is not None:
             return readers.read_folder(where, split, options)
-    if not where.exists() and "/" in path and not path.startswith((".", "/", "~")):
+    if hub_id_or_missing(path, "Segmentation"):
         return readers.read_hf(path, split, options)  # a hub id, cached offline
-    if not where.exists():
-        raise DataError(f"Segmentation data {path} does not exist; check data.train / data.val in the recipe.")
     raise DataError(
         f"{path} is not a segmentation set visiontune reads; use a folder with images/ and masks/ (same names), a "
         "Pascal VOC folder (JPEGImages/ + SegmentationClass/), a COCO .json with polygons or RLE, a `datasets` "
@@ -150,19 +149,12 @@ def mask_values(data: MaskDataset, record: MaskRecord) -> np.ndarray:
         turned = record.orientation in (5, 6, 7, 8)
         width, height = (record.height, record.width) if turned else (record.width, record.height)
         return render_shapes(data.shapes.get(record.mask, []), data.fill, width, height)
-    from PIL import Image
+    from visiontune.detect.check import opened
 
-    from visiontune.core.images import _as_file
-
-    try:
-        with Image.open(_as_file(_mask_source(data, record))) as img:
-            return _palette_values(img) if data.encoding == "palette" else _id_values(img)
-    except BadMask:
-        raise
-    except FileNotFoundError:
-        raise BadMask("is missing (file not found)") from None
-    except Exception as err:  # PIL raises several types on a file that is not an image
-        raise BadMask(f"is not an image PIL can decode ({type(err).__name__}: {err})") from None
+    with opened(_mask_source(data, record), BadMask) as img:
+        if img.format == "JPEG":
+            raise BadMask("is a JPEG: its lossy compression changes the values along every edge; save masks as PNG")
+        return _palette_values(img) if data.encoding == "palette" else _id_values(img)
 
 
 def finish_mask(data: MaskDataset, record: MaskRecord, values: np.ndarray) -> np.ndarray:
@@ -246,9 +238,13 @@ def render_shapes(shapes: list[Shape], fill: int, width: int, height: int) -> np
 
     out = np.full((height, width), fill, dtype=np.int64)
     for shape in shapes:
-        region = coco_mask.decode(coco_rle(shape.segmentation, width, height)).astype(bool)
-        if region.shape != out.shape:
-            raise BadMask(f"has an RLE of {region.shape[1]}x{region.shape[0]} on a {width}x{height} image")
+        size = shape.segmentation.get("size") if isinstance(shape.segmentation, dict) else [height, width]
+        if list(size) != [height, width]:
+            raise BadMask(f"has an RLE of {size[1]}x{size[0]} on a {width}x{height} image")
+        try:
+            region = coco_mask.decode(coco_rle(shape.segmentation, width, height)).astype(bool)
+        except (ValueError, TypeError) as err:  # counts that do not add up to the stated size
+            raise BadMask(f"has an RLE pycocotools cannot decode ({err})") from None
         out[region] = shape.label
     return out
 

@@ -55,28 +55,39 @@ def _name(i: int) -> str:
 
 
 def _write_coco(root: Path, samples: list, splits: dict[str, list[int]]) -> dict[str, Path]:
-    (root / "images").mkdir(parents=True, exist_ok=True)
     categories = [{"id": c, "name": name} for c, name in zip(COCO_IDS, CLASSES, strict=True)]
+
+    def annotate(i: int) -> list[dict]:
+        _, boxes, labels = samples[i]
+        return [
+            {
+                "category_id": COCO_IDS[label],
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "area": (x1 - x0) * (y1 - y0),
+                "iscrowd": 0,
+            }
+            for (x0, y0, x1, y1), label in zip(boxes, labels, strict=True)
+        ]
+
+    return write_coco(root, [s[0] for s in samples], splits, categories, annotate)
+
+
+def write_coco(
+    root: Path, images: list[np.ndarray], splits: dict[str, list[int]], categories: list[dict], annotate
+) -> dict[str, Path]:
+    """root/SPLIT.json (keys coco-SPLIT) over root/images/img_NNN.png (image ids 100 + i, annotation ids from 1):
+    `annotate(i)` gives image i's annotations without their ids. Shared with the segmentation fixtures."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
     paths = {}
     for split, indices in splits.items():
-        images, annotations = [], []
+        entries, annotations = [], []
         for i in indices:
-            image, boxes, labels = samples[i]
-            Image.fromarray(image).save(root / "images" / f"{_name(i)}.png")
-            h, w = image.shape[:2]
-            images.append({"id": 100 + i, "file_name": f"images/{_name(i)}.png", "width": w, "height": h})
-            for (x0, y0, x1, y1), label in zip(boxes, labels, strict=True):
-                annotations.append(
-                    {
-                        "id": len(annotations) + 1,
-                        "image_id": 100 + i,
-                        "category_id": COCO_IDS[label],
-                        "bbox": [x0, y0, x1 - x0, y1 - y0],
-                        "area": (x1 - x0) * (y1 - y0),
-                        "iscrowd": 0,
-                    }
-                )
-        coco = {"images": images, "annotations": annotations, "categories": categories}
+            Image.fromarray(images[i]).save(root / "images" / f"{_name(i)}.png")
+            h, w = images[i].shape[:2]
+            entries.append({"id": 100 + i, "file_name": f"images/{_name(i)}.png", "width": w, "height": h})
+            for ann in annotate(i):
+                annotations.append({"id": len(annotations) + 1, "image_id": 100 + i, **ann})
+        coco = {"images": entries, "annotations": annotations, "categories": categories}
         paths[f"coco-{split}"] = root / f"{split}.json"
         paths[f"coco-{split}"].write_text(json.dumps(coco, indent=1), encoding="utf-8")
     return paths

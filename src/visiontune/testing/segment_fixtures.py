@@ -4,7 +4,6 @@ Coloured rectangles on noise, 3 classes + background; every third image has a cr
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -112,33 +111,26 @@ def _write_voc(root: Path, samples: list, splits: dict[str, list[int]]) -> Path:
 
 
 def _write_coco(root: Path, samples: list, splits: dict[str, list[int]]) -> dict[str, Path]:
-    (root / "images").mkdir(parents=True, exist_ok=True)
+    """Objects alternate between a polygon and compressed RLE; ignore rectangles are crowd RLE regions."""
+    from visiontune.testing.detect_fixtures import write_coco
+
     categories = [{"id": c, "name": name} for c, name in zip(COCO_IDS, CLASSES[1:], strict=True)]
-    paths = {}
-    for split, indices in splits.items():
-        images, annotations = [], []
-        for i in indices:
-            image, _, rects = samples[i]
-            Image.fromarray(image).save(root / "images" / f"{_name(i)}.png")
-            h, w = image.shape[:2]
-            images.append({"id": 100 + i, "file_name": f"images/{_name(i)}.png", "width": w, "height": h})
-            for x0, y0, x1, y1, label in rects:
-                crowd = label == IGNORE
-                annotations.append(
-                    {
-                        "id": len(annotations) + 1,
-                        "image_id": 100 + i,
-                        "category_id": COCO_IDS[(i % 3) if crowd else label - 1],
-                        "segmentation": _segmentation((x0, y0, x1, y1), w, h, crowd or len(annotations) % 2 == 1),
-                        "bbox": [x0, y0, x1 - x0, y1 - y0],
-                        "area": (x1 - x0) * (y1 - y0),
-                        "iscrowd": int(crowd),
-                    }
-                )
-        paths[f"coco-{split}"] = root / f"{split}.json"
-        coco = {"images": images, "annotations": annotations, "categories": categories}
-        paths[f"coco-{split}"].write_text(json.dumps(coco, indent=1), encoding="utf-8")
-    return paths
+
+    def annotate(i: int) -> list[dict]:
+        image, _, rects = samples[i]
+        h, w = image.shape[:2]
+        return [
+            {
+                "category_id": COCO_IDS[(i % 3) if label == IGNORE else label - 1],
+                "segmentation": _segmentation((x0, y0, x1, y1), w, h, rle=label == IGNORE or (i + k) % 2 == 1),
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "area": (x1 - x0) * (y1 - y0),
+                "iscrowd": int(label == IGNORE),
+            }
+            for k, (x0, y0, x1, y1, label) in enumerate(rects)
+        ]
+
+    return write_coco(root, [s[0] for s in samples], splits, categories, annotate)
 
 
 def _segmentation(rect: tuple[int, int, int, int], w: int, h: int, rle: bool) -> list | dict:
