@@ -110,6 +110,30 @@ TASKS: dict[str, TaskSpec] = {
             },
         ),
     ),
+    "segment": TaskSpec(
+        config="visiontune.segment.config:SegmentConfig",
+        task="visiontune.segment.task:SegmentTask",
+        smoke=Smoke(
+            model="segmenter",
+            data="masks",
+            overrides=(
+                "data.image_size=64",
+                "data.train=builtin:mnist-segment:64",
+                "data.val=builtin:mnist-segment-heldout:16",
+            ),
+        ),
+        report=ReportLabels(
+            "before",
+            "(over every labelled pixel, at each image's own size) of the segmenter with its new, untrained head "
+            "(before training)",
+            {
+                "miou": "mIoU",
+                "pixel_accuracy": "pixel accuracy",
+                "mean_dice": "mean Dice",
+                "loss": "cross-entropy (per labelled pixel)",
+            },
+        ),
+    ),
     "vlm_sft": TaskSpec(
         config="visiontune.vlm.config:VlmSftConfig",
         task="visiontune.vlm.sft:VlmSftTask",

@@ -70,6 +70,15 @@ class TuningPlan:
     callbacks: list[TrainerCallback] = field(default_factory=list)
     include: set[str] | None = None  # parameters given to the optimiser (None: those with requires_grad)
 
+    def optimizer(self, train: Any) -> Callable[[nn.Module], Any]:
+        """The Fit's `make_optimizer` for the recipe's `train` section, over the parameters the plan trains."""
+        from visiontune.run.optim import build_optimizer
+
+        t, include = train, self.include
+        return lambda model: build_optimizer(
+            model, lr=t.lr, weight_decay=t.weight_decay, optimizer=t.optimizer, momentum=t.momentum, include=include
+        )
+
 
 def backbone_plan(model: Any, cfg: Any, apply_lora: Callable, probe: set[str], frozen: set[str]) -> TuningPlan:
     """What trains in a model with a backbone and a head on it (detect, segment), as `cfg.tune.method` says:

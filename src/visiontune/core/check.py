@@ -166,3 +166,25 @@ def say_left_out(files: Sequence[str]) -> None:
     if files:
         named = ", ".join(files[:LISTED]) + (f" and {len(files) - LISTED} more" if len(files) > LISTED else "")
         say(f"Left out {len(files)} file(s) that are not a format Pillow reads: {named} (listed in data_report.json).")
+
+
+def read_splits(
+    data: Any,
+    seed: int,
+    read: Callable[[str, str, list[str] | None], D],
+    split: Callable[[D, float, int], tuple[D, D]],
+    find: Callable[[D], list[BadSample]],
+    wording: Wording,
+) -> tuple[D, D, list[BadSample]]:
+    """A recipe's `data.train` and `data.val` (or a seeded `split(train, data.val_split, seed)`), each read with
+    `read(path, split_name, class_names)` (val with train's classes), then the images of both checked at once with
+    `find`. Returns (train, val, what the readers' and the check's data.on_bad_sample: skip left out)."""
+    train = read(data.train, "train", data.class_names)
+    skipped = list(train.skipped)
+    if data.val:
+        val = read(data.val, "val", train.class_names)
+        skipped += val.skipped
+    else:
+        train, val = split(train, data.val_split, seed)
+    kept, bad = check_splits({"train": train, "val": val}, find, data.on_bad_sample, wording)
+    return kept["train"], kept["val"], skipped + bad

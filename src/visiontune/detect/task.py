@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from visiontune.classify.freeze import TuningPlan, backbone_plan
-from visiontune.core.check import BadSample, check_splits
+from visiontune.core.check import BadSample, check_splits, read_splits
 from visiontune.core.config import PIL_MAX_PIXELS
 from visiontune.core.errors import DataError
 from visiontune.detect.check import ANNOTATIONS, find_bad_images
@@ -27,7 +27,6 @@ from visiontune.detect.metrics import detection_report
 from visiontune.detect.model import Detector, build_detector, image_sizes
 from visiontune.detect.transforms import detection_transforms
 from visiontune.run.arguments import loader_workers
-from visiontune.run.optim import build_optimizer
 from visiontune.run.records import RecordsTrainer
 from visiontune.run.task import Fit, Skipped, Task
 from visiontune.run.trainer import VisiontuneTrainer
@@ -65,6 +64,9 @@ class DetectTask(Task):
         }
 
     def build(self, cfg: DetectConfig, data: DetectData, run_dir: Path) -> Fit:
+        from transformers import set_seed
+
+        set_seed(cfg.seed)  # the new neck and head start from the recipe's seed (the Trainer seeds only later)
         model = build_detector(cfg.model, data.train.class_names, cfg.detector, cfg.fpn_channels, cfg.data.image_size)
         model.configure(cfg.eval.conf, cfg.eval.iou, cfg.eval.max_detections)
         model.category_ids = list(data.train.category_ids)
@@ -163,17 +165,10 @@ class DetectTask(Task):
 def load_split(cfg: DetectConfig) -> DetectData:
     """Read train (and val, or a seeded split of train), then decode-check every image of both at once."""
     d = cfg.data
-    read = dict(on_bad_sample=d.on_bad_sample, max_image_pixels=d.max_image_pixels)
-    train = read_boxes(d.train, "train", d.class_names, **read)
-    skipped = list(train.skipped)
-    if d.val:
-        val = read_boxes(d.val, "val", train.class_names, **read)
-        skipped += val.skipped
-    else:
-        train, val = split_boxes(train, d.val_split, cfg.seed)
+    cap = d.max_image_pixels
+    read = lambda path, split, names: read_boxes(path, split, names, d.on_bad_sample, max_image_pixels=cap)  # noqa: E731
     find = lambda data: find_bad_images(data, d.max_image_pixels)  # noqa: E731
-    kept, bad = check_splits({"train": train, "val": val}, find, d.on_bad_sample, ANNOTATIONS)
-    return DetectData(kept["train"], kept["val"], skipped + bad)
+    return DetectData(*read_splits(d, cfg.seed, read, split_boxes, find, ANNOTATIONS))
 
 
 class DetectionCollator:
@@ -211,9 +206,7 @@ def detection_fit(model: Detector, cfg: DetectConfig, data: DetectData, plan: Tu
         eval_dataset=DetectionDataset(data.val, eval_tf, d.max_image_pixels),
         collator=DetectionCollator(),
         compute_metrics=DetectionEvaluator(data.val),
-        make_optimizer=lambda m: build_optimizer(
-            m, lr=t.lr, weight_decay=t.weight_decay, optimizer=t.optimizer, momentum=t.momentum, include=plan.include
-        ),
+        make_optimizer=plan.optimizer(t),
         callbacks=plan.callbacks,
         trainer_class=DetectionTrainer,
         workers=loader_workers(d.workers, in_memory=False),

@@ -8,7 +8,13 @@ from typing import Any
 
 from visiontune.report._inputs import RunInputs, is_number, series
 
-EVAL_CURVES = {"eval_accuracy": "accuracy", "eval_macro_f1": "macro F1", "eval_top5_accuracy": "top-5 accuracy"}
+EVAL_CURVES = {
+    "eval_accuracy": "accuracy",
+    "eval_macro_f1": "macro F1",
+    "eval_top5_accuracy": "top-5 accuracy",
+    "eval_miou": "mIoU",
+    "eval_pixel_accuracy": "pixel accuracy",
+}
 ANNOTATE_MAX_CLASSES = 20
 NAMES_MAX_CLASSES = 60  # beyond this tick labels overlap into a black bar
 

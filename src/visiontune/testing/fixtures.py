@@ -80,6 +80,28 @@ def tiny_hf_detr(out: Path, num_classes: int = 3) -> Path:
     return out
 
 
+def tiny_hf_segformer(out: Path, num_classes: int = 3) -> Path:
+    """transformers SegformerForSemanticSegmentation (two encoder stages of width 8 and 16, 7k parameters) + its
+    image processor at 32 px: the transformers model kind of `task: segment`."""
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor
+
+    config = SegformerConfig(
+        num_encoder_blocks=2,
+        depths=[1, 1],
+        sr_ratios=[2, 1],
+        hidden_sizes=[8, 16],
+        patch_sizes=[7, 3],
+        strides=[4, 2],
+        num_attention_heads=[1, 2],
+        mlp_ratios=[2, 2],
+        decoder_hidden_size=16,
+        id2label={i: f"class_{i}" for i in range(num_classes)},
+    )
+    SegformerForSemanticSegmentation(config).save_pretrained(out)
+    SegformerImageProcessor(size={"height": 32, "width": 32}).save_pretrained(out)
+    return out
+
+
 def image_folder(root: Path, classes: int = 3, per_class: int = 12, size: int = 32, seed: int = 0) -> Path:
     """A learnable image-folder dataset: each class has its own colour and stripe direction, plus noise."""
     rng = np.random.default_rng(seed)
@@ -116,6 +138,7 @@ def write_all(out: Path) -> dict[str, Path]:
         "timm-cnn": tiny_timm_cnn(out / "timm-cnn"),
         "hf-vit": tiny_hf_vit(out / "hf-vit"),
         "detr": tiny_hf_detr(out / "detr"),
+        "segformer": tiny_hf_segformer(out / "segformer"),
         "clip": tiny_clip(out / "clip"),
         "siglip": tiny_siglip(out / "siglip"),
         "images": image_folder(out / "images"),
@@ -199,16 +222,19 @@ SMOKE_RUNS = "runs/smoke"  # where the printed smoke-test commands put their run
 
 def write_everything(out: Path) -> dict[str, Path]:
     """Every fixture under `out`, for smoke-testing each built-in recipe: image models, dual encoders, tiny VLMs,
-    tiny causal LMs (vlm_assemble's `language:`) and small data sets. `out` must be new, empty or an earlier
-    fixtures folder (`prepare_output_folder`), so nobody's files are overwritten."""
+    tiny causal LMs (vlm_assemble's `language:`) and small data sets (images, captions, conversations, boxes,
+    masks). `out` must be new, empty or an earlier fixtures folder (`prepare_output_folder`), so nobody's files are
+    overwritten."""
     from visiontune.run.folder import prepare_output_folder
     from visiontune.testing.detect_fixtures import write_detection_sets
+    from visiontune.testing.segment_fixtures import write_segmentation_sets
     from visiontune.testing.vlm_fixtures import write_all_lms, write_all_vlms
 
     out = prepare_output_folder(out, "fixtures")
     written = {**write_all(out), **write_all_vlms(out / "vlm"), **write_all_lms(out / "lm")}
     boxes = {f"boxes-{name}": path for name, path in write_detection_sets(out / "boxes").items()}
-    return {**written, **write_data(out, written["images"]), **boxes}
+    masks = {f"masks-{name}": path for name, path in write_segmentation_sets(out / "masks").items()}
+    return {**written, **write_data(out, written["images"]), **boxes, **masks}
 
 
 def write_data(out: Path, images: Path) -> dict[str, Path]:
@@ -282,18 +308,25 @@ def _detector_fixture(name: str, root: Path) -> str:
     return f"timm:local-dir:{root / 'timm-cnn'}" if name.startswith(("timm:", "builtin:")) else str(root / "detr")
 
 
+def _segmenter_fixture(name: str, root: Path) -> str:
+    """A backbone under a decoder (builtin:/timm:) -> the tiny timm CNN; else the tiny SegFormer."""
+    return f"timm:local-dir:{root / 'timm-cnn'}" if name.startswith(("timm:", "builtin:")) else str(root / "segformer")
+
+
 # Fixture kinds a task's registry entry names (registry.Smoke): model name in the recipe -> fixture folder.
 MODEL_FIXTURES = {
     "image_classifier": _image_classifier_fixture,
     "dual_encoder": lambda name, root: str(root / ("siglip" if "siglip" in name else "clip")),
     "vlm": _vlm_fixture,
     "detector": _detector_fixture,
+    "segmenter": _segmenter_fixture,
 }
 DATA_FIXTURES = {
     "images": "images",
     "captions": "captions.csv",
     "conversations": "conversations.json",
     "boxes": "boxes/coco/train.json",  # the same set is also written as YOLO (boxes/yolo) and VOC (boxes/voc)
+    "masks": "masks/ids",  # label-id mask folder; also as palette masks, VOC, COCO and `datasets` (masks/*)
 }
 
 

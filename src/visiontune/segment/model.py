@@ -1,0 +1,244 @@
+"""Semantic segmenters behind one training interface: a decoder (FPN / U-Net, segment/decoders.py) on a timm
+backbone, and transformers `AutoModelForSemanticSegmentation` checkpoints (SegFormer, UperNet, DPT, ...) with the
+class head replaced.
+
+`Segmenter.forward(pixel_values, labels=None)` takes images 0..1 [B, 3, H, W] and class-id masks [B, H, W] and
+returns {"loss", "logits"}: logits resized (bilinear) to the masks' size, cross-entropy over every pixel but
+`ignore_index`. transformers models compute their own loss (auxiliary heads included); ours is only the glue.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+from visiontune.core.errors import ModelError
+
+DEFAULT_SIZE = 512  # decoders on a timm backbone: the training square when the recipe sets no data.image_size
+KIND = "segmenter"  # the manifest kind of an exported segmenter
+# Attention projection names in the transformers segmentation families (SegFormer, Swin / BEiT / ViT backbones).
+_LORA_TARGETS = ("query", "value", "q_proj", "v_proj", "qkv")
+
+
+class Segmenter(nn.Module):
+    """One forward for the Trainer over a decoder on a timm backbone (`library="timm"`) or a transformers model."""
+
+    def __init__(self, net: nn.Module, library: str, class_names: list[str], spec: dict[str, Any], processor=None):
+        super().__init__()
+        self.net, self.library, self.class_names = net, library, list(class_names)
+        self.spec = spec  # what rebuilds it (the export's visiontune.json): image_size, mean, std, decoder...
+        self.processor = processor  # transformers: the checkpoint's image processor (exported resized)
+        self.image_size: int = spec["image_size"]
+        self.ignore_index: int = spec.get("ignore_index", 255)
+        self.register_buffer("mean", torch.tensor(spec["image_mean"]).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec["image_std"]).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        size = tuple(labels.shape[-2:]) if labels is not None else tuple(pixel_values.shape[-2:])
+        if self.library == "transformers" and labels is not None:
+            out = self.net(pixel_values=self._normalized(pixel_values), labels=labels.long())
+            logits = resized(out.logits, size)
+            return {"loss": out.loss if self._any_counted(labels) else 0 * logits.sum(), "logits": logits}
+        logits = self.logits(pixel_values, size)
+        if labels is None:
+            return {"logits": logits}
+        return {"loss": masked_cross_entropy(logits, labels, self.ignore_index), "logits": logits}
+
+    def logits(self, pixel_values: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Class logits [B, C, *size] (default: the input's size), resized once from the network's own output."""
+        return resized(self.raw_logits(pixel_values), size or tuple(pixel_values.shape[-2:]))
+
+    def raw_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The network's logits at its own resolution (a decoder's finest level, SegFormer's quarter size)."""
+        x = self._normalized(pixel_values)
+        return self.net(x) if self.library == "timm" else self.net(pixel_values=x).logits
+
+    def _normalized(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels - self.mean.to(pixels.dtype)) / self.std.to(pixels.dtype)
+
+    def _any_counted(self, labels: torch.Tensor) -> bool:
+        # a batch with no counted pixel: the library's mean cross-entropy would be 0/0 = nan and poison the weights
+        return bool((labels != self.ignore_index).any())
+
+    # ---- parameter groups (tuning plans)
+    def backbone_prefix(self) -> str:
+        if self.library == "timm":
+            return "net.body."
+        prefix = getattr(self.net, "base_model_prefix", "") or "backbone"
+        return f"net.{prefix if hasattr(self.net, prefix) else 'backbone'}."
+
+    def backbone_names(self) -> list[str]:
+        prefix = self.backbone_prefix()
+        return [n for n, _ in self.named_parameters() if n.startswith(prefix)]
+
+    def decoder_names(self) -> list[str]:
+        """Everything but the backbone (neck, decode head, auxiliary head): what a linear probe trains."""
+        body = set(self.backbone_names())
+        return [n for n, _ in self.named_parameters() if n not in body]
+
+    def layer_groups(self) -> tuple[list[list[str]], list[str]]:
+        """(backbone blocks from input to output, the decoder): gradual unfreezing thaws the backbone from the top
+        while the decoder always trains."""
+        from visiontune.classify.layers import indexed_groups
+
+        return [g for g in indexed_groups(self.backbone_names()) if g], self.decoder_names()
+
+    def enable_grad_checkpointing(self) -> bool:
+        if self.library == "timm":
+            if hasattr(self.net.body, "set_grad_checkpointing"):
+                self.net.body.set_grad_checkpointing(True)
+                return True
+            return False
+        if getattr(self.net, "supports_gradient_checkpointing", False):
+            self.net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            return True
+        return False
+
+    def train(self, mode: bool = True) -> Segmenter:
+        from visiontune.classify.freeze import freeze_frozen_norms
+
+        super().train(mode)
+        freeze_frozen_norms(self)  # a frozen backbone keeps its pretrained batch statistics
+        return self
+
+
+def resized(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Mean cross-entropy over the pixels that count; 0 (with a graph) when none does."""
+    counted = (labels != ignore_index).sum()
+    total = F.cross_entropy(logits.float(), labels.long(), ignore_index=ignore_index, reduction="sum")
+    return total / counted.clamp(min=1)
+
+
+# ------------------------------------------------------------------------------------------------- building
+
+
+def build_segmenter(
+    model: str,
+    class_names: list[str] | None,
+    decoder: str = "fpn",
+    channels: int = 64,
+    image_size: int | None = None,
+    ignore_index: int = 255,
+) -> Segmenter:
+    """The segmenter a recipe's `model` names, with a head for `class_names` (None: keep a saved model's classes).
+    builtin:/timm: sources are backbones under a `decoder`; folders and hub ids are transformers models, or
+    segmenters visiontune saved (a run folder)."""
+    from visiontune.core.backbones import body_normalization, feature_body
+    from visiontune.core.manifest import read_manifest
+    from visiontune.core.sources import parse_source
+    from visiontune.segment.decoders import DECODERS
+
+    source = parse_source(model, "model")
+    if source.kind in ("builtin", "timm"):
+        arch, args, body = feature_body(source)
+        mean, std = body_normalization(body)
+        spec = {
+            "timm_model": arch,
+            "timm_args": args,
+            "decoder": decoder,
+            "decoder_channels": channels,
+            "image_size": image_size or DEFAULT_SIZE,
+            "image_mean": mean,
+            "image_std": std,
+            "ignore_index": ignore_index,
+        }
+        return Segmenter(DECODERS[decoder](body, channels, len(class_names or [])), "timm", class_names or [], spec)
+    manifest = read_manifest(source.path) if source.path is not None else {}
+    if manifest.get("kind") == KIND and manifest.get("library") == "timm":
+        return _saved_decoder(source.path, manifest, class_names, image_size, ignore_index)
+    return _transformers(source.name, class_names, image_size, ignore_index, manifest)
+
+
+def _saved_decoder(
+    folder: Path, manifest: dict, class_names: list[str] | None, image_size: int | None, ignore_index: int
+) -> Segmenter:
+    """A decoder on a timm backbone that visiontune exported: rebuilt from its manifest, weights from
+    model.safetensors (the README's lines do the same without visiontune)."""
+    from safetensors.torch import load_file
+
+    from visiontune.core.backbones import rebuilt_body
+    from visiontune.segment.decoders import DECODERS
+
+    saved = manifest["class_names"]
+    if class_names is not None and list(class_names) != list(saved):
+        raise ModelError(
+            f"model: {folder} segments {saved}, not the data's {class_names}; start from its backbone instead "
+            f"(model: builtin:/timm:NAME with decoder: {manifest['decoder']})."
+        )
+    spec = {k: v for k, v in manifest.items() if k not in ("format", "kind", "library", "class_names")}
+    spec["image_size"] = image_size or spec["image_size"]
+    spec["ignore_index"] = ignore_index if class_names is not None else spec.get("ignore_index", 255)
+    body = rebuilt_body(spec["timm_model"], spec["timm_args"])
+    net = DECODERS[spec["decoder"]](body, spec["decoder_channels"], len(saved))
+    net.load_state_dict(load_file(str(folder / "model.safetensors")))
+    return Segmenter(net, "timm", saved, spec)
+
+
+def _transformers(
+    name: str, class_names: list[str] | None, image_size: int | None, ignore_index: int, manifest: dict
+) -> Segmenter:
+    from transformers import AutoModelForSemanticSegmentation
+
+    from visiontune.detect.model import processor_size
+
+    options: dict[str, Any] = {}
+    if class_names:
+        options = {
+            "num_labels": len(class_names),
+            "id2label": dict(enumerate(class_names)),
+            "label2id": {c: i for i, c in enumerate(class_names)},
+            "ignore_mismatched_sizes": True,  # a new class count re-initialises the classifier
+        }
+    try:
+        net = AutoModelForSemanticSegmentation.from_pretrained(name, **options)
+    except (OSError, ValueError) as err:
+        raise ModelError(
+            f"model: {name} cannot be resolved offline as a transformers semantic-segmentation model "
+            f"({str(err).splitlines()[0]}); give a checkpoint folder or cached hub id of an "
+            "AutoModelForSemanticSegmentation (SegFormer, UperNet, DPT, ...), or a backbone "
+            "(builtin:efficientnet-lite0, timm:NAME) under `decoder`."
+        ) from None
+    if class_names is None:
+        ignore_index = manifest.get("ignore_index", ignore_index)
+    net.config.semantic_loss_ignore_index = ignore_index  # the library's loss then skips our ignored pixels
+    names = class_names or [net.config.id2label[i] for i in sorted(net.config.id2label)]
+    processor = _processor(name)
+    spec = {
+        "image_size": image_size or manifest.get("image_size") or processor_size(processor),
+        "image_mean": list(getattr(processor, "image_mean", None) or (0.485, 0.456, 0.406)),
+        "image_std": list(getattr(processor, "image_std", None) or (0.229, 0.224, 0.225)),
+        "ignore_index": ignore_index,
+    }
+    return Segmenter(net, "transformers", names, spec, processor)
+
+
+def _processor(name: str):
+    """The checkpoint's image processor; SegFormer's defaults (ImageNet statistics) when it saved none."""
+    from transformers import AutoImageProcessor, SegformerImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(name)
+    except (OSError, ValueError):
+        return SegformerImageProcessor()
+
+
+def apply_lora(model: Segmenter, cfg) -> None:
+    """LoRA adapters on the attention projections of a transformers segmenter (PEFT); the decode heads stay fully
+    trainable (`modules_to_save`)."""
+    from visiontune.classify.lora import wrap_lora
+
+    if model.library != "transformers":
+        raise ModelError("tune.method lora applies to transformers segmentation models; use full or linear_probe.")
+    encoder = model.backbone_prefix().removeprefix("net.").rstrip(".")
+    heads = [name for name, _ in model.net.named_children() if name != encoder]
+    model.net = wrap_lora(model.net, cfg, _LORA_TARGETS, heads, "the segmentation model")
