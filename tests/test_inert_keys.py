@@ -23,6 +23,7 @@ BASES: dict[str, dict[str, Any]] = {
     "vlm_sft": {"model": "vlm", "data": {"train": "convs.json"}},
     "vlm_assemble": {"stage": "align", "vision": "clip", "language": "lm", "data": {"train": "captions.csv"}},
     "detect": {"model": "builtin:efficientnet-lite0", "data": {"train": "coco.json"}},
+    "segment": {"model": "builtin:efficientnet-lite0", "data": {"train": "masks"}},
 }
 BOTH_TASKS_VAL = [{"name": "a", "train": "a", "val": "va"}, {"name": "b", "train": "b", "val": "vb"}]
 
@@ -177,6 +178,24 @@ CASES: list[tuple[str, dict[str, Any], str, dict[str, Any]]] = [
         {"data.augment.preset": "light"},
     ),
     ("detect", {"data.val": "val.json", "data.val_split": 0.2}, "data.val_split", {"data.val": None}),
+    ("segment", {"model": "nvidia/mit-b0", "decoder": "unet"}, "decoder", {"model": "timm:resnet18"}),
+    ("segment", {"model": "runs/segment", "decoder_channels": 32}, "decoder_channels", {"model": "timm:resnet18"}),
+    ("segment", {"eval.stride": 0.5}, "eval.stride", {"eval.mode": "slide"}),
+    (
+        "segment",
+        {"data.palette": {"road": [128, 64, 128]}, "data.reduce_labels": True},
+        "data.reduce_labels",
+        {"data.palette": None},
+    ),
+    ("segment", {"model": "nvidia/mit-b0", "tune.lora.r": 4}, "tune.lora.r", {"tune.method": "lora"}),
+    ("segment", {"tune.unfreeze": [{"epoch": 0, "blocks": 1}]}, "tune.unfreeze", {"tune.method": "gradual_unfreeze"}),
+    (
+        "segment",
+        {"data.augment.preset": "none", "data.augment.hflip": 0.0},
+        "data.augment.hflip",
+        {"data.augment.preset": "strong"},
+    ),
+    ("segment", {"data.val": "val", "data.val_split": 0.2}, "data.val_split", {"data.val": None}),
 ]
 
 
