@@ -123,12 +123,12 @@ def _damage_ids(root: Path) -> dict[str, str]:
     Image.fromarray(bad_id).save(masks / "img_001.png")  # a label id with no class
     (masks / "img_002.png").unlink()  # a missing mask
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(masks / "stray.png")  # a mask with no image
-    rgb = np.zeros((64, 80, 3), np.uint8)
+    rgb = np.zeros((60, 80, 3), np.uint8)
     rgb[0, 0] = (1, 2, 3)
     Image.fromarray(rgb).save(masks / "img_006.png")  # colours read as ids
     return {
         "img_000.png": "is 10x10 but its image is 64x48",
-        "img_001.png": "has label id(s) 7 with no class (class ids 0-3, ignore 255)",
+        "img_001.png": "has label id(s) 7 with no class (ids with a class: 0-3; ignore: 255)",
         "img_002.png": "is missing",
         "stray.png": "has no image",
         "img_006.png": "is a colour (RGB) mask",

@@ -20,7 +20,7 @@ from visiontune.core.check import Wording
 from visiontune.core.errors import DataError
 from visiontune.core.images import BadImage
 from visiontune.detect.check import ImageInfo, Problem, find_bad_images, probe_image, settle
-from visiontune.segment.data import BadMask, MaskDataset, MaskRecord, finish_mask, mask_values
+from visiontune.segment.data import BadMask, MaskDataset, MaskRecord, mask_counts, mask_size
 
 __all__ = ["MASKS", "RawSample", "assemble", "find_bad_images"]
 
@@ -83,20 +83,13 @@ def _check(
         if data.encoding == "coco":  # the shapes' frame is the size the file states (else the displayed image)
             stated = raw.declared or info.displayed
             if stated not in (info.displayed, info.stored):
-                return (
-                    None,
-                    (raw.image_ref, f"states the image is {stated[0]}x{stated[1]} but it is {width}x{height}"),
-                    none,
-                )
-            record = replace(record, orientation=_orientation(stated, info))
-            values = mask_values(data, record)
+                raise BadMask(f"state the image is {stated[0]}x{stated[1]} but it is {width}x{height}")
         else:
-            values = mask_values(data, record)
-            record = replace(record, orientation=_orientation(values.shape[::-1], info))
-        ids = finish_mask(data, record, values)
+            stated = mask_size(data, record)
+        record = replace(record, orientation=_orientation(stated, info))
+        return record, None, mask_counts(data, record)
     except BadMask as err:
         return None, (raw.mask_ref, str(err)), none
-    return record, None, np.bincount(ids[ids != data.ignore_index].ravel())
 
 
 def _orientation(size: tuple[int, int], info: ImageInfo) -> int:

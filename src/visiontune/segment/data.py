@@ -152,9 +152,13 @@ def mask_values(data: MaskDataset, record: MaskRecord) -> np.ndarray:
     from visiontune.detect.check import opened
 
     with opened(_mask_source(data, record), BadMask) as img:
-        if img.format == "JPEG":
-            raise BadMask("is a JPEG: its lossy compression changes the values along every edge; save masks as PNG")
+        _refuse_jpeg(img)
         return _palette_values(img) if data.encoding == "palette" else _id_values(img)
+
+
+def _refuse_jpeg(img: Any) -> None:
+    if img.format == "JPEG":
+        raise BadMask("is a JPEG: its lossy compression changes the values along every edge; save masks as PNG")
 
 
 def finish_mask(data: MaskDataset, record: MaskRecord, values: np.ndarray) -> np.ndarray:
@@ -206,16 +210,50 @@ def _palette_values(img: Any) -> np.ndarray:
 def _map_ids(values: np.ndarray, lut: np.ndarray | None, ignore_index: int) -> np.ndarray:
     if lut is None:
         lut = np.arange(256, dtype=np.int64)
-    low, high = int(values.min()), int(values.max())
-    if low >= 0 and high < len(lut):
+    if int(values.min()) >= 0 and int(values.max()) < len(lut):
         out = lut[values]
         if out.min() >= 0:
             return out
-    found = np.unique(values)
+    raise _no_class(np.unique(values), lut, ignore_index)
+
+
+def _no_class(found: np.ndarray, lut: np.ndarray, ignore_index: int) -> BadMask:
+    """The error for the values among `found` that name no class."""
     bad = [int(v) for v in found if not 0 <= v < len(lut) or lut[v] < 0]
     known = [int(v) for v in np.flatnonzero(lut >= 0) if lut[v] != ignore_index]
     span = f"{known[0]}-{known[-1]}" if known else "none"
-    raise BadMask(f"has label id(s) {_first(bad)} with no class (class ids {span}, ignore {ignore_index})")
+    return BadMask(f"has label id(s) {_first(bad)} with no class (ids with a class: {span}; ignore: {ignore_index})")
+
+
+def mask_size(data: MaskDataset, record: MaskRecord) -> tuple[int, int]:
+    """The stored (width, height) of the record's mask file, from its header."""
+    from visiontune.detect.check import opened
+
+    with opened(_mask_source(data, record), BadMask) as img:
+        return img.size
+
+
+def mask_counts(data: MaskDataset, record: MaskRecord) -> np.ndarray:
+    """Pixels per class id of the record's mask (ignore not counted), making every check decode_mask makes. Label-id
+    masks are checked from their value histogram (counted by PIL in C) instead of being mapped pixel by pixel: a
+    512 px mask costs ~4x less."""
+    if data.encoding != "ids" or data.lut is None:
+        ids = decode_mask(data, record)
+        return np.bincount(ids[ids != data.ignore_index].ravel())
+    from visiontune.detect.check import opened
+
+    with opened(_mask_source(data, record), BadMask) as img:
+        _refuse_jpeg(img)
+        width, height = img.size[::-1] if record.orientation in (5, 6, 7, 8) else img.size
+        if (width, height) != (record.width, record.height):
+            raise BadMask(f"is {width}x{height} but its image is {record.width}x{record.height}")
+        hist = np.asarray(img.histogram() if img.mode in ("L", "P") else np.bincount(_id_values(img).ravel()))
+    found = np.flatnonzero(hist)
+    if found[-1] >= len(data.lut) or (data.lut[found] < 0).any():
+        raise _no_class(found, data.lut, data.ignore_index)
+    ids = data.lut[found]
+    keep = ids != data.ignore_index
+    return np.bincount(ids[keep], weights=hist[found][keep]).astype(np.int64)
 
 
 def _map_colours(packed: np.ndarray, palette: dict[int, int]) -> np.ndarray:
