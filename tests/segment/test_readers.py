@@ -259,3 +259,16 @@ def test_dataset_items_collate_and_decode_check(sets):
     assert 0 <= float(batch["pixel_values"].min()) and float(batch["pixel_values"].max()) <= 1
     kept, bad = check_splits({"train": data}, lambda d: find_bad_images(d, 10**6), "error", MASKS)
     assert kept["train"] is data and not bad
+
+
+def test_ade20k_folder_layout(copy):
+    """ADEChallengeData2016: images/training + annotations/training, read as split train."""
+    root = copy["ids"]
+    for split, ade in (("train", "training"), ("val", "validation")):
+        (root / "images" / split).rename(root / "images" / ade)
+    (root / "masks").rename(root / "annotations")
+    for split in ("train", "val"):
+        (root / "annotations" / split).rename(root / "annotations" / {"train": "training", "val": "validation"}[split])
+    data = read_masks(str(root), "val")
+    assert [Path(r.mask).parent.name for r in data.records] == ["validation"] * 4
+    np.testing.assert_array_equal(decode_mask(data, data.records[0]), segmentation_samples()[8][1])
