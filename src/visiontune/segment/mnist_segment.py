@@ -26,7 +26,7 @@ def class_names() -> list[str]:
 
 
 def mnist_segment_dir(heldout: bool, count: int | None = None) -> Path:
-    """The cached folder of the set (built on first use: ~6 s per 1,000 canvases)."""
+    """The cached folder of the set (built on first use: ~9 s per 1,000 canvases on two busy cores)."""
     count = count or COUNTS[heldout]
     name = f"mnist-segment-v{VERSION}-{'heldout' if heldout else 'train'}-{count}"
     return cached_set(name, "classes.txt", lambda out: write_canvases(out, heldout, count, SEEDS[heldout]))
