@@ -28,6 +28,7 @@ from visiontune.core.config import PIL_MAX_PIXELS
 from visiontune.core.dataset import (
     Collator,
     ImageClassificationDataset,
+    SetEpoch,
     identify,
     refuse_empty_classes,
     refuse_leak,
@@ -210,9 +211,10 @@ def classification_fit(model: torch.nn.Module, cfg: ClassifyConfig, data: SplitD
     pre, aug, max_pixels, t = model.preprocess, cfg.data.augment, cfg.data.max_image_pixels, cfg.train
     augment = train_transform(pre, preset=aug.preset, hflip=aug.hflip, policy=aug.policy)
     mixer = batch_mixer(len(data.train.class_names), preset=aug.preset, mixup=aug.mixup, cutmix=aug.cutmix)
+    train = ImageClassificationDataset(data.train, augment, max_pixels, pre.image_size, seed=cfg.seed)
     return Fit(
         model=model,
-        train_dataset=ImageClassificationDataset(data.train, augment, max_pixels, pre.image_size),
+        train_dataset=train,
         eval_dataset=ImageClassificationDataset(data.val, eval_transform(pre), max_pixels, pre.image_size),
         collator=Collator(),
         compute_metrics=ClassificationMetrics(data.train.class_names),
@@ -225,7 +227,7 @@ def classification_fit(model: torch.nn.Module, cfg: ClassifyConfig, data: SplitD
             include=plan.include,
             layer_scales=plan.layer_scales,
         ),
-        callbacks=plan.callbacks,
+        callbacks=[*plan.callbacks, SetEpoch(train)],
         trainer_class=ClassifierTrainer,
         trainer_attrs={"batch_mixer": mixer, "drop_lone_batch": lone_last_batch(model, len(data.train), t.batch_size)},
         workers=loader_workers(cfg.data.workers, in_memory=data.train.kind == "array"),
@@ -239,9 +241,7 @@ class ClassifierTrainer(VisiontuneTrainer):
     drop_lone_batch = False
 
     def get_train_dataloader(self):
-        if not self.drop_lone_batch:
-            return super().get_train_dataloader()
-        self.args.dataloader_drop_last = True
+        self.args.dataloader_drop_last = self.drop_lone_batch
         try:
             return super().get_train_dataloader()
         finally:

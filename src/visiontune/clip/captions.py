@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from visiontune.core.check import BadSample, Wording, check_splits
+from visiontune.core.dataset import EpochSeed
 from visiontune.core.errors import DataError, SampleError
 from visiontune.core.identity import duplicates, identify_sets, refuse_shared
 from visiontune.core.identity import groups as key_groups
@@ -366,29 +367,33 @@ def hf_image(pairs: CaptionPairs, i: int) -> Any:
 class CaptionedImages(torch.utils.data.Dataset):
     """One item per image: its pixels and one of its captions, a different one each epoch (deterministic given the
     seed and the epoch). Sampling one caption per image keeps each image's only positive on the InfoNCE diagonal;
-    iterating over pairs instead could put two captions of one image in a batch as each other's negatives."""
+    iterating over pairs instead could put two captions of one image in a batch as each other's negatives. The
+    caption and the random augmentation depend only on (seed, epoch, image), whichever loader worker draws it
+    (`EpochSeed`), so a resumed run sees what the uninterrupted one saw."""
 
     def __init__(
         self, pairs: CaptionPairs, transform: Callable, max_pixels: int, seed: int = 0, draft_size: int | None = None
     ):
         self.pairs, self.transform, self.max_pixels, self.draft_size = pairs, transform, max_pixels, draft_size
-        self.groups, self.seed, self.epoch = pairs.images(), seed, 0
+        self.groups, self.rng = pairs.images(), EpochSeed(seed)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.rng.set_epoch(epoch)  # shared memory: persistent loader workers see it too
 
     def caption_index(self, i: int) -> int:
         group = self.groups[i]
         if len(group) == 1:
             return group[0]
-        return group[int(np.random.default_rng([self.seed, self.epoch, i]).integers(len(group)))]
+        return group[int(np.random.default_rng([self.rng.seed, int(self.rng.epoch), i]).integers(len(group)))]
 
     def __len__(self) -> int:
         return len(self.groups)
 
     def __getitem__(self, i: int) -> dict:
         image = load_image(self.pairs, self.groups[i][0], self.max_pixels, self.draft_size)
-        return {"pixel_values": self.transform(image), "caption": self.pairs.captions[self.caption_index(i)]}
+        with self.rng.fixed(i):
+            pixels = self.transform(image)
+        return {"pixel_values": pixels, "caption": self.pairs.captions[self.caption_index(i)]}
 
 
 class CaptionCollator:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import default_collate
+from transformers import TrainerCallback
 
 from visiontune.core.check import hf_image
 from visiontune.core.errors import DataError, SampleError
@@ -16,9 +20,60 @@ from visiontune.core.images import BadImage, open_image
 from visiontune.core.readers import LabeledImages
 
 
+class EpochSeed:
+    """Per-sample randomness that depends only on (seed, epoch, sample index), not on which loader worker draws the
+    sample nor on how many it drew before: a resumed run, whose fresh workers skip what was already trained,
+    then augments every sample as the uninterrupted run did. The epoch lives in shared memory, because persistent
+    workers keep the copy of the dataset made at the first epoch and must still see each new epoch."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch.fill_(epoch)
+
+    @contextlib.contextmanager
+    def fixed(self, index: int) -> Iterator[None]:
+        """torch's CPU generator (which torchvision's random transforms draw from) seeded for this sample, and
+        restored after: with no workers the transform runs in the training process, whose stream must not move."""
+        state = torch.get_rng_state()
+        sample_seed = np.random.SeedSequence([self.seed, int(self.epoch), index]).generate_state(1)[0]
+        torch.default_generator.manual_seed(int(sample_seed))
+        try:
+            yield
+        finally:
+            torch.set_rng_state(state)
+
+
+class SetEpoch(TrainerCallback):
+    """Tells a dataset which epoch starts (from the Trainer's state, so also when resuming mid-epoch). A callback,
+    not accelerate's `set_epoch` forwarding, which skips the dataset when the sampler has its own `set_epoch`."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.set_epoch(math.floor((state.epoch or 0.0) + 1e-6))
+
+
 class ImageClassificationDataset(torch.utils.data.Dataset):
-    def __init__(self, data: LabeledImages, transform: Callable, max_pixels: int, draft_size: int | None = None):
+    """`seed` (training): random transforms draw per sample from `EpochSeed`; call `set_epoch` (`SetEpoch`)."""
+
+    def __init__(
+        self,
+        data: LabeledImages,
+        transform: Callable,
+        max_pixels: int,
+        draft_size: int | None = None,
+        seed: int | None = None,
+    ):
         self.data, self.transform, self.max_pixels, self.draft_size = data, transform, max_pixels, draft_size
+        self.rng = EpochSeed(seed) if seed is not None else None
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.rng is not None:
+            self.rng.set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.data)
@@ -35,7 +90,10 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
             raise SampleError(f"{d.ref(i)} {err}; {hint}.") from None
 
     def __getitem__(self, i: int) -> dict:
-        return {"pixel_values": self.transform(self.load(i)), "labels": self.data.labels[i]}
+        image = self.load(i)
+        with self.rng.fixed(i) if self.rng is not None else contextlib.nullcontext():
+            pixels = self.transform(image)
+        return {"pixel_values": pixels, "labels": self.data.labels[i]}
 
 
 def stratified_split(data: LabeledImages, fraction: float, seed: int) -> tuple[LabeledImages, LabeledImages]:

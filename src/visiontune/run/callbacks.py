@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 from pathlib import Path
 
@@ -82,16 +83,40 @@ class RichProgress(TrainerCallback):
 
 
 class MetricsJsonl(TrainerCallback):
-    """Appends every log (train and eval) as one JSON line: {"step", "epoch", ...}."""
+    """Appends every log (train and eval) as one JSON line: {"step", "epoch", ...}. A resumed run first drops the
+    rows the interrupted run logged past the checkpoint it resumes from: it logs those steps again, and a file with
+    two rows for one step is not the run's record."""
 
     def __init__(self, path: Path):
         self.path = path
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and state.global_step > 0 and self.path.is_file():
+            keep_rows_up_to(self.path, state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
             record = {"step": state.global_step, "epoch": state.epoch, **logs}
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def keep_rows_up_to(path: Path, step: int) -> None:
+    """Rewrite a metrics.jsonl without its rows past `step` (and a torn last line), atomically."""
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _row_step(line) <= step]
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def _row_step(line: str) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except (ValueError, AttributeError):  # a line torn by the kill
+        return float("inf")
 
 
 class WeightEma(TrainerCallback):

@@ -23,6 +23,12 @@ class VisiontuneTrainer(Trainer):
             return self.optimizer
         return super().create_optimizer(model)
 
+    def get_train_dataloader(self):
+        return _own_generator(super().get_train_dataloader(), self.args.seed)
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        return _own_generator(super().get_eval_dataloader(eval_dataset), self.args.seed)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.samples_seen += int(inputs["pixel_values" if "pixel_values" in inputs else "input_ids"].shape[0])
         if self.batch_mixer is not None and inputs["labels"].ndim == 1:
@@ -78,3 +84,15 @@ class VisiontuneTrainer(Trainer):
         out.mkdir(exist_ok=True)
         (out / f"rank{self.args.process_index}.json").write_text(json.dumps(record))
         return record
+
+
+def _own_generator(loader, seed: int):
+    """Each new loader iterator draws its workers' base seed from the loader's `generator`, by default the global
+    RNG. With persistent workers an uninterrupted run draws once per loader, a resumed run again for its fresh
+    loaders, which shifts every random number after (mixup, dropout, sampling) and makes resumed != uninterrupted.
+    So the draw goes to a generator of the loader's own. (Per-sample randomness in workers is seeded by the datasets
+    themselves, e.g. core.dataset.EpochSeed, not by this seed.)"""
+    import torch
+
+    getattr(loader, "base_dataloader", loader).generator = torch.Generator().manual_seed(seed)
+    return loader
