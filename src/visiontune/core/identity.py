@@ -133,13 +133,18 @@ def refuse_shared(
             shared.append((i, match))
     if not shared:
         return
-    named = "; ".join(f"{val_ref(v)} = {train_ref(t)}" for v, t in shared[:LISTED])
+    named = "; ".join(_pair(val_ref(v), train_ref(t)) for v, t in shared[:LISTED])
     more = f"; ... and {len(shared) - LISTED} more" if len(shared) > LISTED else ""
     raise DataError(
         f"{len(shared)} of {len(val_keys)} validation records have {what} that is also in the training data "
         f"(same content): {named}{more}; remove them from data.val or data.train, or leave data.val out so that "
         "data.val_split keeps every copy of an image on one side."
     )
+
+
+def _pair(val: str, train: str) -> str:
+    """ "VAL = TRAIN" for a copy; a file listed in both splits is named once."""
+    return val if val == train else f"{val} = {train}"
 
 
 def _several(keys: Key | tuple[Key, ...]) -> tuple[Key, ...]:
