@@ -151,8 +151,8 @@ def test_csv_unknown_label_names_file_and_line(meta):
     csv = meta / "labels.csv"
     csv.write_text("path,label\npics/r.png,red\n\npics/g.png,purple\n")  # blank line 3: the bad row is line 4
     with _error(
-        rf"{csv} line 4: label 'purple' is not in the class list \['red', 'green'\]; "
-        r"fix the label or add it to data.class_names"
+        rf"{csv} line 4: label 'purple' is not in data.class_names \['red', 'green'\]; "
+        r"fix the label or remove the line or add it to data.class_names"
     ):
         read_dataset(str(csv), class_names=["red", "green"])
 
@@ -160,7 +160,7 @@ def test_csv_unknown_label_names_file_and_line(meta):
 def test_jsonl_unknown_label_names_file_and_line(meta):
     jsonl = meta / "labels.jsonl"
     jsonl.write_text('{"path": "pics/r.png", "label": "red"}\n\n{"path": "pics/g.png", "label": "purple"}\n')
-    with _error(rf"{jsonl} line 3: label 'purple' is not in the class list"):
+    with _error(rf"{jsonl} line 3: label 'purple' is not in data.class_names"):
         read_dataset(str(jsonl), class_names=["red"])
 
 
@@ -261,7 +261,7 @@ def test_saved_dataset_missing_column_lists_columns(tmp_path):
 
 def test_saved_dataset_unlabelled_records_fail_instead_of_wrapping(tmp_path):
     path = _save_hf(tmp_path / "hf", [0, -1])  # -1: ClassLabel's "no label"
-    with _error(rf"Dataset {path} record 1: label -1 is not in the class list \['cat', 'dog', 'bird'\]"):
+    with _error(rf"Dataset {path} record 1: label -1 is not one of the data's own classes \['cat', 'dog', 'bird'\]"):
         read_dataset(str(path), image_column="img", label_column="target")
 
 
@@ -484,3 +484,18 @@ def test_hidden_files_and_folders_are_not_samples(tmp_path):
     (root / "cat" / "1.png").unlink()
     with _error(rf"Class folder {root / 'cat'} has no images"):
         read_dataset(str(root))
+
+
+def test_a_validation_class_the_training_data_lacks_names_the_training_data(tmp_path):
+    """The user never wrote data.class_names, so the message must not tell them to edit it."""
+    from visiontune.classify.task import load_split
+    from visiontune.recipe import parse_config
+
+    for split, classes in (("train", ["cat", "dog"]), ("val", ["cat", "bird"])):
+        for name in classes:
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / split / name / "a.png")
+    raw = {"task": "classify", "model": "timm:resnet18", "output_dir": str(tmp_path / "run")}
+    cfg = parse_config({**raw, "data": {"train": str(tmp_path / "train"), "val": str(tmp_path / "val")}})
+    with _error(r"val/bird is not one of the training data's classes .*\['cat', 'dog'\]; remove the folder\.$"):
+        load_split(cfg)

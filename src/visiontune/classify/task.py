@@ -126,7 +126,7 @@ class ClassifyTask(Task):
             clf = self.load_model(model, dataset.class_names)
         else:
             clf = self.load_model(model)
-            dataset = read_dataset(data, class_names=clf.class_names)
+            dataset = read_dataset(data, class_names=clf.class_names, names_from=f"the classes of {model}")
         images, skipped = clean(dataset, on_bad_sample, MAX_PIXELS, "eval")
         report = self.evaluate_loaded(clf, images, out_dir, batch_size, workers)
         report["skipped_samples"] = [{"ref": b.ref, "reason": b.reason} for b in skipped]
@@ -184,7 +184,8 @@ def load_split(cfg: ClassifyConfig) -> SplitData:
     train = read_dataset(d.train, d.class_names, d.image_column, d.label_column, split="train")
     left_out = list(train.left_out)
     if d.val:
-        val = read_dataset(d.val, train.class_names, d.image_column, d.label_column, split="validation")
+        source = "data.class_names" if d.class_names else f"the training data's classes ({d.train})"
+        val = read_dataset(d.val, train.class_names, d.image_column, d.label_column, "validation", source)
         left_out += val.left_out
         identify(train, val)  # both at once, so that keys compare across the two
     else:

@@ -67,17 +67,20 @@ def read_dataset(
     image_column: str | None = None,
     label_column: str | None = None,
     split: str = "train",
+    names_from: str = "data.class_names",
 ) -> LabeledImages:
-    """Dispatch on the form of `spec` (a path's type or the `builtin:` prefix); see the module docstring."""
+    """Dispatch on the form of `spec` (a path's type or the `builtin:` prefix); see the module docstring.
+    `names_from` says where `class_names` came from (the recipe, the training data, a model), for messages."""
     if spec.startswith("builtin:"):
         return _read_builtin(spec.removeprefix("builtin:"))
     path = Path(spec).expanduser()
+    classes = ClassList(class_names, names_from if class_names else "the data's own classes")
     if path.is_file() and path.suffix.lower() in READERS:
-        return READERS[path.suffix.lower()](path, class_names, image_column, label_column)
+        return READERS[path.suffix.lower()](path, classes, image_column, label_column)
     if path.is_dir() and _is_hf_saved(path):
-        return _read_hf(path, split, image_column, label_column, class_names)
+        return _read_hf(path, split, image_column, label_column, classes)
     if path.is_dir():
-        return _read_imagefolder(path, class_names)
+        return _read_imagefolder(path, classes)
     if path.exists():
         raise DataError(f"{path}: unsupported data file; use an image folder, a .csv or .jsonl file, or a dataset.")
     if "/" in spec and not spec.startswith((".", "/", "~")):
@@ -85,11 +88,25 @@ def read_dataset(
     raise DataError(f"Data path {spec} does not exist; check data.train / data.val in the recipe.")
 
 
-def _read_imagefolder(root: Path, class_names: list[str] | None) -> LabeledImages:
+@dataclass(frozen=True)
+class ClassList:
+    """The class names a reader must map labels onto (None: take them from the data), and where they came from."""
+
+    names: list[str] | None
+    source: str = "data.class_names"
+
+    def refuse(self, what: str, names: list[str], fix: str) -> DataError:
+        """`what` is not one of the classes: one sentence that says whose classes they are and what to do."""
+        if self.source == "data.class_names":
+            return DataError(f"{what} is not in data.class_names {names}; {fix} or add it to data.class_names.")
+        return DataError(f"{what} is not one of {self.source} {names}; {fix}.")
+
+
+def _read_imagefolder(root: Path, class_names: ClassList) -> LabeledImages:
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not _hidden(p.name))
     if not folders:
         raise DataError(f"{root} has no class sub-folders; put each class's images in {root}/<class name>/.")
-    names = _class_names(class_names) or list(dict.fromkeys(_folder_class(p) for p in folders))
+    names = _class_names(class_names.names) or list(dict.fromkeys(_folder_class(p) for p in folders))
     index = _class_index(names, str(root))
     items, labels, left_out = [], [], []
     for folder in folders:
@@ -97,7 +114,7 @@ def _read_imagefolder(root: Path, class_names: list[str] | None) -> LabeledImage
         if not files:
             raise DataError(_no_images(folder, others))
         if _folder_class(folder) not in index:
-            raise DataError(f"Class folder {folder} is not in data.class_names {names}; add it or remove the folder.")
+            raise class_names.refuse(f"Class folder {folder}", names, "remove the folder")
         items += files
         labels += [index[_folder_class(folder)]] * len(files)
         left_out += [str(p) for p in others]
@@ -136,14 +153,14 @@ def _folder_class(folder: Path) -> str:
 
 
 def _read_csv(
-    path: Path, class_names: list[str] | None, image_column: str | None = None, label_column: str | None = None
+    path: Path, class_names: ClassList, image_column: str | None = None, label_column: str | None = None
 ) -> LabeledImages:
     header, rows, lines = read_csv_rows(path)
     return _from_rows(path, header, rows, lines, class_names, image_column, label_column)
 
 
 def _read_jsonl(
-    path: Path, class_names: list[str] | None, image_column: str | None = None, label_column: str | None = None
+    path: Path, class_names: ClassList, image_column: str | None = None, label_column: str | None = None
 ) -> LabeledImages:
     rows, lines = read_jsonl_rows(path, '{"path": ..., "label": ...}')
     columns = list(dict.fromkeys(key for row in rows for key in row))
@@ -155,7 +172,7 @@ def _from_rows(
     columns: list[str],
     rows: list[dict],
     lines: list[int],
-    class_names: list[str] | None,
+    class_names: ClassList,
     image_column: str | None,
     label_column: str | None,
 ) -> LabeledImages:
@@ -170,14 +187,11 @@ def _from_rows(
             raise DataError(f"{path} line {n} has no {' or '.join(missing)}; fill it in or remove that line.")
         items.append((path.parent / str(file)).resolve())
         found.append((n, row.get(label_key), label))
-    names = _class_names(class_names) or sorted({label for _, _, label in found}, key=_natural_key)
+    names = _class_names(class_names.names) or sorted({label for _, _, label in found}, key=_natural_key)
     index = _class_index(names, str(path))
     for n, value, label in found:
         if label not in index:
-            raise DataError(
-                f"{path} line {n}: label {value!r} is not in the class list {names}; "
-                "fix the label or add it to data.class_names."
-            )
+            raise class_names.refuse(f"{path} line {n}: label {value!r}", names, "fix the label or remove the line")
     return LabeledImages(items, [index[label] for _, _, label in found], names, str(path))
 
 
@@ -316,7 +330,7 @@ def _blank(value: Any) -> bool:
 
 
 def _read_hf(
-    spec: str | Path, split: str, image_column: str | None, label_column: str | None, class_names: list[str] | None
+    spec: str | Path, split: str, image_column: str | None, label_column: str | None, class_names: ClassList
 ) -> LabeledImages:
     import datasets
 
@@ -336,19 +350,16 @@ def _read_hf(
         raw = [feature.names[i] if isinstance(i, int) and 0 <= i < len(feature.names) else i for i in raw]
     found = [_label_at(f"Dataset {spec} record {i}", value) for i, value in enumerate(raw)]
     if hasattr(feature, "names"):
-        names = _class_names(class_names) or _class_names(list(feature.names))  # ClassLabel order, not sorted
+        names = _class_names(class_names.names) or _class_names(list(feature.names))  # ClassLabel order, not sorted
     else:
-        names = _class_names(class_names) or sorted({v for v in found if v is not None}, key=_natural_key)
+        names = _class_names(class_names.names) or sorted({v for v in found if v is not None}, key=_natural_key)
     index = _class_index(names, str(spec))
     labels = []
     for i, (value, label) in enumerate(zip(raw, found, strict=True)):
         if label is None:
             raise DataError(f"Dataset {spec} record {i} has no label; fill it in or drop that record.")
         if label not in index:
-            raise DataError(
-                f"Dataset {spec} record {i}: label {value!r} is not in the class list {names}; "
-                "fix or drop that record, or add the label to data.class_names."
-            )
+            raise class_names.refuse(f"Dataset {spec} record {i}: label {value!r}", names, "fix or drop that record")
         labels.append(index[label])
     return LabeledImages(list(range(len(ds))), labels, names, str(spec), "hf", ds, image_col)
 
