@@ -291,6 +291,19 @@ def test_no_cache_file_when_the_cache_is_off(processor, convs, data, cache_home)
     assert not cache_home.exists()
 
 
+def test_cache_files_are_readable_by_others_as_the_umask_allows(processor, convs, data, cache_home):
+    """safetensors creates its files 0600; a cache shared between users (VISIONTUNE_CACHE) must follow the umask."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        tokenize_cached(processor, convs[:2], "m", **_options())
+    finally:
+        os.umask(old)
+    files = list(cache_home.rglob("*.safetensors"))
+    assert files and all(f.stat().st_mode & 0o777 == 0o644 for f in files)
+
+
 def test_written_under_a_unique_temporary_name_then_renamed(processor, convs, data, cache_home, monkeypatch):
     import os
 

@@ -185,6 +185,12 @@ def _unpack_extra(tensors: dict[str, torch.Tensor], name: str, kind: str) -> lis
     return [(r, part.reshape(s).clone()) for r, part, s in zip(rows, flat.split(sizes), shapes, strict=True)]
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 def _save(path: Path, key: str, n_records: int, tokens: list[Tokenized], bad: Bad) -> None:
     """Write under a unique temporary name in the same folder, then rename: readers never see a partial file and
     concurrent writers never share one. (Not mkstemp: its 0600 mode would hide a shared cache from other users.)"""
@@ -195,6 +201,7 @@ def _save(path: Path, key: str, n_records: int, tokens: list[Tokenized], bad: Ba
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(tmp), metadata=meta)
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600, which would hide a shared cache from others
         os.replace(tmp, path)
     except (OSError, SafetensorError) as err:  # the cache only saves time: a full or read-only disk must not stop
         log.warning("Cannot write the tokenisation cache %s (%s); continuing without it.", path, err)
