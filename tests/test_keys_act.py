@@ -52,8 +52,10 @@ from pydantic import BaseModel, ValidationError
 
 from visiontune.recipe import CONFIGS, parse_config
 from visiontune.run.config import INERT_ERROR, RECIPE_CONTEXT
+from visiontune.testing.segment_fixtures import PALETTE, PALETTE_IGNORE
 
 REPO = Path(__file__).resolve().parents[1]
+SEGMENT_PALETTE = {**PALETTE, "ignore": PALETTE_IGNORE}  # the colours of the generated palette masks
 COLOURS = ("red", "green", "blue")  # fixture image class c is tinted with channel c; words the tokenizers know
 
 
@@ -210,6 +212,7 @@ def world(fixtures_dir, tmp_path_factory) -> World:
     from PIL import ImageOps
 
     from visiontune.testing.detect_fixtures import write_detection_sets
+    from visiontune.testing.segment_fixtures import write_segmentation_sets
     from visiontune.testing.vlm_fixtures import tiny_causal_lm, tiny_vlm
 
     root = tmp_path_factory.mktemp("keys-act")
@@ -278,7 +281,21 @@ def world(fixtures_dir, tmp_path_factory) -> World:
     coco["annotations"].append({**coco["annotations"][0], "id": 999, "bbox": [500, 500, 10, 10]})
     p["boxes-bad"] = _write(p["boxes-coco-train"].with_name("bad.json"), json.dumps(coco))
     p["timm-cnn2"] = _perturbed_copy(fixtures_dir / "timm-cnn", root / "timm-cnn2")
+    # Mask-labelled images (segment): the set as label ids, palette colours, VOC, COCO; one with an unknown label id.
+    p.update({f"masks-{k}": v for k, v in write_segmentation_sets(root / "masks").items()})
+    p["masks-bad"] = _unknown_label(p["masks-ids"], root / "masks-bad")
     return World(root, fixtures_dir, p)
+
+
+def _unknown_label(src: Path, dst: Path) -> Path:
+    """A copy of a label-id mask folder whose first training mask holds an id with no class."""
+    import numpy as np
+    from PIL import Image
+
+    shutil.copytree(src, dst)
+    mask = sorted((dst / "masks" / "train").glob("*.png"))[0]
+    Image.fromarray(np.full_like(np.asarray(Image.open(mask)), 9)).save(mask)
+    return dst
 
 
 def _vision_state(model: Path, out: Path) -> Path:
@@ -355,6 +372,11 @@ def base_recipe(task: str, w: World) -> dict:
         "detect": {
             "model": f"timm:local-dir:{w.fx / 'timm-cnn'}",
             "data": {**image_data, "train": w["boxes-coco-train"], "image_size": 64},
+            "train": small_train,
+        },
+        "segment": {
+            "model": f"timm:local-dir:{w.fx / 'timm-cnn'}",
+            "data": {**image_data, "train": w["masks-ids"], "image_size": 32},
             "train": small_train,
         },
     }
@@ -461,10 +483,25 @@ ALT: dict[str, Any] = {
     "detect:eval.conf": 0.5,  # above every score of the random detector
     "detect:eval.iou": 0.3,
     "detect:eval.max_detections": 2,
+    # segment
+    "segment:model": lambda w: f"timm:local-dir:{w['timm-cnn2']}",
+    "segment:data.train": lambda w: w["masks-voc"],  # the same images, other files
+    "segment:data.val": lambda w: w["masks-ids"],  # its val split
+    "segment:data.class_names": ["background", "red", "green", "blue"],
+    "segment:data.palette": {**SEGMENT_PALETTE, "blue": [0, 128, 0], "green": [0, 0, 128]},  # blue and green swapped
+    "segment:data.max_image_pixels": 4000,  # between the 60 x 60 and the 80 x 60 images (refused as too big)
+    "segment:train.metric": "mean_dice",
+    "segment:eval.stride": 0.5,
+    "segment:tune.lora.target_modules": ["key"],
 }
 
 # Settings under which a key matters, applied to both sides of the comparison.
 CONTEXT: dict[str, Any] = {
+    "segment:data.palette": {"data.train": lambda w: w["masks-palette"], "data.palette": SEGMENT_PALETTE},
+    "segment:data.on_bad_sample": {"data.train": lambda w: w["masks-bad"]},
+    "segment:data.max_image_pixels": {"data.on_bad_sample": "skip"},
+    "segment:tune.lora.*": {"tune.method": "lora", "model": lambda w: str(w.fx / "segformer")},
+    "segment:eval.stride": {"eval.mode": "slide"},
     "data.augment.hflip": {"data.augment.preset": "light"},
     "data.augment.policy": {"data.augment.preset": "strong"},
     "pretrained": {"model": lambda w: f"timm:local-dir:{w.fx / 'timm-vit'}"},  # a folder loads its own weights
@@ -606,6 +643,18 @@ INERT_UNDER: list[tuple[str, str, dict[str, Any], Any, Any, str]] = [
     ("detect", "detector", {"model": lambda w: str(w.fx / "detr")}, "fcos", "retinanet", "build"),
     ("detect", "data.augment.hflip", {"data.augment.preset": "none"}, 0.0, 1.0, "build"),
     ("detect", "data.val_split", {"data.val": lambda w: w["boxes-coco-val"]}, 0.25, 0.5, "build"),
+    ("segment", "decoder", {"model": lambda w: str(w.fx / "segformer")}, "fpn", "unet", "build"),
+    ("segment", "decoder_channels", {"model": lambda w: str(w.fx / "segformer")}, 16, 32, "build"),
+    ("segment", "eval.stride", {"eval.mode": "resize"}, 0.5, 0.9, "evaluate"),
+    (
+        "segment",
+        "data.reduce_labels",
+        {"data.palette": SEGMENT_PALETTE, "data.train": lambda w: w["masks-palette"]},
+        False,
+        True,
+        "build",
+    ),
+    ("segment", "data.val_split", {"data.val": lambda w: w["masks-ids"]}, 0.25, 0.5, "build"),
 ]
 
 
