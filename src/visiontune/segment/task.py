@@ -63,7 +63,7 @@ class SegmentTask(Task):
         model.spec |= {
             "inference": {"mode": cfg.eval.mode, "stride": cfg.eval.stride},
             "palette": d.palette,
-            "reduce_labels": d.reduce_labels,
+            "reduce_labels": d.reduce_labels and d.palette is None,  # what the reader did (palettes name classes)
         }
         plan = backbone_plan(model, cfg, _apply_lora, set(model.decoder_names()), set())
         return segmentation_fit(model, cfg, data, plan)
