@@ -16,7 +16,7 @@ NAMES = ["ant", "bee", "cow", "dog"]
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """Seeded tiny models (the session fixtures are unseeded), so logit tolerances hold run to run."""
+    """Tiny models of this module's own, seeded, so the logit tolerances hold run to run."""
     from visiontune.testing.fixtures import tiny_hf_vit, tiny_timm_cnn, tiny_timm_vit
 
     out = tmp_path_factory.mktemp("export-models")

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.conftest import fixture_seed
 from visiontune.clip.captions import (
     DIGIT_WORDS,
     CaptionedImages,
@@ -31,7 +32,8 @@ PHRASES = ["a {} image with stripes", "a photo of a {} image", "this is a {} pic
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("dual")
-    return {"clip": tiny_clip(root / "clip"), "siglip": tiny_siglip(root / "siglip")}
+    with fixture_seed():
+        return {"clip": tiny_clip(root / "clip"), "siglip": tiny_siglip(root / "siglip")}
 
 
 @pytest.fixture(scope="module")
