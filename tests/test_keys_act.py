@@ -220,7 +220,9 @@ def world(fixtures_dir, tmp_path_factory) -> World:
     p: dict[str, Path] = {}
     # Labelled images: another train set, a val set, one with an unreadable file, one with 64 x 64 images too.
     p["images2"] = _subset(images, root / "images2", per_class=8, skip=4)
-    p["images_val"] = _subset(images, root / "images_val", per_class=3)
+    # The val set mirrored: an image also in the training set is a leak, refused before a run.
+    val = _subset(images, root / "val_source", per_class=3)
+    p["images_val"] = _transformed_images(val, root / "images_val", ImageOps.mirror)
     p["images_bad"] = _subset(images, root / "images_bad", per_class=8)
     p["images_mixed"] = _subset(images, root / "images_mixed", per_class=4)  # and a 64 x 64 image per class
     big = _transformed_images(p["images_val"], root / "big", lambda im: im.resize((64, 64)))
