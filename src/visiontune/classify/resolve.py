@@ -82,15 +82,8 @@ def _local(path: Path, class_names: list[str] | None) -> ImageClassifier:
 def _hf(name: str, class_names: list[str] | None) -> ImageClassifier:
     from transformers import AutoModelForImageClassification
 
-    kwargs = {}
-    if class_names:
-        kwargs = {
-            "id2label": dict(enumerate(class_names)),
-            "label2id": {n: i for i, n in enumerate(class_names)},
-            "ignore_mismatched_sizes": True,
-        }
     try:
-        backbone = AutoModelForImageClassification.from_pretrained(name, **kwargs)
+        backbone = AutoModelForImageClassification.from_pretrained(name, **new_head(class_names))
     except (OSError, ValueError) as err:
         raise ModelError(
             f"model: {name} cannot be resolved offline as a transformers image classifier "
@@ -100,6 +93,18 @@ def _hf(name: str, class_names: list[str] | None) -> ImageClassifier:
     id2label = backbone.config.id2label
     names = class_names or [id2label[i] for i in sorted(id2label)]
     return ImageClassifier(backbone, "hf", names, _hf_preprocess(name, backbone))
+
+
+def new_head(class_names: list[str] | None) -> dict:
+    """`from_pretrained` arguments giving a transformers model a freshly initialised head for `class_names`, named in
+    `id2label`; none (keep the checkpoint's head) without class names."""
+    if not class_names:
+        return {}
+    return {
+        "id2label": dict(enumerate(class_names)),
+        "label2id": {n: i for i, n in enumerate(class_names)},
+        "ignore_mismatched_sizes": True,  # a new class count re-initialises the head
+    }
 
 
 def _timm_preprocess(backbone) -> Preprocess:

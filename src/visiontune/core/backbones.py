@@ -55,6 +55,18 @@ def rebuilt_body(arch: str, args: dict[str, Any]) -> nn.Module:
     return timm.create_model(arch, features_only=True, pretrained=False, **args)
 
 
+def enable_checkpointing(module: nn.Module) -> bool:
+    """Gradient checkpointing of a timm model (`set_grad_checkpointing`) or a transformers one; False if it has
+    none."""
+    if hasattr(module, "set_grad_checkpointing"):
+        module.set_grad_checkpointing(True)
+        return True
+    if getattr(module, "supports_gradient_checkpointing", False):
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return True
+    return False
+
+
 def body_normalization(body: nn.Module) -> tuple[list[float], list[float]]:
     """(mean, std) the backbone was pretrained with (ImageNet's when timm does not say)."""
     cfg = body.pretrained_cfg

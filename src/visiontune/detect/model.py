@@ -155,16 +155,9 @@ class Detector(nn.Module):
         return [g for g in groups if g], rest
 
     def enable_grad_checkpointing(self) -> bool:
-        if self.library == "torchvision":
-            body = self.net.backbone.body
-            if hasattr(body, "set_grad_checkpointing"):
-                body.set_grad_checkpointing(True)
-                return True
-            return False
-        if getattr(self.net, "supports_gradient_checkpointing", False):
-            self.net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            return True
-        return False
+        from visiontune.core.backbones import enable_checkpointing
+
+        return enable_checkpointing(self.net.backbone.body if self.library == "torchvision" else self.net)
 
     def train(self, mode: bool = True) -> Detector:
         """Batch norms whose parameters are all frozen keep their running statistics (a frozen backbone stays the
@@ -291,15 +284,10 @@ def _saved_torchvision(folder: Path, manifest: dict, class_names: list[str] | No
 def _transformers(name: str, class_names: list[str] | None, image_size, manifest: dict) -> Detector:
     from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
-    labels = {}
-    if class_names:
-        labels = {
-            "id2label": dict(enumerate(class_names)),
-            "label2id": {c: i for i, c in enumerate(class_names)},
-            "ignore_mismatched_sizes": True,  # a new class count re-initialises the class head
-        }
+    from visiontune.classify.resolve import new_head
+
     try:
-        net = AutoModelForObjectDetection.from_pretrained(name, **labels)
+        net = AutoModelForObjectDetection.from_pretrained(name, **new_head(class_names))
         processor = AutoImageProcessor.from_pretrained(name)
     except (OSError, ValueError) as err:
         raise ModelError(

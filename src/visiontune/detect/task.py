@@ -27,8 +27,8 @@ from visiontune.detect.metrics import detection_report
 from visiontune.detect.model import Detector, build_detector, image_sizes
 from visiontune.detect.transforms import detection_transforms
 from visiontune.run.arguments import loader_workers
-from visiontune.run.records import RecordsTrainer
-from visiontune.run.task import Fit, Skipped, Task
+from visiontune.run.records import RecordsTrainer, collect_records
+from visiontune.run.task import Fit, Task
 from visiontune.run.trainer import VisiontuneTrainer
 
 MAX_PIXELS = PIL_MAX_PIXELS  # eval/predict of saved models
@@ -48,9 +48,6 @@ class DetectTask(Task):
 
     def prepare(self, cfg: DetectConfig) -> DetectData:
         return load_split(cfg)
-
-    def skipped(self, data: DetectData) -> list[Skipped]:
-        return [Skipped(b.ref, b.reason) for b in data.skipped]
 
     def sizes(self, data: DetectData) -> dict[str, int]:
         objects = {
@@ -236,28 +233,16 @@ class DetectionTrainer(RecordsTrainer):
 
 def run_detector(model: torch.nn.Module, loader, prepare=None) -> list[dict]:
     """Detections for every image of `loader`, boxes scaled to the original image, on the CPU."""
-    model.eval()
-    device = next(model.parameters()).device
-    prepare = prepare or (lambda batch: _to(batch, device))
-    records = []
-    with torch.no_grad():
-        for batch in loader:
-            batch = prepare(batch)
-            found = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])["detections"]
-            sizes = image_sizes(batch["pixel_values"], batch["pixel_mask"])
-            for d, size, t in zip(found, sizes, batch["targets"], strict=True):
-                records.append(
-                    {
-                        "image_id": int(t["image_id"]),
-                        **{k: v.detach().float().cpu() for k, v in d.items()},
-                        "size": size,
-                    }
-                )
-    return records
 
+    def per_batch(batch: dict) -> list[dict]:
+        found = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])["detections"]
+        sizes = image_sizes(batch["pixel_values"], batch["pixel_mask"])
+        return [
+            {"image_id": int(t["image_id"]), **{k: v.detach().float().cpu() for k, v in d.items()}, "size": size}
+            for d, size, t in zip(found, sizes, batch["targets"], strict=True)
+        ]
 
-def _to(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return collect_records(model, loader, prepare, per_batch)
 
 
 class DetectionEvaluator:

@@ -13,6 +13,22 @@ from transformers.trainer_utils import EvalLoopOutput
 from visiontune.run.trainer import VisiontuneTrainer
 
 
+def collect_records(model: Any, loader: Any, prepare: Callable | None, per_batch: Callable[[Any], list]) -> list:
+    """`per_batch(batch)`'s records for every batch of `loader`, the model in eval mode without gradients; `prepare`
+    puts a batch where the model is (the Trainer's `_prepare_inputs`; default: every tensor to the model's device)."""
+    import torch
+    from accelerate.utils import send_to_device
+
+    model.eval()
+    device = next(model.parameters()).device
+    prepare = prepare or (lambda batch: send_to_device(batch, device))
+    records: list = []
+    with torch.no_grad():
+        for batch in loader:
+            records += per_batch(prepare(batch))
+    return records
+
+
 class RecordsTrainer(VisiontuneTrainer):
     """`collect(model, loader, prepare) -> list[dict]` makes the records (set by the task's subclass); a rank-sharded
     loader repeats items in its last batch, so `compute_metrics` keeps one record per item."""

@@ -58,8 +58,8 @@ class Task:
         raise NotImplementedError
 
     def skipped(self, data: Any) -> list[Skipped]:
-        """Samples left out by `data.on_bad_sample: skip`."""
-        return []
+        """Samples left out by `data.on_bad_sample: skip` (default: the `BadSample`s of `data.skipped`, if any)."""
+        return [Skipped(b.ref, b.reason) for b in getattr(data, "skipped", None) or []]
 
     def sizes(self, data: Any) -> dict[str, int]:
         """Counts for summary.json (train_samples, val_samples, ...)."""

@@ -115,17 +115,13 @@ class SegmentationEvaluator:
         self.last: dict[str, Any] = {}
 
     def collect(self, model: Segmenter, loader, prepare: Callable | None = None) -> list[dict]:
-        model.eval()
-        device = next(model.parameters()).device
-        prepare = prepare or (lambda batch: _to(batch, device))
-        records = []
-        with torch.no_grad():
-            for batch in loader:
-                batch = prepare(batch)
-                logits = image_logits(model, batch["images"], self.mode, self.stride)
-                for found, mask, index in zip(logits, batch["masks"], batch["index"].tolist(), strict=True):
-                    records.append(self._record(found, mask, index))
-        return records
+        from visiontune.run.records import collect_records
+
+        def per_batch(batch: dict) -> list[dict]:
+            logits = image_logits(model, batch["images"], self.mode, self.stride)
+            return [self._record(*found) for found in zip(logits, batch["masks"], batch["index"].tolist(), strict=True)]
+
+        return collect_records(model, loader, prepare, per_batch)
 
     def _record(self, logits: torch.Tensor, mask: torch.Tensor, index: int) -> dict:
         pred = logits.argmax(0)
@@ -156,10 +152,6 @@ class SegmentationEvaluator:
         report["images"] = len(by_index)
         self.last = report
         return report["metrics"]
-
-
-def _to(batch: dict, device: torch.device) -> dict:
-    return {k: [v.to(device) for v in vs] if isinstance(vs, list) else vs.to(device) for k, vs in batch.items()}
 
 
 def encode_mask(mask: np.ndarray) -> str:

@@ -88,15 +88,9 @@ class Segmenter(nn.Module):
         return [g for g in indexed_groups(self.backbone_names()) if g], self.decoder_names()
 
     def enable_grad_checkpointing(self) -> bool:
-        if self.library == "timm":
-            if hasattr(self.net.body, "set_grad_checkpointing"):
-                self.net.body.set_grad_checkpointing(True)
-                return True
-            return False
-        if getattr(self.net, "supports_gradient_checkpointing", False):
-            self.net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            return True
-        return False
+        from visiontune.core.backbones import enable_checkpointing
+
+        return enable_checkpointing(self.net.body if self.library == "timm" else self.net)
 
     def train(self, mode: bool = True) -> Segmenter:
         from visiontune.classify.freeze import freeze_frozen_norms
@@ -189,18 +183,11 @@ def _transformers(
 ) -> Segmenter:
     from transformers import AutoModelForSemanticSegmentation
 
+    from visiontune.classify.resolve import new_head
     from visiontune.detect.model import processor_size
 
-    options: dict[str, Any] = {}
-    if class_names:
-        options = {
-            "num_labels": len(class_names),
-            "id2label": dict(enumerate(class_names)),
-            "label2id": {c: i for i, c in enumerate(class_names)},
-            "ignore_mismatched_sizes": True,  # a new class count re-initialises the classifier
-        }
     try:
-        net = AutoModelForSemanticSegmentation.from_pretrained(name, **options)
+        net = AutoModelForSemanticSegmentation.from_pretrained(name, **new_head(class_names))
     except (OSError, ValueError) as err:
         raise ModelError(
             f"model: {name} cannot be resolved offline as a transformers semantic-segmentation model "

@@ -23,7 +23,7 @@ from visiontune.core.config import PIL_MAX_PIXELS
 from visiontune.detect.check import find_bad_images
 from visiontune.run.arguments import loader_workers
 from visiontune.run.records import RecordsTrainer
-from visiontune.run.task import Fit, Skipped, Task
+from visiontune.run.task import Fit, Task
 from visiontune.segment.check import MASKS
 from visiontune.segment.config import SegmentConfig
 from visiontune.segment.data import MaskDataset, read_masks, split_masks
@@ -48,9 +48,6 @@ class SegmentTask(Task):
 
     def prepare(self, cfg: SegmentConfig) -> SegmentData:
         return load_split(cfg)
-
-    def skipped(self, data: SegmentData) -> list[Skipped]:
-        return [Skipped(b.ref, b.reason) for b in data.skipped]
 
     def sizes(self, data: SegmentData) -> dict[str, int]:
         return {"train_samples": len(data.train), "val_samples": len(data.val)}
