@@ -82,14 +82,8 @@ def _local(path: Path, class_names: list[str] | None) -> ImageClassifier:
 def _hf(name: str, class_names: list[str] | None) -> ImageClassifier:
     from transformers import AutoModelForImageClassification
 
-    try:
-        backbone = AutoModelForImageClassification.from_pretrained(name, **new_head(class_names))
-    except (OSError, ValueError) as err:
-        raise ModelError(
-            f"model: {name} cannot be resolved offline as a transformers image classifier "
-            f"({str(err).splitlines()[0]}); give a local folder, timm:NAME or builtin:NAME "
-            "(`visiontune assets`)."
-        ) from None
+    instead = "a local folder, timm:NAME or builtin:NAME (`visiontune assets`)"
+    backbone = pretrained_with_head(AutoModelForImageClassification, name, class_names, "image classifier", instead)
     id2label = backbone.config.id2label
     names = class_names or [id2label[i] for i in sorted(id2label)]
     return ImageClassifier(backbone, "hf", names, _hf_preprocess(name, backbone))
@@ -105,6 +99,18 @@ def new_head(class_names: list[str] | None) -> dict:
         "label2id": {n: i for i, n in enumerate(class_names)},
         "ignore_mismatched_sizes": True,  # a new class count re-initialises the head
     }
+
+
+def pretrained_with_head(auto_class, name: str, class_names: list[str] | None, what: str, instead: str):
+    """`auto_class.from_pretrained(name)` with a new head for `class_names` (`new_head`); a checkpoint that cannot
+    be loaded offline as `what` is refused in one sentence offering `instead`."""
+    try:
+        return auto_class.from_pretrained(name, **new_head(class_names))
+    except (OSError, ValueError) as err:
+        raise ModelError(
+            f"model: {name} cannot be resolved offline as a transformers {what} ({str(err).splitlines()[0]}); "
+            f"give {instead}."
+        ) from None
 
 
 def _timm_preprocess(backbone) -> Preprocess:

@@ -7,10 +7,10 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from visiontune.core.errors import DataError
 from visiontune.core.images import BadImage, check_image, hf_image_value, open_image
@@ -168,6 +168,15 @@ def say_left_out(files: Sequence[str]) -> None:
         say(f"Left out {len(files)} file(s) that are not a format Pillow reads: {named} (listed in data_report.json).")
 
 
+@dataclass
+class CheckedSplits(Generic[D]):
+    """A task's training and validation records, read and checked, and what data.on_bad_sample: skip left out."""
+
+    train: D
+    val: D
+    skipped: list[BadSample] = field(default_factory=list)
+
+
 def read_splits(
     data: Any,
     seed: int,
@@ -175,10 +184,10 @@ def read_splits(
     split: Callable[[D, float, int], tuple[D, D]],
     find: Callable[[D], list[BadSample]],
     wording: Wording,
-) -> tuple[D, D, list[BadSample]]:
+) -> CheckedSplits[D]:
     """A recipe's `data.train` and `data.val` (or a seeded `split(train, data.val_split, seed)`), each read with
     `read(path, split_name, class_names)` (val with train's classes), then the images of both checked at once with
-    `find`. Returns (train, val, what the readers' and the check's data.on_bad_sample: skip left out)."""
+    `find`; `skipped` holds what the readers' and the check's data.on_bad_sample: skip left out."""
     train = read(data.train, "train", data.class_names)
     skipped = list(train.skipped)
     if data.val:
@@ -187,4 +196,4 @@ def read_splits(
     else:
         train, val = split(train, data.val_split, seed)
     kept, bad = check_splits({"train": train, "val": val}, find, data.on_bad_sample, wording)
-    return kept["train"], kept["val"], skipped + bad
+    return CheckedSplits(kept["train"], kept["val"], skipped + bad)

@@ -9,14 +9,13 @@ runs that loop and scores it with COCO mAP), the exports, pictures and predictio
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from visiontune.classify.freeze import TuningPlan, backbone_plan
-from visiontune.core.check import BadSample, check_splits, read_splits
+from visiontune.core.check import CheckedSplits, check_splits, read_splits
 from visiontune.core.config import PIL_MAX_PIXELS
 from visiontune.core.errors import DataError
 from visiontune.detect.check import ANNOTATIONS, find_bad_images
@@ -36,11 +35,7 @@ SAMPLES = 4  # validation images whose detections are kept for the report's pict
 PREDICT_CONF = 0.25  # `visiontune predict` shows confident boxes; evaluation scores weak ones too (eval.conf)
 
 
-@dataclass
-class DetectData:
-    train: BoxDataset
-    val: BoxDataset
-    skipped: list[BadSample] = field(default_factory=list)
+DetectData = CheckedSplits[BoxDataset]
 
 
 class DetectTask(Task):
@@ -165,7 +160,7 @@ def load_split(cfg: DetectConfig) -> DetectData:
     cap = d.max_image_pixels
     read = lambda path, split, names: read_boxes(path, split, names, d.on_bad_sample, max_image_pixels=cap)  # noqa: E731
     find = lambda data: find_bad_images(data, d.max_image_pixels)  # noqa: E731
-    return DetectData(*read_splits(d, cfg.seed, read, split_boxes, find, ANNOTATIONS))
+    return read_splits(d, cfg.seed, read, split_boxes, find, ANNOTATIONS)
 
 
 class DetectionCollator:

@@ -183,18 +183,14 @@ def _transformers(
 ) -> Segmenter:
     from transformers import AutoModelForSemanticSegmentation
 
-    from visiontune.classify.resolve import new_head
+    from visiontune.classify.resolve import pretrained_with_head
     from visiontune.detect.model import processor_size
 
-    try:
-        net = AutoModelForSemanticSegmentation.from_pretrained(name, **new_head(class_names))
-    except (OSError, ValueError) as err:
-        raise ModelError(
-            f"model: {name} cannot be resolved offline as a transformers semantic-segmentation model "
-            f"({str(err).splitlines()[0]}); give a checkpoint folder or cached hub id of an "
-            "AutoModelForSemanticSegmentation (SegFormer, UperNet, DPT, ...), or a backbone "
-            "(builtin:efficientnet-lite0, timm:NAME) under `decoder`."
-        ) from None
+    instead = (
+        "a checkpoint folder or cached hub id of an AutoModelForSemanticSegmentation (SegFormer, UperNet, DPT, ...), "
+        "or a backbone (builtin:efficientnet-lite0, timm:NAME) under `decoder`"
+    )
+    net = pretrained_with_head(AutoModelForSemanticSegmentation, name, class_names, "segmentation model", instead)
     if class_names is None:
         ignore_index = manifest.get("ignore_index", ignore_index)
     net.config.semantic_loss_ignore_index = ignore_index  # the library's loss then skips our ignored pixels

@@ -10,7 +10,6 @@ predictions. The runner does the rest.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import torch
 
 from visiontune.classify.freeze import TuningPlan, backbone_plan
 from visiontune.classify.task import ClassifierTrainer, lone_last_batch
-from visiontune.core.check import BadSample, check_splits, read_splits
+from visiontune.core.check import CheckedSplits, check_splits, read_splits
 from visiontune.core.config import PIL_MAX_PIXELS
 from visiontune.detect.check import find_bad_images
 from visiontune.run.arguments import loader_workers
@@ -36,11 +35,7 @@ MAX_PIXELS = PIL_MAX_PIXELS  # eval/predict of saved models
 RESIZE = {"mode": "resize", "stride": 2 / 3}  # inference of a model saved without its recipe's eval settings
 
 
-@dataclass
-class SegmentData:
-    train: MaskDataset
-    val: MaskDataset
-    skipped: list[BadSample] = field(default_factory=list)
+SegmentData = CheckedSplits[MaskDataset]
 
 
 class SegmentTask(Task):
@@ -181,7 +176,7 @@ def load_split(cfg: SegmentConfig) -> SegmentData:
     )
     read = lambda path, split, names: read_masks(path, split, names, **options)  # noqa: E731
     find = lambda data: find_bad_images(data, d.max_image_pixels)  # noqa: E731
-    return SegmentData(*read_splits(d, cfg.seed, read, split_masks, find, MASKS))
+    return read_splits(d, cfg.seed, read, split_masks, find, MASKS)
 
 
 def segmentation_fit(model: Segmenter, cfg: SegmentConfig, data: SegmentData, plan: TuningPlan) -> Fit:
