@@ -48,6 +48,9 @@ class SegmentTask(Task):
         return {"train_samples": len(data.train), "val_samples": len(data.val)}
 
     def build(self, cfg: SegmentConfig, data: SegmentData, run_dir: Path) -> Fit:
+        from transformers import set_seed
+
+        set_seed(cfg.seed)  # the new decoder / head starts from the recipe's seed (the Trainer seeds only later)
         d = cfg.data
         names = data.train.class_names
         model = build_segmenter(cfg.model, names, cfg.decoder, cfg.decoder_channels, d.image_size, d.ignore_index)
