@@ -66,12 +66,14 @@ def test_transformers_export_loads_with_the_new_classes_and_predicts_the_same_ma
 
     torch.manual_seed(0)
     model = build_segmenter(str(fixtures_dir / "segformer"), ["road", "sky"], image_size=48)  # the fixture has 3
+    model.spec |= {"inference": {"mode": "slide", "stride": 0.5}, "palette": {"road": [1, 2, 3], "sky": [4, 5, 6]}}
     save_segmenter(model, tmp_path / "model")
     plain = AutoModelForSemanticSegmentation.from_pretrained(tmp_path / "model").eval()
     processor = AutoImageProcessor.from_pretrained(tmp_path / "model")
     assert plain.config.id2label == {0: "road", 1: "sky"} and processor.size == {"height": 48, "width": 48}
     ours = build_segmenter(str(tmp_path / "model"), None).eval()
     assert ours.class_names == ["road", "sky"] and ours.image_size == 48
+    assert ours.spec["inference"]["mode"] == "slide" and ours.spec["palette"]["sky"] == [4, 5, 6]  # for eval/predict
     square = images[0].resize((48, 48))  # at the training size both sides resize alike (not at all)
     with torch.no_grad():
         outputs = plain(**processor(images=square, return_tensors="pt"))

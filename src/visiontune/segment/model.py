@@ -169,13 +169,18 @@ def _saved_decoder(
             f"model: {folder} segments {saved}, not the data's {class_names}; start from its backbone instead "
             f"(model: builtin:/timm:NAME with decoder: {manifest['decoder']})."
         )
-    spec = {k: v for k, v in manifest.items() if k not in ("format", "kind", "library", "class_names")}
+    spec = saved_spec(manifest)
     spec["image_size"] = image_size or spec["image_size"]
     spec["ignore_index"] = ignore_index if class_names is not None else spec.get("ignore_index", 255)
     body = rebuilt_body(spec["timm_model"], spec["timm_args"])
     net = DECODERS[spec["decoder"]](body, spec["decoder_channels"], len(saved))
     net.load_state_dict(load_file(str(folder / "model.safetensors")))
     return Segmenter(net, "timm", saved, spec)
+
+
+def saved_spec(manifest: dict) -> dict[str, Any]:
+    """The settings an exported segmenter's manifest holds beyond its format, kind, library and classes."""
+    return {k: v for k, v in manifest.items() if k not in ("format", "kind", "library", "class_names")}
 
 
 def _transformers(
@@ -197,6 +202,7 @@ def _transformers(
     names = class_names or [net.config.id2label[i] for i in sorted(net.config.id2label)]
     processor = _processor(name)
     spec = {
+        **(saved_spec(manifest) if class_names is None else {}),  # a saved model's inference and mask reading
         "image_size": image_size or manifest.get("image_size") or processor_size(processor),
         "image_mean": list(getattr(processor, "image_mean", None) or (0.485, 0.456, 0.406)),
         "image_std": list(getattr(processor, "image_std", None) or (0.229, 0.224, 0.225)),
