@@ -21,8 +21,10 @@ setup: $(BIN)/visiontune
 quickstart: setup
 	$(BIN)/visiontune train mnist-efficientnet-lite0 --overwrite
 
+# Two workers (pytest-xdist): the tiny-model tests are mostly Python overhead, so two processes use both cores
+# (tests that launch 2-rank runs start their own processes either way).
 test: setup
-	$(BIN)/python -m pytest -q -x --durations=10
+	$(BIN)/python -m pytest -q -x -n 2 --durations=10
 
 # The tests whose verdict reads what a tiny random model computes (marker random_model), again on the CPU kernels
 # without SIMD: a verdict that rests on float rounding (an argmax tie, two near-equal answers) fails here rather than
