@@ -1,6 +1,6 @@
 """Every key of every task's recipe schema acts ("a key either acts or is refused").
 
-The schemas are walked at collection time (`visiontune.recipe.CONFIGS`), so a key added to a schema gets a test
+The schemas are walked at collection time (`visiontune.registry.TASKS`), so a key added to a schema gets a test
 case here without anyone writing it, and a key that reaches nothing fails CI, named `task:key`.
 
 How a case works: a per-task base recipe on tiny offline fixtures, plus the key's CONTEXT (settings under which
@@ -50,9 +50,12 @@ from typing import Any, Literal, Union, get_args, get_origin
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from visiontune.recipe import CONFIGS, parse_config
+from visiontune.recipe import parse_config
+from visiontune.registry import TASKS
 from visiontune.run.config import INERT_ERROR, RECIPE_CONTEXT
 from visiontune.testing.segment_fixtures import PALETTE, PALETTE_IGNORE
+
+CONFIGS = {name: spec.config_class() for name, spec in TASKS.items()}  # every task's schema
 
 REPO = Path(__file__).resolve().parents[1]
 SEGMENT_PALETTE = {**PALETTE, "ignore": PALETTE_IGNORE}  # the colours of the generated palette masks
@@ -926,27 +929,31 @@ def level_build(runner: Runner, cfg: Any, mp: Any) -> dict:
 
 
 def _continual(cfg: Any, mp: Any) -> dict:
-    """clip_continual's own sequence (`ClipContinualTask.train`) with each task's training stubbed: every stage's
-    Trainer is digested as it is made, the accuracy matrix (real evaluations) is kept."""
+    """clip_continual's stages (`run.stages.run_stages`) with each stage's training stubbed: every stage's Trainer
+    is digested as it is made, the accuracy matrix (real evaluations) is kept."""
     import visiontune.clip.continual as continual
+    import visiontune.run.stages as stages_module
 
     stages, result = [], {}
-    make = continual.make_trainer
+    make = stages_module.make_trainer
 
     def spy(stage_cfg, fit, stage_dir):
         trainer = make(stage_cfg, fit, stage_dir)
         stages.append(run_digest(fit, trainer))
         return trainer
 
-    def accuracy(self, clf, names, split):  # what would be evaluated, without evaluating it
+    def accuracy(self, clf, data, index):  # what would be evaluated, without evaluating it
+        split = data.splits[index]
         evaluated.append(
-            describe([names, [split.val.ref(i) for i in range(len(split.val))], model_digest(clf)["values"]])
+            describe(
+                [data.names[index], [split.val.ref(i) for i in range(len(split.val))], model_digest(clf)["values"]]
+            )
         )
         return 0.5
 
     evaluated: list = []
-    mp.setattr(continual, "make_trainer", spy)
-    mp.setattr(continual, "train_with_progress", lambda trainer, checkpoint: None)
+    mp.setattr(stages_module, "make_trainer", spy)
+    mp.setattr(stages_module, "train_with_progress", lambda trainer, checkpoint: None)
     mp.setattr(continual, "_write_outputs", lambda run_dir, found: result.update(found))
     mp.setattr(continual.ClipContinualTask, "_accuracy", accuracy)
     continual.ClipContinualTask().train(cfg, overwrite=True)
@@ -1030,17 +1037,17 @@ def level_entry(runner: Runner, cfg: Any, mp: Any) -> dict:
 
 
 def level_resume(runner: Runner, cfg: Any, mp: Any) -> dict:
-    """Where a run starts when its folder holds a finished checkpoint (and, for clip_continual, finished tasks)."""
-    import visiontune.clip.continual as continual
+    """Where a run starts when its folder holds a finished checkpoint (and, for staged tasks, recorded progress)."""
     import visiontune.run.runner as runner_module
+    import visiontune.run.stages as stages_module
     from visiontune.recipe import get_task
     from visiontune.run.folder import CHECKPOINTS
 
     run_dir = Path(cfg.output_dir)
     _write(run_dir / CHECKPOINTS / "checkpoint-1" / "trainer_state.json", json.dumps({"global_step": 1}))
-    _write(run_dir / "eval" / "continual.json", json.dumps({"tasks": [], "zero_shot": [], "matrix": []}))
+    _write(run_dir / "stages" / "progress.json", json.dumps({"before": {}, "stages": []}))
     seen: dict[str, Any] = {}
-    for module, name in ((runner_module, "resume_point"), (continual, "_resume_progress")):
+    for module, name in ((runner_module, "resume_point"), (stages_module, "read_progress")):
         real = getattr(module, name)
 
         def spy(*args, real=real, **kwargs):
