@@ -155,3 +155,8 @@ def test_two_ranks_train_in_step_and_export_once(fixtures_dir, sets, write_recip
     assert (run / "model" / "model.safetensors").is_file() and (run / "report.md").is_file()
     after = json.loads((run / "eval" / "after.json").read_text())
     assert sorted(s["image_id"] for s in after["samples"]) == [0, 1, 2, 3]  # every val image scored once
+
+
+def test_detection_options_are_refused_for_a_classifier(cli, fixtures_dir, tmp_path):
+    code, _, err = cli("predict", fixtures_dir / "timm-vit", tmp_path / "x.png", "--conf", "0.3")
+    assert code == 2 and "--conf" in err and "classify" in err
