@@ -28,7 +28,7 @@ def test_smoke_fixtures_exist(name):
     assert {smoke.data, *smoke.data_by_stage.values()} <= set(DATA_FIXTURES)
 
 
-TOY_MODULE = '''
+TOY_MODULE = """
 from typing import Literal
 
 from visiontune.run.config import Strict, TrackConfig, TrainConfig
@@ -49,7 +49,7 @@ class ToyConfig(Strict):
 
 class ToyTask(Task):
     name = "toy"
-'''
+"""
 
 
 @pytest.fixture

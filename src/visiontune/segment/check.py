@@ -4,7 +4,8 @@
 Every image header is probed (exists, size, EXIF orientation) and every mask is decoded once: checking label ids
 needs the pixels. Masks are small PNGs: reading builtin:mnist-segment (2,000 images + 128 px masks) takes ~1 s on
 two busy cores, of which the image headers alone take 0.25 s; a 512 px label-id mask costs ~3 ms (its value
-histogram is counted by PIL). The pixel counts per class come from the same pass. `find_bad_images` (detect/check.py) is the full-decode image check for `core.check.check_splits`.
+histogram is counted by PIL). The pixel counts per class come from the same pass. `find_bad_images`
+(detect/check.py) is the full-decode image check for `core.check.check_splits`.
 """
 
 from __future__ import annotations
