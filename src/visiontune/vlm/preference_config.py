@@ -1,0 +1,113 @@
+"""Typed recipe for `task: vlm_preference` — preference tuning (DPO and its variants) of a vision-language model on
+pairs of answers to the same prompt and image(s). Loss key names follow TRL's `DPOConfig` (`beta`,
+`label_smoothing`, `rpo_alpha`, `loss_type`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, ValidationInfo, model_validator
+
+from visiontune.run.config import Inert, Strict, TrackConfig, no_validation_rule, refuse_inert, val_split_rule
+from visiontune.vlm.config import (
+    VALIDATION_KEYS,
+    VlmEvalConfig,
+    VlmTrainConfig,
+    VlmTuneConfig,
+    generation_metric_keys,
+)
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "simpo")
+# What validation reports besides the generation metrics: TRL's names, so dashboards read the same.
+REWARD_METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+)
+
+
+class PreferenceTrainConfig(VlmTrainConfig):
+    """DPO's usual LoRA-sized defaults: a smaller step than SFT (the reference anchors the start)."""
+
+    lr: float = Field(5e-5, gt=0)
+
+
+class PreferenceDataConfig(Strict):
+    train: str = Field(
+        description="Preference pairs: TRL prompt/chosen/rejected JSONL, a LLaMA-Factory dataset_info.json with "
+        "`ranking: true` (or its folder), or JSONL conversations with chosen/rejected answers."
+    )
+    val: str | None = None
+    val_split: float = Field(0.1, ge=0, lt=1, description="LLaMA-Factory `val_size`.")
+    dataset_name: str | None = Field(None, description="Entry of a LLaMA-Factory dataset_info.json.")
+    image_root: str | None = Field(None, description="Folder relative image paths start from.")
+    max_length: int = Field(2048, gt=0, description="LLaMA-Factory `cutoff_len`: tokens per answer, images included.")
+    max_image_pixels: int = Field(512 * 512, gt=0, description="LLaMA-Factory `image_max_pixels`.")
+    on_bad_sample: Literal["error", "skip"] = "error"
+    workers: int = Field(0, ge=0)
+    cache: bool = Field(
+        True, description="Cache tokenised pairs (and, for full tuning, the reference log-probabilities)."
+    )
+
+    @model_validator(mode="after")
+    def _inert_keys(self, info: ValidationInfo) -> PreferenceDataConfig:
+        refuse_inert(self, info, [val_split_rule(self)], prefix="data.")
+        return self
+
+
+class PreferenceLossConfig(Strict):
+    type: Literal["sigmoid", "ipo", "hinge", "robust", "simpo"] = Field(
+        "sigmoid", description="TRL `loss_type`: DPO (sigmoid), IPO, hinge, robust DPO, or SimPO (no reference)."
+    )
+    beta: float = Field(0.1, gt=0, description="TRL `beta`: how far from the reference the policy may move.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="TRL `label_smoothing`: share of flipped labels.")
+    rpo_alpha: float | None = Field(None, gt=0, description="Weight of an SFT term on the chosen answer (RPO).")
+    simpo_gamma: float = Field(0.5, ge=0, description="TRL CPO `simpo_gamma`: SimPO's target reward margin.")
+
+    @model_validator(mode="after")
+    def _inert_keys(self, info: ValidationInfo) -> PreferenceLossConfig:
+        rules = [
+            Inert(
+                ("label_smoothing",),
+                self.type not in ("robust", "simpo"),
+                "with loss.type robust or simpo (TRL's other losses ignore it)",
+                "set one of those types",
+            ),
+            Inert(("simpo_gamma",), self.type != "simpo", "with loss.type: simpo", "set loss.type: simpo"),
+        ]
+        refuse_inert(self, info, rules, prefix="loss.")
+        return self
+
+
+class VlmPreferenceConfig(Strict):
+    task: Literal["vlm_preference"] = "vlm_preference"
+    model: str = Field(description="The VLM to tune (hub id or folder; often an SFT run's merged model).")
+    output_dir: str
+    seed: int = 42
+    chat_template: str | None = Field(None, description="Jinja template when the processor has none.")
+    data: PreferenceDataConfig
+    loss: PreferenceLossConfig = PreferenceLossConfig()
+    tune: VlmTuneConfig = VlmTuneConfig()
+    train: PreferenceTrainConfig = PreferenceTrainConfig()
+    eval: VlmEvalConfig = VlmEvalConfig()
+    track: TrackConfig = TrackConfig()
+
+    def validation_metrics(self) -> list[str]:
+        generation = generation_metric_keys(self.eval.metrics) if self.eval.samples_during_training else []
+        return ["loss", *REWARD_METRICS, *generation]
+
+    @model_validator(mode="after")
+    def _something_trains(self, info: ValidationInfo) -> VlmPreferenceConfig:
+        refuse_inert(self, info, [no_validation_rule(self.data, VALIDATION_KEYS)])
+        t = self.tune
+        if not (t.train_vision or t.train_projector or t.train_language):
+            raise ValueError("tune.train_vision, train_projector and train_language are all false: nothing trains")
+        if t.method != "full" and not t.train_language:
+            raise ValueError(
+                f"tune.train_language=false with tune.method={t.method}: LoRA adapts the language model; use "
+                "tune.method=full to train only the vision tower or projector"
+            )
+        return self

@@ -1,0 +1,113 @@
+"""The preference losses of TRL 1.16, on sequence log-probabilities, and the reward metrics under TRL's names.
+
+Why not TRL's code for DPO: `DPOTrainer._compute_loss` takes the model and a batch in its own layout (it runs the
+forward itself, with a fused LM head), so its formulas cannot be called on log-probabilities. They are written out
+here, the same formulas term for term (sigmoid, hinge, IPO with its per-token normalisation, robust; the RPO/`sft`
+term as a token mean over the chosen answers), and tests/vlm/test_preference_loss.py runs TRL's `_compute_loss` on
+the same log-probabilities to show they agree. SimPO calls TRL's `CPOTrainer.cpo_loss` itself (a function of
+log-probabilities).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from visiontune.vlm.tokenize import IGNORE
+
+REFERENCE_FREE = ("simpo",)
+
+
+@dataclass
+class SequenceLogps:
+    """Per sequence of a [chosen; rejected] batch: summed answer log-probs, answer token counts, and the per-token
+    log-probs of the answers (zero elsewhere), for the SFT term."""
+
+    logps: torch.Tensor  # [2B]
+    tokens: torch.Tensor  # [2B]
+    per_token: torch.Tensor  # [2B, T-1]
+    mask: torch.Tensor  # [2B, T-1] bool
+
+    def halves(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.logps.chunk(2)
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> SequenceLogps:
+    """Log-probabilities of the labelled (answer) tokens, each predicted from the position before it."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    mask = labels != IGNORE
+    picked = labels.masked_fill(~mask, 0).unsqueeze(-1)
+    per_token = (torch.gather(logits.log_softmax(-1), -1, picked).squeeze(-1)) * mask
+    return SequenceLogps(per_token.sum(-1), mask.sum(-1), per_token, mask)
+
+
+def preference_loss(
+    cfg: Any, policy: SequenceLogps, ref_chosen: torch.Tensor | None, ref_rejected: torch.Tensor | None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of `cfg` (the recipe's `loss` section) and the per-pair metrics TRL logs (detached, per pair)."""
+    chosen, rejected = policy.halves()
+    chosen_n, rejected_n = (t.clamp(min=1).to(chosen.dtype) for t in policy.tokens.chunk(2))
+    if cfg.type in REFERENCE_FREE:
+        per_pair, chosen_rewards, rejected_rewards = _simpo(cfg, chosen / chosen_n, rejected / rejected_n)
+    else:
+        chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
+        per_pair = dpo_losses(
+            cfg.type, cfg.beta, cfg.label_smoothing, chosen_ratio, rejected_ratio, chosen_n, rejected_n
+        )
+        chosen_rewards, rejected_rewards = cfg.beta * chosen_ratio.detach(), cfg.beta * rejected_ratio.detach()
+    loss = per_pair.mean()
+    if cfg.rpo_alpha:
+        chosen_tokens, chosen_mask = policy.per_token.chunk(2)[0], policy.mask.chunk(2)[0]
+        loss = loss + cfg.rpo_alpha * -chosen_tokens[chosen_mask].mean()
+    metrics = {
+        "rewards/chosen": chosen_rewards,
+        "rewards/rejected": rejected_rewards,
+        "rewards/margins": chosen_rewards - rejected_rewards,
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+        "logps/chosen": chosen.detach(),
+        "logps/rejected": rejected.detach(),
+    }
+    return loss, metrics
+
+
+def dpo_losses(
+    kind: str,
+    beta: float,
+    label_smoothing: float,
+    chosen_ratio: torch.Tensor,
+    rejected_ratio: torch.Tensor,
+    chosen_tokens: torch.Tensor,
+    rejected_tokens: torch.Tensor,
+) -> torch.Tensor:
+    """Per-pair loss from the policy/reference log-ratios: TRL 1.16 DPOTrainer's formulas (reverse KL)."""
+    delta = chosen_ratio - rejected_ratio
+    if kind == "sigmoid":
+        return -F.logsigmoid(beta * delta)
+    if kind == "hinge":
+        return torch.relu(1 - beta * delta)
+    if kind == "ipo":  # per-token averages, as TRL (confirmed with the IPO authors)
+        return (chosen_ratio / chosen_tokens - rejected_ratio / rejected_tokens - 1 / (2 * beta)) ** 2
+    if kind == "robust":
+        clean = -(1 - label_smoothing) * F.logsigmoid(beta * delta)
+        flipped = -label_smoothing * F.logsigmoid(-beta * delta)
+        return (clean - flipped) / (1 - 2 * label_smoothing)
+    raise ValueError(f"unknown DPO loss {kind!r}")
+
+
+def _simpo(cfg: Any, chosen_avg: torch.Tensor, rejected_avg: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """TRL's own SimPO (`CPOTrainer.cpo_loss` with loss_type simpo) on length-averaged log-probs."""
+    from trl.experimental.cpo import CPOTrainer
+
+    settings = SimpleNamespace(
+        alpha=0.0,
+        loss_type="simpo",
+        simpo_gamma=cfg.simpo_gamma,
+        beta=cfg.beta,
+        label_smoothing=cfg.label_smoothing,
+        accelerator=SimpleNamespace(device=chosen_avg.device),
+    )
+    return CPOTrainer.cpo_loss(settings, chosen_avg, rejected_avg)

@@ -1,0 +1,108 @@
+"""The reference of preference tuning, without a second model in memory.
+
+LoRA / QLoRA: the reference is the trained model with its adapters switched off (done per step by the trainer).
+Full tuning: the reference log-probabilities of every pair are computed once, before training, by the model as it
+starts, and cached in one safetensors file keyed on the model's weight files, the pairs' tokens and their images'
+content (a re-run, or a resume, reads them back). SimPO has no reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from visiontune.core.identity import file_digest
+from visiontune.vlm.tokenize import _image_identity
+
+REFERENCE_FORMAT = "visiontune-reference-1"  # bump when what the cached numbers mean changes
+
+
+def reference_mode(cfg: Any, model: Any) -> str:
+    from peft import PeftModel
+
+    from visiontune.vlm.preference_loss import REFERENCE_FREE
+
+    if cfg.loss.type in REFERENCE_FREE:
+        return "none"
+    return "adapters_off" if isinstance(model, PeftModel) else "precomputed"
+
+
+def set_reference(cfg: Any, model: Any, collator: Any, datasets: dict[str, Any]) -> None:
+    """Give each dataset its [N, 2] reference log-probs (chosen, rejected), from the cache or computed now."""
+    for dataset in datasets.values():
+        if len(dataset) == 0:
+            continue
+        key = reference_key(cfg.model, dataset, cfg.data.max_image_pixels)
+        path = _cache_dir() / f"{key}.safetensors"
+        cached = _load(path, len(dataset)) if cfg.data.cache else None
+        dataset.reference = cached if cached is not None else compute_reference(model, collator, dataset)
+        if cached is None and cfg.data.cache:
+            _save(path, dataset.reference)
+
+
+@torch.no_grad()
+def compute_reference(model: Any, collator: Any, dataset: Any, batch_size: int = 4) -> torch.Tensor:
+    """Summed answer log-probs of each pair's two answers under `model` as it is now (eval mode, fp32)."""
+    from visiontune.vlm.preference_loss import sequence_logps
+
+    was_training = model.training
+    model.eval()
+    out = []
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, len(dataset), batch_size):
+            items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            batch = {k: v.to(device) for k, v in collator(items).items()}
+            labels = batch.pop("labels")
+            logps = sequence_logps(model(**batch, use_cache=False).logits, labels).logps.cpu()
+            out.append(torch.stack(logps.chunk(2), dim=1))
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+def reference_key(model: str, dataset: Any, max_pixels: int) -> str:
+    """Changes with the model's weights (files of a folder, else its name), each pair's tokens and labels, and its
+    images' content."""
+    h = hashlib.sha256(REFERENCE_FORMAT.encode())
+    folder = Path(model)
+    weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) if folder.is_dir() else []
+    h.update(json.dumps([model, max_pixels, [f"{p.name}:{file_digest(p)}" for p in weights]]).encode())
+    for t in dataset.tokens:
+        pair = dataset.pairs[t.index]
+        record = [t.chosen.input_ids, t.chosen.labels, t.rejected.input_ids, t.rejected.labels]
+        h.update(json.dumps([record, [_image_identity(s) for s in pair.chosen.images]]).encode())
+    return h.hexdigest()[:32]
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("VISIONTUNE_CACHE", Path.home() / ".cache" / "visiontune")) / "reference"
+
+
+def _load(path: Path, n: int) -> torch.Tensor | None:
+    try:
+        ref = load_file(str(path))["reference"]
+    except Exception:  # missing, unreadable or foreign: compute again (the cache only saves time)
+        return None
+    return ref if ref.shape == (n, 2) else None
+
+
+def _save(path: Path, reference: torch.Tensor) -> None:
+    """Under a unique name, then renamed into place (readers never see a partial file); a failed write only costs
+    the next run the computation."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"reference": reference.contiguous()}, str(tmp))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
