@@ -1,0 +1,112 @@
+"""vlm_preference's losses agree with TRL 1.16's on the same log-probabilities: DPOTrainer._compute_loss run with a
+stand-in model that returns those log-probs (its loss code cannot be called without a model), and CPOTrainer's
+SimPO (which vlm_preference calls itself) against its formula."""
+
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from visiontune.vlm.preference_config import PreferenceLossConfig
+from visiontune.vlm.preference_loss import SequenceLogps, preference_loss, sequence_logps
+
+PAIRS, LENGTH = 3, 7
+
+
+def _batch(seed: int = 0):
+    """Per-token answer log-probs of [chosen; rejected] (answers of different lengths), and reference sums."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(2 * PAIRS, LENGTH, dtype=torch.bool)
+    for row, start in enumerate([3, 4, 2, 5, 3, 4]):
+        mask[row, start:] = True
+    per_token = -torch.rand(2 * PAIRS, LENGTH - 1, generator=g) * 3 * mask[:, 1:]
+    ref = per_token.sum(-1) + torch.randn(2 * PAIRS, generator=g)
+    return per_token, mask, ref
+
+
+def _trl_loss(loss_types: list[str], loss_weights: list[float], beta: float, smoothing: float) -> torch.Tensor:
+    from trl import DPOTrainer
+
+    per_token, mask, ref = _batch()
+    outputs = SimpleNamespace(
+        log_probs=per_token,
+        entropy=torch.zeros_like(per_token),
+        mean_logits=torch.zeros_like(per_token),
+        is_top1=torch.zeros_like(per_token, dtype=torch.bool),
+    )
+    identity = lambda x: x  # noqa: E731 - one process: gathering returns its input
+    trainer = SimpleNamespace(
+        model=SimpleNamespace(training=True),
+        accelerator=SimpleNamespace(device="cpu", gather_for_metrics=identity, gather=identity),
+        aux_loss_enabled=False,
+        ld_alpha=None,
+        precompute_ref_logps=True,
+        f_divergence_type="reverse_kl",
+        loss_types=loss_types,
+        loss_weights=loss_weights,
+        beta=beta,
+        label_smoothing=smoothing,
+        use_weighting=False,
+        _metrics={"train": defaultdict(list)},
+        _total_train_tokens=0,
+        _tp_size=1,
+        args=SimpleNamespace(),
+    )
+    ref_chosen, ref_rejected = ref.chunk(2)
+    inputs = {
+        "input_ids": torch.zeros(2 * PAIRS, LENGTH, dtype=torch.long),
+        "attention_mask": torch.ones(2 * PAIRS, LENGTH, dtype=torch.long),
+        "completion_mask": mask.long(),
+        "ref_chosen_logps": ref_chosen,
+        "ref_rejected_logps": ref_rejected,
+    }
+    return DPOTrainer._compute_loss(trainer, lambda **kw: outputs, inputs, False), trainer._metrics["train"]
+
+
+def _ours(cfg: PreferenceLossConfig):
+    per_token, mask, ref = _batch()
+    policy = SequenceLogps(per_token.sum(-1), mask[:, 1:].sum(-1), per_token, mask[:, 1:])
+    return preference_loss(cfg, policy, *ref.chunk(2))
+
+
+@pytest.mark.parametrize(
+    ("kind", "beta", "smoothing"),
+    [("sigmoid", 0.1, 0.0), ("sigmoid", 0.5, 0.0), ("hinge", 0.3, 0.0), ("ipo", 0.2, 0.0), ("robust", 0.1, 0.2)],
+)
+def test_dpo_losses_and_metrics_equal_trl(kind, beta, smoothing):
+    trl_loss, trl_metrics = _trl_loss([kind], [1.0], beta, smoothing)
+    loss, metrics = _ours(PreferenceLossConfig(type=kind, beta=beta, label_smoothing=smoothing))
+    torch.testing.assert_close(loss, trl_loss)
+    for key, values in metrics.items():  # TRL's names, TRL's values
+        assert trl_metrics[key] == [pytest.approx(values.mean().item(), abs=1e-6)], key
+
+
+def test_rpo_term_equals_trl_sft_loss_type_weighted_by_alpha():
+    trl_loss, _ = _trl_loss(["sigmoid", "sft"], [1.0, 0.7], 0.1, 0.0)
+    loss, _ = _ours(PreferenceLossConfig(type="sigmoid", beta=0.1, rpo_alpha=0.7))
+    torch.testing.assert_close(loss, trl_loss)
+    plain, _ = _ours(PreferenceLossConfig(type="sigmoid", beta=0.1))
+    assert not torch.allclose(loss, plain)
+
+
+def test_simpo_is_trl_cpo_loss_on_length_averaged_logps():
+    per_token, mask, _ = _batch()
+    tokens = mask[:, 1:].sum(-1)
+    cfg = PreferenceLossConfig(type="simpo", beta=2.0, simpo_gamma=0.4, label_smoothing=0.1)
+    loss, metrics = preference_loss(cfg, SequenceLogps(per_token.sum(-1), tokens, per_token, mask[:, 1:]), None, None)
+    chosen, rejected = (per_token.sum(-1) / tokens).chunk(2)
+    logits = chosen - rejected - cfg.simpo_gamma / cfg.beta
+    expected = -F.logsigmoid(cfg.beta * logits) * 0.9 - F.logsigmoid(-cfg.beta * logits) * 0.1
+    torch.testing.assert_close(loss, expected.mean())
+    torch.testing.assert_close(metrics["rewards/chosen"], cfg.beta * chosen)
+
+
+def test_sequence_logps_scores_only_labelled_tokens_from_the_previous_position():
+    logits = torch.randn(2, 4, 5, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([[-100, -100, 3, 1], [-100, 2, -100, -100]])
+    got = sequence_logps(logits, labels)
+    lp = logits.log_softmax(-1)
+    torch.testing.assert_close(got.logps, torch.stack([lp[0, 1, 3] + lp[0, 2, 1], lp[1, 0, 2]]))
+    assert got.tokens.tolist() == [2, 1]
