@@ -260,14 +260,16 @@ def _message(schema: _Schema, role: str, text: Any) -> dict:
 def pair_problem(pair: PreferencePair) -> str | None:
     """The first problem of a pair (with its fix in brackets): either conversation's, a prompt not ending with the
     user's turn, an empty answer, or the same answer twice."""
+    if pair.chosen.problem:  # the reader's
+        return pair.chosen.problem
+    if len(pair.chosen.turns) < 2 or pair.chosen.turns[-2].role != "user":
+        return "has a prompt that does not end with the user's turn (the answers must reply to it)"
     problem = conversation_problem(pair.chosen)
     if problem:
         return problem if "empty assistant" not in problem else "has an empty chosen answer (write it or drop the pair)"
     rejected = conversation_problem(pair.rejected)
     if rejected:
         return "has an empty rejected answer (write it or drop the pair)" if "empty assistant" in rejected else rejected
-    if len(pair.chosen.turns) < 2 or pair.chosen.turns[-2].role != "user":
-        return "has a prompt that does not end with the user's turn (the answers must reply to it)"
     if pair.chosen.turns[-1].text.strip() == pair.rejected.turns[-1].text.strip():
         return "has the same chosen and rejected answer (a pair must differ to teach a preference; fix or drop it)"
     return None
