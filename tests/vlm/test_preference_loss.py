@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from visiontune.vlm.preference_config import PreferenceLossConfig
-from visiontune.vlm.preference_loss import SequenceLogps, preference_loss, sequence_logps
+from visiontune.vlm.preference_loss import SequenceLogps, loss_settings, preference_loss, sequence_logps
 
 PAIRS, LENGTH = 3, 7
 
@@ -68,7 +68,7 @@ def _trl_loss(loss_types: list[str], loss_weights: list[float], beta: float, smo
 def _ours(cfg: PreferenceLossConfig):
     per_token, mask, ref = _batch()
     policy = SequenceLogps(per_token.sum(-1), mask[:, 1:].sum(-1), per_token, mask[:, 1:])
-    return preference_loss(cfg, policy, *ref.chunk(2))
+    return preference_loss(policy, *ref.chunk(2), **loss_settings(cfg))
 
 
 @pytest.mark.parametrize(
@@ -95,7 +95,8 @@ def test_simpo_is_trl_cpo_loss_on_length_averaged_logps():
     per_token, mask, _ = _batch()
     tokens = mask[:, 1:].sum(-1)
     cfg = PreferenceLossConfig(type="simpo", beta=2.0, simpo_gamma=0.4, label_smoothing=0.1)
-    loss, metrics = preference_loss(cfg, SequenceLogps(per_token.sum(-1), tokens, per_token, mask[:, 1:]), None, None)
+    policy = SequenceLogps(per_token.sum(-1), tokens, per_token, mask[:, 1:])
+    loss, metrics = preference_loss(policy, None, None, **loss_settings(cfg))
     chosen, rejected = (per_token.sum(-1) / tokens).chunk(2)
     logits = chosen - rejected - cfg.simpo_gamma / cfg.beta
     expected = -F.logsigmoid(cfg.beta * logits) * 0.9 - F.logsigmoid(-cfg.beta * logits) * 0.1

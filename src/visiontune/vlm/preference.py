@@ -39,7 +39,7 @@ from visiontune.vlm.conversations import (
 from visiontune.vlm.model import apply_tuning, enable_grad_checkpointing, load_vlm
 from visiontune.vlm.preference_config import VlmPreferenceConfig
 from visiontune.vlm.preference_data import PreferencePair, read_preferences
-from visiontune.vlm.preference_loss import preference_loss, sequence_logps
+from visiontune.vlm.preference_loss import loss_settings, preference_loss, sequence_logps
 from visiontune.vlm.sft import GenerationEval, VlmSftTask, VlmTrainer, _split, evaluate_vlm
 from visiontune.vlm.token_cache import tokenize_cached
 from visiontune.vlm.tokenize import Tokenized
@@ -151,7 +151,12 @@ class VlmPreferenceTask(VlmSftTask):
             eval_dataset=val,
             collator=collator,
             trainer_class=PreferenceTrainer,
-            trainer_attrs={"collator_stats": collator, "generation": generation, "loss_cfg": cfg.loss, "mode": mode},
+            trainer_attrs={
+                "collator_stats": collator,
+                "generation": generation,
+                "loss_settings": loss_settings(cfg.loss),
+                "mode": mode,
+            },
             items="pair",
             workers=cfg.data.workers,
         )
@@ -240,7 +245,7 @@ class PreferenceTrainer(VlmTrainer):
     """The loss and TRL's reward metrics on [chosen; rejected] batches. Metrics are averaged over the steps since
     the last log (training) or over the validation set, and logged as `rewards/chosen`, ..., `eval_rewards/...`."""
 
-    loss_cfg: Any = None
+    loss_settings: dict[str, Any] = {}  # preference_loss's keywords (loss_settings of the recipe's `loss`)
     mode: str = "adapters_off"  # or "precomputed" (batches carry ref_logps) or "none" (SimPO)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -250,7 +255,7 @@ class PreferenceTrainer(VlmTrainer):
         if self.mode == "adapters_off":
             ref = self.reference_logps(model, inputs, labels)
         chosen_ref, rejected_ref = ref.chunk(2) if ref is not None else (None, None)
-        loss, metrics = preference_loss(self.loss_cfg, policy, chosen_ref, rejected_ref)
+        loss, metrics = preference_loss(policy, chosen_ref, rejected_ref, **self.loss_settings)
         self.keep_metrics("train" if model.training else "eval", metrics)
         return (loss, None) if return_outputs else loss
 

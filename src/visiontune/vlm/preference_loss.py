@@ -45,24 +45,41 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> SequenceLogps:
     return SequenceLogps(per_token.sum(-1), mask.sum(-1), per_token, mask)
 
 
+def loss_settings(loss: Any) -> dict[str, Any]:
+    """The recipe's `loss` section as `preference_loss`'s keywords: only the keys the chosen loss uses."""
+    settings = {"kind": loss.type, "beta": loss.beta, "rpo_alpha": loss.rpo_alpha}
+    if loss.type in ("robust", "simpo"):
+        settings["label_smoothing"] = loss.label_smoothing
+    if loss.type == "simpo":
+        settings["simpo_gamma"] = loss.simpo_gamma
+    return settings
+
+
 def preference_loss(
-    cfg: Any, policy: SequenceLogps, ref_chosen: torch.Tensor | None, ref_rejected: torch.Tensor | None
+    policy: SequenceLogps,
+    ref_chosen: torch.Tensor | None,
+    ref_rejected: torch.Tensor | None,
+    *,
+    kind: str,
+    beta: float,
+    label_smoothing: float = 0.0,
+    rpo_alpha: float | None = None,
+    simpo_gamma: float = 0.5,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss of `cfg` (the recipe's `loss` section) and the per-pair metrics TRL logs (detached, per pair)."""
+    """The loss (TRL's `loss_type` `kind`, its `beta`, ...) and the per-pair metrics TRL logs (detached)."""
     chosen, rejected = policy.halves()
     chosen_n, rejected_n = (t.clamp(min=1).to(chosen.dtype) for t in policy.tokens.chunk(2))
-    if cfg.type in REFERENCE_FREE:
-        per_pair, chosen_rewards, rejected_rewards = _simpo(cfg, chosen / chosen_n, rejected / rejected_n)
+    if kind in REFERENCE_FREE:
+        averages = (chosen / chosen_n, rejected / rejected_n)
+        per_pair, chosen_rewards, rejected_rewards = _simpo(beta, label_smoothing, simpo_gamma, *averages)
     else:
         chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
-        per_pair = dpo_losses(
-            cfg.type, cfg.beta, cfg.label_smoothing, chosen_ratio, rejected_ratio, chosen_n, rejected_n
-        )
-        chosen_rewards, rejected_rewards = cfg.beta * chosen_ratio.detach(), cfg.beta * rejected_ratio.detach()
+        per_pair = dpo_losses(kind, beta, label_smoothing, chosen_ratio, rejected_ratio, chosen_n, rejected_n)
+        chosen_rewards, rejected_rewards = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
     loss = per_pair.mean()
-    if cfg.rpo_alpha:
+    if rpo_alpha:
         chosen_tokens, chosen_mask = policy.per_token.chunk(2)[0], policy.mask.chunk(2)[0]
-        loss = loss + cfg.rpo_alpha * -chosen_tokens[chosen_mask].mean()
+        loss = loss + rpo_alpha * -chosen_tokens[chosen_mask].mean()
     metrics = {
         "rewards/chosen": chosen_rewards,
         "rewards/rejected": rejected_rewards,
@@ -98,16 +115,18 @@ def dpo_losses(
     raise ValueError(f"unknown DPO loss {kind!r}")
 
 
-def _simpo(cfg: Any, chosen_avg: torch.Tensor, rejected_avg: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _simpo(
+    beta: float, label_smoothing: float, gamma: float, chosen_avg: torch.Tensor, rejected_avg: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
     """TRL's own SimPO (`CPOTrainer.cpo_loss` with loss_type simpo) on length-averaged log-probs."""
     from trl.experimental.cpo import CPOTrainer
 
     settings = SimpleNamespace(
         alpha=0.0,
         loss_type="simpo",
-        simpo_gamma=cfg.simpo_gamma,
-        beta=cfg.beta,
-        label_smoothing=cfg.label_smoothing,
+        simpo_gamma=gamma,
+        beta=beta,
+        label_smoothing=label_smoothing,
         accelerator=SimpleNamespace(device=chosen_avg.device),
     )
     return CPOTrainer.cpo_loss(settings, chosen_avg, rejected_avg)
