@@ -221,12 +221,23 @@ def merge(
 
 @app.command()
 def export(
-    run: str = typer.Argument(..., help="A vlm_sft or vlm_assemble run folder (or a PEFT adapter folder)."),
+    run: str = typer.Argument(..., help="A run folder or model folder (a PEFT adapter folder for --merge)."),
     merge: bool = typer.Option(False, "--merge", help="Fold LoRA into the base weights (plain transformers)."),
     llava: bool = typer.Option(False, "--llava", help="vlm_assemble: write LlavaForConditionalGeneration."),
-    out: Path = typer.Option(None, "--out", help="Target folder (default RUN/merged or RUN/llava)."),
+    onnx: bool = typer.Option(False, "--onnx", help="Classifiers, CLIP towers: ONNX + preprocessing.json."),
+    out: Path = typer.Option(None, "--out", help="Target folder (default RUN/merged, RUN/llava or RUN/onnx)."),
 ) -> None:
-    """Export a trained VLM: the merged model + processor that plain transformers loads."""
+    """Export a trained model: a VLM merged for plain transformers, an assembled VLM as LLaVA, or ONNX files."""
+    if sum((merge, llava, onnx)) > 1:
+        raise RecipeError("--merge, --llava and --onnx are separate exports; pass one of them per command.")
+    if onnx:
+        from visiontune.export.onnx import default_onnx_dir, export_onnx
+        from visiontune.run.folder import prepare_output_folder
+
+        target = prepare_output_folder(out or default_onnx_dir(run), "export --onnx", inputs=[run])
+        info = export_onnx(run, target)
+        typer.echo(f"ONNX ({', '.join(info['files'].values())}, opset {info['opset']}): {target}")
+        return
     if llava:
         from visiontune.vlm.export import export_assembled_llava
 
