@@ -107,6 +107,9 @@ TASKS: dict[str, TaskSpec] = {
                 "map_medium": "mAP medium",
                 "map_large": "mAP large",
                 "mar_100": "AR@100",
+                "mask_map": "mask mAP@[.5:.95]",
+                "mask_map_50": "mask mAP@.5",
+                "mask_map_75": "mask mAP@.75",
             },
         ),
     ),
@@ -139,6 +142,12 @@ TASKS: dict[str, TaskSpec] = {
         task="visiontune.vlm.sft:VlmSftTask",
         smoke=Smoke(model="vlm", data="conversations", overrides=_VLM_SMOKE),
         report=ReportLabels("before", "of the base model (before training)"),
+    ),
+    "vlm_preference": TaskSpec(
+        config="visiontune.vlm.preference_config:VlmPreferenceConfig",
+        task="visiontune.vlm.preference:VlmPreferenceTask",
+        smoke=Smoke(model="vlm", data="preferences", overrides=_VLM_SMOKE),
+        report=ReportLabels("before", "of the starting model (before preference tuning)"),
     ),
     "vlm_assemble": TaskSpec(
         config="visiontune.vlm.assemble_config:VlmAssembleConfig",

@@ -3,6 +3,8 @@ validate` stays fast)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, ValidationInfo, model_validator
@@ -11,14 +13,31 @@ from visiontune.classify.config import MethodTuneConfig
 from visiontune.core.config import PIL_MAX_PIXELS
 from visiontune.run.config import EmaTrainConfig, Inert, Strict, TrackConfig, refuse_inert, val_split_rule
 
-DETECTORS = ("fcos", "retinanet", "faster_rcnn", "ssdlite")  # torchvision heads on a builtin:/timm: backbone
+DETECTORS = ("fcos", "retinanet", "faster_rcnn", "ssdlite", "maskrcnn")  # torchvision, on a builtin:/timm: backbone
+MASK_DETECTORS = ("maskrcnn",)  # detectors that also segment each object (instance masks, trained from COCO shapes)
 # What the validation of a detector reports (detect/metrics.py): COCO box metrics; -1 where a size has no objects.
 DETECTION_METRICS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_100")
+MASK_METRICS = ("mask_map", "mask_map_50", "mask_map_75")  # COCO mask (segm) metrics of an instance segmenter
 BACKBONE_PREFIXES = ("builtin:", "timm:")  # model sources that are backbones under `detector`, not detectors
 
 
 def is_backbone(model: str) -> bool:
     return model.startswith(BACKBONE_PREFIXES)
+
+
+def segments_masks(model: str, detector: str) -> bool:
+    """Whether the recipe's model predicts instance masks: a backbone under `detector: maskrcnn`, or a saved
+    visiontune Mask R-CNN (a run folder or its model/; read from its visiontune.json, no torch)."""
+    if is_backbone(model):
+        return detector in MASK_DETECTORS
+    where = Path(model).expanduser()
+    for folder in (where, where / "model"):
+        try:
+            manifest = json.loads((folder / "visiontune.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        return isinstance(manifest, dict) and manifest.get("detector") in MASK_DETECTORS
+    return False
 
 
 class DetectAugmentConfig(Strict):
@@ -40,7 +59,7 @@ class DetectAugmentConfig(Strict):
 class DetectDataConfig(Strict):
     train: str = Field(
         description="COCO .json, YOLO data.yaml (or its folder), Pascal VOC folder, saved `datasets` folder with an "
-        "`objects` column, or builtin:mnist-detect."
+        "`objects` column, or builtin:mnist-detect; detector maskrcnn: COCO with `segmentation` polygons / RLE."
     )
     val: str | None = None
     val_split: float = Field(0.1, gt=0, lt=1, description="Held-out fraction of train images when `val` is not given.")
@@ -107,8 +126,10 @@ class DetectConfig(Strict):
         description="A backbone (builtin:efficientnet-lite0, timm:NAME, timm:local-dir:PATH) under `detector`, or a "
         "transformers object-detection checkpoint (hub id or folder: DETR, RT-DETR, YOLOS, ...), or a detect run."
     )
-    detector: Literal["fcos", "retinanet", "faster_rcnn", "ssdlite"] = Field(
-        "fcos", description="torchvision detector built on a builtin:/timm: backbone through an FPN."
+    detector: Literal["fcos", "retinanet", "faster_rcnn", "ssdlite", "maskrcnn"] = Field(
+        "fcos",
+        description="torchvision detector built on a builtin:/timm: backbone through an FPN; maskrcnn also predicts "
+        "each object's mask (instance segmentation).",
     )
     fpn_channels: int = Field(
         64, gt=0, multiple_of=32, description="Width of the FPN (its heads' GroupNorm takes multiples of 32)."
@@ -122,7 +143,8 @@ class DetectConfig(Strict):
     track: TrackConfig = TrackConfig()
 
     def validation_metrics(self) -> list[str]:
-        return list(DETECTION_METRICS)
+        masks = MASK_METRICS if segments_masks(self.model, self.detector) else ()
+        return [*DETECTION_METRICS, *masks]
 
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> DetectConfig:

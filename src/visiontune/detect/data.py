@@ -30,6 +30,10 @@ class BoxRecord:
     height: int
     source: str  # where it came from, for messages: "ann.json image 17", "labels/x.txt"
     row: int | None = None  # the row of BoxDataset.hf_dataset holding the image, for a `datasets` set
+    # Instance masks (read only for a mask detector): each object's COCO segmentation (polygons or RLE), in step with
+    # `boxes`, drawn on the image as stored and turned with its pixels by EXIF orientation `segment_turn` (1: as is).
+    segments: list[Any] | None = None
+    segment_turn: int = 1
 
 
 @dataclass
@@ -59,6 +63,11 @@ class BoxDataset:
     def ref(self, i: int) -> str:
         return self.records[i].image
 
+    @property
+    def has_masks(self) -> bool:
+        """Whether the set was read with instance masks (`read_boxes(..., masks=True)`)."""
+        return any(r.segments is not None for r in self.records)
+
 
 def read_boxes(
     path: str,
@@ -67,19 +76,26 @@ def read_boxes(
     on_bad_sample: str = "error",
     image_root: str | None = None,
     max_image_pixels: int = PIL_MAX_PIXELS,
+    masks: bool = False,
 ) -> BoxDataset:
     """Read a box-labelled set, checking every annotation (and every image's header: it exists, its size and EXIF
     orientation) without decoding pixels. `class_names` fixes the classes and their order (e.g. the training set's
     when reading a val set); a category outside it is a bad annotation. Bad annotations raise one DataError naming
     them, or with `on_bad_sample="skip"` drop their images and are listed in `skipped`. `image_root`: where COCO
-    file names are relative to (default: the JSON's folder). `split` picks the YOLO/VOC/`datasets` split."""
+    file names are relative to (default: the JSON's folder). `split` picks the YOLO/VOC/`datasets` split.
+    `masks`: also read each object's mask (a mask detector); only COCO `segmentation` carries them."""
     from visiontune.detect import readers
 
     if path.startswith("builtin:"):
-        return readers.read_builtin(path, class_names, on_bad_sample, max_image_pixels)
+        return readers.read_builtin(path, class_names, on_bad_sample, max_image_pixels, masks)
     where = Path(path).expanduser()
     if where.is_file() and where.suffix.lower() == ".json":
-        return readers.read_coco(where, class_names, on_bad_sample, image_root, max_image_pixels)
+        return readers.read_coco(where, class_names, on_bad_sample, image_root, max_image_pixels, masks)
+    if masks and (where.exists() or hub_id_or_missing(path, "Detection")):
+        raise DataError(
+            f"{path} holds boxes only, but detector maskrcnn learns each object's mask; give a COCO .json whose "
+            "annotations have `segmentation` polygons or RLE (or builtin:mnist-detect), or use a box detector."
+        )
     if where.is_file() and where.suffix.lower() in (".yaml", ".yml"):
         return readers.read_yolo(where, split, class_names, on_bad_sample, max_image_pixels)
     if where.is_dir():

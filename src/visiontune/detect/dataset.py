@@ -60,14 +60,21 @@ def load_image(data: Any, i: int, max_image_pixels: int) -> Image.Image:
 
 
 def make_target(record: BoxRecord, image_id: int) -> dict:
+    """The target of one record; with instance masks, "masks": tv_tensors.Mask uint8 [objects, H, W], in step with
+    the boxes (v2 transforms move them together, nearest-neighbour, and SanitizeBoundingBoxes drops them together)."""
     boxes = torch.tensor(record.boxes, dtype=torch.float32).reshape(-1, 4)
-    return {
+    target = {
         "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(record.height, record.width)),
         "labels": torch.tensor(record.labels, dtype=torch.long),
         "iscrowd": torch.tensor(record.iscrowd, dtype=torch.bool),
         "image_id": image_id,
         "orig_size": (record.height, record.width),
     }
+    if record.segments is not None:
+        from visiontune.detect.masks import instance_masks
+
+        target["masks"] = tv_tensors.Mask(torch.from_numpy(instance_masks(record)))
+    return target
 
 
 def detection_collate(batch: list[tuple]) -> tuple[list[torch.Tensor], list[dict]]:

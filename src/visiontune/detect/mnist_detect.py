@@ -1,4 +1,5 @@
-"""`builtin:mnist-detect`: real MNIST-5k digits pasted on cluttered canvases, with boxes from each digit's ink.
+"""`builtin:mnist-detect`: real MNIST-5k digits pasted on cluttered canvases, with boxes and instance masks (COCO
+RLE `segmentation`, for detector maskrcnn) from each digit's ink.
 
 The canvases come from core/canvases.py (shared with builtin:mnist-segment): training canvases use only the 4,000
 digits of builtin:mnist-5k-captions, `builtin:mnist-detect-heldout` only the 1,000 builtin:mnist-5k-heldout digits.
@@ -14,9 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from visiontune.core.canvases import CANVAS, cached_set, digit_pool, paste_digits, random_canvas, save_png
+from visiontune.detect.masks import encode
 
 # 2: a digit that found no room no longer shifts the labels of the digits after it onto the wrong boxes
-VERSION = 2  # bump when the canvases change: the cache folder is keyed on it
+# 3: each digit's ink mask as a COCO RLE `segmentation` (the canvases and boxes are those of version 2)
+VERSION = 3  # bump when the canvases change: the cache folder is keyed on it
 COUNTS = {False: 2000, True: 300}
 SEEDS = {False: 0, True: 1}
 _digits = digit_pool  # the digit pools, under the name the tests know
@@ -36,18 +39,19 @@ def write_canvases(out: Path, heldout: bool, count: int, seed: int) -> Path:
     (out / "images").mkdir(parents=True)
     images, annotations = [], []
     for k in range(count):
-        canvas, boxes, _, placed = random_canvas(rng, digits)
+        canvas, boxes, masks, placed = random_canvas(rng, digits)
         name = f"images/{k:05d}.png"
         save_png(canvas, out / name)
         images.append({"id": k, "file_name": name, "width": CANVAS, "height": CANVAS})
-        for (x0, y0, x1, y1), i in zip(boxes, placed, strict=True):
+        for (x0, y0, x1, y1), ink, i in zip(boxes, masks, placed, strict=True):
             annotations.append(
                 {
                     "id": len(annotations),
                     "image_id": k,
                     "category_id": int(labels[i]),
                     "bbox": [x0, y0, x1 - x0, y1 - y0],
-                    "area": (x1 - x0) * (y1 - y0),
+                    "area": int(ink.sum()),
+                    "segmentation": encode(ink[None])[0],
                     "iscrowd": 0,
                 }
             )

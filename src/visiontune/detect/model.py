@@ -22,7 +22,8 @@ from visiontune.core.errors import ModelError
 
 DEFAULT_SIZE = 512  # torchvision detectors: longest image side when the recipe sets no data.image_size
 LEVELS = 3  # feature levels the FPN takes: the backbone's last three (strides 8/16/32 on the usual CNNs)
-ONE_BASED = ("faster_rcnn", "ssdlite")  # torchvision detectors whose class 0 is background
+ONE_BASED = ("faster_rcnn", "ssdlite", "maskrcnn")  # torchvision detectors whose class 0 is background
+MASK_HEAD_LAYERS = 4  # Mask R-CNN's mask head: torchvision's four 3x3 convs, at the FPN's width (not 256: CPU cost)
 # Parameter names of the class / box predictors of the transformers detection families (DETR, Conditional and
 # Deformable DETR, RT-DETR, D-FINE, YOLOS): what a linear probe trains and LoRA keeps fully trainable.
 HF_HEADS = ("class_labels_classifier", "bbox_predictor", "class_embed", "bbox_embed", "enc_score_head", "enc_bbox_head")
@@ -77,7 +78,11 @@ class Detector(nn.Module):
         if self.library == "torchvision":
             images = [pixels[i, :, :h, :w] for i, (h, w) in enumerate(sizes)]
             wanted = [
-                {"boxes": t["boxes"][keep], "labels": t["labels"][keep] + self.offset}
+                {
+                    "boxes": t["boxes"][keep],
+                    "labels": t["labels"][keep] + self.offset,
+                    **({"masks": t["masks"][keep]} if "masks" in t else {}),  # Mask R-CNN's mask targets
+                }
                 for t, keep in zip(targets, objects, strict=True)
             ]
             return dict(self.net(images, wanted))
@@ -92,6 +97,7 @@ class Detector(nn.Module):
     def _detect(self, pixels, mask, sizes) -> list[dict[str, torch.Tensor]]:
         if self.library == "torchvision":
             found = self.net([pixels[i, :, :h, :w] for i, (h, w) in enumerate(sizes)])
+            # Mask R-CNN adds "masks": [N, 1, h, w] probabilities over each (unpadded) image
             return [{**d, "labels": d["labels"] - self.offset} for d in found]
         out = self.net(pixel_values=self._normalized(pixels), **self._mask(mask))
         canvas = [tuple(pixels.shape[-2:])] * len(sizes)  # boxes are relative to the padded canvas, as trained
@@ -118,6 +124,11 @@ class Detector(nn.Module):
 
     def _mask(self, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
         return {"pixel_mask": mask.long()} if self._takes_mask and mask is not None else {}
+
+    @property
+    def segments(self) -> bool:
+        """Whether it predicts instance masks (Mask R-CNN)."""
+        return self.spec.get("detector") == "maskrcnn"
 
     # ---- settings and parameter groups
     def configure(self, conf: float, iou: float | None, max_detections: int) -> None:
@@ -254,6 +265,26 @@ def make_torchvision(spec: dict[str, Any], backbone: nn.Module) -> nn.Module:
         return detection.FasterRCNN(
             backbone, n, rpn_anchor_generator=anchors, box_roi_pool=pool, min_size=size, max_size=size, **norm
         )
+    if kind == "maskrcnn":
+        from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+
+        pool = MultiScaleRoIAlign([str(i) for i in range(LEVELS)], output_size=7, sampling_ratio=2)
+        mask_pool = MultiScaleRoIAlign([str(i) for i in range(LEVELS)], output_size=14, sampling_ratio=2)
+        width = backbone.out_channels
+        net = detection.MaskRCNN(
+            backbone,
+            n,
+            rpn_anchor_generator=anchors,
+            box_roi_pool=pool,
+            mask_roi_pool=mask_pool,
+            mask_head=MaskRCNNHeads(width, [width] * MASK_HEAD_LAYERS, 1),
+            min_size=size,
+            max_size=size,
+            **norm,
+        )
+        # torchvision builds its mask predictor for a 256-wide head (and takes no predictor with num_classes)
+        net.roi_heads.mask_predictor = MaskRCNNPredictor(width, width, n)
+        return net
     boxes = DefaultBoxGenerator([[2, 3]] * LEVELS, min_ratio=0.2, max_ratio=0.95)
     norm_layer = partial(nn.BatchNorm2d, eps=0.001, momentum=0.03)  # torchvision's SSDlite settings
     head = SSDLiteHead([backbone.out_channels] * LEVELS, boxes.num_anchors_per_location(), n, norm_layer)

@@ -4,6 +4,8 @@ of the displayed image, checks them and applies data.on_bad_sample.
 
 - COCO JSON: `images` / `annotations` (bbox xywh) / `categories` (ids need not be contiguous; classes ordered by
   id). `iscrowd: 1` is kept as a crowd region. File names are relative to `image_root` (default: the JSON's folder).
+  Read with masks (detector maskrcnn), every annotation's `segmentation` (polygons, RLE, crowd RLE) is checked
+  (detect/masks.py) and kept with its box; the other formats hold boxes only.
 - YOLO: `data.yaml` with `names` (list or {id: name}), optional `path` (relative to the yaml) and `train`/`val`/
   `test`: image folders, `.txt` lists of images, or lists of those. An image's labels are at the same path with the
   last `images` folder renamed `labels` and the suffix `.txt` (Ultralytics' rule); no label file = a negative. A line
@@ -27,7 +29,7 @@ import os
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ from visiontune.core.images import IMAGE_EXTENSIONS
 from visiontune.core.readers import load_saved_dataset, pick_column, read_text
 from visiontune.detect.check import ImageInfo, Problem, check_box, probe_images, settle
 from visiontune.detect.data import Box, BoxDataset, BoxRecord
+from visiontune.detect.masks import segmentation_problem
 
 
 @dataclass
@@ -44,6 +47,7 @@ class RawAnn:
     box: Box  # xyxy: absolute pixels as the file states them, or fractions of the image (RawImage.normalized)
     label: int
     crowd: bool = False
+    segmentation: Any = None  # COCO polygons / RLE, when the set is read with masks
 
 
 @dataclass
@@ -108,8 +112,10 @@ def assemble(
     image_source: Callable[[int], Any] | None = None,
     hf_dataset: Any = None,
     image_column: str | None = None,
+    masks: bool = False,
 ) -> BoxDataset:
-    """Probe every image, bring its boxes into the displayed frame, check them, apply data.on_bad_sample."""
+    """Probe every image, bring its boxes into the displayed frame, check them (and each object's mask with
+    `masks`), apply data.on_bad_sample."""
     if not raws:
         raise DataError(f"{origin} lists no images; point the data key at a set with images.")
     infos = probe_images(len(raws), image_source or (lambda i: raws[i].image), max_pixels)
@@ -122,6 +128,8 @@ def assemble(
         records.append(_record(i, raw, info, problems))
     dropped, skipped = settle(problems, on_bad_sample, origin, len(raws))
     kept = [r for i, r in enumerate(records) if r is not None and i not in dropped]
+    if masks:
+        kept = [replace(r, segments=r.segments or []) for r in kept]
     return BoxDataset(kept, classes.names, classes.category_ids, skipped, origin, hf_dataset, image_column)
 
 
@@ -130,7 +138,8 @@ def _record(i: int, raw: RawImage, info: ImageInfo, problems: list[Problem]) -> 
     turn = _frame(raw, info, i, problems)
     if turn is None:
         return None
-    boxes, labels, crowd = [], [], []
+    boxes, labels, crowd, segments = [], [], [], []
+    frame = info.stored if turn else info.displayed  # where the file draws its shapes
     for ann in raw.anns:
         box = ann.box
         if raw.normalized:
@@ -138,13 +147,18 @@ def _record(i: int, raw: RawImage, info: ImageInfo, problems: list[Problem]) -> 
         elif turn:
             box = exif_box(box, info.orientation, *info.stored)
         box, reason = check_box(box, width, height)
+        if not reason and ann.segmentation is not None:
+            reason = segmentation_problem(ann.segmentation, *frame)
         if reason:
             problems.append(Problem(i, ann.ref, reason))
             continue
         boxes.append(box)
         labels.append(ann.label)
         crowd.append(ann.crowd)
-    return BoxRecord(raw.image, boxes, labels, crowd, width, height, raw.source, raw.row)
+        segments.append(ann.segmentation)
+    shapes = segments if any(s is not None for s in segments) else None
+    turned = info.orientation if turn else 1
+    return BoxRecord(raw.image, boxes, labels, crowd, width, height, raw.source, raw.row, shapes, turned)
 
 
 def _frame(raw: RawImage, info: ImageInfo, i: int, problems: list[Problem]) -> bool | None:
@@ -183,16 +197,27 @@ def exif_box(box: Box, orientation: int, width: int, height: int) -> Box:
 
 
 def read_coco(
-    path: Path, class_names: list[str] | None, on_bad_sample: str, image_root: str | None, max_pixels: int
+    path: Path,
+    class_names: list[str] | None,
+    on_bad_sample: str,
+    image_root: str | None,
+    max_pixels: int,
+    masks: bool = False,
 ) -> BoxDataset:
     coco = _load_json(path)
     root = Path(image_root).expanduser() if image_root else path.parent
     classes = pick_classes(coco_categories(coco, path), class_names, str(path))
     raws, by_id = _coco_images(coco, path, root)
+    annotations = coco.get("annotations") or []
+    if masks and not any(isinstance(a, dict) and a.get("segmentation") for a in annotations):
+        raise DataError(
+            f"{path} has no `segmentation` in any annotation, but detector maskrcnn learns each object's mask; add "
+            "polygons or RLE to the annotations, or use a box detector (detector: faster_rcnn)."
+        )
     problems: list[Problem] = []
-    for k, ann in enumerate(coco.get("annotations") or []):
-        _coco_annotation(k, ann, path, raws, by_id, classes, problems)
-    return assemble(raws, problems, classes, on_bad_sample, str(path), max_pixels)
+    for k, ann in enumerate(annotations):
+        _coco_annotation(k, ann, path, raws, by_id, classes, problems, masks)
+    return assemble(raws, problems, classes, on_bad_sample, str(path), max_pixels, masks=masks)
 
 
 def coco_categories(coco: dict, path: Path) -> list[tuple[Any, str]]:
@@ -246,17 +271,25 @@ def _declared(entry: dict) -> tuple[int, int] | None:
 
 
 def _coco_annotation(
-    k: int, ann: Any, path: Path, raws: list[RawImage], by_id: dict, classes: Classes, problems: list[Problem]
+    k: int,
+    ann: Any,
+    path: Path,
+    raws: list[RawImage],
+    by_id: dict,
+    classes: Classes,
+    problems: list[Problem],
+    masks: bool = False,
 ) -> None:
     found = coco_target(k, ann, path, raws, by_id, classes, problems)
     if found is None:
         return
     ann, ref, image, label = found
     box = _xywh(ann.get("bbox"))
+    shape = (ann.get("segmentation") or []) if masks else None  # [] is refused by segmentation_problem
     if box is None:
         problems.append(Problem(image, ref, f"has bbox {ann.get('bbox')!r}, not [x, y, width, height]"))
     elif label is not None:
-        raws[image].anns.append(RawAnn(ref, box, label, bool(ann.get("iscrowd", 0))))
+        raws[image].anns.append(RawAnn(ref, box, label, bool(ann.get("iscrowd", 0)), shape))
 
 
 def coco_target(
@@ -535,7 +568,9 @@ def _hf_objects(obj: Any) -> tuple[list, list]:
 _BUILTIN = re.compile(r"mnist-detect(-heldout)?(?::(\d+))?")
 
 
-def read_builtin(spec: str, class_names: list[str] | None, on_bad_sample: str, max_pixels: int) -> BoxDataset:
+def read_builtin(
+    spec: str, class_names: list[str] | None, on_bad_sample: str, max_pixels: int, masks: bool = False
+) -> BoxDataset:
     """`builtin:mnist-detect[-heldout][:COUNT]`: generated once into the visiontune cache, then read as COCO."""
     from visiontune.core.assets import get_asset
     from visiontune.detect.mnist_detect import mnist_detect_dir
@@ -547,6 +582,6 @@ def read_builtin(spec: str, class_names: list[str] | None, on_bad_sample: str, m
         raise DataError(f"{spec} is not a detection set; use builtin:mnist-detect or builtin:mnist-detect-heldout.")
     heldout, count = bool(match.group(1)), int(match.group(2)) if match.group(2) else None
     folder = mnist_detect_dir(heldout, count)
-    data = read_coco(folder / "annotations.json", class_names, on_bad_sample, None, max_pixels)
+    data = read_coco(folder / "annotations.json", class_names, on_bad_sample, None, max_pixels, masks)
     data.origin = spec
     return data

@@ -19,9 +19,10 @@ from visiontune.core.check import CheckedSplits, check_splits, read_splits
 from visiontune.core.config import PIL_MAX_PIXELS
 from visiontune.core.errors import DataError
 from visiontune.detect.check import ANNOTATIONS, find_bad_images
-from visiontune.detect.config import DetectConfig
+from visiontune.detect.config import DetectConfig, segments_masks
 from visiontune.detect.data import BoxDataset, read_boxes, split_boxes
 from visiontune.detect.dataset import DetectionDataset, detection_collate
+from visiontune.detect.masks import instance_masks
 from visiontune.detect.metrics import detection_report
 from visiontune.detect.model import Detector, build_detector, image_sizes
 from visiontune.detect.transforms import detection_transforms
@@ -100,7 +101,8 @@ class DetectTask(Task):
         on_bad_sample: str = "error",
     ) -> dict:
         detector = build_detector(model, None).eval()
-        boxes = read_boxes(data, "val", detector.class_names, on_bad_sample, max_image_pixels=MAX_PIXELS)
+        masks = detector.segments
+        boxes = read_boxes(data, "val", detector.class_names, on_bad_sample, max_image_pixels=MAX_PIXELS, masks=masks)
         kept, bad = check_splits({"eval": boxes}, lambda d: find_bad_images(d, MAX_PIXELS), on_bad_sample, ANNOTATIONS)
         dataset = DetectionDataset(kept["eval"], detection_transforms("none", detector.image_size, False), MAX_PIXELS)
         loader = torch.utils.data.DataLoader(dataset, batch_size, num_workers=workers, collate_fn=DetectionCollator())
@@ -124,8 +126,10 @@ class DetectTask(Task):
         out_dir: Path | None = None,
     ) -> list[dict]:
         """Boxes per image (original pixels); with `out_dir`, COCO results (predictions.json, image_id = position in
-        `inputs`) and each image with its boxes drawn. `top_k` is the classifiers' option, unused here."""
-        from visiontune.detect.pictures import draw_predictions
+        `inputs`) and each image with its boxes drawn; a mask detector also writes each image's instance masks as a
+        PNG (0 = no object, k = its k-th detection; the masks' RLEs are in predictions.json). `top_k` is the
+        classifiers' option, unused here."""
+        from visiontune.detect.pictures import draw_predictions, write_instance_png
 
         detector = build_detector(model, None).eval()
         detector.configure(conf, iou, detector.max_detections)
@@ -145,7 +149,11 @@ class DetectTask(Task):
             )
             coco += coco_results(index, found, detector.category_ids, Path(path).name)
             if out_dir is not None:
-                draw_predictions(image, found, names, out_dir / f"{index:04d}-{Path(path).stem}.png")
+                stem = f"{index:04d}-{Path(path).stem}"
+                draw_predictions(image, found, names, out_dir / f"{stem}.png")
+                if "masks" in found:
+                    png = write_instance_png(found["masks"], image.height, image.width, out_dir / f"{stem}-masks.png")
+                    results[-1]["masks"] = str(png)
         if out_dir is not None:
             (out_dir / "predictions.json").write_text(json.dumps(coco, indent=1))
         return results
@@ -157,8 +165,8 @@ class DetectTask(Task):
 def load_split(cfg: DetectConfig) -> DetectData:
     """Read train (and val, or a seeded split of train), then decode-check every image of both at once."""
     d = cfg.data
-    cap = d.max_image_pixels
-    read = lambda path, split, names: read_boxes(path, split, names, d.on_bad_sample, max_image_pixels=cap)  # noqa: E731
+    cap, masks = d.max_image_pixels, segments_masks(cfg.model, cfg.detector)
+    read = lambda path, split, names: read_boxes(path, split, names, d.on_bad_sample, max_image_pixels=cap, masks=masks)  # noqa: E731
     find = lambda data: find_bad_images(data, d.max_image_pixels)  # noqa: E731
     return read_splits(d, cfg.seed, read, split_boxes, find, ANNOTATIONS)
 
@@ -182,6 +190,8 @@ class DetectionCollator:
                 "labels": t["labels"],
                 "iscrowd": t["iscrowd"],
                 "image_id": torch.tensor(t["image_id"]),
+                "orig_size": torch.tensor(t["orig_size"]),
+                **({"masks": t["masks"].as_subclass(torch.Tensor).to(torch.uint8)} if "masks" in t else {}),
             }
             for t in targets
         ]
@@ -227,17 +237,36 @@ class DetectionTrainer(RecordsTrainer):
 
 
 def run_detector(model: torch.nn.Module, loader, prepare=None) -> list[dict]:
-    """Detections for every image of `loader`, boxes scaled to the original image, on the CPU."""
+    """Detections for every image of `loader` on the CPU: boxes in the pixels the detector saw ("size"; the
+    evaluator scales them), a mask detector's masks as RLEs already in the original image's frame."""
 
     def per_batch(batch: dict) -> list[dict]:
         found = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])["detections"]
         sizes = image_sizes(batch["pixel_values"], batch["pixel_mask"])
-        return [
-            {"image_id": int(t["image_id"]), **{k: v.detach().float().cpu() for k, v in d.items()}, "size": size}
-            for d, size, t in zip(found, sizes, batch["targets"], strict=True)
-        ]
+        records = []
+        for d, size, t in zip(found, sizes, batch["targets"], strict=True):
+            record = {k: v.detach().float().cpu() for k, v in d.items() if k != "masks"}
+            if "masks" in d:
+                record["masks"] = original_masks(d["masks"], tuple(int(v) for v in t["orig_size"]))
+            records.append({"image_id": int(t["image_id"]), **record, "size": size})
+        return records
 
     return collect_records(model, loader, prepare, per_batch)
+
+
+def original_masks(probabilities: torch.Tensor, size: tuple[int, int]) -> list[dict]:
+    """Mask R-CNN's [N, 1, h, w] mask probabilities resized to the original image (bilinear, then the threshold, as
+    torchvision pastes masks) as compressed RLEs: one float mask per detection per image would not fit in memory
+    over a validation set. Resized in chunks for the same reason."""
+    import torch.nn.functional as F
+
+    from visiontune.detect.masks import MASK_THRESHOLD, encode
+
+    rles: list[dict] = []
+    for chunk in probabilities.float().split(16):
+        resized = F.interpolate(chunk, size=size, mode="bilinear", align_corners=False)[:, 0]
+        rles += encode((resized >= MASK_THRESHOLD).cpu())
+    return rles
 
 
 class DetectionEvaluator:
@@ -256,6 +285,7 @@ class DetectionEvaluator:
                 "boxes": self.data.records[r["image_id"]].boxes,
                 "labels": self.data.records[r["image_id"]].labels,
                 "iscrowd": self.data.records[r["image_id"]].iscrowd,
+                **({"masks": instance_masks(self.data.records[r["image_id"]])} if "masks" in r else {}),
             }
             for r in records
         ]
@@ -278,6 +308,7 @@ def _listed(record: dict) -> dict:
         "boxes": [[round(v, 2) for v in b] for b in record["boxes"].tolist()],
         "scores": [round(s, 4) for s in record["scores"].tolist()],
         "labels": record["labels"].long().tolist(),
+        **({"masks": record["masks"]} if "masks" in record else {}),  # RLEs, original frame
     }
 
 
@@ -292,6 +323,8 @@ def write_coco_results(path: Path, records: list[dict], data: BoxDataset) -> Non
 
 
 def coco_results(image_id: int, found: dict, category_ids: list[int], file_name: str) -> list[dict]:
+    """COCO results of one image's detections; a mask detector's carry their `segmentation` RLE too."""
+    masks = found.get("masks") or [None] * len(found["scores"])
     return [
         {
             "image_id": image_id,
@@ -299,8 +332,9 @@ def coco_results(image_id: int, found: dict, category_ids: list[int], file_name:
             "category_id": int(category_ids[int(c)]),
             "bbox": [round(b[0], 2), round(b[1], 2), round(b[2] - b[0], 2), round(b[3] - b[1], 2)],
             "score": round(float(s), 4),
+            **({"segmentation": m} if m is not None else {}),
         }
-        for b, s, c in zip(found["boxes"].tolist(), found["scores"], found["labels"], strict=True)
+        for b, s, c, m in zip(found["boxes"].tolist(), found["scores"], found["labels"], masks, strict=True)
     ]
 
 
@@ -325,6 +359,7 @@ def detect_image(detector: Detector, image) -> dict[str, torch.Tensor]:
         "labels": torch.zeros(0, dtype=torch.long),
         "iscrowd": torch.zeros(0, dtype=torch.bool),
         "image_id": 0,
+        "orig_size": (image.height, image.width),
     }
     pixels, _ = detection_transforms("none", detector.image_size, train=False)(tv_tensors.Image(image), empty)
     batch = DetectionCollator()([(pixels, empty)])
