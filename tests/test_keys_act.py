@@ -210,6 +210,12 @@ def _conversations(images: list[str]) -> list[dict]:
     return records
 
 
+def _pairs(images: list[str]) -> str:
+    from visiontune.testing.fixtures import preference_pairs
+
+    return "\n".join(json.dumps(pair) for pair in preference_pairs(_conversations(images))) + "\n"
+
+
 @pytest.fixture(scope="session")
 def world(fixtures_dir, tmp_path_factory) -> World:
     from PIL import ImageOps
@@ -269,6 +275,21 @@ def world(fixtures_dir, tmp_path_factory) -> World:
         name: {"file_name": f, **entry, "tags": tags} for name, f in (("a", "convs.json"), ("b", "convs2.json"))
     }
     p["registry"] = _write(data / "dataset_info.json", json.dumps(registry))
+    # Preference pairs (vlm_preference): TRL prompt/chosen/rejected over the same images, a ranking registry.
+    for name, chosen in (("pairs", picked), ("pairs2", files[1::4]), ("pairs_val", files[2::12])):
+        p[name] = _write(data / f"{name}.jsonl", _pairs(chosen))
+    p["pairs_bad"] = _write(data / "pairs_bad.jsonl", _pairs([*picked, "images/class_0/missing.png"]))
+    ranking = {"formatting": "sharegpt", "ranking": True, "tags": tags}
+    columns = {"messages": "prompt", "chosen": "chosen", "rejected": "rejected", "images": "images"}
+    p["pairs_registry"] = _write(
+        data / "pairs_info.json",
+        json.dumps(
+            {
+                n: {"file_name": f"{f}.jsonl", **ranking, "columns": columns}
+                for n, f in (("a", "pairs"), ("b", "pairs2"))
+            }
+        ),
+    )
     # Models: a second one of each kind (same shapes, shifted weights), the VLM parts, a vision state dict, an
     # assembled model as an align run would leave it.
     p["timm-vit2"] = _perturbed_copy(fixtures_dir / "timm-vit", root / "timm-vit2")
@@ -366,6 +387,12 @@ def base_recipe(task: str, w: World) -> dict:
             "train": small_train,
             "eval": vlm_eval,
         },
+        "vlm_preference": {
+            "model": w["vlm"],
+            "data": {"train": w["pairs"], "val_split": 0.25, "max_length": 256},
+            "train": small_train,
+            "eval": vlm_eval,
+        },
         "vlm_assemble": {
             "stage": "align",
             "vision": str(w.fx / "clip"),
@@ -398,6 +425,7 @@ ALT: dict[str, Any] = {
     "clip_continual:model": lambda w: w["clip2"],
     "clip_contrastive:model": lambda w: w["clip2"],
     "vlm_sft:model": lambda w: w["vlm2"],
+    "vlm_preference:model": lambda w: w["vlm2"],
     "output_dir": lambda w: str(w.root / "runs" / "elsewhere"),
     "seed": 7,
     "chat_template": CHAT_TEMPLATE,
@@ -419,16 +447,19 @@ ALT: dict[str, Any] = {
     "data.train": lambda w: w["images2"],
     "clip_contrastive:data.train": lambda w: w["captions2"],
     "vlm_sft:data.train": lambda w: w["convs2"],
+    "vlm_preference:data.train": lambda w: w["pairs2"],
     "vlm_assemble:data.train": lambda w: w["captions2"],
     "data.val": lambda w: w["images_val"],
     "clip_contrastive:data.val": lambda w: w["captions_val"],
     "vlm_sft:data.val": lambda w: w["convs_val"],
+    "vlm_preference:data.val": lambda w: w["pairs_val"],
     "vlm_assemble:data.val": lambda w: w["captions_val"],
     "data.val_split": 0.5,
     "data.image_size": 48,
     "data.workers": 1,
     "data.max_image_pixels": 2000,  # between the 32 x 32 and the 64 x 64 images (refused as too big)
     "vlm_sft:data.max_image_pixels": 600,  # below the 32 x 32 images (downscaled)
+    "vlm_preference:data.max_image_pixels": 600,
     "vlm_assemble:data.max_image_pixels": 600,
     "data.image_column": "other_image",
     "data.label_column": "other_label",
@@ -441,6 +472,7 @@ ALT: dict[str, Any] = {
     "data.image_root": lambda w: w["data_alt"],
     "data.dataset_name": "b",
     "vlm_sft:data.max_length": 53,  # the records have 55-56 tokens, 4-5 of them trained
+    "vlm_preference:data.max_length": 53,  # cuts answers: such a pair is refused (a preference needs whole answers)
     "vlm_assemble:data.max_length": 70,  # 75-77 tokens, 10-12 trained
     "data.limit": 8,
     "data.prompt": "Caption this.",
@@ -467,6 +499,8 @@ ALT: dict[str, Any] = {
     "train.metric": "loss",
     "clip_contrastive:train.metric": "i2t_R@1",
     "vlm_sft:train.metric": "exact_match",
+    "vlm_preference:train.metric": "rewards/accuracies",
+    "vlm_preference:loss.rpo_alpha": 0.5,
     "vlm_assemble:train.metric": "exact_match",
     "train.early_stopping_patience": 2,
     "train.precision": "bf16",
@@ -521,6 +555,11 @@ CONTEXT: dict[str, Any] = {
         "data.on_bad_sample": "skip",
     },
     "vlm_sft:data.max_image_pixels": {},  # the VLM tasks downscale big images instead of refusing them
+    "vlm_preference:data.max_image_pixels": {},
+    "vlm_preference:data.on_bad_sample": {"data.train": lambda w: w["pairs_bad"]},
+    "vlm_preference:data.dataset_name": {"data.train": lambda w: w["pairs_registry"], "data.dataset_name": "a"},
+    "vlm_preference:loss.label_smoothing": {"loss.type": "robust"},
+    "vlm_preference:loss.simpo_gamma": {"loss.type": "simpo"},
     "vlm_assemble:data.max_image_pixels": {},
     "clip_continual:data.on_bad_sample": {"tasks[].train": lambda w: w["images_bad"]},
     "clip_contrastive:data.on_bad_sample": {"data.train": lambda w: w["captions_bad"]},
@@ -579,6 +618,7 @@ LEVEL: dict[str, str] = {
     "tune.unfreeze[].*": "epochs",
     "scheduled_sampling": "step",
     "scheduled_sampling.*": "step",
+    "vlm_preference:loss.*": "step",  # what reaches the loss function (a spy), and the loss
 }
 
 # Keys whose effect is proven by an existing test rather than here: "tests/FILE.py::test_name".
@@ -638,6 +678,9 @@ INERT_UNDER: list[tuple[str, str, dict[str, Any], Any, Any, str]] = [
     ("vlm_sft", "tune.lora_r", {"tune.method": "full"}, 4, 8, "build"),
     ("vlm_sft", "eval.max_new_tokens", {"data.val_split": 0}, 1, 3, "evaluate"),
     ("vlm_sft", "train.early_stopping_patience", {"data.val_split": 0}, 1, 3, "build"),
+    ("vlm_preference", "loss.label_smoothing", {"loss.type": "sigmoid"}, 0.1, 0.3, "step"),
+    ("vlm_preference", "loss.simpo_gamma", {"loss.type": "ipo"}, 0.1, 0.9, "step"),
+    ("vlm_preference", "tune.lora_r", {"tune.method": "full"}, 4, 8, "build"),
     ("vlm_assemble", "tune.lora_r", {"stage": "align"}, 4, 8, "build"),
     ("vlm_assemble", "tune.train_projector", {"stage": "align"}, True, False, "build"),
     ("vlm_assemble", "init_from", {"stage": "align"}, lambda w: w["align_run"], "elsewhere", "build"),
@@ -746,11 +789,16 @@ def describe(obj: Any, depth: int = 0, seen: frozenset[int] = frozenset()) -> An
         return {"processor": type(obj).__qualname__, "chat_template": getattr(obj, "chat_template", None)}
     if dataclasses.is_dataclass(obj):
         fields = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if not f.name.startswith("_")}
-        return {"type": type(obj).__qualname__, **describe(fields, depth, seen)}
+        return {"type": type(obj).__qualname__, **_as_fields(describe(fields, depth, seen))}
     if hasattr(obj, "__dict__"):
         attrs = {k: v for k, v in vars(obj).items() if not k.startswith("_")}
-        return {"type": type(obj).__qualname__, **describe(attrs, depth, seen)}
+        return {"type": type(obj).__qualname__, **_as_fields(describe(attrs, depth, seen))}
     return f"<{type(obj).__qualname__}>"
+
+
+def _as_fields(described: Any) -> dict:
+    """An object's fields as described; past the depth limit `describe` gives a placeholder string instead."""
+    return described if isinstance(described, dict) else {"fields": described}
 
 
 def model_digest(model: Any) -> dict:
@@ -1100,6 +1148,7 @@ def level_step(runner: Runner, cfg: Any, mp: Any) -> dict:
     import torch
 
     import visiontune.vlm.assemble as assemble
+    import visiontune.vlm.preference as preference
 
     seen: dict[str, Any] = {}
     real = assemble.teacher_forcing_ratio
@@ -1109,6 +1158,13 @@ def level_step(runner: Runner, cfg: Any, mp: Any) -> dict:
         return seen["teacher_forcing"]
 
     mp.setattr(assemble, "teacher_forcing_ratio", spy)
+    real_loss = preference.preference_loss
+
+    def loss_spy(*args, **kwargs):
+        seen["preference_loss"] = kwargs
+        return real_loss(*args, **kwargs)
+
+    mp.setattr(preference, "preference_loss", loss_spy)
     task, data, fit, trainer = _built(cfg)
     batch = {k: v.to(trainer.args.device) for k, v in fit.collator([fit.train_dataset[i] for i in range(2)]).items()}
     trainer.state.global_step, trainer.state.max_steps = 3, 10

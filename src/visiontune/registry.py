@@ -143,6 +143,12 @@ TASKS: dict[str, TaskSpec] = {
         smoke=Smoke(model="vlm", data="conversations", overrides=_VLM_SMOKE),
         report=ReportLabels("before", "of the base model (before training)"),
     ),
+    "vlm_preference": TaskSpec(
+        config="visiontune.vlm.preference_config:VlmPreferenceConfig",
+        task="visiontune.vlm.preference:VlmPreferenceTask",
+        smoke=Smoke(model="vlm", data="preferences", overrides=_VLM_SMOKE),
+        report=ReportLabels("before", "of the starting model (before preference tuning)"),
+    ),
     "vlm_assemble": TaskSpec(
         config="visiontune.vlm.assemble_config:VlmAssembleConfig",
         task="visiontune.vlm.assemble:VlmAssembleTask",

@@ -238,7 +238,8 @@ def write_everything(out: Path) -> dict[str, Path]:
 
 
 def write_data(out: Path, images: Path) -> dict[str, Path]:
-    """A captions CSV (align, clip_contrastive) and a conversation JSON (vlm_sft, instruct) over `images`."""
+    """A captions CSV (align, clip_contrastive), a conversation JSON (vlm_sft, instruct) and preference pairs
+    (vlm_preference) over `images`."""
     captions, conversations = ["image,caption"], []
     for path in sorted(images.glob("*/*.png")):
         image, colour = path.relative_to(out).as_posix(), ("red", "green", "blue")[int(path.parent.name[-1]) % 3]
@@ -247,7 +248,31 @@ def write_data(out: Path, images: Path) -> dict[str, Path]:
         conversations.append({"messages": [question, {"role": "assistant", "content": colour}], "images": [image]})
     (out / "captions.csv").write_text("\n".join(captions) + "\n")
     (out / "conversations.json").write_text(json.dumps(conversations, indent=1))
-    return {"captions": out / "captions.csv", "conversations": out / "conversations.json"}
+    (out / "preferences.jsonl").write_text("\n".join(json.dumps(p) for p in preference_pairs(conversations)) + "\n")
+    return {
+        "captions": out / "captions.csv",
+        "conversations": out / "conversations.json",
+        "preferences": out / "preferences.jsonl",
+    }
+
+
+def preference_pairs(conversations: list[dict]) -> list[dict]:
+    """TRL-style pairs (prompt, chosen, rejected, images) from colour conversations: the rejected answer is the
+    next colour."""
+    colours = ("red", "green", "blue")
+    pairs = []
+    for conv in conversations:
+        answer = conv["messages"][-1]["content"]
+        wrong = colours[(colours.index(answer) + 1) % 3]
+        pairs.append(
+            {
+                "prompt": conv["messages"][:-1],
+                "chosen": [conv["messages"][-1]],
+                "rejected": [{"role": "assistant", "content": wrong}],
+                "images": conv["images"],
+            }
+        )
+    return pairs
 
 
 def recipe_overrides(root: Path) -> dict[str, list[str]]:
@@ -325,6 +350,7 @@ DATA_FIXTURES = {
     "images": "images",
     "captions": "captions.csv",
     "conversations": "conversations.json",
+    "preferences": "preferences.jsonl",  # TRL prompt/chosen/rejected pairs over the same images
     "boxes": "boxes/coco/train.json",  # the same set is also written as YOLO (boxes/yolo) and VOC (boxes/voc)
     "masks": "masks/ids",  # label-id mask folder; also as palette masks, VOC, COCO and `datasets` (masks/*)
 }

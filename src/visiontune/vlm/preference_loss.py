@@ -10,6 +10,7 @@ log-probabilities).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -119,7 +120,9 @@ def _simpo(
     beta: float, label_smoothing: float, gamma: float, chosen_avg: torch.Tensor, rejected_avg: torch.Tensor
 ) -> tuple[torch.Tensor, ...]:
     """TRL's own SimPO (`CPOTrainer.cpo_loss` with loss_type simpo) on length-averaged log-probs."""
-    from trl.experimental.cpo import CPOTrainer
+    with warnings.catch_warnings():  # TRL flags CPO as experimental; tests pin what we use of it
+        warnings.simplefilter("ignore")
+        from trl.experimental.cpo import CPOTrainer
 
     settings = SimpleNamespace(
         alpha=0.0,
