@@ -1,0 +1,150 @@
+"""`detector: maskrcnn` end to end on the tiny timm CNN and the generated COCO set with polygons and RLE: a training
+step learns from the masks, CLI train -> eval -> predict (PNG instance masks, overlays, COCO results with
+segmentation), the export reloads to the same boxes and masks, box-only data stops before a run folder exists."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from visiontune.detect.config import DETECTION_METRICS, MASK_METRICS
+from visiontune.detect.masks import decoded
+from visiontune.testing.detect_fixtures import CLASSES, COCO_IDS, write_detection_sets, write_instance_sets
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one torch thread is several times faster than two on cores other jobs share."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory) -> dict[str, Path]:
+    return write_instance_sets(tmp_path_factory.mktemp("instances"))
+
+
+def _recipe(fixtures_dir: Path, sets: dict, out: Path, **sections) -> dict:
+    recipe = {
+        "task": "detect",
+        "model": f"timm:local-dir:{fixtures_dir / 'timm-cnn'}",
+        "detector": "maskrcnn",
+        "fpn_channels": 32,
+        "output_dir": str(out),
+        "data": {
+            "train": str(sets["coco-train"]),
+            "val": str(sets["coco-val"]),
+            "image_size": 64,
+            "augment": {"preset": "none"},
+            "workers": 0,
+        },
+        "train": {"epochs": 2, "batch_size": 4, "lr": 1e-3, "warmup_ratio": 0.0, "logging_steps": 1},
+    }
+    for key, value in sections.items():
+        recipe.setdefault(key, {}).update(value) if isinstance(value, dict) else recipe.__setitem__(key, value)
+    return recipe
+
+
+def _maskrcnn(fixtures_dir: Path):
+    from visiontune.detect.model import build_detector
+
+    torch.manual_seed(0)
+    return build_detector(f"timm:local-dir:{fixtures_dir / 'timm-cnn'}", CLASSES, "maskrcnn", 32, 64)
+
+
+def test_a_training_step_learns_from_the_masks(fixtures_dir, sets, monkeypatch):
+    """The collated masks reach torchvision's Mask R-CNN (crowd objects left out, as for boxes) and give its mask
+    loss a gradient on the mask head."""
+    from torchvision.models.detection import roi_heads
+
+    from visiontune.detect.data import read_boxes
+    from visiontune.detect.dataset import DetectionDataset
+    from visiontune.detect.task import DetectionCollator
+    from visiontune.detect.transforms import detection_transforms
+
+    data = read_boxes(str(sets["coco-train"]), masks=True)
+    dataset = DetectionDataset(data, detection_transforms("none", 64, train=False), 10**8)
+    batch = DetectionCollator()([dataset[i] for i in range(4)])
+    seen = []
+    original = roi_heads.maskrcnn_loss
+    monkeypatch.setattr(roi_heads, "maskrcnn_loss", lambda *a: seen.append(a[2]) or original(*a))
+    model = _maskrcnn(fixtures_dir).train()
+    out = model(**batch)
+    assert "loss_mask" in out and torch.isfinite(out["loss"])
+    objects = [int((~t["iscrowd"]).sum()) for t in batch["targets"]]
+    assert [len(m) for m in seen[0]] == objects  # image 0's crowd region is not trained as an object
+    out["loss"].backward()
+    head = model.net.roi_heads.mask_predictor.mask_fcn_logits.weight
+    assert head.grad is not None and head.grad.abs().sum() > 0
+
+
+@pytest.mark.random_model  # reads what a random tiny model predicts (how many masks, their pixels)
+def test_cli_train_eval_predict(fixtures_dir, sets, write_recipe, cli, tmp_path):
+    run = tmp_path / "run"
+    code, _, err = cli("train", write_recipe(_recipe(fixtures_dir, sets, run, train={"metric": "mask_map_50"})))
+    assert code == 0, err
+    after = json.loads((run / "eval" / "after.json").read_text())
+    assert set(after["metrics"]) == {*DETECTION_METRICS, *MASK_METRICS}
+    assert [c["label"] for c in after["per_class_ap"]] == CLASSES and "mask_ap" in after["per_class_ap"][0]
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_mask_map_50" in row for row in logged)  # what train.metric selects the best checkpoint by
+    report = (run / "report.md").read_text()
+    assert "mask AP" in report and "mask mAP@.5" in report and (run / "plots" / "detections.png").is_file()
+    manifest = json.loads((run / "model" / "visiontune.json").read_text())
+    assert manifest["detector"] == "maskrcnn" and manifest["category_ids"] == COCO_IDS
+    results = json.loads((run / "eval" / "predictions.json").read_text())
+    val = {e["id"] - 100: e for e in json.loads(sets["coco-val"].read_text())["images"]}  # image_id: position
+    for r in results:
+        entry = list(val.values())[r["image_id"]]
+        assert r["segmentation"]["size"] == [entry["height"], entry["width"]]  # masks in the original image's frame
+
+    code, out, err = cli("eval", run, "--data", sets["coco-val"])
+    assert code == 0, err
+    evaluated = json.loads((run / "eval" / "cli" / "metrics.json").read_text())
+    assert "mask_map_50" in out and "mask_map_50" in evaluated["metrics"]
+
+    image = sorted((sets["coco-val"].parent / "images").glob("*.png"))[-1]
+    code, out, err = cli("predict", run, image, "--conf", "0.0", "--out", tmp_path / "pred")
+    assert code == 0, err
+    predicted = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    ids = np.asarray(Image.open(tmp_path / "pred" / f"0000-{image.stem}-masks.png"))
+    width, height = Image.open(image).size
+    assert predicted and ids.shape == (height, width) and ids.max() <= len(predicted)
+    for k, p in enumerate(predicted):  # each id's pixels lie inside its detection's mask (stronger ones on top)
+        (mask,) = decoded([p["segmentation"]], height, width)
+        assert mask[ids == k + 1].all()
+    assert (tmp_path / "pred" / f"0000-{image.stem}.png").is_file()
+
+
+def test_export_reloads_to_the_same_boxes_and_masks(fixtures_dir, sets, tmp_path):
+    from visiontune.detect.export import save_detector
+    from visiontune.detect.model import build_detector
+    from visiontune.detect.task import detect_image
+
+    model = _maskrcnn(fixtures_dir).eval()
+    model.configure(conf=0.0, iou=None, max_detections=100)
+    save_detector(model, tmp_path / "model")
+    again = build_detector(str(tmp_path / "model"), None).eval()
+    again.configure(conf=0.0, iou=None, max_detections=100)
+    assert again.segments and again.class_names == CLASSES
+    image = Image.open(sorted((sets["coco-val"].parent / "images").glob("*.png"))[0]).convert("RGB")
+    mine, theirs = detect_image(model, image), detect_image(again, image)
+    assert len(mine["scores"]) > 0
+    torch.testing.assert_close(theirs["boxes"], mine["boxes"], rtol=0, atol=1e-4)
+    torch.testing.assert_close(theirs["scores"], mine["scores"], rtol=0, atol=1e-5)
+    assert theirs["masks"] == mine["masks"] and mine["masks"][0]["size"] == [image.height, image.width]
+
+
+def test_box_only_data_stops_before_a_run_folder_exists(fixtures_dir, sets, write_recipe, cli, tmp_path):
+    boxes = write_detection_sets(tmp_path / "boxes")
+    recipe = _recipe(fixtures_dir, sets, tmp_path / "run", data={"train": str(boxes["yolo"]), "val": None})
+    code, _, err = cli("train", write_recipe(recipe))
+    assert code == 2 and "maskrcnn" in err and str(boxes["yolo"]) in err
+    assert not (tmp_path / "run").exists()
