@@ -88,9 +88,9 @@ def test_two_lora_steps_on_every_family(family, vlms, pairs, tmp_path):
     cfg = _cfg(vlms[family], pairs, tmp_path / "run", **{"train.eval_steps": 2})
     _, _, fit, trainer = _built(cfg)
     batch = fit.collator([fit.train_dataset[0], fit.train_dataset[1]])
-    assert batch["input_ids"].shape[0] == 4 and "pixel_values" in batch  # [chosen; rejected], images for both
+    assert batch["input_ids"].shape[0] == 4 and "pixel_values" in batch  # [chosen; rejected], images once
     if family.startswith("qwen"):
-        assert batch["image_grid_thw"].shape[0] == 4 and "mm_token_type_ids" in batch
+        assert batch["image_grid_thw"].shape[0] == 2 and "mm_token_type_ids" in batch
     lora_b = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
     assert lora_b and all(float(p.abs().sum()) == 0 for p in lora_b.values())  # PEFT starts B at zero
     trainer.train()
@@ -105,11 +105,47 @@ def test_two_lora_steps_on_every_family(family, vlms, pairs, tmp_path):
     assert all(f"eval_{k}" in evaluated for k in REWARDS)
 
 
+VISION = {"qwen2_vl": "visual", "qwen2_5_vl": "visual", "idefics3": "vision_model", "llava": "vision_tower"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_image_is_encoded_once_per_pair_with_the_logits_of_a_forward_over_both_answers(family, vlms, pairs):
+    """The pair forward (images of the chosen rows, features given twice) equals the plain forward TRL runs (every
+    row with its own copy of the images), while the vision tower sees each image once."""
+    from transformers import AutoModelForImageTextToText
+
+    from visiontune.vlm.collate import VlmCollator
+    from visiontune.vlm.preference_forward import pair_logits
+
+    cfg = _cfg(vlms[family], pairs, Path("unused"))
+    task = TASKS["vlm_preference"].create()
+    prepared = task.prepare(cfg)
+    fit = task.build(cfg, prepared, Path("unused"))
+    items = [fit.train_dataset[i] for i in range(2)]
+    rows = [i["chosen"] for i in items] + [i["rejected"] for i in items]
+    plain = VlmCollator(prepared.processor, cfg.data.max_image_pixels)(rows)
+    paired = fit.collator(items)
+    model = AutoModelForImageTextToText.from_pretrained(vlms[family]).eval()
+    tower = getattr(model.model, VISION[family])
+    seen = []
+    tower.register_forward_hook(lambda module, args, out: seen.append(1))
+    with torch.no_grad():
+        expected = model(**{k: v for k, v in plain.items() if k != "labels"}, use_cache=False).logits
+        calls_plain = len(seen)
+        got = pair_logits(model, {k: v for k, v in paired.items() if k != "labels"})
+    assert len(seen) - calls_plain == calls_plain  # one tower call either way, on half the images here
+    for key in ("pixel_values", "image_grid_thw"):
+        if key in plain:
+            assert paired[key].shape[0] * 2 == plain[key].shape[0]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.random_model  # the trained adapters move the log-probs by more than rounding
 def test_reference_is_the_model_with_adapters_off_and_equals_a_frozen_copy(vlms, pairs, tmp_path, monkeypatch):
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
+    from visiontune.vlm.preference_forward import pair_logits
     from visiontune.vlm.preference_loss import sequence_logps
 
     cfg = _cfg(vlms["qwen2_vl"], pairs, tmp_path / "run")
@@ -129,8 +165,8 @@ def test_reference_is_the_model_with_adapters_off_and_equals_a_frozen_copy(vlms,
     assert entered == [trainer.model]
     frozen = AutoModelForImageTextToText.from_pretrained(vlms["qwen2_vl"]).eval()
     with torch.no_grad():
-        expected = sequence_logps(frozen(**batch, use_cache=False).logits, labels).logps
-        policy = sequence_logps(trainer.model(**batch, use_cache=False).logits, labels).logps
+        expected = sequence_logps(pair_logits(frozen, batch), labels).logps
+        policy = sequence_logps(pair_logits(trainer.model, batch), labels).logps
     torch.testing.assert_close(ref, expected, rtol=1e-5, atol=1e-4)
     assert not torch.allclose(policy, expected, atol=1e-4)  # the trained model is not its own reference
 

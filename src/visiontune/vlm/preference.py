@@ -8,8 +8,8 @@ export are vlm_sft's; the runner does the rest.
 The reference costs no second model: with LoRA / QLoRA it is the same model with its adapters switched off (PEFT's
 `disable_adapter()`), with full tuning its log-probabilities are computed once before training and cached in
 safetensors, keyed on the model's files and the pairs' tokens and images (vlm/preference_reference.py). SimPO needs
-none. Each step runs one forward over [chosen; rejected] (as TRL does), so each pair's image goes through the vision
-tower once per answer.
+none. Each step runs one forward over [chosen; rejected] (as TRL does), but each pair's images go through the vision
+tower and projector once, not once per answer (vlm/preference_forward.py).
 
 TRL's `DPOTrainer` is not used: it tokenises per epoch with its own prompt/completion split, and its VLM path is
 where users lose `pixel_values` / `image_grid_thw`; here the SFT task's tokenisation (assistant-only labels, image-safe
@@ -19,7 +19,7 @@ truncation, the cache) serves both answers, and the losses are TRL's formulas (v
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from visiontune.vlm.conversations import (
 from visiontune.vlm.model import apply_tuning, enable_grad_checkpointing, load_vlm
 from visiontune.vlm.preference_config import VlmPreferenceConfig
 from visiontune.vlm.preference_data import PreferencePair, read_preferences
+from visiontune.vlm.preference_forward import pair_logits
 from visiontune.vlm.preference_loss import loss_settings, preference_loss, sequence_logps
 from visiontune.vlm.sft import GenerationEval, VlmSftTask, VlmTrainer, _split, evaluate_vlm
 from visiontune.vlm.token_cache import tokenize_cached
@@ -93,15 +94,20 @@ def _row(record: Tokenized, conv: Conversation) -> dict[str, Any]:
 
 
 class PairCollator(VlmCollator):
-    """[chosen answers; rejected answers] as one padded batch of 2B rows (each pair's images given for both), plus
+    """[chosen answers; rejected answers] as one padded batch of 2B text rows, the image inputs of the B chosen rows
+    only (the rejected rows have the same images: vlm/preference_forward.py encodes them once for both), plus
     `ref_logps` [2B] when the reference was computed before training."""
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        batch = super().__call__([i["chosen"] for i in items] + [i["rejected"] for i in items])
+        rejected = [{**i["rejected"], "conv": replace(i["rejected"]["conv"], images=[])} for i in items]
+        batch = super().__call__([i["chosen"] for i in items] + rejected)
         if "reference" in items[0]:
             ref = torch.stack([i["reference"] for i in items])
             batch["ref_logps"] = torch.cat([ref[:, 0], ref[:, 1]])
         return batch
+
+    def pixels(self, images: list[list]) -> dict[str, torch.Tensor]:
+        return super().pixels(images[: len(images) // 2])
 
 
 class VlmPreferenceTask(VlmSftTask):
@@ -251,7 +257,8 @@ class PreferenceTrainer(VlmTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         labels, ref = inputs.pop("labels"), inputs.pop("ref_logps", None)
-        policy = sequence_logps(model(**inputs, use_cache=False).logits, labels)
+        unwrapped = self.accelerator.unwrap_model(model)
+        policy = sequence_logps(pair_logits(model, inputs, unwrapped), labels)
         if self.mode == "adapters_off":
             ref = self.reference_logps(model, inputs, labels)
         chosen_ref, rejected_ref = ref.chunk(2) if ref is not None else (None, None)
@@ -263,7 +270,7 @@ class PreferenceTrainer(VlmTrainer):
         """The frozen start: the same model with its LoRA adapters off (no second copy in memory)."""
         peft_model = self.accelerator.unwrap_model(model)
         with torch.no_grad(), peft_model.disable_adapter():
-            return sequence_logps(model(**inputs, use_cache=False).logits, labels).logps
+            return sequence_logps(pair_logits(model, inputs, peft_model), labels).logps
 
     def keep_metrics(self, mode: str, metrics: dict[str, torch.Tensor]) -> None:
         store = self.__dict__.setdefault("_pair_metrics", {"train": defaultdict(list), "eval": defaultdict(list)})

@@ -1,0 +1,43 @@
+"""One forward over a pair batch with each image encoded once.
+
+A pair batch holds 2B text rows ([chosen; rejected]: the same prompt and images, two answers) but the image inputs
+of the B chosen rows only (`PairCollator`). The vision tower and projector run once on those, through the model's
+own `get_image_features`, and their output is given twice, as `mm_encoder_outputs`, to the forward over the 2B
+rows: transformers 5 takes precomputed image features that way for every family vlm_sft supports (Idefics3 /
+SmolVLM, Qwen2-VL, Qwen2.5-VL, LLaVA). TRL's DPOTrainer instead encodes each image once per answer.
+Why our own code: neither TRL nor transformers shares image features across the two answers of a pair.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+IMAGE_INPUTS = ("pixel_values", "pixel_attention_mask", "image_grid_thw", "image_sizes")
+# Set from the config where the model's forward would (LLaVA's get_image_features has no defaults of its own).
+_CONFIG_DEFAULTS = ("vision_feature_layer", "vision_feature_select_strategy")
+
+
+def pair_logits(model: Any, inputs: dict[str, torch.Tensor], unwrapped: Any = None) -> torch.Tensor:
+    """Logits of the 2B rows of `inputs`, the images of its B chosen rows encoded once. `unwrapped` is the model
+    without its DDP / accelerate wrapper (default: `model`)."""
+    images = {k: inputs[k] for k in IMAGE_INPUTS if k in inputs}
+    text = {k: v for k, v in inputs.items() if k not in IMAGE_INPUTS}
+    if images:
+        base = unwrapped if unwrapped is not None else model
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base  # PEFT: adapters stay in place
+        defaults = {k: getattr(base.config, k) for k in _CONFIG_DEFAULTS if hasattr(base.config, k)}
+        encoded = base.get_image_features(**images, **defaults, return_dict=True)
+        encoded.pooler_output = twice(encoded.pooler_output)
+        text["mm_encoder_outputs"] = {"image": encoded}
+        if "image_grid_thw" in images:  # Qwen's 3-D positions need every row's image grid
+            text["image_grid_thw"] = torch.cat([images["image_grid_thw"]] * 2)
+    return model(**text, use_cache=False).logits
+
+
+def twice(features: Any) -> Any:
+    """Image features of the chosen rows, then the same for the rejected rows (a tensor or a per-image list)."""
+    if isinstance(features, torch.Tensor):
+        return torch.cat([features, features])
+    return type(features)(list(features) * 2) if isinstance(features, tuple) else list(features) * 2
