@@ -236,19 +236,20 @@ def export(
 
         target = prepare_output_folder(out or default_onnx_dir(run), "export --onnx", inputs=[run])
         info = export_onnx(run, target)
+        from visiontune.export.card import write_model_card
+
+        write_model_card(target, Path(run) if (Path(run) / "config.yaml").is_file() else None)
         typer.echo(f"ONNX ({', '.join(info['files'].values())}, opset {info['opset']}): {target}")
         return
-    if llava:
-        from visiontune.vlm.export import export_assembled_llava
-
-        typer.echo(f"LLaVA model: {export_assembled_llava(run, out)}")
-        return
-    if not merge:
+    if not merge and not llava:
         typer.echo(f"The PEFT adapter is already in {Path(run) / 'adapter'}; pass --merge for a merged model.")
         return
-    from visiontune.vlm.export import export_merged
+    from visiontune.export.card import write_model_card
+    from visiontune.vlm.export import export_assembled_llava, export_merged
 
-    typer.echo(f"Merged model: {export_merged(run, out)}")
+    target = export_assembled_llava(run, out) if llava else export_merged(run, out)
+    write_model_card(target, Path(run) if (Path(run) / "config.yaml").is_file() else None)
+    typer.echo(f"{'LLaVA' if llava else 'Merged'} model: {target}")
 
 
 @app.command()

@@ -12,6 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.export.test_card import run_card_code
+
 ort = pytest.importorskip("onnxruntime")
 
 ATOL = 1e-4
@@ -40,7 +42,7 @@ def _json_preprocess(image: Image.Image, spec: dict) -> np.ndarray:
 
 
 @pytest.mark.parametrize("fixture", ["timm-vit", "hf-vit"])  # timm and transformers
-def test_classifier_onnx_matches_pytorch(cli, fixtures_dir, tmp_path, fixture):
+def test_classifier_onnx_matches_pytorch(cli, fixtures_dir, tmp_path, fixture, monkeypatch, capsys):
     from visiontune.classify.resolve import resolve_classifier
     from visiontune.core.transforms import eval_transform
 
@@ -63,6 +65,11 @@ def test_classifier_onnx_matches_pytorch(cli, fixtures_dir, tmp_path, fixture):
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (45, 70, 3), dtype=np.uint8))
     ours = eval_transform(clf.preprocess)(photo).numpy()[None]
     np.testing.assert_allclose(_json_preprocess(photo, info["preprocess"]), ours, atol=1e-5)
+    # the folder's model card: its onnxruntime + Pillow code gives visiontune's top probability for an image
+    label, prob = run_card_code(folder / "README.md", monkeypatch, capsys)[-1].rsplit(" ", 1)
+    with torch.inference_mode():
+        probs = clf(eval_transform(clf.preprocess)(Image.open(run / "image.jpg"))[None])["logits"].softmax(-1)
+    assert label in clf.class_names and float(prob) == pytest.approx(probs.max().item(), abs=1e-4)
 
 
 @pytest.mark.parametrize("fixture", ["clip"])

@@ -85,9 +85,11 @@ def write_summary(
         **extras,
     }
     write_json(run_dir / "summary.json", summary)
+    from visiontune.export.card import write_run_cards
     from visiontune.report import write_report
 
     write_report(run_dir)
+    write_run_cards(run_dir)  # README.md model cards in model/ (adapter/), from config.yaml and eval/after.json
 
 
 def resume_point(run_dir: Path, flag: bool, recipe_key: bool) -> Path | None:
