@@ -226,3 +226,13 @@ def test_a_loss_key_that_would_act_on_nothing_is_refused(vlms, pairs, tmp_path):
     with pytest.raises(RecipeError, match="loss.simpo_gamma acts only with loss.type: simpo"):
         _cfg(vlms["qwen2_vl"], pairs, tmp_path, **{"loss.simpo_gamma": 1.0})
     _cfg(vlms["qwen2_vl"], pairs, tmp_path, **{"loss.type": "robust", "loss.label_smoothing": 0.1})
+
+
+def test_a_whole_run_reports_rewards_before_and_after_with_their_curves(vlms, pairs, tmp_path):
+    cfg = _cfg(vlms["idefics3"], pairs, tmp_path / "run")
+    run = TASKS["vlm_preference"].create().train(cfg)
+    after = json.loads((run / "eval" / "after.json").read_text())["metrics"]
+    assert {"loss", "exact_match", *REWARDS} <= set(after)
+    assert (run / "adapter" / "adapter_config.json").is_file() and (run / "plots" / "rewards.png").is_file()
+    report = (run / "report.md").read_text()
+    assert "## Preference rewards" in report and "plots/rewards.png" in report

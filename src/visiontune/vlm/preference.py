@@ -170,6 +170,14 @@ class VlmPreferenceTask(VlmSftTask):
     def evaluate_run(self, cfg: VlmPreferenceConfig, fit: Fit, trainer: Any, prepared: Any, name: str) -> dict:
         return evaluate_vlm(trainer, name)
 
+    def save(self, cfg: Any, fit: Fit, trainer: Any, prepared: Any, run_dir: Path, after: dict) -> dict:
+        """vlm_sft's export (adapter/ or model/), plus the reward and margin curves for the report."""
+        from visiontune.vlm.preference_report import add_reward_section
+
+        extras = super().save(cfg, fit, trainer, prepared, run_dir, after)
+        add_reward_section(run_dir)
+        return extras
+
 
 def prepare_preferences(cfg: VlmPreferenceConfig, processor: Any) -> PreferenceData:
     """Read and check the pairs (bad ones named, or skipped and counted), split off validation, tokenise both
