@@ -148,3 +148,41 @@ def test_box_only_data_stops_before_a_run_folder_exists(fixtures_dir, sets, writ
     code, _, err = cli("train", write_recipe(recipe))
     assert code == 2 and "maskrcnn" in err and str(boxes["yolo"]) in err
     assert not (tmp_path / "run").exists()
+
+
+def _readme_maskrcnn(folder: Path) -> dict:
+    """The README's FCOS rebuild lines up to the model, then its Mask R-CNN lines, run on `folder`."""
+    from tests.conftest import REPO
+
+    text = (REPO / "README.md").read_text()
+    block = lambda marker: text.split(marker, 1)[1].split("```python\n", 1)[1].split("```", 1)[0]  # noqa: E731
+    head = block("<!-- detect-torchvision-rebuild -->").split("model = detection.FCOS(", 1)[0]
+    code = head.replace('folder = "runs/mnist-fcos-lite0/model"', f"folder = {str(folder)!r}")
+    scope: dict = {}
+    exec(compile(code + block("<!-- detect-maskrcnn-rebuild -->"), "README.md", "exec"), scope)
+    return scope
+
+
+def test_the_readme_lines_rebuild_the_export_with_the_same_masks(fixtures_dir, sets, tmp_path):
+    from torchvision.transforms.functional import pil_to_tensor
+    from torchvision.transforms.v2.functional import to_dtype
+
+    from visiontune.detect.export import save_detector
+    from visiontune.detect.masks import MASK_THRESHOLD, encode
+    from visiontune.detect.task import detect_image
+
+    model = _maskrcnn(fixtures_dir).eval()
+    model.configure(conf=0.05, iou=None, max_detections=100)
+    save_detector(model, tmp_path / "model")
+    scope = _readme_maskrcnn(tmp_path / "model")
+    plain = scope["model"]
+    assert scope["names"] == CLASSES
+    image = Image.open(sorted((sets["coco-val"].parent / "images").glob("*.png"))[0]).convert("RGB")  # 64 px wide
+    pixels = to_dtype(pil_to_tensor(image), torch.float32, scale=True)  # 0..1 exactly as visiontune scales them
+    with torch.no_grad():
+        theirs = plain([pixels])[0]
+    mine = detect_image(model, image)
+    assert len(theirs["scores"]) > 0
+    torch.testing.assert_close(mine["boxes"], theirs["boxes"], rtol=0, atol=1e-4)
+    assert mine["labels"].tolist() == (theirs["labels"] - 1).tolist()
+    assert mine["masks"] == encode(theirs["masks"][:, 0] >= MASK_THRESHOLD)
