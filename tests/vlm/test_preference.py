@@ -115,7 +115,8 @@ def test_each_image_is_encoded_once_per_pair_with_the_logits_of_a_forward_over_b
     from transformers import AutoModelForImageTextToText
 
     from visiontune.vlm.collate import VlmCollator
-    from visiontune.vlm.preference_forward import pair_logits
+    from visiontune.vlm.preference_forward import answer_logps, pair_logits
+    from visiontune.vlm.preference_loss import sequence_logps
 
     cfg = _cfg(vlms[family], pairs, Path("unused"))
     task = TASKS["vlm_preference"].create()
@@ -138,6 +139,9 @@ def test_each_image_is_encoded_once_per_pair_with_the_logits_of_a_forward_over_b
         if key in plain:
             assert paired[key].shape[0] * 2 == plain[key].shape[0]
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # only the answers' logits (logits_to_keep), the same log-probs
+        kept = answer_logps(model, {k: v for k, v in paired.items() if k != "labels"}, paired["labels"])
+    torch.testing.assert_close(kept.logps, sequence_logps(expected, plain["labels"]).logps, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.random_model  # the trained adapters move the log-probs by more than rounding

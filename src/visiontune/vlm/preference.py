@@ -39,8 +39,8 @@ from visiontune.vlm.conversations import (
 from visiontune.vlm.model import apply_tuning, enable_grad_checkpointing, load_vlm
 from visiontune.vlm.preference_config import VlmPreferenceConfig
 from visiontune.vlm.preference_data import PreferencePair, read_preferences
-from visiontune.vlm.preference_forward import pair_logits
-from visiontune.vlm.preference_loss import loss_settings, preference_loss, sequence_logps
+from visiontune.vlm.preference_forward import answer_logps
+from visiontune.vlm.preference_loss import loss_settings, preference_loss
 from visiontune.vlm.sft import GenerationEval, VlmSftTask, VlmTrainer, _split, evaluate_vlm
 from visiontune.vlm.token_cache import tokenize_cached
 from visiontune.vlm.tokenize import Tokenized
@@ -266,7 +266,7 @@ class PreferenceTrainer(VlmTrainer):
         inputs = dict(inputs)
         labels, ref = inputs.pop("labels"), inputs.pop("ref_logps", None)
         unwrapped = self.accelerator.unwrap_model(model)
-        policy = sequence_logps(pair_logits(model, inputs, unwrapped), labels)
+        policy = answer_logps(model, inputs, labels, unwrapped)
         if self.mode == "adapters_off":
             ref = self.reference_logps(model, inputs, labels)
         chosen_ref, rejected_ref = ref.chunk(2) if ref is not None else (None, None)
@@ -278,7 +278,7 @@ class PreferenceTrainer(VlmTrainer):
         """The frozen start: the same model with its LoRA adapters off (no second copy in memory)."""
         peft_model = self.accelerator.unwrap_model(model)
         with torch.no_grad(), peft_model.disable_adapter():
-            return sequence_logps(pair_logits(model, inputs, peft_model), labels).logps
+            return answer_logps(model, inputs, labels, peft_model).logps
 
     def keep_metrics(self, mode: str, metrics: dict[str, torch.Tensor]) -> None:
         store = self.__dict__.setdefault("_pair_metrics", {"train": defaultdict(list), "eval": defaultdict(list)})

@@ -19,9 +19,22 @@ IMAGE_INPUTS = ("pixel_values", "pixel_attention_mask", "image_grid_thw", "image
 _CONFIG_DEFAULTS = ("vision_feature_layer", "vision_feature_select_strategy")
 
 
-def pair_logits(model: Any, inputs: dict[str, torch.Tensor], unwrapped: Any = None) -> torch.Tensor:
-    """Logits of the 2B rows of `inputs`, the images of its B chosen rows encoded once. `unwrapped` is the model
-    without its DDP / accelerate wrapper (default: `model`)."""
+def answer_logps(model: Any, inputs: dict[str, torch.Tensor], labels: torch.Tensor, unwrapped: Any = None) -> Any:
+    """Summed log-probs of the labelled answers of the 2B rows (`SequenceLogps`). The model returns logits only from
+    the position before the earliest answer token on (`logits_to_keep`): the prompt and its image tokens, most of a
+    row, never get a [positions x vocabulary] logits tensor."""
+    from visiontune.vlm.preference_loss import sequence_logps
+    from visiontune.vlm.tokenize import IGNORE
+
+    labelled = (labels != IGNORE).any(0).nonzero()
+    start = max(1, int(labelled[0])) if len(labelled) else 1
+    logits = pair_logits(model, inputs, unwrapped, keep=labels.shape[1] - start + 1)
+    return sequence_logps(logits, labels[:, start - 1 :])
+
+
+def pair_logits(model: Any, inputs: dict[str, torch.Tensor], unwrapped: Any = None, keep: int = 0) -> torch.Tensor:
+    """Logits of the 2B rows of `inputs` (the last `keep` positions; 0: all), the images of its B chosen rows
+    encoded once. `unwrapped` is the model without its DDP / accelerate wrapper (default: `model`)."""
     images = {k: inputs[k] for k in IMAGE_INPUTS if k in inputs}
     text = {k: v for k, v in inputs.items() if k not in IMAGE_INPUTS}
     if images:
@@ -33,7 +46,7 @@ def pair_logits(model: Any, inputs: dict[str, torch.Tensor], unwrapped: Any = No
         text["mm_encoder_outputs"] = {"image": encoded}
         if "image_grid_thw" in images:  # Qwen's 3-D positions need every row's image grid
             text["image_grid_thw"] = torch.cat([images["image_grid_thw"]] * 2)
-    return model(**text, use_cache=False).logits
+    return model(**text, use_cache=False, logits_to_keep=keep).logits
 
 
 def twice(features: Any) -> Any:

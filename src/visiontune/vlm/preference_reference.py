@@ -50,8 +50,7 @@ def set_reference(cfg: Any, model: Any, collator: Any, datasets: dict[str, Any])
 @torch.no_grad()
 def compute_reference(model: Any, collator: Any, dataset: Any, batch_size: int = 4) -> torch.Tensor:
     """Summed answer log-probs of each pair's two answers under `model` as it is now (eval mode, fp32)."""
-    from visiontune.vlm.preference_forward import pair_logits
-    from visiontune.vlm.preference_loss import sequence_logps
+    from visiontune.vlm.preference_forward import answer_logps
 
     was_training = model.training
     model.eval()
@@ -62,7 +61,7 @@ def compute_reference(model: Any, collator: Any, dataset: Any, batch_size: int =
             items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
             batch = {k: v.to(device) for k, v in collator(items).items()}
             labels = batch.pop("labels")
-            logps = sequence_logps(pair_logits(model, batch), labels).logps.cpu()
+            logps = answer_logps(model, batch, labels).logps.cpu()
             out.append(torch.stack(logps.chunk(2), dim=1))
     finally:
         model.train(was_training)
