@@ -178,6 +178,39 @@ def predict(
 
 
 @app.command()
+def ask(
+    model: str = typer.Argument(..., help="A vlm_sft / vlm_assemble run folder, adapter or exported VLM folder."),
+    question: str = typer.Argument(None, help="The question (leave out with --data)."),
+    image: Path = typer.Option(None, "--image", help="The image the question is about."),
+    data: Path = typer.Option(None, "--data", help='JSONL of {"image": PATH, "question": TEXT} to answer in a batch.'),
+    out: Path = typer.Option(None, "--out", help="--data: the JSONL to write (default DATA.answers.jsonl)."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
+) -> None:
+    """Ask a VLM about an image; the answer streams to the console (or a JSONL batch with --data)."""
+    from visiontune.vlm import ask as asking
+
+    if (question is None) == (data is None):
+        raise RecipeError("ask takes a question, or --data FILE.jsonl of questions: one of the two.")
+    if data is None and out is not None:
+        raise RecipeError("--out is where --data's answers go; a single question's answer prints to the console.")
+    if data is not None and image is not None:
+        raise RecipeError('--image is for a single question; with --data each line names its own "image".')
+    if data is not None:
+        from visiontune.run.folder import check_output_file, mark_output_file
+
+        target = check_output_file(out or data.with_suffix(".answers.jsonl"), "ask --out", inputs=[model, data])
+        list(asking.read_questions(data))  # a bad line stops here, before the model loads
+        vlm, processor = asking.load_for_ask(model)
+        count = asking.ask_batch(vlm, processor, data, target, max_new_tokens)
+        mark_output_file(target, "ask --out")
+        typer.echo(f"Answered {count} question(s): {target}")
+        return
+    picture = asking.open_question_image(image, "--image") if image is not None else None
+    vlm, processor = asking.load_for_ask(model)
+    asking.answer_image(vlm, processor, picture, question, max_new_tokens, asking.console_streamer(processor))
+
+
+@app.command()
 def recipes() -> None:
     """List the built-in recipes."""
     for path in sorted(RECIPES_DIR.rglob("*.yaml")):

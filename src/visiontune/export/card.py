@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from visiontune.core.kinds import model_kind
 from visiontune.core.manifest import read_manifest
 
 CARD = "README.md"
@@ -70,7 +71,8 @@ def _describe(folder: Path, recipe: dict) -> dict[str, Any]:
         spec = json.loads(onnx.read_text())
         return {"kind": spec["kind"], "library": "onnx", "onnx": spec}
     manifest = read_manifest(folder)
-    kind = manifest.get("kind") or _plain_kind(folder)
+    kind = model_kind(folder)
+    kind = "classifier" if kind == "unknown" else kind
     library = manifest.get("library", "transformers")
     if kind == "classifier":
         library = "timm" if library == "timm" else "transformers"
@@ -83,21 +85,6 @@ def _describe(folder: Path, recipe: dict) -> dict[str, Any]:
     elif library == "torchvision":
         library = "pytorch"
     return {**manifest, "kind": kind, "library": library}
-
-
-def _plain_kind(folder: Path) -> str:
-    """A folder without visiontune.json (a merged or LLaVA export): what its config.json's architecture is."""
-    config = folder / "config.json"
-    try:
-        loaded = json.loads(config.read_text()) if config.is_file() else {}
-    except ValueError:
-        loaded = {}
-    architectures = " ".join(loaded.get("architectures") or [])
-    if loaded.get("model_type") in ("clip", "siglip", "siglip2"):
-        return "dual_encoder"
-    if "ConditionalGeneration" in architectures or "ImageTextToText" in architectures:
-        return "vlm"
-    return "classifier"
 
 
 def _recipe(run_dir: Path | None) -> dict:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from visiontune.core.errors import ModelError
-from visiontune.core.manifest import read_manifest
+from visiontune.core.kinds import model_kind
 from visiontune.core.sources import model_folder
 
 OPSET = 18  # onnxruntime 1.31 runs it; the exporter's own default
@@ -72,7 +72,8 @@ def export_onnx(model: str, out: Path, opset: int = OPSET) -> dict[str, Any]:
     """Write the ONNX file(s) and preprocessing.json into `out` (an empty or previous export folder); returns the
     JSON written."""
     folder = model_folder(Path(model).expanduser())
-    kind = read_manifest(folder).get("kind") or _plain_kind(folder)
+    kind = model_kind(folder)
+    kind = "classifier" if kind == "unknown" else kind  # resolve_classifier names what it cannot load
     if kind not in SIMPLE_KINDS:
         raise ModelError(
             f"{model} holds a `{kind}` model; --onnx exports classifiers and dual encoders (CLIP) only so far."
@@ -84,18 +85,6 @@ def export_onnx(model: str, out: Path, opset: int = OPSET) -> dict[str, Any]:
         info = _export_dual_encoder(str(folder), out, opset)
     (out / PREPROCESSING).write_text(json.dumps(info, indent=2))
     return info
-
-
-def _plain_kind(folder: Path) -> str:
-    """A folder visiontune did not write: a CLIP / SigLIP checkpoint is a dual encoder, anything else a classifier."""
-    from visiontune.clip.dual_encoder import FAMILIES
-
-    config = folder / "config.json"
-    try:
-        model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
-    except ValueError:
-        model_type = None
-    return "dual_encoder" if model_type in FAMILIES else "classifier"
 
 
 def _export_classifier(folder: str, out: Path, opset: int) -> dict[str, Any]:
