@@ -98,3 +98,15 @@ def test_train_metric_picks_mask_map_only_for_a_mask_detector(tmp_path):
     with pytest.raises(RecipeError, match="mask_map_50") as err:
         parse_config({**recipe, "detector": "faster_rcnn"})
     assert "\n" not in str(err.value)
+
+
+def test_a_saved_mask_detector_as_model_keeps_the_mask_metrics(tmp_path):
+    """Fine-tuning a visiontune Mask R-CNN run further: its manifest (no torch needed) says it segments."""
+    from visiontune.detect.config import segments_masks
+
+    (tmp_path / "run" / "model").mkdir(parents=True)
+    (tmp_path / "run" / "model" / "visiontune.json").write_text('{"kind": "detector", "detector": "maskrcnn"}')
+    (tmp_path / "fcos").mkdir()
+    (tmp_path / "fcos" / "visiontune.json").write_text('{"kind": "detector", "detector": "fcos"}')
+    assert segments_masks(str(tmp_path / "run"), "fcos") and segments_masks(str(tmp_path / "run" / "model"), "fcos")
+    assert not segments_masks(str(tmp_path / "fcos"), "fcos") and not segments_masks(str(tmp_path / "none"), "fcos")

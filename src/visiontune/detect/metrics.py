@@ -18,7 +18,8 @@ def detection_report(preds: list[dict], targets: list[dict], class_names: list[s
     """preds: [{"boxes" xyxy, "scores", "labels"}], targets: [{"boxes", "labels", "iscrowd"}], one per image, in the
     same (original image) pixel frame. Scalars under "metrics" (-1 where COCO has nothing to measure, e.g. no small
     objects); "per_class": AP, AP@.5 and object count per class; "pr_curves": precision at each recall point (IoU .5,
-    all sizes, up to 100 detections) per class. With "masks" in the targets (uint8/bool [M, H, W]) and the preds
+    all sizes, up to 100 detections) per class. With "masks" in the targets (uint8/bool [M, H, W], or a function
+    returning them: drawn one image at a time, as a large set's masks would not fit in memory at once) and the preds
     (RLEs from detect/masks.py:encode, or a bool [N, H, W]), the mask metrics and per-class mask AP are added."""
     from torchmetrics.detection import MeanAveragePrecision
 
@@ -31,6 +32,8 @@ def detection_report(preds: list[dict], targets: list[dict], class_names: list[s
         backend="pycocotools",
     )
     for p, t in zip(preds, targets, strict=True):  # one image at a time: torchmetrics keeps masks as RLE
+        if masks and callable(t["masks"]):
+            t = {**t, "masks": t["masks"]()}
         metric.update([_pred(p, t if masks else None)], [_target(t, masks)])
     result = metric.compute()
     box = (lambda name: result[f"bbox_{name}"]) if masks else (lambda name: result[name])  # noqa: E731

@@ -9,6 +9,7 @@ runs that loop and scores it with COCO mAP), the exports, pictures and predictio
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -285,7 +286,8 @@ class DetectionEvaluator:
                 "boxes": self.data.records[r["image_id"]].boxes,
                 "labels": self.data.records[r["image_id"]].labels,
                 "iscrowd": self.data.records[r["image_id"]].iscrowd,
-                **({"masks": instance_masks(self.data.records[r["image_id"]])} if "masks" in r else {}),
+                # drawn when scored, one image at a time (detection_report)
+                **({"masks": partial(instance_masks, self.data.records[r["image_id"]])} if "masks" in r else {}),
             }
             for r in records
         ]
