@@ -695,6 +695,8 @@ INERT_UNDER: list[tuple[str, str, dict[str, Any], Any, Any, str]] = [
     ("detect", "data.val_split", {"data.val": lambda w: w["boxes-coco-val"]}, 0.25, 0.5, "build"),
     ("segment", "decoder", {"model": lambda w: str(w.fx / "segformer")}, "fpn", "unet", "build"),
     ("segment", "decoder_channels", {"model": lambda w: str(w.fx / "segformer")}, 16, 32, "build"),
+    ("segment", "decoder_refine", {"model": lambda w: str(w.fx / "segformer")}, 0, 8, "build"),
+    ("segment", "decoder_refine", {"decoder": "unet"}, 0, 8, "build"),
     ("segment", "eval.stride", {"eval.mode": "resize"}, 0.5, 0.9, "evaluate"),
     (
         "segment",

@@ -42,9 +42,11 @@ def _ours(model, image) -> torch.Tensor:
     return logits
 
 
-def test_timm_decoder_export_is_rebuilt_by_the_readme_lines(fixtures_dir, tmp_path, images, monkeypatch):
+@pytest.mark.parametrize("refine", [0, 8])
+def test_timm_decoder_export_is_rebuilt_by_the_readme_lines(fixtures_dir, tmp_path, images, monkeypatch, refine):
     torch.manual_seed(0)
-    model = build_segmenter(f"timm:local-dir:{fixtures_dir / 'timm-cnn'}", CLASSES, "fpn", 16, 48)
+    model = build_segmenter(f"timm:local-dir:{fixtures_dir / 'timm-cnn'}", CLASSES, "fpn", 16, 48, refine=refine)
+    assert (model.net.refine is not None) == bool(refine)
     save_segmenter(model, tmp_path / "model")
     ours = build_segmenter(str(tmp_path / "model"), None).eval()
     with monkeypatch.context() as m:

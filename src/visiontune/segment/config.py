@@ -106,6 +106,12 @@ class SegmentConfig(Strict):
         "fpn", description="Decoder built on a builtin:/timm: backbone: FPN (sum of pyramid levels) or U-Net."
     )
     decoder_channels: int = Field(64, gt=0, description="Width of the decoder built on a builtin:/timm: backbone.")
+    decoder_refine: int = Field(
+        0,
+        ge=0,
+        description="FPN only: width of a full-resolution refinement that sees the image next to the upsampled "
+        "logits (0: none). Sharpens thin structures the stride-4 FPN output blurs; costs little.",
+    )
     output_dir: str
     seed: int = 42
     data: SegmentDataConfig
@@ -128,10 +134,16 @@ class SegmentConfig(Strict):
                 "backbone under a decoder trains with full, linear_probe or gradual_unfreeze"
             )
         rule = Inert(
-            ("decoder", "decoder_channels"),
+            ("decoder", "decoder_channels", "decoder_refine"),
             not backbone,
             "with a builtin:/timm: backbone (a transformers checkpoint or a saved segmenter brings its own head)",
             "give model: builtin:NAME or timm:NAME",
         )
-        refuse_inert(self, info, [rule])
+        refine = Inert(
+            ("decoder_refine",),
+            backbone and self.decoder != "fpn",
+            "with decoder: fpn (U-Net already decodes at the image's resolution)",
+            "remove decoder_refine or use decoder: fpn",
+        )
+        refuse_inert(self, info, [rule, refine])
         return self

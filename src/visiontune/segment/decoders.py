@@ -19,9 +19,11 @@ def conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
 
 class FPNDecoder(nn.Module):
     """Semantic FPN (Panoptic FPN's head, simplified): torchvision's FPN over the body's levels from `first` on
-    (1: stride 4 on the usual CNNs), each level resized to the finest and summed, a 3x3 conv, a 1x1 classifier."""
+    (1: stride 4 on the usual CNNs), each level resized to the finest and summed, a 3x3 conv, a 1x1 classifier.
+    `refine` > 0 adds a residual at the input's resolution: two 3x3 convs over the (normalised) image and the
+    upsampled logits, so edges thinner than the stride-4 grid follow the pixels (logits then come at full size)."""
 
-    def __init__(self, body: nn.Module, channels: int, classes: int, first: int = 1):
+    def __init__(self, body: nn.Module, channels: int, classes: int, first: int = 1, refine: int = 0):
         super().__init__()
         from torchvision.ops import FeaturePyramidNetwork
 
@@ -29,12 +31,21 @@ class FPNDecoder(nn.Module):
         self.fpn = FeaturePyramidNetwork(body.feature_info.channels()[first:], channels)
         self.head = conv_bn_relu(channels, channels)
         self.classifier = nn.Conv2d(channels, classes, 1)
+        self.refine = (
+            nn.Sequential(conv_bn_relu(classes + 3, refine), nn.Conv2d(refine, classes, 3, padding=1))
+            if refine
+            else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         levels = list(self.fpn({str(i): f for i, f in enumerate(self.body(x)[self.first :])}).values())
         size = levels[0].shape[-2:]
         fused = sum(F.interpolate(level, size=size, mode="bilinear", align_corners=False) for level in levels)
-        return self.classifier(self.head(fused))
+        logits = self.classifier(self.head(fused))
+        if self.refine is None:
+            return logits
+        logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return logits + self.refine(torch.cat([logits, x], dim=1))
 
 
 class UNetDecoder(nn.Module):

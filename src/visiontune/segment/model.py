@@ -123,6 +123,7 @@ def build_segmenter(
     channels: int = 64,
     image_size: int | None = None,
     ignore_index: int = 255,
+    refine: int = 0,
 ) -> Segmenter:
     """The segmenter a recipe's `model` names, with a head for `class_names` (None: keep a saved model's classes).
     builtin:/timm: sources are backbones under a `decoder`; folders and hub ids are transformers models, or
@@ -141,12 +142,14 @@ def build_segmenter(
             "timm_args": args,
             "decoder": decoder,
             "decoder_channels": channels,
+            "decoder_refine": refine if decoder == "fpn" else 0,  # U-Net decodes at full resolution already
             "image_size": image_size or DEFAULT_SIZE,
             "image_mean": mean,
             "image_std": std,
             "ignore_index": ignore_index,
         }
-        return Segmenter(DECODERS[decoder](body, channels, len(class_names or [])), "timm", class_names or [], spec)
+        net = DECODERS[decoder](body, channels, len(class_names or []), **decoder_options(spec))
+        return Segmenter(net, "timm", class_names or [], spec)
     manifest = read_manifest(source.path) if source.path is not None else {}
     if manifest.get("kind") == KIND and manifest.get("library") == "timm":
         return _saved_decoder(source.path, manifest, class_names, image_size, ignore_index)
@@ -173,9 +176,14 @@ def _saved_decoder(
     spec["image_size"] = image_size or spec["image_size"]
     spec["ignore_index"] = ignore_index if class_names is not None else spec.get("ignore_index", 255)
     body = rebuilt_body(spec["timm_model"], spec["timm_args"])
-    net = DECODERS[spec["decoder"]](body, spec["decoder_channels"], len(saved))
+    net = DECODERS[spec["decoder"]](body, spec["decoder_channels"], len(saved), **decoder_options(spec))
     net.load_state_dict(load_file(str(folder / "model.safetensors")))
     return Segmenter(net, "timm", saved, spec)
+
+
+def decoder_options(spec: dict[str, Any]) -> dict[str, int]:
+    """Decoder arguments beyond width and classes (the FPN's refinement; a manifest written before it has none)."""
+    return {"refine": spec["decoder_refine"]} if spec["decoder"] == "fpn" and spec.get("decoder_refine") else {}
 
 
 def saved_spec(manifest: dict) -> dict[str, Any]:

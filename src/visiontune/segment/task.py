@@ -53,7 +53,9 @@ class SegmentTask(Task):
         set_seed(cfg.seed)  # the new decoder / head starts from the recipe's seed (the Trainer seeds only later)
         d = cfg.data
         names = data.train.class_names
-        model = build_segmenter(cfg.model, names, cfg.decoder, cfg.decoder_channels, d.image_size, d.ignore_index)
+        model = build_segmenter(
+            cfg.model, names, cfg.decoder, cfg.decoder_channels, d.image_size, d.ignore_index, cfg.decoder_refine
+        )
         # what eval / predict of the saved model must do as this recipe did (the manifest keeps it)
         model.spec |= {
             "inference": {"mode": cfg.eval.mode, "stride": cfg.eval.stride},
