@@ -141,6 +141,9 @@ class VlmPreferenceTask(VlmSftTask):
     def build(self, cfg: VlmPreferenceConfig, prepared: PreferencePrepared, run_dir: Path) -> Fit:
         from visiontune.vlm.preference_reference import reference_mode, set_reference
 
+        from transformers import set_seed
+
+        set_seed(cfg.seed)  # LoRA's A matrices start from the recipe's seed (the Trainer seeds only later)
         model = apply_tuning(prepared.model, cfg.tune)
         if cfg.train.grad_checkpointing:
             enable_grad_checkpointing(model)
