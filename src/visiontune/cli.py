@@ -117,12 +117,15 @@ def _task(name: str):
 
 
 def _recorded_task(run: Path) -> str:
-    """The `task:` of a run folder's resolved config.yaml (written by every task), else classify."""
+    """The `task:` of a run folder's resolved config.yaml (written by every task), else the task of the folder's
+    kind of model (core/kinds.py), else classify."""
     import yaml
 
     config = run / "config.yaml"
     if not config.is_file():
-        return "classify"
+        from visiontune.core.kinds import task_for_folder
+
+        return task_for_folder(run)
     try:
         recorded = yaml.safe_load(config.read_text()) or {}
     except yaml.YAMLError:
@@ -149,19 +152,30 @@ def predict(
     conf: float = typer.Option(None, "--conf", min=0, max=1, help="Detectors: score threshold (default 0.25)."),
     iou: float = typer.Option(None, "--iou", min=0, max=1, help="Detectors: NMS IoU (default: the detector's own)."),
     out: Path = typer.Option(None, "--out", help="Detectors: folder for predictions.json and the drawn images."),
+    labels: str = typer.Option(None, "--labels", help="Dual encoders (CLIP): comma-separated labels, zero-shot."),
+    prompt: str = typer.Option(None, "--prompt", help="VLMs: the question asked about each image."),
     task: str = typer.Option(None, "--task", help="Default: the run folder's recorded task, else classify."),
 ) -> None:
-    """Print the top-k labels with probabilities (classifiers) or the boxes (detectors) for each image."""
+    """Print the top-k labels with probabilities (classifiers, CLIP), the boxes (detectors) or the answer (VLMs)."""
     import inspect
 
     from visiontune.run.folder import prepare_output_folder
 
     task_impl = _task(task or _recorded_task(Path(model)))
     takes = inspect.signature(task_impl.predict).parameters
-    given = {"--conf": ("conf", conf), "--iou": ("iou", iou), "--out": ("out_dir", out)}
-    if refused := [flag for flag, (name, value) in given.items() if value is not None and name not in takes]:
-        raise RecipeError(f"{', '.join(refused)}: options of detection models, not of a {task_impl.name} model.")
-    options = {k: v for k, v in {"conf": conf, "iou": iou}.items() if v is not None}
+    names = [label.strip() for label in labels.split(",") if label.strip()] if labels is not None else None
+    given = {
+        "--conf": ("conf", conf, "detection models"),
+        "--iou": ("iou", iou, "detection models"),
+        "--out": ("out_dir", out, "detection and segmentation models"),
+        "--labels": ("labels", names, "dual encoders (CLIP tasks)"),
+        "--prompt": ("prompt", prompt, "VLMs"),
+    }
+    refused = [(flag, whose) for flag, (name, value, whose) in given.items() if value is not None and name not in takes]
+    if refused:
+        flag, whose = refused[0]
+        raise RecipeError(f"{flag} is an option of {whose}, not of a {task_impl.name} model.")
+    options = {k: v for k, v in {"conf": conf, "iou": iou, "labels": names, "prompt": prompt}.items() if v is not None}
     if "out_dir" in takes:  # a run folder's own eval/predict unless --out says otherwise
         if out is not None:
             options["out_dir"] = prepare_output_folder(out, "predict --out", inputs=[model, *images])
@@ -173,6 +187,8 @@ def predict(
             typer.echo(f"  {prob:7.2%}  {label}")
         for found in result.get("detections", []):
             typer.echo(f"  {found['score']:7.2%}  {found['label']}  [{', '.join(f'{v:g}' for v in found['box'])}]")
+        if "answer" in result:
+            typer.echo(f"  {result['answer']}")
     if options.get("out_dir"):
         typer.echo(f"Results: {options['out_dir']}")
 

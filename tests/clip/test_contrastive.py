@@ -261,8 +261,12 @@ def test_cli_train_writes_model_evals_and_report(models, images, cli, write_reci
     code, out, err = cli("eval", run, "--task", "clip_contrastive", "--data", captions)
     assert code == 0, err
     assert "mean_recall" in out and (run / "eval" / "cli" / "predictions.csv").is_file()
-    code, _, err = cli("predict", run, str(next(images.rglob("*.png"))), "--task", "clip_contrastive")
-    assert code == 2 and "visiontune eval" in err
+    image = str(next(images.rglob("*.png")))
+    code, _, err = cli("predict", run, image, "--task", "clip_contrastive")  # no classes of its own
+    assert code == 2 and "--labels" in err
+    code, out, err = cli("predict", run, image, "--labels", "red,blue")  # zero-shot over typed labels
+    assert code == 0, err
+    assert "red" in out and "blue" in out
 
 
 def test_metric_defaults_to_mean_recall_and_rejects_classifier_metrics():

@@ -103,3 +103,13 @@ def test_bad_input_is_one_sentence(vlms, picture, cli, tmp_path, fixtures_dir):
     (tmp_path / "taken.jsonl").write_text("mine\n")
     code, _, err = cli("ask", vlms["idefics3"], "--data", data, "--out", tmp_path / "taken.jsonl")
     assert code == 2 and (tmp_path / "taken.jsonl").read_text() == "mine\n"  # user data is never replaced
+
+
+def test_predict_answers_the_prompt_for_each_image(vlms, picture, cli):
+    from visiontune.vlm import ask
+
+    code, out, err = cli("predict", vlms["idefics3"], picture, picture, "--prompt", QUESTION)
+    assert code == 0, err
+    model, processor = ask.load_for_ask(str(vlms["idefics3"]))
+    expected = ask.answer_image(model, processor, Image.open(picture), QUESTION, max_new_tokens=64)
+    assert out.count(f"{picture}\n  {expected}\n") == 2  # (a random model's text may hold line separators)

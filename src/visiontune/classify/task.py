@@ -155,26 +155,26 @@ class ClassifyTask(Task):
         return report
 
     def predict(self, model: str, inputs: list[str], top_k: int = 5) -> list[dict]:
-        clf = self.load_model(model).eval()
-        transform = eval_transform(clf.preprocess)
-        results = []
-        for path in inputs:
-            try:
-                image = open_image(path, MAX_PIXELS)
-            except Exception as err:
-                raise DataError(f"{path} {err}; give a readable image file.") from None
-            with torch.inference_mode():
-                probs = clf(transform(image)[None])["logits"].float().softmax(-1)[0]
-            top = probs.topk(min(top_k, len(probs)))
-            results.append(
-                {
-                    "input": path,
-                    "top": [
-                        (clf.class_names[i], p) for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
-                    ],
-                }
-            )
-        return results
+        return predict_images(self.load_model(model), inputs, top_k)
+
+
+def predict_images(clf: torch.nn.Module, inputs: list[str], top_k: int = 5) -> list[dict]:
+    """Top-k (label, probability) per image file, for any model with `preprocess`, `class_names` and logits (a
+    classifier, a CLIP zero-shot head)."""
+    clf = clf.eval()
+    transform = eval_transform(clf.preprocess)
+    results = []
+    for path in inputs:
+        try:
+            image = open_image(path, MAX_PIXELS)
+        except Exception as err:
+            raise DataError(f"{path} {err}; give a readable image file.") from None
+        with torch.inference_mode():
+            probs = clf(transform(image)[None])["logits"].float().softmax(-1)[0]
+        top = probs.topk(min(top_k, len(probs)))
+        pairs = zip(top.values.tolist(), top.indices.tolist(), strict=True)
+        results.append({"input": path, "top": [(clf.class_names[i], p) for p, i in pairs]})
+    return results
 
 
 def load_split(cfg: ClassifyConfig) -> SplitData:

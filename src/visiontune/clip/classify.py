@@ -66,6 +66,12 @@ class ClipClassifyTask(ClassifyTask):
     def load_model(self, name: str, class_names: list[str] | None = None) -> CLIPClassifier:
         return load_clip_classifier(name, class_names)
 
+    def predict(self, model: str, inputs: list[str], top_k: int = 5, labels: list[str] | None = None) -> list[dict]:
+        """Zero-shot over `labels` (predict --labels), else over the class names the model was saved with."""
+        from visiontune.classify.task import predict_images
+
+        return predict_images(self.load_model(model, labels or None), inputs, top_k)
+
     def zero_shot_only(self, cfg: ClipClassifyConfig, overwrite: bool) -> Path:
         """FusionBench's `skip_training`: evaluate the zero-shot head on the validation data and report."""
         from visiontune.report import write_report

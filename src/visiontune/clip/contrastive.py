@@ -201,12 +201,17 @@ class ClipContrastiveTask(Task):
             _write_predictions(out_dir / "predictions.csv", pairs, similarity)
         return report
 
-    def predict(self, model: str, inputs: list[str], top_k: int = 5) -> list[dict]:
-        raise ModelError(
-            f"{model} is a dual encoder (task clip_contrastive) and `visiontune predict` is for "
-            "classifiers; score it with `visiontune eval MODEL --task clip_contrastive --data CAPTIONS`, "
-            "or turn it into a classifier with task: clip_classify."
-        )
+    def predict(self, model: str, inputs: list[str], top_k: int = 5, labels: list[str] | None = None) -> list[dict]:
+        """Zero-shot classification of each image over the labels the user types (predict --labels)."""
+        from visiontune.classify.task import predict_images
+        from visiontune.clip.classify import load_clip_classifier
+
+        if not labels:
+            raise ModelError(
+                f"{model} is a dual encoder (task clip_contrastive) with no classes of its own; pass the labels to "
+                "score each image against, e.g. --labels 'cat,dog,a red car'."
+            )
+        return predict_images(load_clip_classifier(model, labels), inputs, top_k)
 
 
 class ContrastiveModel(nn.Module):

@@ -37,3 +37,27 @@ def model_kind(folder: Path) -> str:
     if "ImageClassification" in architectures or "architecture" in config:  # timm's config names `architecture`
         return "classifier"
     return "unknown"
+
+
+# The task whose `evaluate` / `predict` serve a folder of each kind when no run recorded one (a plain checkpoint).
+TASK_OF_KIND = {
+    "classifier": "classify",
+    "dual_encoder": "clip_classify",
+    "vlm": "vlm_sft",
+    "assembled_vlm": "vlm_assemble",
+    "detector": "detect",
+    "segmenter": "segment",
+}
+
+
+def task_for_folder(path: Path, default: str = "classify") -> str:
+    """The task that loads the model in `path` (a model folder or a run folder's model/ or adapter/)."""
+    from visiontune.core.sources import model_folder
+
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        return default
+    folder = model_folder(path)
+    if folder == path and (path / "adapter").is_dir():
+        folder = path / "adapter"
+    return TASK_OF_KIND.get(model_kind(folder), default)

@@ -116,3 +116,17 @@ def load_for_ask(model: str) -> tuple[Any, Any]:
     if kind not in ("unknown", "vlm", "assembled_vlm"):
         raise ModelError(f"{model} holds a {kind}, not a VLM; ask it with `visiontune predict {model} IMAGE`.")
     return load_trained(model)
+
+
+DEFAULT_PROMPT = "Describe the image."
+
+
+def predict_images(model: str, inputs: list[str], prompt: str | None = None, max_new_tokens: int = 64) -> list[dict]:
+    """`visiontune predict` for a VLM: {"input", "prompt", "answer"} per image (greedy)."""
+    prompt = prompt or DEFAULT_PROMPT
+    images = [open_question_image(path, "predict") for path in inputs]  # every file checked before the model loads
+    vlm, processor = load_for_ask(model)
+    return [
+        {"input": path, "prompt": prompt, "answer": answer_image(vlm, processor, image, prompt, max_new_tokens)}
+        for path, image in zip(inputs, images, strict=True)
+    ]

@@ -114,6 +114,12 @@ class VlmSftTask(Task):
 
         return evaluate_model(model, data, out_dir, **options)
 
+    def predict(self, model: str, inputs: list[str], top_k: int = 5, prompt: str | None = None) -> list[dict]:
+        """The answer to `prompt` (predict --prompt) about each image; `top_k` means nothing to a VLM."""
+        from visiontune.vlm.ask import predict_images
+
+        return predict_images(model, inputs, prompt)
+
 
 def prepare_data(
     cfg: Any, processor: Any, read: Callable[[str], list[Conversation]] | None = None, model_key: str | None = None
