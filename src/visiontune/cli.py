@@ -83,6 +83,25 @@ def validate(
     typer.echo(f"{recipe}: valid `{config.task}` recipe (model {model}, output {config.output_dir})")
 
 
+@app.command()
+def plan(
+    recipe: str = typer.Argument(..., help="Recipe YAML path or built-in recipe name."),
+    overrides: list[str] = typer.Argument(None, help="Dotted key=value overrides."),
+    out: Path = typer.Option(Path("plan.json"), "--out", help="Where to write plan.json (not in a run folder)."),
+) -> None:
+    """Dry run: data, tokens, parameters, memory and time of a recipe's run, from a few measured steps."""
+    from visiontune.plan.make import make_plan
+    from visiontune.plan.show import check_plan_out, print_plan, write_plan
+    from visiontune.recipe import get_task, load_recipe
+
+    path = find_recipe(recipe)
+    config = load_recipe(path, overrides)
+    out = check_plan_out(out, [path])
+    result = make_plan(get_task(config.task), config)
+    write_plan(result, out)
+    print_plan(result, out)
+
+
 @app.command("eval")
 def evaluate(
     model: str = typer.Argument(..., help="Run folder or model (folder, hub id, timm:NAME, builtin:NAME)."),

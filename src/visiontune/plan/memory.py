@@ -1,0 +1,175 @@
+"""Peak training memory: an estimate by parts, and a measurement to check it against.
+
+The estimate is the sum of what a training step keeps alive: weights (parameters and buffers as stored), gradients
+(one per trainable parameter, in its dtype), optimiser state (AdamW: two moments; SGD with momentum: one buffer),
+the batch, and activations. Activations are not guessed from the architecture: they are the bytes autograd saves
+for the backward pass of one forward on a real batch, counted through `torch.autograd.graph.saved_tensors_hooks`
+(each storage once, parameters excluded), plus a working set (how far the live outputs of leaf modules rose
+above that during the forward).
+What it leaves out: allocator slack, kernel workspaces and the temporaries inside single ops, which is why the
+comparison with a measured peak carries a tolerance (tests/test_plan.py).
+
+The measurement on CPU reads torch's profiler memory timeline (`export_memory_timeline`, the one CPU allocation
+record torch keeps); on GPU, `torch.cuda.max_memory_allocated`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Bytes of optimiser state per trainable parameter element, in units of the parameter's own element size.
+OPTIMIZER_SLOTS = {"adamw": 2, "sgd": 1, "sgd_no_momentum": 0}
+
+
+@dataclass
+class MemoryEstimate:
+    weights: int
+    gradients: int
+    optimizer: int
+    batch: int  # the input tensors of one batch
+    activations: int  # saved for backward
+    working: int  # live outputs of leaf modules above `activations` at their highest (frozen parts)
+
+    @property
+    def peak(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.batch + self.activations + self.working
+
+    def as_json(self) -> dict[str, int]:
+        return {**asdict(self), "peak": self.peak}
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(tensor_bytes(p) for p in model.parameters()) + sum(tensor_bytes(b) for b in model.buffers())
+
+
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def optimizer_slots(optimizer: str, momentum: float) -> int:
+    if optimizer == "sgd" and momentum == 0:
+        return OPTIMIZER_SLOTS["sgd_no_momentum"]
+    return OPTIMIZER_SLOTS.get(optimizer, 2)  # an unknown optimiser: assume Adam-like, the common worst case
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list | tuple):
+        return [t for v in value for t in _tensors(v)]
+    return [t for v in getattr(value, "values", lambda: [])() for t in _tensors(v)]  # ModelOutput
+
+
+def batch_bytes(batch: Any) -> int:
+    return sum(tensor_bytes(t) for t in _tensors(batch))
+
+
+def activation_bytes(model: torch.nn.Module, forward: Callable[[], Any]) -> tuple[int, int]:
+    """(saved, working) bytes of one `forward()`. saved: what autograd keeps for backward (each storage once, the
+    model's own weights not counted again). working: how far the live outputs of leaf modules (followed until
+    Python drops them) rose above that at their highest, which is what a frozen part of the model costs: it saves
+    nothing for backward but holds a block's inputs, outputs and shortcuts while it runs. The forward's result is
+    dropped, so nothing stays alive."""
+    own = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    own |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+    saved: dict[int, int] = {}
+    live: dict[int, int] = {}
+    peak = [0]
+
+    def record() -> None:
+        peak[0] = max(peak[0], sum((live | saved).values()))
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr and ptr not in own and not t.is_meta:
+            saved[ptr] = max(saved.get(ptr, 0), storage.nbytes())
+        return t
+
+    def leaf(module: torch.nn.Module, args: Any, output: Any) -> None:
+        for t in _tensors(output):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr and ptr not in own:
+                live[ptr] = t.untyped_storage().nbytes()
+                weakref.finalize(t, live.pop, ptr, None)
+        record()
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    hooks = [m.register_forward_hook(leaf) for m in leaves]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            result = forward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    record()
+    del result
+    total = sum(saved.values())
+    return total, max(0, peak[0] - total)
+
+
+def estimate_memory(
+    model: torch.nn.Module, batch: Any, forward: Callable[[], Any], optimizer: str, momentum: float
+) -> MemoryEstimate:
+    params = trainable(model)
+    grads = sum(tensor_bytes(p) for p in params)
+    saved, working = activation_bytes(model, forward)
+    return MemoryEstimate(
+        weights=weight_bytes(model),
+        gradients=grads,
+        optimizer=grads * optimizer_slots(optimizer, momentum),
+        batch=batch_bytes(batch),
+        activations=saved,
+        working=working,
+    )
+
+
+@contextlib.contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """The profiler's C++ side logs start/stop lines and a failed GPU count to fd 2 (no setting turns them off);
+    they would read as errors in the plan's output."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def measure_peak(step: Callable[[], Any], device: torch.device) -> int:
+    """Peak bytes allocated on `device` while `step()` runs, weights and optimiser state included."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device))
+    from torch.profiler import ProfilerActivity, profile
+
+    with tempfile.TemporaryDirectory() as tmp, native_stderr_silenced():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as p:
+            step()
+        path = Path(tmp) / "timeline.json"
+        p.export_memory_timeline(str(path), device="cpu")
+        _, sizes = json.loads(path.read_text())
+    return int(max((sum(row) for row in sizes), default=0))
