@@ -321,6 +321,19 @@ def export(
 
 
 @app.command()
+def push(
+    run: str = typer.Argument(..., help="A run folder (pushes merged/, model/ or adapter/) or a model folder."),
+    repo_id: str = typer.Argument(..., help="The Hub model repo, e.g. you/my-model (created if missing)."),
+    private: bool = typer.Option(False, "--private", help="Create the repo private."),
+) -> None:
+    """Upload a model and its model card to the Hugging Face Hub. Needs a token with write access (`hf auth login`
+    or HF_TOKEN) and a network connection to huggingface.co."""
+    from visiontune.export.push import push as upload
+
+    typer.echo(f"Pushed: {upload(run, repo_id, private=private)}")
+
+
+@app.command()
 def compare(
     base: str = typer.Argument(..., help="Base model (folder or hub id)."),
     tuned: str = typer.Argument(..., help="Tuned run folder or model."),

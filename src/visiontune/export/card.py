@@ -47,6 +47,13 @@ def run_of(folder: Path) -> Path | None:
 
 def write_model_card(folder: Path, run_dir: Path | None = None, repo_id: str | None = None) -> Path:
     """Write `folder`/README.md; `repo_id` makes the loading code load from the Hub instead of the local folder."""
+    path = Path(folder) / CARD
+    path.write_text(model_card(folder, run_dir, repo_id), encoding="utf-8")
+    return path
+
+
+def model_card(folder: Path, run_dir: Path | None = None, repo_id: str | None = None) -> str:
+    """The card's text (YAML metadata + markdown) for the model in `folder`, from its run when there is one."""
     from huggingface_hub import ModelCard
 
     folder = Path(folder)
@@ -56,9 +63,7 @@ def write_model_card(folder: Path, run_dir: Path | None = None, repo_id: str | N
     source = repo_id or folder.name  # the loading code runs from the folder's parent, or from the Hub
     data = _card_data(info, recipe, _metrics(run_dir), repo_id or folder.name)
     body = _body(info, recipe, run_dir, _loading_code(info, source, hub=repo_id is not None), repo_id or folder.name)
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
-    card.save(folder / CARD)
-    return folder / CARD
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
 
 
 # ---- what the folder holds
@@ -73,7 +78,7 @@ def _describe(folder: Path, recipe: dict) -> dict[str, Any]:
     manifest = read_manifest(folder)
     kind = model_kind(folder)
     kind = "classifier" if kind == "unknown" else kind
-    library = manifest.get("library", "transformers")
+    library = manifest.get("library") or ("timm" if _timm_config(folder) else "transformers")
     if kind == "classifier":
         library = "timm" if library == "timm" else "transformers"
     elif kind == "dual_encoder":
@@ -85,6 +90,14 @@ def _describe(folder: Path, recipe: dict) -> dict[str, Any]:
     elif library == "torchvision":
         library = "pytorch"
     return {**manifest, "kind": kind, "library": library}
+
+
+def _timm_config(folder: Path) -> bool:
+    """timm's `save_for_hf` config.json names an `architecture` (transformers' names `architectures`)."""
+    try:
+        return "architecture" in json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def _recipe(run_dir: Path | None) -> dict:
