@@ -172,3 +172,56 @@ def test_rle_round_trip():
     assert all(isinstance(r["counts"], str) for r in rles)  # JSON-ready
     assert np.array_equal(decoded(rles, 9, 7), masks.numpy())
     assert encode(torch.zeros(0, 9, 7)) == [] and decoded([], 9, 7).shape == (0, 9, 7)
+
+
+def _same_masks(data, reference) -> None:
+    assert len(data) == len(reference) and data.has_masks
+    for record, ref in zip(data.records, reference.records, strict=True):
+        keep = [k for k, crowd in enumerate(ref.iscrowd) if not crowd]  # YOLO has no crowd regions
+        assert np.allclose(record.boxes, [ref.boxes[k] for k in keep], atol=1e-3)  # YOLO writes 6 decimals
+        assert np.array_equal(instance_masks(record), instance_masks(ref)[keep])
+
+
+def test_yolo_polygon_labels_give_the_same_masks(sets):
+    _same_masks(read_boxes(str(sets["yolo"]), "train", masks=True), read_boxes(str(sets["coco-train"]), masks=True))
+
+
+def test_yolo_box_lines_are_refused_for_masks(sets):
+    plain = write_detection_sets(sets["yolo"].parent.parent / "plain")["yolo"]
+    with pytest.raises(DataError, match="is a box line") as err:
+        read_boxes(str(plain), "train", masks=True)
+    assert "labels" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_datasets_objects_segmentation_gives_the_same_masks(sets, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    coco = read_boxes(str(sets["coco-train"]), masks=True)
+    polygon = lambda box: [[box[0], box[1], box[2], box[1], box[2], box[3], box[0], box[3]]]  # noqa: E731
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "objects": datasets.Sequence(
+                {
+                    "bbox": datasets.Sequence(datasets.Value("float32"), length=4),
+                    "category": datasets.ClassLabel(names=["blue", "green", "red"]),
+                    "segmentation": datasets.Sequence(datasets.Sequence(datasets.Value("float32"))),
+                }
+            ),
+        }
+    )
+    objects = []
+    for r in coco.records:
+        kept = [k for k, crowd in enumerate(r.iscrowd) if not crowd]  # crowd regions are COCO's own
+        boxes = [r.boxes[k] for k in kept]
+        objects.append(
+            {
+                "bbox": [[x0, y0, x1 - x0, y1 - y0] for x0, y0, x1, y1 in boxes],
+                "category": [r.labels[k] for k in kept],
+                "segmentation": [polygon(b) for b in boxes],
+            }
+        )
+    rows = {"image": [Image.open(r.image) for r in coco.records], "objects": objects}
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(tmp_path / "hf")
+    _same_masks(read_boxes(str(tmp_path / "hf"), masks=True), coco)
+    image, target = DetectionDataset(read_boxes(str(tmp_path / "hf"), masks=True), None, 10**8)[0]
+    assert target["masks"].shape == (len(target["boxes"]), *image.shape[-2:])

@@ -83,7 +83,8 @@ def read_boxes(
     when reading a val set); a category outside it is a bad annotation. Bad annotations raise one DataError naming
     them, or with `on_bad_sample="skip"` drop their images and are listed in `skipped`. `image_root`: where COCO
     file names are relative to (default: the JSON's folder). `split` picks the YOLO/VOC/`datasets` split.
-    `masks`: also read each object's mask (a mask detector); only COCO `segmentation` carries them."""
+    `masks`: also read each object's mask (a mask detector): COCO `segmentation`, YOLO polygon lines (segmentation
+    labels), a `datasets` `objects.segmentation`; VOC holds boxes only."""
     from visiontune.detect import readers
 
     if path.startswith("builtin:"):
@@ -91,22 +92,22 @@ def read_boxes(
     where = Path(path).expanduser()
     if where.is_file() and where.suffix.lower() == ".json":
         return readers.read_coco(where, class_names, on_bad_sample, image_root, max_image_pixels, masks)
-    if masks and (where.exists() or hub_id_or_missing(path, "Detection")):
-        raise DataError(
-            f"{path} holds boxes only, but detector maskrcnn learns each object's mask; give a COCO .json whose "
-            "annotations have `segmentation` polygons or RLE (or builtin:mnist-detect), or use a box detector."
-        )
     if where.is_file() and where.suffix.lower() in (".yaml", ".yml"):
-        return readers.read_yolo(where, split, class_names, on_bad_sample, max_image_pixels)
+        return readers.read_yolo(where, split, class_names, on_bad_sample, max_image_pixels, masks)
     if where.is_dir():
         if (where / "data.yaml").is_file():
-            return readers.read_yolo(where / "data.yaml", split, class_names, on_bad_sample, max_image_pixels)
+            return readers.read_yolo(where / "data.yaml", split, class_names, on_bad_sample, max_image_pixels, masks)
         if (where / "Annotations").is_dir():
+            if masks:
+                raise DataError(
+                    f"{path} is a Pascal VOC detection set (boxes only), but detector maskrcnn learns each object's "
+                    "mask; give COCO `segmentation`, YOLO polygon labels or a `datasets` `objects.segmentation`."
+                )
             return readers.read_voc(where, split, class_names, on_bad_sample, max_image_pixels)
         if (where / "dataset_info.json").is_file() or (where / "dataset_dict.json").is_file():
-            return readers.read_hf(where, split, class_names, on_bad_sample, max_image_pixels)
-    if hub_id_or_missing(path, "Detection"):
-        return readers.read_hf(path, split, class_names, on_bad_sample, max_image_pixels)  # a hub id, cached offline
+            return readers.read_hf(where, split, class_names, on_bad_sample, max_image_pixels, masks)
+    if hub_id_or_missing(path, "Detection"):  # a hub id, cached offline
+        return readers.read_hf(path, split, class_names, on_bad_sample, max_image_pixels, masks)
     raise DataError(
         f"{path} is not a detection set visiontune reads; use a COCO .json file, a YOLO data.yaml (or its folder), "
         "a Pascal VOC folder (Annotations/ + JPEGImages/), a `datasets` dataset with an `objects` column, or "

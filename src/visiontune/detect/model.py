@@ -24,8 +24,9 @@ DEFAULT_SIZE = 512  # torchvision detectors: longest image side when the recipe 
 LEVELS = 3  # feature levels the FPN takes: the backbone's last three (strides 8/16/32 on the usual CNNs)
 ONE_BASED = ("faster_rcnn", "ssdlite", "maskrcnn")  # torchvision detectors whose class 0 is background
 MASK_HEAD_LAYERS = 4  # Mask R-CNN's mask head: torchvision's four 3x3 convs, at the FPN's width (not 256: CPU cost)
-# Mask R-CNN's RoIs sampled per training image (torchvision: 512): 128 halved a CPU step of EfficientNet-Lite0 at 128 px
-# (4.2 -> 1.7 s for 8 MNIST canvases); a quarter of them are still objects, plenty below ~30 objects an image.
+# Mask R-CNN's RoIs sampled per training image (torchvision: 512, for COCO's crowded images): its box head runs on each,
+# so 128 keeps a CPU step affordable (about 2.5x faster for 8 MNIST canvases in a one-off probe, not a benchmark);
+# a quarter of them are still objects, plenty for images of up to ~30 objects.
 MASK_RCNN_ROI_SAMPLES = 128
 # Parameter names of the class / box predictors of the transformers detection families (DETR, Conditional and
 # Deformable DETR, RT-DETR, D-FINE, YOLOS): what a linear probe trains and LoRA keeps fully trainable.

@@ -5,7 +5,8 @@ of the displayed image, checks them and applies data.on_bad_sample.
 - COCO JSON: `images` / `annotations` (bbox xywh) / `categories` (ids need not be contiguous; classes ordered by
   id). `iscrowd: 1` is kept as a crowd region. File names are relative to `image_root` (default: the JSON's folder).
   Read with masks (detector maskrcnn), every annotation's `segmentation` (polygons, RLE, crowd RLE) is checked
-  (detect/masks.py) and kept with its box; the other formats hold boxes only.
+  (detect/masks.py) and kept with its box. YOLO polygon lines and a `datasets` `objects.segmentation` give masks too;
+  VOC holds boxes only.
 - YOLO: `data.yaml` with `names` (list or {id: name}), optional `path` (relative to the yaml) and `train`/`val`/
   `test`: image folders, `.txt` lists of images, or lists of those. An image's labels are at the same path with the
   last `images` folder renamed `labels` and the suffix `.txt` (Ultralytics' rule); no label file = a negative. A line
@@ -141,21 +142,23 @@ def _record(i: int, raw: RawImage, info: ImageInfo, problems: list[Problem]) -> 
     boxes, labels, crowd, segments = [], [], [], []
     frame = info.stored if turn else info.displayed  # where the file draws its shapes
     for ann in raw.anns:
-        box = ann.box
+        box, shape = ann.box, ann.segmentation
         if raw.normalized:
             box = (box[0] * width, box[1] * height, box[2] * width, box[3] * height)
+            if shape is not None:  # a YOLO polygon, in fractions of the displayed image
+                shape = [[v * (width, height)[k % 2] for k, v in enumerate(polygon)] for polygon in shape]
         elif turn:
             box = exif_box(box, info.orientation, *info.stored)
         box, reason = check_box(box, width, height)
-        if not reason and ann.segmentation is not None:
-            reason = segmentation_problem(ann.segmentation, *frame)
+        if not reason and shape is not None:
+            reason = segmentation_problem(shape, *frame)
         if reason:
             problems.append(Problem(i, ann.ref, reason))
             continue
         boxes.append(box)
         labels.append(ann.label)
         crowd.append(ann.crowd)
-        segments.append(ann.segmentation)
+        segments.append(shape)
     shapes = segments if any(s is not None for s in segments) else None
     turned = info.orientation if turn else 1
     return BoxRecord(raw.image, boxes, labels, crowd, width, height, raw.source, raw.row, shapes, turned)
@@ -318,7 +321,9 @@ def _xywh(value: Any) -> Box | None:
 # ------------------------------------------------------------------------------------------------ YOLO
 
 
-def read_yolo(path: Path, split: str, class_names: list[str] | None, on_bad_sample: str, max_pixels: int) -> BoxDataset:
+def read_yolo(
+    path: Path, split: str, class_names: list[str] | None, on_bad_sample: str, max_pixels: int, masks: bool = False
+) -> BoxDataset:
     spec = _load_yaml(path)
     names = spec.get("names")
     if isinstance(names, list):
@@ -335,9 +340,9 @@ def read_yolo(path: Path, split: str, class_names: list[str] | None, on_bad_samp
     images, label_dirs = _yolo_images(spec[split], root, path, split)
     raws, problems = [], []
     for image in images:
-        raws.append(_yolo_labels(image, len(raws), classes, problems))
+        raws.append(_yolo_labels(image, len(raws), classes, problems, masks))
     _orphan_labels(images, label_dirs, problems)
-    return assemble(raws, problems, classes, on_bad_sample, f"{path} ({split})", max_pixels)
+    return assemble(raws, problems, classes, on_bad_sample, f"{path} ({split})", max_pixels, masks=masks)
 
 
 def _load_yaml(path: Path) -> dict:
@@ -376,18 +381,20 @@ def _label_path(image: Path) -> Path:
     return Path((head + f"{sep}labels{sep}" + tail) if found else text).with_suffix(".txt")
 
 
-def _yolo_labels(image: Path, index: int, classes: Classes, problems: list[Problem]) -> RawImage:
+def _yolo_labels(image: Path, index: int, classes: Classes, problems: list[Problem], masks: bool) -> RawImage:
     label_file = _label_path(image)
     raw = RawImage(str(image), str(image), normalized=True)
     if not label_file.is_file():
         return raw  # no label file: a negative, as in Ultralytics
     for n, line in enumerate(read_text(label_file).splitlines(), start=1):
         if line.strip():
-            _yolo_line(line.split(), f"{label_file} line {n}", raw, index, classes, problems)
+            _yolo_line(line.split(), f"{label_file} line {n}", raw, index, classes, problems, masks)
     return raw
 
 
-def _yolo_line(values: list[str], ref: str, raw: RawImage, index: int, classes: Classes, problems: list) -> None:
+def _yolo_line(
+    values: list[str], ref: str, raw: RawImage, index: int, classes: Classes, problems: list, masks: bool = False
+) -> None:
     try:
         cls, coords = int(float(values[0])), [float(v) for v in values[1:]]
     except ValueError:
@@ -403,12 +410,15 @@ def _yolo_line(values: list[str], ref: str, raw: RawImage, index: int, classes: 
     label = classes.lookup(cls, ref, problems, index)
     if label is None:
         return
+    if len(coords) == 4 and masks:
+        problems.append(Problem(index, ref, "is a box line; detector maskrcnn needs polygon lines `class x1 y1 ...`"))
+        return
     if len(coords) == 4:
         cx, cy, w, h = coords
         box = (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
-    else:  # a polygon (YOLO segmentation labels): its bounding box
+    else:  # a polygon (YOLO segmentation labels): its bounding box, and its mask when masks are read
         box = (min(coords[0::2]), min(coords[1::2]), max(coords[0::2]), max(coords[1::2]))
-    raw.anns.append(RawAnn(ref, box, label))
+    raw.anns.append(RawAnn(ref, box, label, segmentation=[coords] if masks else None))
 
 
 def _orphan_labels(images: list[Path], label_dirs: list[Path], problems: list[Problem]) -> None:
@@ -507,7 +517,12 @@ def _voc_box(node: ET.Element | None) -> Box | None:
 
 
 def read_hf(
-    path: str | Path, split: str, class_names: list[str] | None, on_bad_sample: str, max_pixels: int
+    path: str | Path,
+    split: str,
+    class_names: list[str] | None,
+    on_bad_sample: str,
+    max_pixels: int,
+    masks: bool = False,
 ) -> BoxDataset:
     import datasets
 
@@ -527,19 +542,24 @@ def read_hf(
     else:
         file_classes = list(enumerate(names))
     classes = pick_classes(file_classes, class_names, str(path))
+    if masks and not any(any(_hf_objects(obj)[2]) for obj in rows):
+        raise DataError(
+            f"{path} has no `segmentation` in its `{objects_col}`, but detector maskrcnn learns each object's mask; "
+            "add COCO polygons or RLE per object, or use a box detector (detector: faster_rcnn)."
+        )
     raws, problems = [], []
     for i, obj in enumerate(rows):
         raw = RawImage(f"{path}[{i}]", f"{path} row {i}", row=i)
-        for n, (bbox, category) in enumerate(zip(*_hf_objects(obj), strict=False)):
+        for n, (bbox, category, shape) in enumerate(zip(*_hf_objects(obj), strict=False)):
             ref = f"{path} row {i} object {n}"
             label, box = classes.lookup(category, ref, problems, i), _xywh(bbox)
             if box is None:
                 problems.append(Problem(i, ref, f"has bbox {bbox!r}, not [x, y, width, height]"))
             elif label is not None:
-                raw.anns.append(RawAnn(ref, box, label))
+                raw.anns.append(RawAnn(ref, box, label, segmentation=(shape or []) if masks else None))
         raws.append(raw)
     source = lambda i: hf_image_value(ds, i, image_col)  # noqa: E731
-    return assemble(raws, problems, classes, on_bad_sample, str(path), max_pixels, source, ds, image_col)
+    return assemble(raws, problems, classes, on_bad_sample, str(path), max_pixels, source, ds, image_col, masks)
 
 
 def _hf_category_names(feature: Any) -> list[str] | None:
@@ -555,11 +575,18 @@ def _hf_category_names(feature: Any) -> list[str] | None:
     return None
 
 
-def _hf_objects(obj: Any) -> tuple[list, list]:
-    """(bboxes, categories) of one row's `objects`, stored as {bbox: [...], category: [...]} or [{bbox, category}]."""
+def _hf_objects(obj: Any) -> tuple[list, list, list]:
+    """(bboxes, categories, segmentations or Nones) of one row's `objects`, stored as {bbox: [...], category: [...],
+    segmentation: [...]} or [{bbox, category, segmentation}]."""
     if isinstance(obj, dict):
-        return list(obj.get("bbox") or []), list(obj.get("category") or [])
-    return [o.get("bbox") for o in obj or []], [o.get("category") for o in obj or []]
+        boxes = list(obj.get("bbox") or [])
+        return boxes, list(obj.get("category") or []), list(obj.get("segmentation") or [None] * len(boxes))
+    objects = obj or []
+    return (
+        [o.get("bbox") for o in objects],
+        [o.get("category") for o in objects],
+        [o.get("segmentation") for o in objects],
+    )
 
 
 # ------------------------------------------------------------------------------------------------ builtin

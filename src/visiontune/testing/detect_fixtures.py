@@ -142,7 +142,8 @@ def _voc_xml(name: str, image: np.ndarray, boxes: list, labels: list[int]) -> st
 def write_instance_sets(out: Path, n: int = 12, n_val: int = 4) -> dict[str, Path]:
     """The COCO set of `write_detection_sets` with each rectangle's mask as `segmentation`, in every form COCO has:
     a polygon (objects 0, 3, ...), a compressed RLE (1, 4, ...), an uncompressed RLE (2, 5, ...); plus one crowd
-    region (an uncompressed RLE, iscrowd 1) on the first image. Keys coco-train / coco-val."""
+    region (an uncompressed RLE, iscrowd 1) on the first image. Keys coco-train / coco-val, and yolo: the same
+    rectangles as Ultralytics polygon labels (no crowd region: YOLO has none)."""
     samples = detection_samples(n)
     splits = {"train": list(range(n - n_val)), "val": list(range(n - n_val, n))}
     categories = [{"id": c, "name": name} for c, name in zip(COCO_IDS, CLASSES, strict=True)]
@@ -177,7 +178,25 @@ def write_instance_sets(out: Path, n: int = 12, n_val: int = 4) -> dict[str, Pat
             )
         return anns
 
-    return write_coco(out / "coco-masks", [s[0] for s in samples], splits, categories, annotate)
+    paths = write_coco(out / "coco-masks", [s[0] for s in samples], splits, categories, annotate)
+    paths["yolo"] = _write_yolo_polygons(out / "yolo-seg", samples, splits)
+    return paths
+
+
+def _write_yolo_polygons(root: Path, samples: list, splits: dict[str, list[int]]) -> Path:
+    """Ultralytics segmentation labels: `class x1 y1 x2 y2 ...`, each rectangle's corners in fractions."""
+    _write_yolo(root, samples, splits)
+    for split, indices in splits.items():
+        for i in indices:
+            image, boxes, labels = samples[i]
+            h, w = image.shape[:2]
+            lines = [
+                f"{label} " + " ".join(f"{x / w:.6f} {y / h:.6f}" for x, y in ((x0, y0), (x1, y0), (x1, y1), (x0, y1)))
+                for (x0, y0, x1, y1), label in zip(boxes, labels, strict=True)
+            ]
+            if lines:
+                (root / "labels" / split / f"{_name(i)}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root / "data.yaml"
 
 
 def rectangle_shape(form: int, mask: np.ndarray, box: tuple[int, ...]) -> list | dict:
