@@ -504,6 +504,8 @@ ALT: dict[str, Any] = {
     "vlm_assemble:train.metric": "exact_match",
     "train.early_stopping_patience": 2,
     "train.precision": "bf16",
+    "tune.dtype": "bf16",  # auto loads the fixtures' saved fp32, as fp32 does
+    "tune.qlora_bits": 8,
     "train.cpu": lambda w: _has_gpu(),  # the opposite of what the unset key picks on this machine
     "train.deepspeed": "zero2",
     "train.fsdp": "full_shard auto_wrap",
@@ -581,6 +583,7 @@ CONTEXT: dict[str, Any] = {
         "tune.unfreeze": [{"epoch": 0, "blocks": 1}, {"epoch": 2, "blocks": "all"}],
     },
     "tune.train_language": {"tune.method": "full"},
+    "tune.qlora_bits": {"tune.method": "qlora"},
     "stage": {"data.train": lambda w: w["convs"]},  # conversations serve both stages
     "vlm_assemble:image_size": {"vision": lambda w: f"timm:local-dir:{w.fx / 'timm-cnn'}"},  # a ViT's size is fixed
     "vlm_assemble:tune.*": {"stage": "instruct", "data.train": lambda w: w["convs"]},

@@ -65,6 +65,14 @@ class VlmTuneConfig(Strict):
     train_vision: bool = False
     train_projector: bool = True
     train_language: bool = True
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="dtype the weights load in (transformers `dtype`); auto: the checkpoint's saved dtype. bf16/fp16 "
+        "halve the weights' memory; training then updates them in that dtype (train.precision sets the compute).",
+    )
+    qlora_bits: Literal[4, 8] = Field(
+        4, description="tune.method qlora: the language model's Linear layers load in 4-bit nf4 or 8-bit (LLM.int8)."
+    )
 
     @model_validator(mode="after")
     def _inert_keys(self, info: ValidationInfo) -> VlmTuneConfig:
@@ -81,6 +89,14 @@ class VlmTuneConfig(Strict):
                 not full,
                 "with tune.method: full (LoRA and QLoRA always adapt the language model)",
                 "set tune.method: full",
+            ),
+            Inert(("qlora_bits",), self.method != "qlora", "with tune.method: qlora", "set tune.method: qlora"),
+            # PEFT's prepare_model_for_kbit_training casts every unquantised weight to fp32 for a stable QLoRA
+            Inert(
+                ("dtype",),
+                self.method == "qlora",
+                "with tune.method full or lora (QLoRA keeps its unquantised weights in fp32)",
+                "set one of those methods",
             ),
         ]
         refuse_inert(self, info, rules, prefix="tune.")

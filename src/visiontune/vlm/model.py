@@ -40,16 +40,17 @@ FAMILY_PARTS: dict[str, Parts] = {
 
 
 def load_vlm(cfg: VlmSftConfig) -> tuple[nn.Module, Any]:
-    """Model + processor from a hub id or folder; QLoRA loads the language model in 4-bit nf4."""
+    """Model + processor from a hub id or folder, weights in `tune.dtype`; QLoRA loads the language model's Linear
+    layers in 4-bit nf4 or 8-bit (`tune.qlora_bits`)."""
     from transformers import AutoModelForImageTextToText
 
     location = _location(cfg.model)
     instead = "a local folder (`visiontune fixtures DIR` writes tiny ones to try a recipe)"
     config = pretrained_config(location, "model", cfg.model, instead)
     family = family_of(config.model_type, cfg.model)
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"dtype": DTYPES.get(cfg.tune.dtype, "auto")}
     if cfg.tune.method == "qlora":
-        kwargs["quantization_config"] = _four_bit(family)
+        kwargs["quantization_config"] = quantization_config(family, cfg.tune.qlora_bits, cfg.train.precision)
     model = AutoModelForImageTextToText.from_pretrained(location, **kwargs)
     model.visiontune_family = family
     return model, load_processor(cfg)
@@ -150,16 +151,24 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
 
 
-def _four_bit(family: str) -> Any:
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # tune.dtype; auto: the checkpoint's
+
+
+def quantization_config(family: str, bits: int, precision: str) -> Any:
+    """bitsandbytes settings for QLoRA: the language model's Linear layers in 4-bit nf4 (double quantised) or 8-bit
+    LLM.int8; the vision tower, projector and lm_head stay unquantised. 4-bit layers compute in train.precision's
+    dtype (bf16/fp16 halve the dequantised weights and the matmul; fp32 is the exact one)."""
     from transformers import BitsAndBytesConfig
 
     parts = FAMILY_PARTS[family]
     skip = [p.rstrip(".") for p in (*parts.vision, *parts.projector)] + ["lm_head"]
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_compute_dtype=DTYPES[precision],
         llm_int8_skip_modules=skip,
     )
 
