@@ -428,6 +428,7 @@ ALT: dict[str, Any] = {
     "vlm_preference:model": lambda w: w["vlm2"],
     "output_dir": lambda w: str(w.root / "runs" / "elsewhere"),
     "seed": 7,
+    "train.global_batch_size": 16,  # a multiple of every base recipe's batch (4, 8): sets grad_accum
     "chat_template": CHAT_TEMPLATE,
     "init_from": lambda w: w["clip_state"],
     "vlm_assemble:init_from": lambda w: w["align_run"],

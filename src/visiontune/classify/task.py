@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -242,14 +243,15 @@ class ClassifierTrainer(VisiontuneTrainer):
     drop_lone_batch = False
 
     def get_train_dataloader(self):
-        self.args.dataloader_drop_last = self.drop_lone_batch
+        drop = self.drop_lone_batch
+        self.args.dataloader_drop_last = drop(self.args.per_device_train_batch_size) if callable(drop) else drop
         try:
             return super().get_train_dataloader()
         finally:
             self.args.dataloader_drop_last = False
 
 
-def lone_last_batch(model: torch.nn.Module, samples: int, batch_size: int) -> bool:
+def lone_last_batch(model: torch.nn.Module, samples: int, batch_size: int | str) -> bool | Callable[[int], bool]:
     """Whether to drop each epoch's last training batch: only when it would hold one sample and the model has
     BatchNorm, which cannot normalise a batch of one in training ("Expected more than 1 value per channel", at the
     end of the first epoch). The order is reshuffled every epoch, so a different sample sits out each time; models
@@ -262,6 +264,8 @@ def lone_last_batch(model: torch.nn.Module, samples: int, batch_size: int) -> bo
             "The training data has one image per process, and the model's BatchNorm layers cannot train on a batch "
             "of one; add images (or train on fewer processes)."
         )
+    if batch_size == "auto":  # chosen when the run starts (train.batch_size: auto): the trainer decides then
+        return lambda batch: per_process % batch == 1
     return per_process % batch_size == 1
 
 

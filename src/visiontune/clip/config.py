@@ -37,6 +37,8 @@ class ClipTrainConfig(ClassifierTrainConfig):
 
 
 class ContrastiveTrainConfig(EmaTrainConfig):
+    # the batch is also the set of in-batch negatives, part of the loss: never chosen by memory (no `auto`)
+    batch_size: int = Field(32, gt=0, description="Per device; also the number of in-batch negatives.")
     lr: float = Field(1e-5, gt=0)
     weight_decay: float = Field(0.1, ge=0)
     epochs: float = Field(1, gt=0)

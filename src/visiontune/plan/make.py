@@ -40,12 +40,14 @@ def build_fit(task: Task, cfg: BaseModel, data: Any, folder: Path) -> tuple[Base
 
 
 def make_plan(task: Task, cfg: BaseModel, steps: int = TIMED_STEPS) -> dict[str, Any]:
-    from visiontune.run.runner import make_trainer, skipped_json
+    from visiontune.run.runner import make_trainer, settled_batch, skipped_json
 
     cfg = plan_config(cfg)
     data = task.prepare(cfg)
     with tempfile.TemporaryDirectory(prefix="visiontune-plan-") as tmp:
         cfg, fit = build_fit(task, cfg, data, Path(tmp))
+        auto = cfg.train.batch_size == "auto"
+        cfg = settled_batch(cfg, fit)  # the batch `train.batch_size: auto` would choose now
         trainer = make_trainer(cfg, fit, Path(tmp))
         probe = StepProbe(trainer)
         plan: dict[str, Any] = {
@@ -54,7 +56,7 @@ def make_plan(task: Task, cfg: BaseModel, steps: int = TIMED_STEPS) -> dict[str,
             "samples": {**task.sizes(data), "skipped": len(task.skipped(data))},
             "skipped": skipped_json(task.skipped(data)),
             "parameters": parameter_counts(fit.model),
-            "batch": batch_settings(cfg, trainer),
+            "batch": {**batch_settings(cfg, trainer), "auto": auto},
             "precision": cfg.train.precision,
             "method": method(cfg),
         }

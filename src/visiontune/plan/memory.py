@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 # Bytes of optimiser state per trainable parameter element, in units of the parameter's own element size.
-OPTIMIZER_SLOTS = {"adamw": 2, "sgd": 1, "sgd_no_momentum": 0}
+# 8-bit AdamW keeps its two moments in one byte each: half a slot of an fp32 parameter.
+OPTIMIZER_SLOTS = {"adamw": 2.0, "paged_adamw": 2.0, "adamw_8bit": 0.5, "paged_adamw_8bit": 0.5, "sgd": 1.0}
 
 
 @dataclass
@@ -61,10 +62,10 @@ def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def optimizer_slots(optimizer: str, momentum: float) -> int:
+def optimizer_slots(optimizer: str, momentum: float) -> float:
     if optimizer == "sgd" and momentum == 0:
-        return OPTIMIZER_SLOTS["sgd_no_momentum"]
-    return OPTIMIZER_SLOTS.get(optimizer, 2)  # an unknown optimiser: assume Adam-like, the common worst case
+        return 0.0
+    return OPTIMIZER_SLOTS.get(optimizer, 2.0)  # an unknown optimiser: assume Adam-like, the common worst case
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
@@ -134,7 +135,7 @@ def estimate_memory(
     return MemoryEstimate(
         weights=weight_bytes(model),
         gradients=grads,
-        optimizer=grads * optimizer_slots(optimizer, momentum),
+        optimizer=int(grads * optimizer_slots(optimizer, momentum)),
         batch=batch_bytes(batch),
         activations=saved,
         working=working,

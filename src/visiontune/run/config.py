@@ -13,9 +13,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 # Validation context under which inert keys are refused: `visiontune.recipe.parse_config` validates every recipe
@@ -119,8 +119,18 @@ class EmaConfig(Strict):
 class TrainConfig(Strict):
     epochs: float = Field(3, gt=0)
     max_steps: int = Field(-1, description="Stops after this many optimiser steps if > 0 (overrides epochs).")
-    batch_size: int = Field(32, gt=0, description="Per device.")
+    batch_size: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
+        32,
+        description="Per device. auto: the largest that fits in memory (probed when the run starts, halving from "
+        "the data's size; written to config.yaml and summary.json).",
+    )
     grad_accum: int = Field(1, gt=0)
+    global_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="Samples per optimiser step over all processes; sets grad_accum to global_batch_size / "
+        "(batch_size x processes), which must divide evenly (with batch_size: auto, the batch is chosen so it does).",
+    )
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -147,6 +157,25 @@ class TrainConfig(Strict):
     def _inert_keys(self, info: ValidationInfo) -> TrainConfig:
         sgd = Inert(("momentum",), self.optimizer != "sgd", "with train.optimizer: sgd", "set train.optimizer: sgd")
         refuse_inert(self, info, [sgd], prefix="train.")
+        return self
+
+    @field_validator("batch_size", mode="wrap")
+    @classmethod
+    def _batch_size(cls, value: Any, handler: Any) -> Any:
+        # one message, not one per member of the union
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError("must be a whole number above 0 or auto") from None
+
+    @model_validator(mode="after")
+    def _one_accumulation(self, info: ValidationInfo) -> TrainConfig:
+        # a recipe only: a run's config.yaml records both (grad_accum as the global batch set it)
+        recipe = (info.context or {}).get("recipe")
+        if recipe and self.global_batch_size is not None and written(self, "grad_accum"):
+            raise ValueError(
+                "train.grad_accum and train.global_batch_size both set the gradient accumulation; remove one"
+            )
         return self
 
     @model_validator(mode="after")

@@ -31,7 +31,7 @@ from visiontune.run.task import Fit, Skipped, Task
 class RunStart:
     run_dir: Path
     checkpoint: Path | None  # the checkpoint to resume from; None for a fresh run
-    begin: Callable[[], None] = lambda: None  # see open_run's `defer`; a no-op on ranks other than 0
+    begin: Callable[..., None] = lambda cfg=None: None  # see open_run's `defer`; a no-op on ranks other than 0
 
 
 def run_task(task: Task, cfg: BaseModel, overwrite: bool = False, resume: bool = False) -> Path:
@@ -40,13 +40,15 @@ def run_task(task: Task, cfg: BaseModel, overwrite: bool = False, resume: bool =
     check_launch_environment()  # a refused launch must not leave a run folder behind
     checkpoint = resume_point(run_dir, resume, resume_wanted(resume, cfg.train.resume, overwrite))
     if checkpoint is not None:
+        cfg = resumed_batch(run_dir, cfg)
         check_resume_matches(run_dir, cfg)
     data = task.prepare(cfg)  # every data error surfaces here, before a run folder exists
     if checkpoint is not None:
         check_resume_data(run_dir, task, data)
     run = open_run(cfg, run_dir, overwrite, checkpoint, task.skipped(data), defer=True)
     fit = task.build(cfg, data, run_dir)
-    run.begin()  # only now, with data and model loaded, may --overwrite remove the previous run's files
+    cfg = settled_batch(cfg, fit)  # train.batch_size: auto / global_batch_size -> the numbers config.yaml records
+    run.begin(cfg)  # only now, with data and model loaded, may --overwrite remove the previous run's files
     write_data_report(run_dir, task, data)
     trainer = make_trainer(cfg, fit, run_dir)
     after = fit_and_evaluate(task, cfg, fit, trainer, data, run)
@@ -56,6 +58,28 @@ def run_task(task: Task, cfg: BaseModel, overwrite: bool = False, resume: bool =
         state = {"best_checkpoint": trainer.state.best_model_checkpoint, "global_step": trainer.state.global_step}
         write_summary(run_dir, cfg, task, data, start, state, after, extras)
     return run_dir
+
+
+def settled_batch(cfg: BaseModel, fit: Fit) -> BaseModel:
+    from visiontune.plan.batch import needs_settling, settle_batch
+    from visiontune.run.distributed import launched_world_size
+
+    return settle_batch(cfg, fit, launched_world_size()) if needs_settling(cfg.train) else cfg
+
+
+def resumed_batch(run_dir: Path, cfg: BaseModel) -> BaseModel:
+    """A resumed `train.batch_size: auto` run trains with the batch the run chose when it started (config.yaml)."""
+    import yaml
+
+    saved = run_dir / "config.yaml"
+    if cfg.train.batch_size != "auto" or not saved.is_file():
+        return cfg
+    from visiontune.plan.batch import with_batch
+
+    train = (yaml.safe_load(saved.read_text()) or {}).get("train", {})
+    if not isinstance(train.get("batch_size"), int):
+        return cfg
+    return with_batch(cfg, train["batch_size"], train.get("grad_accum", cfg.train.grad_accum))
 
 
 def check_resume_data(run_dir: Path, task: Task, data: Any) -> None:
@@ -82,6 +106,8 @@ def write_summary(
         "skipped_samples": skipped_json(task.skipped(data)),
         **state,
         "final_metrics": after.get("metrics", {}),
+        "batch_size": cfg.train.batch_size,
+        "grad_accum": cfg.train.grad_accum,
         **extras,
     }
     write_json(run_dir / "summary.json", summary)
@@ -164,10 +190,11 @@ def open_run(
         else:
             lock_run_dir(run_dir)  # between the stages of a resumed run: nothing to check, still one writer
 
-        def begin() -> None:
+        def begin(settled: BaseModel | None = None) -> None:
+            """`settled`: the recipe with what the run decided when it started (the batch of batch_size: auto)."""
             if opened is not None:
                 opened.begin()
-            dump_config(cfg, run_dir / "config.yaml")
+            dump_config(settled or cfg, run_dir / "config.yaml")
             announce(run_dir, checkpoint, skipped)
 
         run.begin = begin
@@ -207,6 +234,7 @@ def make_trainer(cfg: BaseModel, fit: Fit, run_dir: Path) -> Any:
     from visiontune.run.optim import build_optimizer
     from visiontune.run.trainer import VisiontuneTrainer
 
+    cfg = settled_batch(cfg, fit)  # a staged task's stage (or a caller that did not settle it)
     train = cfg.train
     validate = fit.eval_dataset is not None and len(fit.eval_dataset) > 0
     report_to = tracking(cfg.track, run_dir)
