@@ -45,7 +45,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import torch  # noqa: E402
-from bench_vlm_sft import PRELOAD, build_qwen2_vl, current_rss_kib, peak_rss_kib, quiet, run, trl_lora_config  # noqa: E402
+from bench_vlm_sft import PRELOAD, build_qwen2_vl, current_rss_kib, peak_rss_kib, quiet, run, trl_lora_config  # noqa: E402, I001
 from PIL import Image, ImageDraw  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
@@ -54,7 +54,30 @@ MiB = 1024
 BATCH = 4
 
 
-def make_pairs(root: Path, n: int = 64, seed: int = 0) -> Path:
+def build_vision_heavy(out: Path, depth: int, width: int) -> Path:
+    """bench_vlm_sft's Qwen2-VL with a deeper / wider vision tower (`--vision-depth`, `--vision-width`) and images
+    up to 224^2 pixels (64 tokens after the 2x2 merge): where a pair's second image encoding costs what it costs on
+    real VLMs (a large share of the step)."""
+    import json as _json
+
+    build_qwen2_vl(out)
+    config = _json.loads((out / "config.json").read_text())
+    config["vision_config"].update(depth=depth, embed_dim=width, num_heads=max(2, width // 32))
+    from transformers import AutoConfig, Qwen2VLForConditionalGeneration
+
+    (out / "config.json").write_text(_json.dumps(config))
+    processor = _json.loads((out / "processor_config.json").read_text())
+    processor["image_processor"]["size"]["longest_edge"] = 224 * 224  # the fixture caps images at 112^2 pixels
+    (out / "processor_config.json").write_text(_json.dumps(processor))
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(AutoConfig.from_pretrained(out))
+    for f in out.glob("*.safetensors"):
+        f.unlink()
+    model.save_pretrained(out)
+    return out
+
+
+def make_pairs(root: Path, n: int = 64, seed: int = 0, sizes: tuple[int, int] = (80, 160)) -> Path:
     from visiontune.testing.vlm_fixtures import corpus
 
     rng = random.Random(seed)
@@ -62,7 +85,7 @@ def make_pairs(root: Path, n: int = 64, seed: int = 0) -> Path:
     (root / "img").mkdir(parents=True, exist_ok=True)
     records = []
     for i in range(n):
-        w, h = rng.randint(80, 160), rng.randint(80, 160)
+        w, h = rng.randint(*sizes), rng.randint(*sizes)
         image = Image.new("RGB", (w, h), tuple(rng.randrange(256) for _ in range(3)))
         ImageDraw.Draw(image).rectangle((w // 4, h // 4, w // 2, h // 2), fill=tuple(rng.randrange(256) for _ in "rgb"))
         image.save(root / "img" / f"{i}.png")
@@ -170,14 +193,29 @@ def measure(side: str, root: str, total_steps: int, warmup: int, threads: int | 
     }
 
 
-def main(steps: int, warmup: int, rounds: int, sides: list[str], threads: int | None, verbose: bool) -> None:
+def main(
+    steps: int,
+    warmup: int,
+    rounds: int,
+    sides: list[str],
+    threads: int | None,
+    verbose: bool,
+    vision: tuple[int, int] | None = None,
+    sizes: tuple[int, int] = (80, 160),
+) -> None:
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload([*PRELOAD, "trl.trainer.dpo_trainer"])
     with tempfile.TemporaryDirectory(prefix="vt-bench-pref-") as tmp:
         root = Path(tmp)
-        build_qwen2_vl(root / "qwen2_vl")
-        make_pairs(root)
-        print(f"torch {torch.__version__}; {rounds} rounds x {steps} timed steps (+{warmup}), {BATCH} pairs/step")
+        if vision:
+            build_vision_heavy(root / "qwen2_vl", *vision)
+        else:
+            build_qwen2_vl(root / "qwen2_vl")
+        make_pairs(root, sizes=sizes)
+        print(
+            f"torch {torch.__version__}; {rounds} rounds x {steps} timed steps (+{warmup}), {BATCH} pairs/step; "
+            f"vision depth/width {vision or 'of bench_vlm_sft'}; images {sizes[0]}..{sizes[1]} px"
+        )
         results: dict[str, list[dict]] = {s: [] for s in sides}
         for r in range(rounds):
             for side in sides[r % len(sides) :] + sides[: r % len(sides)]:
@@ -202,5 +240,9 @@ if __name__ == "__main__":
     parser.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--vision-depth", type=int, default=None, help="a vision-heavy model: tower depth")
+    parser.add_argument("--vision-width", type=int, default=128)
+    parser.add_argument("--image-px", type=int, nargs=2, default=(80, 160), help="image sides drawn from LO..HI")
     a = parser.parse_args()
-    main(a.steps, a.warmup, a.rounds, a.sides, a.threads, a.verbose)
+    vision = (a.vision_depth, a.vision_width) if a.vision_depth else None
+    main(a.steps, a.warmup, a.rounds, a.sides, a.threads, a.verbose, vision, tuple(a.image_px))
