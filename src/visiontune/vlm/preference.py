@@ -139,9 +139,9 @@ class VlmPreferenceTask(VlmSftTask):
         }
 
     def build(self, cfg: VlmPreferenceConfig, prepared: PreferencePrepared, run_dir: Path) -> Fit:
-        from visiontune.vlm.preference_reference import reference_mode, set_reference
-
         from transformers import set_seed
+
+        from visiontune.vlm.preference_reference import reference_mode, set_reference
 
         set_seed(cfg.seed)  # LoRA's A matrices start from the recipe's seed (the Trainer seeds only later)
         model = apply_tuning(prepared.model, cfg.tune)
@@ -289,9 +289,10 @@ class PreferenceTrainer(VlmTrainer):
             store[mode][key].append(self.accelerator.gather_for_metrics(values.detach()).float().mean().item())
 
     def averaged(self, mode: str) -> dict[str, float]:
+        """The means of what `keep_metrics` kept for `mode` since the last call, which starts a new window."""
         store = self.__dict__.get("_pair_metrics", {}).get(mode, {})
         means = {k: sum(v) / len(v) for k, v in store.items() if v}
-        store.clear() if store else None
+        store.clear()
         return means
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
