@@ -42,9 +42,9 @@ def _config(model: Path, **sections: dict) -> object:
 
 @pytest.mark.parametrize(("dtype", "torch_dtype"), [("bf16", torch.bfloat16), ("fp16", torch.float16)])
 def test_weights_load_in_the_recipes_dtype(qwen2_vl, dtype, torch_dtype):
-    model, _ = load_vlm(_config(qwen2_vl, tune={"method": "full", "dtype": dtype}))
+    model, _ = load_vlm(_config(qwen2_vl, tune={"method": "lora", "dtype": dtype}))
     assert {p.dtype for p in model.parameters()} == {torch_dtype}
-    auto, _ = load_vlm(_config(qwen2_vl, tune={"method": "full"}))
+    auto, _ = load_vlm(_config(qwen2_vl, tune={"method": "lora"}))
     assert {p.dtype for p in auto.parameters()} == {torch.float32}  # the fixture was saved in fp32
 
 
@@ -81,6 +81,8 @@ def test_keys_refused_where_they_cannot_act(qwen2_vl):
         _config(qwen2_vl, tune={"method": "lora", "qlora_bits": 8})
     with pytest.raises(Exception, match="tune.dtype acts only with tune.method full or lora"):
         _config(qwen2_vl, tune={"method": "qlora", "dtype": "bf16"})
+    with pytest.raises(Exception, match="fp16 weights with no loss scaling"):
+        _config(qwen2_vl, tune={"method": "full", "dtype": "fp16"})
 
 
 @pytest.mark.parametrize(
@@ -89,9 +91,10 @@ def test_keys_refused_where_they_cannot_act(qwen2_vl):
         ({"method": "qlora", "qlora_bits": 8}, {}),
         ({"method": "qlora"}, {"precision": "bf16"}),
         ({"method": "lora", "dtype": "bf16"}, {"precision": "bf16"}),
+        ({"method": "lora", "dtype": "fp16"}, {"precision": "fp16"}),
         ({"method": "full", "dtype": "bf16"}, {}),
     ],
-    ids=["8bit", "4bit-bf16-compute", "lora-bf16-weights", "full-bf16-weights"],
+    ids=["8bit", "4bit-bf16-compute", "lora-bf16-weights", "lora-fp16-weights", "full-bf16-weights"],
 )
 def test_two_training_steps(qwen2_vl, conversations, tmp_path, write_recipe, cli, monkeypatch, tune, train):
     """The run trains: a finite loss logged at each of the two optimiser steps."""

@@ -100,6 +100,12 @@ class VlmTuneConfig(Strict):
             ),
         ]
         refuse_inert(self, info, rules, prefix="tune.")
+        if full and self.dtype == "fp16":
+            # AdamW updates the fp16 weights themselves, with no loss scaling: a fixture's loss was NaN at step 2
+            raise ValueError(
+                "tune.dtype: fp16 with tune.method: full trains fp16 weights with no loss scaling and overflows; "
+                "use tune.dtype: bf16, or tune.method lora (its adapters train in fp32)"
+            )
         return self
 
 
