@@ -35,6 +35,22 @@ class VisiontuneTrainer(Trainer):
             inputs["pixel_values"], inputs["labels"] = self.batch_mixer(inputs["pixel_values"], inputs["labels"])
         return super().training_step(model, inputs, num_items_in_batch)
 
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        """Trainer lacks: an evaluation of the same weights on the same data is not run again. The "after"
+        evaluation (and the trained-weights side of the EMA comparison) usually follows a validation of the very
+        weights training ended with; its results are reused, renamed to the new prefix."""
+        key = evaluation_key(self, dataloader, prediction_loss_only, ignore_keys)
+        last = self._last_evaluation
+        if key is not None and last is not None and last[0] == key:
+            return renamed(last[2], last[1], metric_key_prefix)
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        self._last_evaluation = (key, metric_key_prefix, output) if key is not None else None
+        return output
+
+    _last_evaluation = None  # (key, metric prefix, EvalLoopOutput) of the last evaluation loop
+
     def _save_checkpoint(self, model, trial):
         """Write the checkpoint under `.partial/`, fsync it, then move it into place with one atomic rename, so a
         kill, power cut or full disk mid-save leaves the previous checkpoint as the newest complete one."""
@@ -96,3 +112,47 @@ def _own_generator(loader, seed: int):
 
     getattr(loader, "base_dataloader", loader).generator = torch.Generator().manual_seed(seed)
     return loader
+
+
+def weights_digest(model) -> str | None:
+    """A digest of what training can change: the trainable parameters (names and bytes) and every buffer (BatchNorm
+    statistics). None where the weights are not all here (meta tensors)."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.blake2b(digest_size=16)
+    tensors = [(n, p) for n, p in model.named_parameters() if p.requires_grad] + list(model.named_buffers())
+    for name, tensor in tensors:
+        if tensor.is_meta:
+            return None
+        digest.update(name.encode())
+        data = tensor.detach().reshape(-1).contiguous().cpu()
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
+
+
+def evaluation_key(trainer, dataloader, prediction_loss_only, ignore_keys) -> tuple | None:
+    """What decides an evaluation's result: the weights, the dataset object, what is computed. None (never
+    reused) under DeepSpeed/FSDP, where a rank holds a shard of the weights only."""
+    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        return None
+    digest = weights_digest(trainer.accelerator.unwrap_model(trainer.model))
+    if digest is None:
+        return None
+    dataset = getattr(dataloader, "dataset", None)
+    return (
+        digest,
+        id(dataset),
+        len(dataset) if dataset is not None else None,
+        prediction_loss_only,
+        tuple(ignore_keys or ()),
+        id(trainer.compute_metrics),
+    )
+
+
+def renamed(output, old: str, new: str):
+    from transformers.trainer_utils import EvalLoopOutput
+
+    metrics = {(f"{new}_{k[len(old) + 1 :]}" if k.startswith(f"{old}_") else k): v for k, v in output.metrics.items()}
+    return EvalLoopOutput(output.predictions, output.label_ids, metrics, output.num_samples)
