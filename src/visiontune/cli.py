@@ -334,6 +334,29 @@ def push(
 
 
 @app.command()
+def demo(
+    model: str = typer.Argument(..., help="A run folder or exported model folder of any task."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(7860, "--port", min=1, max=65535),
+    share: bool = typer.Option(False, "--share", help="Also open a public gradio.live link (needs a network)."),
+    space: Path = typer.Option(None, "--space", help="Write a Hugging Face Space folder here instead of serving."),
+) -> None:
+    """A Gradio page to try the model in a browser: top-k classes, zero-shot labels, VLM chat, boxes, masks."""
+    if space is not None:
+        from visiontune.demo.space import write_space
+        from visiontune.run.folder import prepare_output_folder
+
+        target = write_space(model, prepare_output_folder(space, "demo --space", inputs=[model]))
+        typer.echo(f"Space folder: {target} (run it with `python app.py` there, or push it as a Gradio Space)")
+        return
+    from visiontune.demo.app import build_app
+    from visiontune.demo.serve import check_port, serve
+
+    check_port(host, port)  # before the model loads
+    serve(build_app(model), host=host, port=port, share=share)
+
+
+@app.command()
 def compare(
     base: str = typer.Argument(..., help="Base model (folder or hub id)."),
     tuned: str = typer.Argument(..., help="Tuned run folder or model."),
