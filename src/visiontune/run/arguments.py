@@ -12,6 +12,7 @@ from transformers import TrainingArguments
 from visiontune.run.config import TrainConfig, deepspeed_file
 from visiontune.run.distributed import launched_world_size
 from visiontune.run.folder import CHECKPOINTS
+from visiontune.run.optim import TRAINER_OPTIM
 
 
 def _check_deepspeed(cfg: TrainConfig) -> None:
@@ -72,6 +73,9 @@ def training_arguments(
         ddp_find_unused_parameters=False,
         deepspeed=str(deepspeed_file(cfg.deepspeed)) if cfg.deepspeed else None,  # a name or a checked path
         fsdp=cfg.fsdp or "",
+        # the Trainer's name for a bitsandbytes optimiser, for what reads the arguments; the optimiser itself is
+        # run/optim.py's (parameter groups)
+        optim=TRAINER_OPTIM.get(cfg.optimizer, "adamw_torch"),
         ddp_backend="gloo" if use_cpu and launched_world_size() > 1 else None,
     )
     kwargs.update(overrides)

@@ -133,7 +133,11 @@ class TrainConfig(Strict):
     )
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    optimizer: Literal["adamw", "sgd", "adamw_8bit", "paged_adamw_8bit", "paged_adamw"] = Field(
+        "adamw",
+        description="adamw_8bit: AdamW with 8-bit moments (bitsandbytes, a quarter of AdamW's state); paged_*: "
+        "bitsandbytes AdamW whose states page to CPU memory when the GPU runs short (GPU only).",
+    )
     momentum: float = Field(0.9, ge=0, lt=1)
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
@@ -179,6 +183,16 @@ class TrainConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _paged_needs_gpu(self) -> TrainConfig:
+        # bitsandbytes falls back to the unpaged optimiser on CPU with only a warning: refuse it here instead
+        if self.optimizer.startswith("paged") and not gpu_training(self.cpu):
+            raise ValueError(
+                f"train.optimizer: {self.optimizer} pages optimiser states out of GPU memory and this run trains on "
+                "CPU; use adamw_8bit or adamw"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _deepspeed_exists(self) -> TrainConfig:
         # refused when the recipe is read, not when the ranks have started and the run folder exists
         if self.deepspeed and not deepspeed_file(self.deepspeed).is_file():
@@ -187,6 +201,15 @@ class TrainConfig(Strict):
                 "nor a file; give one of those names or the path of a DeepSpeed JSON config"
             )
         return self
+
+
+def gpu_training(cpu: bool | None) -> bool:
+    """Whether a run with `train.cpu` = `cpu` trains on a GPU (the rule run/arguments.py applies)."""
+    if cpu:
+        return False
+    import torch  # here, not at the top: reading a recipe without these keys imports no torch
+
+    return torch.cuda.is_available()
 
 
 class EmaTrainConfig(TrainConfig):

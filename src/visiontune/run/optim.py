@@ -20,8 +20,8 @@ def build_optimizer(
     include: set[str] | None = None,
     layer_scales: dict[str, float] | None = None,
 ) -> torch.optim.Optimizer:
-    """AdamW, or SGD with Nesterov `momentum` (`optimizer="sgd"`). `include`: names to optimise (default: those
-    with requires_grad). `layer_scales`: name -> LR multiplier."""
+    """AdamW, SGD with Nesterov `momentum` (`optimizer="sgd"`), or a bitsandbytes AdamW (`BNB_ADAMW`). `include`:
+    names to optimise (default: those with requires_grad). `layer_scales`: name -> LR multiplier."""
     buckets: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if (include is None and not p.requires_grad) or (include is not None and name not in include):
@@ -32,7 +32,37 @@ def build_optimizer(
     groups = [{"params": ps, "weight_decay": wd, "lr": lr * s} for (wd, s), ps in buckets.items()]
     if optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
+    if optimizer in BNB_ADAMW:
+        return _bnb_adamw(groups, lr, **BNB_ADAMW[optimizer])
     return torch.optim.AdamW(groups, lr=lr)
+
+
+# train.optimizer -> bitsandbytes AdamW settings; the same classes and settings transformers builds for the
+# TrainingArguments `optim` names (TRAINER_OPTIM), built here so the parameter groups above still apply.
+BNB_ADAMW: dict[str, dict] = {
+    "adamw_8bit": {"optim_bits": 8, "is_paged": False},
+    "paged_adamw_8bit": {"optim_bits": 8, "is_paged": True},
+    "paged_adamw": {"optim_bits": 32, "is_paged": True},
+}
+TRAINER_OPTIM = {
+    "adamw_8bit": "adamw_bnb_8bit",
+    "paged_adamw_8bit": "paged_adamw_8bit",
+    "paged_adamw": "paged_adamw_32bit",
+}
+
+
+def _bnb_adamw(groups: list[dict], lr: float, optim_bits: int, is_paged: bool) -> torch.optim.Optimizer:
+    from visiontune.core.errors import RecipeError
+
+    try:
+        from bitsandbytes.optim import AdamW
+    except ImportError as err:
+        raise RecipeError(
+            "train.optimizer 8-bit and paged AdamW need bitsandbytes: `pip install bitsandbytes==0.50.2` "
+            "(or set train.optimizer: adamw)."
+        ) from err
+    # weight_decay=0 default: each group carries its own (none on biases and norms)
+    return AdamW(groups, lr=lr, weight_decay=0.0, optim_bits=optim_bits, is_paged=is_paged)
 
 
 def layer_decay_scales(groups: list[list[str]], head: list[str], decay: float) -> dict[str, float]:
