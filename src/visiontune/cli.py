@@ -246,6 +246,32 @@ def ask(
 
 
 @app.command()
+def pairs(
+    model: str = typer.Argument(..., help="A vlm_sft / vlm_preference run folder, adapter or exported VLM folder."),
+    data: str = typer.Option(..., "--data", help="Labelled questions: conversations in any vlm_sft format."),
+    out: Path = typer.Option(..., "--out", help="The preference-pair JSONL to write (TRL prompt/chosen/rejected)."),
+    samples: int = typer.Option(4, "--samples", min=1, help="Answers per question (sampled, or beams with --beams)."),
+    temperature: float = typer.Option(1.0, "--temperature", min=0.01, help="Sampling temperature."),
+    beams: bool = typer.Option(False, "--beams", help="The --samples best beams instead of sampled answers."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip bad records instead of stopping."),
+) -> None:
+    """Preference pairs from a VLM's own mistakes: chosen = the reference answer, rejected = a wrong answer it gave."""
+    from visiontune.run.folder import check_output_file, mark_output_file
+    from visiontune.vlm.preference_pairs import mine_pairs
+
+    if beams and temperature != 1.0:
+        raise RecipeError("--temperature is for sampled answers; --beams searches without one: drop one of the two.")
+    target = check_output_file(out, "pairs --out", inputs=[model, data])
+    found = mine_pairs(
+        model, data, target, samples, temperature, beams, max_new_tokens, on_bad_sample="skip" if skip_bad else "error"
+    )
+    mark_output_file(target, "pairs --out")
+    _say_skipped(found["skipped"])
+    typer.echo(f"{found['pairs']} pair(s) from {found['with_mistakes']} of {found['questions']} question(s): {target}")
+
+
+@app.command()
 def recipes() -> None:
     """List the built-in recipes."""
     for path in sorted(RECIPES_DIR.rglob("*.yaml")):
