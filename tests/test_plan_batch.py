@@ -50,9 +50,10 @@ def test_auto_halves_on_out_of_memory_and_records_the_batch(tiny_recipe, write_r
 def test_auto_keeps_the_global_batch_with_accumulation(tiny_recipe, write_recipe, cli, oom_above):
     tried = oom_above(5)
     recipe = tiny_recipe(train={"batch_size": "auto", "global_batch_size": 12, "max_steps": 1})
-    train, _ = _run(cli, write_recipe, recipe)
+    train, summary = _run(cli, write_recipe, recipe)
     assert tried == [8, 4]  # never above the global batch; 4 fits, and divides 12
-    assert (train["batch_size"], train["grad_accum"], train["global_batch_size"]) == (4, 3, 12)
+    assert (train["batch_size"], train["grad_accum"], train["global_batch_size"]) == (4, 3, None)
+    assert summary["global_batch_size"] == 12
 
 
 def test_a_given_batch_and_a_global_batch_set_the_accumulation(tiny_recipe, write_recipe, cli):
@@ -62,12 +63,20 @@ def test_a_given_batch_and_a_global_batch_set_the_accumulation(tiny_recipe, writ
 
 def test_a_resumed_auto_run_keeps_the_batch_it_started_with(tiny_recipe, write_recipe, cli, oom_above):
     tried = oom_above(5)
-    recipe = tiny_recipe(train={"batch_size": "auto", "max_steps": 1})
+    recipe = tiny_recipe(train={"batch_size": "auto", "global_batch_size": 8, "max_steps": 1})
     _run(cli, write_recipe, recipe)
     tried.clear()
-    oom_above(100)  # more memory now: a fresh probe would choose 16
+    oom_above(100)  # more memory now: a fresh probe would choose 8
     train, summary = _run(cli, write_recipe, recipe, "--resume", "train.max_steps=2")
-    assert tried == [] and train["batch_size"] == 4 and summary["global_step"] == 2
+    assert tried == [] and (train["batch_size"], train["grad_accum"]) == (4, 2) and summary["global_step"] == 2
+
+
+def test_the_run_config_is_a_recipe_that_trains_the_same_batch(tiny_recipe, write_recipe, cli, oom_above):
+    oom_above(5)
+    recipe = tiny_recipe(train={"batch_size": "auto", "global_batch_size": 8, "max_steps": 1})
+    _run(cli, write_recipe, recipe)
+    code, out, err = cli("validate", Path(recipe["output_dir"]) / "config.yaml")
+    assert code == 0, err
 
 
 def test_cpu_limit_follows_the_available_memory(tiny_recipe, write_recipe, tmp_path):

@@ -28,8 +28,10 @@ def needs_settling(train: BaseModel) -> bool:
 
 
 def with_batch(cfg: BaseModel, batch_size: int, grad_accum: int) -> BaseModel:
-    train = cfg.train.model_copy(update={"batch_size": batch_size, "grad_accum": grad_accum})
-    return cfg.model_copy(update={"train": train})
+    """The recipe with these numbers and no global batch left to settle: what config.yaml records, a recipe that
+    trains the same way again (the global batch is batch_size x grad_accum x processes)."""
+    update = {"batch_size": batch_size, "grad_accum": grad_accum, "global_batch_size": None}
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update=update)})
 
 
 def settle_batch(cfg: BaseModel, fit: Any, world_size: int, fits: Callable[[int], None] | None = None) -> BaseModel:

@@ -68,11 +68,14 @@ def settled_batch(cfg: BaseModel, fit: Fit) -> BaseModel:
 
 
 def resumed_batch(run_dir: Path, cfg: BaseModel) -> BaseModel:
-    """A resumed `train.batch_size: auto` run trains with the batch the run chose when it started (config.yaml)."""
+    """A resumed run with `train.batch_size: auto` or `train.global_batch_size` trains with the batch and
+    accumulation it settled on when it started (config.yaml)."""
     import yaml
 
+    from visiontune.plan.batch import needs_settling
+
     saved = run_dir / "config.yaml"
-    if cfg.train.batch_size != "auto" or not saved.is_file():
+    if not needs_settling(cfg.train) or not saved.is_file():
         return cfg
     from visiontune.plan.batch import with_batch
 
@@ -95,6 +98,12 @@ def write_data_report(run_dir: Path, task: Task, data: Any) -> None:
         write_json(run_dir / "data_report.json", report)
 
 
+def world_size() -> int:
+    from visiontune.run.distributed import launched_world_size
+
+    return launched_world_size()
+
+
 def write_summary(
     run_dir: Path, cfg: BaseModel, task: Task, data: Any, start: float, state: dict, after: dict, extras: dict
 ) -> None:
@@ -108,6 +117,7 @@ def write_summary(
         "final_metrics": after.get("metrics", {}),
         "batch_size": cfg.train.batch_size,
         "grad_accum": cfg.train.grad_accum,
+        "global_batch_size": cfg.train.batch_size * cfg.train.grad_accum * world_size(),
         **extras,
     }
     write_json(run_dir / "summary.json", summary)
