@@ -369,6 +369,8 @@ def demo(
 ) -> None:
     """A Gradio page to try the model in a browser: top-k classes, zero-shot labels, VLM chat, boxes, masks."""
     if space is not None:
+        if share or host != "127.0.0.1" or port != 7860:
+            raise RecipeError("--host, --port and --share are for serving; --space only writes the Space folder.")
         from visiontune.demo.space import write_space
         from visiontune.run.folder import prepare_output_folder
 

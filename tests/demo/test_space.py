@@ -118,3 +118,5 @@ def test_other_space_apps_import_no_visiontune_and_answer(kind, fixtures_dir, tm
 def test_space_refuses_what_it_cannot_serve_alone(cli, fixtures_dir, tmp_path):
     code, _, err = cli("demo", fixtures_dir / "detr", "--space", tmp_path / "space")
     assert code == 2 and "serve this one with `visiontune demo`" in err
+    code, _, err = cli("demo", fixtures_dir / "timm-vit", "--space", tmp_path / "space2", "--share")
+    assert code == 2 and "--space only writes" in err and not (tmp_path / "space2").exists()
