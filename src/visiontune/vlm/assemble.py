@@ -43,7 +43,7 @@ class VlmAssembleTask(VlmSftTask):
     def build(self, cfg: VlmAssembleConfig, prepared: VlmPrepared, run_dir: Path) -> Fit:
         model = set_trainable(prepared.model, cfg)
         if cfg.train.grad_checkpointing:
-            enable_grad_checkpointing(model.language)
+            enable_grad_checkpointing(model.language, offload=cfg.train.grad_checkpointing_offload)
         fit = vlm_fit(cfg, model, prepared.processor, prepared.data, trainer_class=AssembleTrainer)
         fit.trainer_attrs["scheduled_sampling"] = cfg.scheduled_sampling
         return fit

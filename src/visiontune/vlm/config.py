@@ -12,6 +12,7 @@ from visiontune.run.config import (
     Strict,
     TrackConfig,
     TrainConfig,
+    gpu_training,
     no_validation_rule,
     refuse_inert,
     val_split_rule,
@@ -29,6 +30,27 @@ class VlmTrainConfig(TrainConfig):
     epochs: float = Field(1, gt=0)
     batch_size: int = Field(4, gt=0)
     metric: str = "loss"
+    grad_checkpointing_offload: bool = Field(
+        False,
+        description="With train.grad_checkpointing: keep the activations saved for the recompute in CPU memory, not "
+        "GPU memory (transformers' activation checkpointing offload; GPU only).",
+    )
+
+    @model_validator(mode="after")
+    def _offload(self, info: ValidationInfo) -> VlmTrainConfig:
+        rule = Inert(
+            ("grad_checkpointing_offload",),
+            not self.grad_checkpointing,
+            "with train.grad_checkpointing: true",
+            "set train.grad_checkpointing: true",
+        )
+        refuse_inert(self, info, [rule], prefix="train.")
+        if self.grad_checkpointing and self.grad_checkpointing_offload and not gpu_training(self.cpu):
+            raise ValueError(
+                "train.grad_checkpointing_offload moves saved activations from GPU to CPU memory and this run trains "
+                "on CPU, where they already are; remove it"
+            )
+        return self
 
 
 class VlmDataConfig(Strict):

@@ -53,6 +53,8 @@ def load_vlm(cfg: VlmSftConfig) -> tuple[nn.Module, Any]:
         kwargs["quantization_config"] = quantization_config(family, cfg.tune.qlora_bits, cfg.train.precision)
     model = AutoModelForImageTextToText.from_pretrained(location, **kwargs)
     model.visiontune_family = family
+    # read by enable_grad_checkpointing, which every VLM task calls with the model alone
+    model.visiontune_checkpoint_offload = cfg.train.grad_checkpointing_offload
     return model, load_processor(cfg)
 
 
@@ -108,13 +110,17 @@ def apply_tuning(model: nn.Module, tune: VlmTuneConfig) -> nn.Module:
     return _lora(model, tune, parts, wanted)
 
 
-def enable_grad_checkpointing(model: nn.Module) -> None:
+def enable_grad_checkpointing(model: nn.Module, offload: bool | None = None) -> None:
     """Recompute each decoder block's activations in backward: less memory for about a third more compute.
-    Non-reentrant checkpointing, so blocks behind frozen embeddings (LoRA) still get gradients."""
+    Non-reentrant checkpointing, so blocks behind frozen embeddings (LoRA) still get gradients. `offload`: the
+    activations kept for the recompute go to CPU memory (train.grad_checkpointing_offload; None: as load_vlm
+    recorded it on the model)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not getattr(base, "supports_gradient_checkpointing", False):
         raise RecipeError(f"train.grad_checkpointing: {type(base).__name__} does not support it; set it to false.")
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if offload is None:
+        offload = getattr(base, "visiontune_checkpoint_offload", False)
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False}, offload=offload)
 
 
 def _lora(model: nn.Module, tune: VlmTuneConfig, parts: Parts, wanted: dict[str, bool]) -> nn.Module:
