@@ -66,6 +66,7 @@ def test_training_writes_a_card_whose_timm_code_runs(cli, tiny_recipe, write_rec
     after = json.loads((run / "eval" / "after.json").read_text())["metrics"]
     data = card.data
     assert data.library_name == "timm" and data.pipeline_tag == "image-classification" and data.license
+    assert data.model_name == "run"  # the run folder's name
     assert {"visiontune", "classify"} <= set(data.tags)
     assert {r.metric_type: r.metric_value for r in data.eval_results} == pytest.approx(after)
     assert "```yaml\ntask: classify" in card.text and str(config["data"]["train"]) in card.text

@@ -61,8 +61,9 @@ def model_card(folder: Path, run_dir: Path | None = None, repo_id: str | None = 
     recipe = _recipe(run_dir)
     info = _describe(folder, recipe)
     source = repo_id or folder.name  # the loading code runs from the folder's parent, or from the Hub
-    data = _card_data(info, recipe, _metrics(run_dir), repo_id or folder.name)
-    body = _body(info, recipe, run_dir, _loading_code(info, source, hub=repo_id is not None), repo_id or folder.name)
+    name = repo_id or (Path(run_dir).resolve().name if run_dir else folder.resolve().name)
+    data = _card_data(info, recipe, _metrics(run_dir), name)
+    body = _body(info, recipe, run_dir, _loading_code(info, source, hub=repo_id is not None), name)
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
 
 
@@ -115,7 +116,8 @@ def _metrics(run_dir: Path | None) -> dict[str, float]:
     if path is None or not path.is_file():
         return {}
     metrics = json.loads(path.read_text()).get("metrics", {})
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v}  # NaN left out
+    # NaN and COCO's -1 ("no object of that size to measure") say nothing about the model: left out
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v and v != -1}
 
 
 def _hub_id(text: Any) -> str | None:
@@ -179,7 +181,7 @@ def _body(info: dict, recipe: dict, run_dir: Path | None, code: str, name: str) 
     base = _base(info, recipe)
     lines = [f"# {name}", ""]
     lines += [
-        f"A `{PIPELINES.get(info['kind'], 'vision')}` model"
+        f"A model for `{PIPELINES.get(info['kind'], 'vision')}`"
         + (f" fine-tuned from `{base}`" if base else "")
         + " with [visiontune](https://pypi.org/project/visiontune/)"
         + (f" (`task: {recipe['task']}`)." if recipe.get("task") else "."),
