@@ -103,7 +103,7 @@ def test_plan_prints_its_table_and_writes_plan_json(tiny_recipe, write_recipe, c
     plan = json.loads(out.read_text())
     assert not Path(recipe["output_dir"]).exists()  # nothing trained, no run folder
     assert plan["samples"] == {"train_samples": 27, "val_samples": 9, "skipped": 0}
-    assert plan["batch"] == {"per_device": 8, "grad_accum": 2, "world_size": 1, "global": 16}
+    assert plan["batch"] == {"per_device": 8, "grad_accum": 2, "world_size": 1, "global": 16, "auto": False}
     assert plan["parameters"]["trainable"] > 0 and plan["parameters"]["frozen"] == 0
     time = plan["time"]
     assert time["optimizer_steps"] == 3 * 2  # 27 samples: 4 batches of 8 -> 2 optimiser steps per epoch
@@ -162,3 +162,12 @@ def test_padding_is_counted_per_batch_padded_to_its_longest_record():
     assert padding_fraction(lengths, [0, 2, 1, 3], 2) == 0.0  # grouped by length: no padding
     assert padding_fraction(lengths, [0, 1, 2], 2) == round(1 - 22 / 30, 4)  # a short last batch
     assert histogram([3, 3, 4, 11]) == {"edges": [3, 5, 7, 9, 11], "counts": [3, 0, 0, 0, 1]}
+
+
+def test_plan_shows_the_batch_auto_would_choose(tiny_recipe, write_recipe, cli, tmp_path):
+    out = tmp_path / "plan.json"
+    code, stdout, err = cli("plan", write_recipe(tiny_recipe()), "--out", out, "train.batch_size=auto")
+    assert code == 0, err
+    batch = json.loads(out.read_text())["batch"]
+    # 27 training images: the largest power of two they fill; a tiny model fits it in any machine's memory
+    assert batch["auto"] is True and batch["per_device"] == 16

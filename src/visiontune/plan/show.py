@@ -80,7 +80,7 @@ def rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
         (
             "batch",
             f"{batch['per_device']} x {batch['grad_accum']} accumulation x {batch['world_size']} process(es) = "
-            f"{batch['global']}, {plan['precision']}",
+            f"{batch['global']}{' (batch_size: auto)' if batch.get('auto') else ''}, {plan['precision']}",
         ),
         (
             "memory (estimate)",
