@@ -144,6 +144,14 @@ def test_each_image_is_encoded_once_per_pair_with_the_logits_of_a_forward_over_b
     torch.testing.assert_close(kept.logps, sequence_logps(expected, plain["labels"]).logps, rtol=1e-4, atol=1e-4)
 
 
+def test_gradient_accumulation_averages_the_pair_loss(vlms, pairs, tmp_path):
+    cfg = _cfg(vlms["qwen2_vl"], pairs, tmp_path / "run", **{"train.grad_accum": 2, "train.max_steps": 1})
+    _, _, _, trainer = _built(cfg)
+    trainer.train()
+    (first,) = [r for r in _logs(tmp_path / "run") if "loss" in r]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)  # not 2 x log 2: each micro-batch is log 2
+
+
 @pytest.mark.random_model  # the trained adapters move the log-probs by more than rounding
 def test_reference_is_the_model_with_adapters_off_and_equals_a_frozen_copy(vlms, pairs, tmp_path, monkeypatch):
     from peft import PeftModel

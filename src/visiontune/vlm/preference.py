@@ -263,6 +263,13 @@ class PreferenceTrainer(VlmTrainer):
     the last log (training) or over the validation set, and logged as `rewards/chosen`, ..., `eval_rewards/...`."""
 
     loss_settings: dict[str, Any] = {}  # preference_loss's keywords (loss_settings of the recipe's `loss`)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The loss is a mean over the pairs of one micro-batch, not a sum over tokens the model normalises by
+        # `num_items_in_batch`: Trainer must divide it by the accumulation steps (else train.grad_accum scales it).
+        self.model_accepts_loss_kwargs = False
+
     mode: str = "adapters_off"  # or "precomputed" (batches carry ref_logps) or "none" (SimPO)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
