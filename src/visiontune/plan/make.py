@@ -94,6 +94,9 @@ def token_section(data: Any, trainer: Any, cfg: BaseModel) -> dict | None:
         return None  # no tokenised records, or records of another shape (preference pairs)
     sampler = trainer._get_train_sampler(trainer.train_dataset)  # the order training draws (length grouping)
     report = token_report(records, data.processor, sampler, cfg.train.batch_size, cfg.seed)
+    if getattr(cfg.data, "packing", False):  # one row per batch, nothing padded
+        report["padding"]["as_training_draws"] = 0.0
+    report["packing"] = bool(getattr(cfg.data, "packing", False))
     report["max_length"] = cfg.data.max_length
     report["max_image_pixels"] = cfg.data.max_image_pixels
     return report

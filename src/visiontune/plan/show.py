@@ -73,7 +73,8 @@ def rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
             )
         out.append(("truncated", f"{len(tokens['truncated'])} record(s) at max_length {tokens['max_length']}"))
         pad = tokens["padding"]
-        out.append(("padding", f"{pad['as_training_draws']:.1%} as training draws, {pad['shuffled']:.1%} shuffled"))
+        drawn = "packed (data.packing)" if tokens.get("packing") else "as training draws"
+        out.append(("padding", f"{pad['as_training_draws']:.1%} {drawn}, {pad['shuffled']:.1%} shuffled and padded"))
     params = plan["parameters"]
     out += [
         ("parameters", f"{params['trainable']:,} trainable, {params['frozen']:,} frozen ({plan['method']})"),

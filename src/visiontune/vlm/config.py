@@ -69,6 +69,11 @@ class VlmDataConfig(Strict):
     on_bad_sample: Literal["error", "skip"] = "error"
     train_on: Literal["assistant", "all"] = Field("assistant", description="Loss on assistant turns only, or all.")
     group_by_length: bool = Field(True, description="Batch records of similar length to cut padding.")
+    packing: bool = Field(
+        False,
+        description="Each batch's records as one padding-free row, each with its own positions (3-D for "
+        "Qwen2-VL) and attention that never crosses a record; the loss is unchanged.",
+    )
     workers: int = Field(0, ge=0)
     cache: bool = Field(True, description="Cache tokenised records so a re-run does not re-tokenise.")
 

@@ -182,7 +182,12 @@ def _split(convs: list[Conversation], fraction: float, seed: int) -> tuple[list[
 def vlm_fit(cfg: Any, model: Any, processor: Any, data: VlmData, trainer_class: type | None = None) -> Fit:
     """What the Trainer needs for a VLM: tokenised records, the padding collator, and validation that reports
     the loss plus the recipe's generation metrics on a bounded sample (`eval.samples_during_training`)."""
-    collator = VlmCollator(processor, cfg.data.max_image_pixels)
+    if getattr(cfg.data, "packing", False):
+        from visiontune.vlm.packing import PackedCollator, rope_index_of
+
+        collator = PackedCollator(processor, cfg.data.max_image_pixels, rope_index_of(model))
+    else:
+        collator = VlmCollator(processor, cfg.data.max_image_pixels)
     generation = GenerationEval(processor, data.val, cfg.eval, cfg.data.max_image_pixels)
     return Fit(
         model=model,
