@@ -67,7 +67,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-SIDES = ("visiontune", "trl", "trl_nogc")
+SIDES = ("visiontune", "trl", "trl_nogc", "visiontune_packed")  # packed: the same with data.packing: true
 MiB = 1024  # ru_maxrss is in KiB on Linux
 BATCH = 4
 IGNORE = -100
@@ -148,7 +148,7 @@ def make_data(root: Path, n: int = 64, seed: int = 0) -> Path:
     return path
 
 
-def recipe(root: Path, run_dir: Path, total_steps: int):
+def recipe(root: Path, run_dir: Path, total_steps: int, packing: bool = False):
     from visiontune.recipe import parse_config
 
     return parse_config(
@@ -156,7 +156,7 @@ def recipe(root: Path, run_dir: Path, total_steps: int):
             "task": "vlm_sft",
             "model": str(root / "qwen2_vl"),
             "output_dir": str(run_dir),
-            "data": {"train": str(root / "data.json"), "val_split": 0, "workers": 0},
+            "data": {"train": str(root / "data.json"), "val_split": 0, "workers": 0, "packing": packing},
             "train": {"max_steps": max(total_steps, 1), "batch_size": BATCH, "eval_steps": 1_000_000},
         }
     )
@@ -214,7 +214,9 @@ class Counter:
         trainer.training_step = self
 
     def __call__(self, model, inputs, *args, **kwargs):
-        mask = inputs["attention_mask"]
+        mask = inputs.get("attention_mask")
+        if mask is None:  # a packed row (data.packing): every position is a real token
+            mask = torch.ones_like(inputs["input_ids"])
         self.real += int(mask.sum())
         self.total += mask.numel()
         self.trained += int((inputs["labels"] != IGNORE).sum())
@@ -262,8 +264,8 @@ def measure(side: str, root: str, total_steps: int, warmup: int, threads: int | 
     root_dir = Path(root)
     os.environ["VISIONTUNE_CACHE"] = str(root_dir / "cache")
     run_dir = Path(tempfile.mkdtemp(prefix=f"run-{side}-", dir=root_dir))
-    cfg = recipe(root_dir, run_dir, total_steps)
-    if side == "visiontune":
+    cfg = recipe(root_dir, run_dir, total_steps, packing=side == "visiontune_packed")
+    if side.startswith("visiontune"):
         from visiontune.run.runner import make_trainer
         from visiontune.vlm.model import load_vlm
         from visiontune.vlm.sft import VlmPrepared, VlmSftTask, prepare_data
@@ -437,6 +439,13 @@ def report(results: dict[str, list[dict]], sides: list[str], prep: dict) -> None
             f"| {s} | {m['tps']:.0f} | {m['cpu_tps']:.0f} | {ratio} | {m['padding']:.3f} | "
             f"{m['real_per_step']:.0f} | {m['trained_per_step']:.0f} | {mem[s][0]:.0f} | {mem[s][1]:.0f} |"
         )
+    packed = med.get("visiontune_packed")
+    for base in ("visiontune", "trl_nogc", "trl"):
+        if packed and base in med:
+            print(
+                f"visiontune_packed / {base}: {packed['tps'] / med[base]['tps']:.3f} tok/s, "
+                f"{packed['cpu_tps'] / med[base]['cpu_tps']:.3f} tok/CPU-s"
+            )
     print()
     print(
         f"records: {prep['records']}, {prep['len_min']}-{prep['len_max']} tokens (mean {prep['len_mean']:.0f}); "
