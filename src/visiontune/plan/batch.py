@@ -11,6 +11,7 @@ on CUDA only), hence this module."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -48,7 +49,7 @@ def settle_batch(cfg: BaseModel, fit: Any, world_size: int, fits: Callable[[int]
         )
     if train.batch_size == "auto":
         most = min(MAX_AUTO, len(fit.train_dataset), target // world_size if target else MAX_AUTO)
-        batch = largest_fitting(fits or probe_fits(cfg, fit), most)
+        batch = agreed(largest_fitting(fits or probe_fits(cfg, fit), most))
         if target is not None:  # the largest batch that fits and divides the global batch
             batch = max(b for b in range(1, batch + 1) if (target // world_size) % b == 0)
     else:
@@ -61,6 +62,18 @@ def settle_batch(cfg: BaseModel, fit: Any, world_size: int, fits: Callable[[int]
             "process(es); change one of them (or set train.batch_size: auto)."
         )
     return with_batch(cfg, batch, target // (batch * world_size))
+
+
+def agreed(batch: int) -> int:
+    """Under several processes every rank probes its own device: all train with the smallest batch any found."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return batch
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    value = torch.tensor([batch], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return int(value.item())
 
 
 def largest_fitting(fits: Callable[[int], None], most: int) -> int:
@@ -91,7 +104,8 @@ def probe_fits(cfg: BaseModel, fit: Any) -> Callable[[int], None]:
     from visiontune.plan.probe import StepProbe, model_unchanged
     from visiontune.run.runner import make_trainer
 
-    folder = Path(tempfile.mkdtemp(prefix="visiontune-batch-"))
+    # the probe's Trainer saves nothing, so its folder is never created
+    folder = Path(tempfile.gettempdir()) / f"visiontune-batch-probe-{os.getpid()}"
     probe = StepProbe(make_trainer(with_batch(plan_config(cfg), 1, 1), fit, folder))
     if probe.device.type == "cuda":
 
