@@ -88,3 +88,18 @@ def test_a_vlm_run_computes_its_held_out_loss_once_at_the_end(tmp_path, write_re
     after = json.loads((run / "eval" / "after.json").read_text())
     assert after["metrics"]["loss"] == pytest.approx(_last_validation(run)["loss"], rel=1e-6)
     assert after["samples"]  # the generation metrics still run on every validation record
+
+
+def test_two_ranks_agree_on_reusing_and_on_the_auto_batch(tiny_recipe, write_recipe):
+    """Under DDP the ranks decide together: a rank skipping the after evaluation that another runs would leave that
+    one waiting on its gather (the ranks' weights need not hash alike mid-run); batch_size: auto takes the smallest
+    batch any rank found."""
+    import yaml
+
+    from tests.conftest import train_two_ranks
+
+    recipe = tiny_recipe(train={"batch_size": "auto", "global_batch_size": 8, "max_steps": 2})
+    ranks = train_two_ranks(write_recipe(recipe))
+    assert [r["rank"] for r in ranks] == [0, 1]
+    train = yaml.safe_load((Path(recipe["output_dir"]) / "config.yaml").read_text())["train"]
+    assert (train["batch_size"], train["grad_accum"]) == (4, 1)  # 8 over two ranks

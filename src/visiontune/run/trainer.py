@@ -43,7 +43,7 @@ class VisiontuneTrainer(Trainer):
         weights training ended with; its results are reused, renamed to the new prefix."""
         key = evaluation_key(self, dataloader, prediction_loss_only, ignore_keys)
         last = self._last_evaluation
-        if key is not None and last is not None and last[0] == key:
+        if every_rank(key is not None and last is not None and last[0] == key):
             return renamed(last[2], last[1], metric_key_prefix)
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         self._last_evaluation = (key, metric_key_prefix, output) if key is not None else None
@@ -149,6 +149,20 @@ def evaluation_key(trainer, dataloader, prediction_loss_only, ignore_keys) -> tu
         tuple(ignore_keys or ()),
         id(trainer.compute_metrics),
     )
+
+
+def every_rank(flag: bool) -> bool:
+    """`flag` on every process (one rank skipping an evaluation the others run would leave them waiting on its
+    gather); the flag itself when there is one process."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
 
 
 def renamed(output, old: str, new: str):
