@@ -22,7 +22,8 @@ def _check_deepspeed(cfg: TrainConfig) -> None:
 
     if cfg.deepspeed and importlib.util.find_spec("deepspeed") is None:
         raise RecipeError(
-            "train.deepspeed needs the deepspeed package: `pip install deepspeed==0.19.8` (or remove it)."
+            "train.deepspeed needs the deepspeed package: `pip install 'visiontune[deepspeed]'` (pip install "
+            "deepspeed==0.19.8), or remove it."
         )
 
 
