@@ -63,3 +63,24 @@ def test_offload_reaches_the_checkpointed_blocks(llava, monkeypatch, task, offlo
 
     blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     assert len(calls) == (len(blocks) if offload else 0) and blocks  # once per checkpointed block
+
+
+def test_offload_given_explicitly(monkeypatch):
+    """vlm_assemble passes the key itself (its language model is not loaded by load_vlm)."""
+    import transformers.modeling_utils
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    calls: list[dict] = []
+    monkeypatch.setattr(
+        transformers.modeling_utils, "save_on_cpu", lambda **kw: calls.append(kw) or contextlib.nullcontext()
+    )
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4
+    )
+    lm = LlamaForCausalLM(config)
+    enable_grad_checkpointing(lm, offload=True)
+    lm.train()
+    ids = torch.randint(0, 64, (1, 8))
+    lm(input_ids=ids, labels=ids).loss.backward()
+    assert len(calls) == 3
