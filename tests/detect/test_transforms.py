@@ -79,8 +79,13 @@ def test_boxes_stay_valid_and_on_their_objects(preset, train):
 
 
 class _Generated(torch.utils.data.Dataset):
+    rng = None  # MosaicDataset draws from torch's generator as the test seeds it
+
     def __init__(self, transform):
         self.transform = transform
+
+    def item(self, i: int):
+        return self[i]
 
     def __len__(self) -> int:
         return 10

@@ -43,16 +43,29 @@ def segments_masks(model: str, detector: str) -> bool:
 class DetectAugmentConfig(Strict):
     preset: Literal["none", "light", "strong"] = "light"
     hflip: float = Field(0.5, ge=0, le=1, description="Horizontal-flip probability (0 for digits, text, ...).")
+    mosaic: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Probability that a training image is a mosaic of four (YOLOv4 / Ultralytics), boxes and masks "
+        "moved with their pixels.",
+    )
+    mosaic_off_epochs: int = Field(
+        0, ge=0, description="Mosaic is off for the last N epochs (Ultralytics' close_mosaic), plain images to end on."
+    )
 
     @model_validator(mode="after")
     def _inert_keys(self, info: ValidationInfo) -> DetectAugmentConfig:
         none = Inert(
-            ("hflip",),
+            ("hflip", "mosaic", "mosaic_off_epochs"),
             self.preset == "none",
             "with data.augment.preset light or strong (preset none does not augment)",
             "choose one of those presets",
         )
-        refuse_inert(self, info, [none], prefix="data.augment.")
+        closing = Inert(
+            ("mosaic_off_epochs",), self.mosaic == 0, "with data.augment.mosaic above 0", "set data.augment.mosaic"
+        )
+        refuse_inert(self, info, [none, closing], prefix="data.augment.")
         return self
 
 

@@ -14,15 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 from visiontune.classify.freeze import TuningPlan, backbone_plan
 from visiontune.core.check import CheckedSplits, check_splits, read_splits
 from visiontune.core.config import PIL_MAX_PIXELS
+from visiontune.core.dataset import SetEpoch
 from visiontune.core.errors import DataError
 from visiontune.detect.check import ANNOTATIONS, find_bad_images
 from visiontune.detect.config import DetectConfig, segments_masks
 from visiontune.detect.data import BoxDataset, read_boxes, split_boxes
-from visiontune.detect.dataset import DetectionDataset, detection_collate
+from visiontune.detect.dataset import CloseMosaic, DetectionDataset, MosaicDataset, detection_collate
 from visiontune.detect.masks import instance_masks
 from visiontune.detect.metrics import detection_report
 from visiontune.detect.model import Detector, build_detector, image_sizes
@@ -201,19 +203,34 @@ class DetectionCollator:
 
 def detection_fit(model: Detector, cfg: DetectConfig, data: DetectData, plan: TuningPlan) -> Fit:
     d, t = cfg.data, cfg.train
-    train_tf = detection_transforms(d.augment.preset, model.image_size, train=True, hflip=d.augment.hflip)
     eval_tf = detection_transforms("none", model.image_size, train=False)
+    train, epochs = training_set(cfg, data.train, model.image_size)
     return Fit(
         model=model,
-        train_dataset=DetectionDataset(data.train, train_tf, d.max_image_pixels),
+        train_dataset=train,
         eval_dataset=DetectionDataset(data.val, eval_tf, d.max_image_pixels),
         collator=DetectionCollator(),
         compute_metrics=DetectionEvaluator(data.val),
         make_optimizer=plan.optimizer(t),
-        callbacks=plan.callbacks,
+        callbacks=[*plan.callbacks, *epochs],
         trainer_class=DetectionTrainer,
         workers=loader_workers(d.workers, in_memory=False),
     )
+
+
+def training_set(
+    cfg: DetectConfig, data: BoxDataset, image_size: int
+) -> tuple[DetectionDataset | MosaicDataset, list[TrainerCallback]]:
+    """The augmented training set (a mosaic of it with data.augment.mosaic) and the callbacks that tell it each
+    epoch: its augmentation draws per item from (seed, epoch, index), so a resumed run sees what the uninterrupted
+    one saw."""
+    a = cfg.data.augment
+    transform = detection_transforms(a.preset, image_size, train=True, hflip=a.hflip)
+    plain = DetectionDataset(data, transform, cfg.data.max_image_pixels, seed=cfg.seed)
+    if a.preset == "none" or a.mosaic == 0:  # preset none augments nothing (a written mosaic is refused there)
+        return plain, [SetEpoch(plain)]
+    mosaic = MosaicDataset(plain, image_size, a.mosaic)
+    return mosaic, [SetEpoch(mosaic), *([CloseMosaic(mosaic, a.mosaic_off_epochs)] if a.mosaic_off_epochs else [])]
 
 
 def plan_tuning(model: Detector, cfg: DetectConfig) -> TuningPlan:
