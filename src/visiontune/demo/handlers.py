@@ -5,7 +5,7 @@ answers."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,6 +182,3 @@ def segment(loaded: Loaded, image: Image.Image) -> list[tuple[Any, str]]:
 
     mask = predict_mask(loaded.model, image.convert("RGB"))
     return [(mask == c, name) for c, name in enumerate(loaded.class_names) if (mask == c).any()]
-
-
-Handler = Callable[..., Any]
