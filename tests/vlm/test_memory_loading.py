@@ -48,6 +48,21 @@ def test_weights_load_in_the_recipes_dtype(qwen2_vl, dtype, torch_dtype):
     assert {p.dtype for p in auto.parameters()} == {torch.float32}  # the fixture was saved in fp32
 
 
+def test_auto_keeps_the_checkpoints_dtype_and_fp32_upcasts(qwen2_vl, tmp_path):
+    """Hub VLMs are saved in bf16: `auto` (transformers' default) keeps that, `fp32` gives fp32 weights."""
+    import shutil
+
+    saved = tmp_path / "bf16"
+    model, _ = load_vlm(_config(qwen2_vl, tune={"method": "lora", "dtype": "bf16"}))
+    model.save_pretrained(saved)
+    for f in qwen2_vl.iterdir():
+        if not (saved / f.name).exists():
+            shutil.copy(f, saved / f.name)  # the processor's files
+    for dtype, expected in (("auto", torch.bfloat16), ("fp32", torch.float32)):
+        loaded, _ = load_vlm(_config(saved, tune={"method": "lora", "dtype": dtype}))
+        assert {p.dtype for p in loaded.parameters()} == {expected}, dtype
+
+
 @pytest.mark.parametrize(
     ("bits", "precision", "expected"),
     [(4, "fp32", torch.float32), (4, "bf16", torch.bfloat16), (4, "fp16", torch.float16), (8, "bf16", None)],
