@@ -116,10 +116,12 @@ def test_resume_after_an_interruption_trains_as_the_uninterrupted_run(
     fixtures_dir, sets, write_recipe, cli, monkeypatch, tmp_path
 ):
     train = {"max_steps": 6, "eval_steps": 3, "save_total_limit": 5}
-    # augment none: DetectionDataset's random transforms draw from the global RNG, which a resumed run does not replay
-    full = _recipe(fixtures_dir, sets, tmp_path / "full", train=train)
+    # Augmentation on, mosaic too: each item draws from (seed, epoch, index), which the resumed run replays. Batch 4
+    # of 8 images: the cut falls in the second epoch, which the resumed run starts again from its sampler.
+    augment = {"augment": {"preset": "strong", "mosaic": 0.5}}
+    full = _recipe(fixtures_dir, sets, tmp_path / "full", train=train, data=augment)
     assert cli("train", write_recipe(full, "full.yaml"))[0] == 0
-    cut = _recipe(fixtures_dir, sets, tmp_path / "cut", train=train)
+    cut = _recipe(fixtures_dir, sets, tmp_path / "cut", train=train, data=augment)
     recipe = write_recipe(cut, "cut.yaml")
     with monkeypatch.context() as m:
         _interrupt_at(m, 3)
