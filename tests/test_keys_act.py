@@ -598,6 +598,8 @@ CONTEXT: dict[str, Any] = {
     "detect:data.on_bad_sample": {"data.train": lambda w: w["boxes-bad"]},
     "detect:data.max_image_pixels": {"data.on_bad_sample": "skip"},
     "detect:tune.lora.*": {"tune.method": "lora", "model": lambda w: str(w.fx / "detr")},
+    "detect:data.augment.mosaic": {"data.augment.preset": "light"},
+    "detect:data.augment.mosaic_off_epochs": {"data.augment.preset": "light", "data.augment.mosaic": 0.5},
 }
 
 # Keys whose base side is refused by design (the variant is the one that goes through).
@@ -699,6 +701,8 @@ INERT_UNDER: list[tuple[str, str, dict[str, Any], Any, Any, str]] = [
     ("detect", "fpn_channels", {"model": lambda w: str(w.fx / "detr")}, 32, 64, "build"),
     ("detect", "detector", {"model": lambda w: str(w.fx / "detr")}, "fcos", "retinanet", "build"),
     ("detect", "data.augment.hflip", {"data.augment.preset": "none"}, 0.0, 1.0, "build"),
+    ("detect", "data.augment.mosaic", {"data.augment.preset": "none"}, 0.0, 1.0, "build"),
+    ("detect", "data.augment.mosaic_off_epochs", {"data.augment.preset": "light"}, 0, 2, "build"),
     ("detect", "data.val_split", {"data.val": lambda w: w["boxes-coco-val"]}, 0.25, 0.5, "build"),
     ("segment", "decoder", {"model": lambda w: str(w.fx / "segformer")}, "fpn", "unet", "build"),
     ("segment", "decoder_channels", {"model": lambda w: str(w.fx / "segformer")}, 16, 32, "build"),
