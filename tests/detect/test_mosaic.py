@@ -218,3 +218,43 @@ def test_an_item_is_augmented_alike_by_any_instance_order_and_worker_count(boxes
     assert all(torch.equal(a[0], b) for a, b in zip(forward, images, strict=True))
     second.set_epoch(2)  # another epoch, other augmentations
     assert not all(_equal(a, second[i]) for i, a in enumerate(forward))
+
+
+def test_maskrcnn_trains_on_mosaic_masks(fixtures_dir, tmp_path, monkeypatch):
+    """detector maskrcnn with mosaic: the task's training set gives mosaic items with masks in step with their boxes,
+    which Mask R-CNN takes as mask targets (its mask loss has a gradient on the mask head)."""
+    from torchvision.models.detection import roi_heads
+
+    from visiontune.detect.task import DetectTask
+
+    sets = write_instance_sets(tmp_path / "instances")
+    recipe = {
+        "task": "detect",
+        "model": f"timm:local-dir:{fixtures_dir / 'timm-cnn'}",
+        "detector": "maskrcnn",
+        "fpn_channels": 32,
+        "output_dir": str(tmp_path / "run"),
+        "data": {
+            "train": str(sets["coco-train"]),
+            "val": str(sets["coco-val"]),
+            "image_size": 64,
+            "augment": {"preset": "light", "mosaic": 1.0},
+            "workers": 0,
+        },
+    }
+    cfg = parse_config(recipe)
+    task = DetectTask()
+    fit = task.build(cfg, task.prepare(cfg), tmp_path / "run")
+    assert isinstance(fit.train_dataset, MosaicDataset)
+    batch = fit.collator([fit.train_dataset[i] for i in range(4)])
+    assert batch["pixel_values"].shape[-2:] == (64, 64)
+    for t in batch["targets"]:
+        assert t["masks"].shape == (len(t["boxes"]), 64, 64) and t["masks"].dtype == torch.uint8
+    seen = []
+    original = roi_heads.maskrcnn_loss
+    monkeypatch.setattr(roi_heads, "maskrcnn_loss", lambda *a: seen.append(a[2]) or original(*a))
+    out = fit.model.train()(**batch)
+    assert [len(m) for m in seen[0]] == [int((~t["iscrowd"]).sum()) for t in batch["targets"]]
+    out["loss"].backward()
+    head = fit.model.net.roi_heads.mask_predictor.mask_fcn_logits.weight
+    assert head.grad is not None and head.grad.abs().sum() > 0
