@@ -114,7 +114,7 @@ def test_a_folder_is_not_a_recipe(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("train.batch_size=true", "`train.batch_size` = True is invalid: .*true/false"),
+        ("train.batch_size=true", "`train.batch_size` = True is invalid: .*whole number above 0 or auto"),
         ("train.epochs=.inf", "`train.epochs` = inf is invalid: .*finite"),
         ("train.lr=.nan", "`train.lr` = nan is invalid: .*finite"),
         ("train.metric=acc", "train.metric `acc` is not a validation metric of classify.*accuracy, macro_f1"),

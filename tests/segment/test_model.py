@@ -135,3 +135,34 @@ def test_sliding_windows_cover_the_image_and_equal_resize_at_the_window_size(tim
     assert big.shape == (4, 50, 70) and small.shape == (4, 20, 24)
     # windows of 32 every 16 px: rows at 0, 16, 18 and columns at 0, 16, 32, 38, in one batch; the small image pads
     assert calls == [(12, 3, 32, 32), (1, 3, 32, 32)]
+
+
+def test_soft_dice_loss_is_zero_when_exact_ignores_the_ignore_index_and_weighs_small_classes():
+    from visiontune.segment.model import soft_dice_loss
+
+    labels = torch.zeros(1, 8, 8, dtype=torch.long)
+    labels[0, :2, :2] = 1  # a 4-pixel class on a 60-pixel background
+    labels[0, 7, 7] = 255
+    exact = F.one_hot(labels.clamp(max=2), 3).permute(0, 3, 1, 2).float() * 100
+    assert soft_dice_loss(exact, labels, 255).item() == pytest.approx(0, abs=1e-6)
+    wrong_at_ignored = exact.clone()
+    wrong_at_ignored[0, :, 7, 7] = torch.tensor([0.0, 0.0, 100.0])  # a prediction where nothing counts
+    assert soft_dice_loss(wrong_at_ignored, labels, 255).item() == pytest.approx(0, abs=1e-6)
+    missed_small = exact.clone()
+    missed_small[0, :, :2, :2] = torch.tensor([100.0, 0.0, 0.0]).view(3, 1, 1)  # the small class called background
+    # 4 wrong pixels of 63, but the whole small class is lost: Dice of class 1 is 0, so the mean is at least 0.5
+    assert soft_dice_loss(missed_small, labels, 255).item() > 0.5
+
+
+def test_dice_ce_adds_the_dice_term_to_the_training_loss(timm_source):
+    torch.manual_seed(0)
+    model = build_segmenter(timm_source, ["bg", "a", "b"], "fpn", 8, 32).eval()
+    pixels, labels = torch.rand(2, 3, 32, 32), torch.randint(0, 3, (2, 32, 32))
+    with torch.no_grad():
+        plain = model(pixels, labels)["loss"]
+        model.dice = True
+        with_dice = model(pixels, labels)
+    from visiontune.segment.model import soft_dice_loss
+
+    expected = plain + soft_dice_loss(with_dice["logits"], labels, 255)
+    assert with_dice["loss"].item() == pytest.approx(expected.item(), rel=1e-5)

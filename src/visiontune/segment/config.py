@@ -76,6 +76,11 @@ class SegmentTrainConfig(EmaTrainConfig):
     batch_size: int = Field(8, gt=0, description="Per device.")
     epochs: float = Field(10, gt=0)
     metric: str = Field("miou", description="Validation metric that selects the best checkpoint.")
+    loss: Literal["cross_entropy", "dice_ce"] = Field(
+        "cross_entropy",
+        description="dice_ce: cross-entropy plus a soft Dice term over the classes in each batch, which weighs a "
+        "small class's pixels like a large one's (thin or rare objects on a big background).",
+    )
 
 
 class SegmentEvalConfig(Strict):

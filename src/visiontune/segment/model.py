@@ -32,6 +32,7 @@ class Segmenter(nn.Module):
         self.net, self.library, self.class_names = net, library, list(class_names)
         self.spec = spec  # what rebuilds it (the export's visiontune.json): image_size, mean, std, decoder...
         self.processor = processor  # transformers: the checkpoint's image processor (exported resized)
+        self.dice = False  # train.loss dice_ce: add soft_dice_loss to the cross-entropy (set by the task)
         self.image_size: int = spec["image_size"]
         self.ignore_index: int = spec.get("ignore_index", 255)
         self.register_buffer("mean", torch.tensor(spec["image_mean"]).view(1, -1, 1, 1), persistent=False)
@@ -42,11 +43,16 @@ class Segmenter(nn.Module):
         if self.library == "transformers" and labels is not None:
             out = self.net(pixel_values=self._normalized(pixel_values), labels=labels.long())
             logits = resized(out.logits, size)
-            return {"loss": out.loss if self._any_counted(labels) else 0 * logits.sum(), "logits": logits}
+            loss = out.loss if self._any_counted(labels) else 0 * logits.sum()
+            return {"loss": loss + self._dice(logits, labels), "logits": logits}
         logits = self.logits(pixel_values, size)
         if labels is None:
             return {"logits": logits}
-        return {"loss": masked_cross_entropy(logits, labels, self.ignore_index), "logits": logits}
+        loss = masked_cross_entropy(logits, labels, self.ignore_index) + self._dice(logits, labels)
+        return {"loss": loss, "logits": logits}
+
+    def _dice(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | float:
+        return soft_dice_loss(logits, labels, self.ignore_index) if self.dice else 0.0
 
     def logits(self, pixel_values: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         """Class logits [B, C, *size] (default: the input's size), resized once from the network's own output."""
@@ -111,6 +117,20 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_inde
     counted = (labels != ignore_index).sum()
     total = F.cross_entropy(logits.float(), labels.long(), ignore_index=ignore_index, reduction="sum")
     return total / counted.clamp(min=1)
+
+
+def soft_dice_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """1 - soft Dice per class over the batch's counted pixels, averaged over the classes the labels hold (a class
+    absent from the batch would only push its probabilities to 0, which the cross-entropy already does). Our own:
+    torchmetrics' Dice is a metric without gradients; the loss libraries (MONAI, smp) are not dependencies."""
+    counted = (labels != ignore_index).unsqueeze(1)
+    probs = logits.float().softmax(1) * counted
+    target = F.one_hot(labels.long().where(counted[:, 0], 0), logits.shape[1]).permute(0, 3, 1, 2) * counted
+    overlap, sizes = (probs * target).sum((0, 2, 3)), (probs + target).sum((0, 2, 3))
+    present = target.sum((0, 2, 3)) > 0
+    if not present.any():
+        return 0 * logits.sum()
+    return (1 - 2 * overlap[present] / sizes[present].clamp(min=1e-6)).mean()
 
 
 # ------------------------------------------------------------------------------------------------- building

@@ -56,6 +56,7 @@ class SegmentTask(Task):
         model = build_segmenter(
             cfg.model, names, cfg.decoder, cfg.decoder_channels, d.image_size, d.ignore_index, cfg.decoder_refine
         )
+        model.dice = cfg.train.loss == "dice_ce"
         # what eval / predict of the saved model must do as this recipe did (the manifest keeps it)
         model.spec |= {
             "inference": {"mode": cfg.eval.mode, "stride": cfg.eval.stride},
