@@ -23,6 +23,10 @@ class VisiontuneTrainer(Trainer):
             return self.optimizer
         return super().create_optimizer(model)
 
+    def train(self, *args, **kwargs):
+        forget_evaluation_prepare(self)
+        return super().train(*args, **kwargs)
+
     def get_train_dataloader(self):
         return _own_generator(super().get_train_dataloader(), self.args.seed)
 
@@ -100,6 +104,25 @@ class VisiontuneTrainer(Trainer):
         out.mkdir(exist_ok=True)
         (out / f"rank{self.args.process_index}.json").write_text(json.dumps(record))
         return record
+
+
+def forget_evaluation_prepare(trainer: Trainer) -> None:
+    """Trainer lacks: an `evaluate()` before `train()` (our "before" evaluation, a stage's validation) has accelerate
+    prepare the bare model in evaluation mode, which marks it prepared without wrapping it in DDP; `train()` then
+    takes the mark at its word and trains each rank on its own gradients (no all-reduce, the ranks' weights part
+    at the first step). So before training, a model only ever prepared for evaluation is made unprepared again."""
+    model, accelerator = trainer.model, trainer.accelerator
+    if (
+        accelerator.num_processes == 1
+        or trainer.is_deepspeed_enabled
+        or trainer.is_fsdp_enabled
+        or trainer.model_wrapped is not model  # already wrapped by an earlier train(): nothing to redo
+        or not getattr(model, "_is_accelerate_prepared", False)
+    ):
+        return
+    accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # takes off the mixed-precision forward it added
+    del model._is_accelerate_prepared
+    accelerator._models = [m for m in accelerator._models if m is not model]
 
 
 def _own_generator(loader, seed: int):
