@@ -2,7 +2,8 @@
 this: loading the best checkpoint (saved by rank 0) makes the ranks equal again. Each rank records, after every step,
 a digest of its trainable weights and the kind of model its training step went through; the ranks must agree at each
 step and train through DDP. (Before `forget_evaluation_prepare` the "before" evaluation left the model marked
-prepared, train() skipped the DDP wrap and the ranks' weights differed from step 1.) Buffers are left out: DDP
+prepared, train() skipped the DDP wrap and the classify and vlm_sft ranks' weights differed from step 1; detect and
+segment evaluate through their own loop and were spared.) Buffers are left out: DDP
 broadcasts rank 0's BatchNorm statistics at the start of each forward, so after a step each rank holds the statistics
 of its own batch, by design."""
 
@@ -12,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -19,13 +21,12 @@ from tests.detect.test_task_e2e import _recipe as detect_recipe
 from tests.segment.test_task_e2e import _recipe as segment_recipe
 
 # Runs in each rank: `visiontune train RECIPE` for each recipe in turn (one launch: starting ranks is most of the
-# time), with a callback recording every step and a spy on the model training_step receives (DDP when gradients are
-# all-reduced).
+# time), with a callback recording every step and a spy on the model Trainer.training_step receives (DDP when
+# gradients are all-reduced).
 WORKER = """
 import hashlib, json, os, sys
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 import visiontune.run.runner as runner
-from visiontune.run.trainer import VisiontuneTrainer
 from visiontune.cli import main
 
 records, rank = os.environ["STEP_RECORDS"], os.environ["RANK"]
@@ -46,15 +47,16 @@ class StepRecord(TrainerCallback):
 
 standard = runner.standard_callbacks
 runner.standard_callbacks = lambda *a, **k: [*standard(*a, **k), StepRecord()]
-training_step = VisiontuneTrainer.training_step
+training_step = Trainer.training_step  # every task's trainer ends in it
 
 def spy(self, model, inputs, num_items_in_batch=None):
     trained_through.append(type(model).__name__)
     return training_step(self, model, inputs, num_items_in_batch)
 
-VisiontuneTrainer.training_step = spy
+Trainer.training_step = spy
 for name, recipe in zip(sys.argv[1::2], sys.argv[2::2]):
     log.append(os.path.join(records, name + "-rank" + rank + ".jsonl"))
+    trained_through.clear()
     sys.argv = ["visiontune", "train", recipe]
     try:
         main()
@@ -63,7 +65,7 @@ for name, recipe in zip(sys.argv[1::2], sys.argv[2::2]):
             raise
 """
 
-STEPS = {"classify": 8, "detect": 2, "segment": 2}
+STEPS = {"classify": 8, "detect": 2, "segment": 2, "vlm_sft": 2}
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +76,7 @@ def steps(fixtures_dir, tmp_path_factory) -> dict[str, list[list[dict]]]:
 
     from visiontune.testing.detect_fixtures import write_detection_sets
     from visiontune.testing.segment_fixtures import write_segmentation_sets
+    from visiontune.testing.vlm_fixtures import tiny_vlm
 
     tmp = tmp_path_factory.mktemp("ddp-steps")
     boxes, masks = write_detection_sets(tmp / "boxes"), write_segmentation_sets(tmp / "masks")
@@ -89,6 +92,14 @@ def steps(fixtures_dir, tmp_path_factory) -> dict[str, list[list[dict]]]:
         "classify": classify,
         "detect": detect_recipe(fixtures_dir, boxes, tmp / "detect", train={"epochs": 1, "max_steps": 2}),
         "segment": segment_recipe(fixtures_dir, masks, tmp / "segment", train={"max_steps": 2, "eval_steps": 1}),
+        "vlm_sft": {  # LoRA adapters on a tiny Qwen2-VL
+            "task": "vlm_sft",
+            "model": str(tiny_vlm("qwen2_vl", tmp / "vlm")),
+            "output_dir": str(tmp / "vlm_sft"),
+            "data": {"train": str(_colour_conversations(tmp / "colours")), "val_split": 0.25, "max_length": 256},
+            "eval": {"max_new_tokens": 2, "max_samples": 1},
+            "train": {"max_steps": 2, "batch_size": 1, "logging_steps": 1},
+        },
     }
     args = []
     for name, recipe in recipes.items():
@@ -98,7 +109,7 @@ def steps(fixtures_dir, tmp_path_factory) -> dict[str, list[list[dict]]]:
     worker.write_text(WORKER)
     records.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "VISIONTUNE_ERROR_DIR")}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", STEP_RECORDS=str(records))
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", STEP_RECORDS=str(records), VISIONTUNE_CACHE=str(tmp / "cache"))
     code = "import sys; from visiontune.run.distributed import run_ranks; sys.exit(run_ranks(2, sys.argv[1:]))"
     proc = subprocess.run(
         [sys.executable, "-c", code, str(worker), *args], env=env, capture_output=True, text=True, timeout=300
@@ -110,6 +121,19 @@ def steps(fixtures_dir, tmp_path_factory) -> dict[str, list[list[dict]]]:
         ]
         for name in recipes
     }
+
+
+def _colour_conversations(root: Path) -> Path:
+    from PIL import Image
+
+    root.mkdir()
+    records = []
+    for i, (name, rgb) in enumerate([("red", (220, 30, 30)), ("green", (30, 200, 30))] * 4):
+        Image.new("RGB", (40, 30), rgb).save(root / f"{i}.png")
+        turns = [{"role": "user", "content": "<image>What colour is this?"}, {"role": "assistant", "content": name}]
+        records.append({"messages": turns, "images": [f"{i}.png"]})
+    (root / "data.json").write_text(json.dumps(records))
+    return root / "data.json"
 
 
 @pytest.mark.parametrize("task", list(STEPS))
