@@ -3,9 +3,8 @@ this: loading the best checkpoint (saved by rank 0) makes the ranks equal again.
 a digest of its trainable weights and the kind of model its training step went through; the ranks must agree at each
 step and train through DDP. (Before `forget_evaluation_prepare` the "before" evaluation left the model marked
 prepared, train() skipped the DDP wrap and the classify and vlm_sft ranks' weights differed from step 1; detect and
-segment evaluate through their own loop and were spared.) Buffers are left out: DDP
-broadcasts rank 0's BatchNorm statistics at the start of each forward, so after a step each rank holds the statistics
-of its own batch, by design."""
+segment evaluate through their own loop and were spared.) Buffers are left out: DDP broadcasts rank 0's BatchNorm
+statistics at the start of each forward, so after a step each rank holds the statistics of its own batch, by design."""
 
 from __future__ import annotations
 
