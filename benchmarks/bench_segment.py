@@ -31,6 +31,7 @@ from visiontune.recipe import find_recipe, load_recipe  # noqa: E402
 from visiontune.run.runner import make_trainer  # noqa: E402
 from visiontune.segment.config import SegmentConfig  # noqa: E402
 from visiontune.segment.dataset import SegmentationDataset, segmentation_collate  # noqa: E402
+from visiontune.segment.model import soft_dice_loss  # noqa: E402
 from visiontune.segment.task import SegmentData, SegmentTask, load_split  # noqa: E402
 from visiontune.segment.transforms import segmentation_transforms  # noqa: E402
 
@@ -51,7 +52,7 @@ def recipe(run_dir: Path, total_steps: int) -> SegmentConfig:
 
 
 def run_baseline(cfg: SegmentConfig, data: SegmentData, total_steps: int, warmup: int) -> list[Stamp]:
-    """Plain PyTorch: DataLoader (stacked) -> decoder(normalised pixels) -> resize -> cross-entropy -> AdamW step."""
+    """Plain PyTorch: DataLoader (stacked) -> decoder(normalised pixels) -> resize -> the recipe's loss -> AdamW."""
     with tempfile.TemporaryDirectory(prefix="vt-bench-") as tmp:
         model = SegmentTask().build(cfg, data, Path(tmp)).model  # the same seeded segmenter
     net = model.net.train()
@@ -69,6 +70,8 @@ def run_baseline(cfg: SegmentConfig, data: SegmentData, total_steps: int, warmup
         logits = net((batch["pixel_values"] - mean) / std)
         logits = F.interpolate(logits, size=batch["labels"].shape[-2:], mode="bilinear", align_corners=False)
         loss = F.cross_entropy(logits, batch["labels"], ignore_index=d.ignore_index)
+        if train.loss == "dice_ce":
+            loss = loss + soft_dice_loss(logits, batch["labels"], d.ignore_index)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
