@@ -40,9 +40,26 @@ def segments_masks(model: str, detector: str) -> bool:
     return False
 
 
-class DetectAugmentConfig(Strict):
+class PresetAugmentConfig(Strict):
+    """`data.augment` shared by detect and segment: a preset of geometric + colour steps that move the labels with the
+    pixels, and the flip probability."""
+
     preset: Literal["none", "light", "strong"] = "light"
     hflip: float = Field(0.5, ge=0, le=1, description="Horizontal-flip probability (0 for digits, text, ...).")
+
+    @model_validator(mode="after")
+    def _inert_flip(self, info: ValidationInfo) -> PresetAugmentConfig:
+        none = Inert(
+            ("hflip",),
+            self.preset == "none",
+            "with data.augment.preset light or strong (preset none does not augment)",
+            "choose one of those presets",
+        )
+        refuse_inert(self, info, [none], prefix="data.augment.")
+        return self
+
+
+class DetectAugmentConfig(PresetAugmentConfig):
     mosaic: float = Field(
         0.0,
         ge=0,
@@ -55,9 +72,9 @@ class DetectAugmentConfig(Strict):
     )
 
     @model_validator(mode="after")
-    def _inert_keys(self, info: ValidationInfo) -> DetectAugmentConfig:
+    def _inert_mosaic(self, info: ValidationInfo) -> DetectAugmentConfig:
         none = Inert(
-            ("hflip", "mosaic", "mosaic_off_epochs"),
+            ("mosaic", "mosaic_off_epochs"),
             self.preset == "none",
             "with data.augment.preset light or strong (preset none does not augment)",
             "choose one of those presets",

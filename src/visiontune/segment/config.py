@@ -9,7 +9,7 @@ from pydantic import Field, ValidationInfo, model_validator
 
 from visiontune.classify.config import MethodTuneConfig
 from visiontune.core.config import PIL_MAX_PIXELS
-from visiontune.detect.config import DetectAugmentConfig, is_backbone
+from visiontune.detect.config import PresetAugmentConfig, is_backbone
 from visiontune.run.config import EmaTrainConfig, Inert, Strict, TrackConfig, refuse_inert, val_split_rule
 
 # What the validation of a segmenter reports (segment/metrics.py), over every pixel but the ignored ones.
@@ -17,7 +17,7 @@ SEGMENTATION_METRICS = ("miou", "pixel_accuracy", "mean_dice", "loss")
 DECODERS = ("fpn", "unet")  # decoders built on a builtin:/timm: backbone (segment/decoders.py)
 
 
-class SegmentAugmentConfig(DetectAugmentConfig):
+class SegmentAugmentConfig(PresetAugmentConfig):
     """Mask-aware presets (segment/transforms.py): light = random resized crop + flip + colour jitter, strong = scale
     jitter + crop + flip + stronger jitter; the mask follows every geometric step (nearest), never the colour."""
 
