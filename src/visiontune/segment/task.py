@@ -19,6 +19,7 @@ from visiontune.classify.freeze import TuningPlan, backbone_plan
 from visiontune.classify.task import ClassifierTrainer, lone_last_batch
 from visiontune.core.check import CheckedSplits, check_splits, read_splits
 from visiontune.core.config import PIL_MAX_PIXELS
+from visiontune.core.dataset import SetEpoch
 from visiontune.detect.check import find_bad_images
 from visiontune.run.arguments import loader_workers
 from visiontune.run.records import RecordsTrainer
@@ -190,14 +191,16 @@ def segmentation_fit(model: Segmenter, cfg: SegmentConfig, data: SegmentData, pl
     augment = segmentation_transforms(
         d.augment.preset, model.image_size, train=True, hflip=d.augment.hflip, ignore_index=d.ignore_index
     )
+    # augmentation drawn per item from (seed, epoch, index): a resumed run sees what the uninterrupted one saw
+    train_dataset = SegmentationDataset(data.train, augment, d.max_image_pixels, seed=cfg.seed)
     return Fit(
         model=model,
-        train_dataset=SegmentationDataset(data.train, augment, d.max_image_pixels),
+        train_dataset=train_dataset,
         eval_dataset=IndexedImages(data.val, d.max_image_pixels),
         collator=SegmentationCollator(),
         compute_metrics=SegmentationEvaluator(data.train.class_names, d.ignore_index, cfg.eval.mode, cfg.eval.stride),
         make_optimizer=plan.optimizer(t),
-        callbacks=plan.callbacks,
+        callbacks=[*plan.callbacks, SetEpoch(train_dataset)],
         trainer_class=SegmentationTrainer,
         trainer_attrs={"drop_lone_batch": lone_last_batch(model, len(data.train), t.batch_size)},
         workers=loader_workers(d.workers, in_memory=False),
