@@ -3,7 +3,7 @@ Qwen2-VL, Qwen2.5-VL, LLaVA). Key names follow LLaMA-Factory where users know th
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, model_validator
 
@@ -173,13 +173,19 @@ class VlmSftConfig(Strict):
 
     @model_validator(mode="after")
     def _something_trains(self, info: ValidationInfo) -> VlmSftConfig:
-        refuse_inert(self, info, [no_validation_rule(self.data, VALIDATION_KEYS)])
-        t = self.tune
-        if not (t.train_vision or t.train_projector or t.train_language):
-            raise ValueError("tune.train_vision, train_projector and train_language are all false: nothing trains")
-        if t.method != "full" and not t.train_language:
-            raise ValueError(
-                f"tune.train_language=false with tune.method={t.method}: LoRA adapts the language model; use "
-                "tune.method=full to train only the vision tower or projector"
-            )
+        check_something_trains(self, info)
         return self
+
+
+def check_something_trains(cfg: Any, info: ValidationInfo) -> None:
+    """Shared by the VLM tasks that train a family model (vlm_sft, vlm_preference): validation keys without validation
+    data are refused, and the tune switches must leave something for the method to train."""
+    refuse_inert(cfg, info, [no_validation_rule(cfg.data, VALIDATION_KEYS)])
+    t = cfg.tune
+    if not (t.train_vision or t.train_projector or t.train_language):
+        raise ValueError("tune.train_vision, train_projector and train_language are all false: nothing trains")
+    if t.method != "full" and not t.train_language:
+        raise ValueError(
+            f"tune.train_language=false with tune.method={t.method}: LoRA adapts the language model; use "
+            "tune.method=full to train only the vision tower or projector"
+        )

@@ -23,12 +23,8 @@ def generation_report(
     return {"metrics": scores, "samples": samples}
 
 
-@torch.inference_mode()
-def answer(model: Any, processor: Any, conv: Conversation, max_new_tokens: int, max_pixels: int) -> dict:
-    last = max(i for i, t in enumerate(conv.turns) if t.role == "assistant")
-    prompt_turns = conv.turns[:last]
-    n_images = sum(t.text.count(IMAGE_TOKEN) for t in prompt_turns)
-    prompt = Conversation(prompt_turns, conv.images[:n_images], conv.ref)
+def prompt_inputs(processor: Any, prompt: Conversation, max_pixels: int) -> Any:
+    """The processor's tensors for a prompt (its images capped at max_pixels) that ends where the answer starts."""
     images = [cap_pixels(im, max_pixels) for im in load_images(prompt)]
     kwargs: dict[str, Any] = {
         "text": [render(processor, to_messages(prompt), generation_prompt=True)],
@@ -36,7 +32,15 @@ def answer(model: Any, processor: Any, conv: Conversation, max_new_tokens: int, 
     }
     if images:
         kwargs["images"] = [images] if nested_images(processor) else images
-    inputs = processor(**kwargs)
+    return processor(**kwargs)
+
+
+@torch.inference_mode()
+def answer(model: Any, processor: Any, conv: Conversation, max_new_tokens: int, max_pixels: int) -> dict:
+    last = max(i for i, t in enumerate(conv.turns) if t.role == "assistant")
+    prompt_turns = conv.turns[:last]
+    n_images = sum(t.text.count(IMAGE_TOKEN) for t in prompt_turns)
+    inputs = prompt_inputs(processor, Conversation(prompt_turns, conv.images[:n_images], conv.ref), max_pixels)
     was_training = model.training
     model.eval()  # a model that trains has 4-bit layers that stay trainable through this (vlm/quantized.py)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)

@@ -8,12 +8,12 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, model_validator
 
-from visiontune.run.config import Inert, Strict, TrackConfig, no_validation_rule, refuse_inert, val_split_rule
+from visiontune.run.config import Inert, Strict, TrackConfig, refuse_inert, val_split_rule
 from visiontune.vlm.config import (
-    VALIDATION_KEYS,
     VlmEvalConfig,
     VlmTrainConfig,
     VlmTuneConfig,
+    check_something_trains,
     generation_metric_keys,
 )
 
@@ -101,13 +101,5 @@ class VlmPreferenceConfig(Strict):
 
     @model_validator(mode="after")
     def _something_trains(self, info: ValidationInfo) -> VlmPreferenceConfig:
-        refuse_inert(self, info, [no_validation_rule(self.data, VALIDATION_KEYS)])
-        t = self.tune
-        if not (t.train_vision or t.train_projector or t.train_language):
-            raise ValueError("tune.train_vision, train_projector and train_language are all false: nothing trains")
-        if t.method != "full" and not t.train_language:
-            raise ValueError(
-                f"tune.train_language=false with tune.method={t.method}: LoRA adapts the language model; use "
-                "tune.method=full to train only the vision tower or projector"
-            )
+        check_something_trains(self, info)
         return self

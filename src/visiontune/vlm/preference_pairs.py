@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from visiontune.vlm.conversations import IMAGE_TOKEN, Conversation, load_images, to_messages
-from visiontune.vlm.tokenize import cap_pixels, nested_images, render
+from visiontune.vlm.generate import prompt_inputs
 
 
 def mine_pairs(
@@ -79,14 +79,7 @@ def sample_answers(
     max_pixels: int,
 ) -> list[str]:
     """`samples` answers: sampled at `temperature`, or the `samples` best beams."""
-    images = [cap_pixels(im, max_pixels) for im in load_images(prompt)]
-    kwargs: dict[str, Any] = {
-        "text": [render(processor, to_messages(prompt), generation_prompt=True)],
-        "return_tensors": "pt",
-    }
-    if images:
-        kwargs["images"] = [images] if nested_images(processor) else images
-    inputs = processor(**kwargs)
+    inputs = prompt_inputs(processor, prompt, max_pixels)
     search = {"num_beams": samples, "do_sample": False} if beams else {"do_sample": True, "temperature": temperature}
     model.eval()
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, num_return_sequences=samples, **search)
