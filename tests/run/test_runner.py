@@ -47,3 +47,27 @@ def test_resume_key_in_the_recipe_starts_the_first_run(tiny_recipe, write_recipe
     code, _, err = cli("train", write_recipe(recipe))
     assert code == 0, err
     assert (Path(recipe["output_dir"]) / "model").is_dir()
+
+
+def test_new_weights_start_from_the_recipe_seed_whatever_ran_before(tiny_recipe, write_recipe, cli, monkeypatch):
+    """What `build` initialises (LoRA's A matrices, a new head) must not depend on what the process drew earlier:
+    a resumed run, or a second run in one process, would otherwise start from other weights."""
+    import torch
+
+    from visiontune.classify.task import ClassifyTask
+
+    drawn = []
+    build = ClassifyTask.build
+
+    def spy(self, cfg, data, run_dir):
+        drawn.append(torch.rand(3).tolist())
+        return build(self, cfg, data, run_dir)
+
+    monkeypatch.setattr(ClassifyTask, "build", spy)
+    for earlier, folder in ((1, "a"), (2, "b")):
+        torch.manual_seed(earlier)  # another draw history before each run
+        recipe = tiny_recipe(train={"max_steps": 1})
+        recipe["output_dir"] += folder
+        code, _, err = cli("train", write_recipe(recipe))
+        assert code == 0, err
+    assert drawn[0] == drawn[1]

@@ -46,6 +46,7 @@ def run_task(task: Task, cfg: BaseModel, overwrite: bool = False, resume: bool =
     if checkpoint is not None:
         check_resume_data(run_dir, task, data)
     run = open_run(cfg, run_dir, overwrite, checkpoint, task.skipped(data), defer=True)
+    seed_build(cfg.seed)
     fit = task.build(cfg, data, run_dir)
     cfg = settled_batch(cfg, fit)  # train.batch_size: auto / global_batch_size -> the numbers config.yaml records
     run.begin(cfg)  # only now, with data and model loaded, may --overwrite remove the previous run's files
@@ -58,6 +59,15 @@ def run_task(task: Task, cfg: BaseModel, overwrite: bool = False, resume: bool =
         state = {"best_checkpoint": trainer.state.best_model_checkpoint, "global_step": trainer.state.global_step}
         write_summary(run_dir, cfg, task, data, start, state, after, extras)
     return run_dir
+
+
+def seed_build(seed: int) -> None:
+    """New weights made while building (LoRA's A matrices, a replaced head) start from the recipe's seed, not from
+    whatever the process drew before: the Trainer seeds only when it is made, after the model exists, so without this
+    a resumed run (or a second run in one process) could start its adapters differently."""
+    from transformers import set_seed
+
+    set_seed(seed)
 
 
 def settled_batch(cfg: BaseModel, fit: Fit) -> BaseModel:

@@ -27,6 +27,7 @@ from visiontune.run.runner import (
     open_run,
     rng_preserved,
     save_eval,
+    seed_build,
     train_with_progress,
     write_data_report,
     write_summary,
@@ -124,6 +125,7 @@ def _train_stage(task: StagedTask, cfg: BaseModel, data: Any, state: Any, index:
     """One stage with the runner's Trainer; resumes from the stage's last checkpoint when there is one."""
     if is_main_process():
         folder.mkdir(parents=True, exist_ok=True)
+    seed_build(cfg.seed)
     stage_cfg, fit = task.build_stage(cfg, data, state, index, folder)
     trainer = make_trainer(stage_cfg, fit, folder)
     train_with_progress(trainer, last_checkpoint(folder))
