@@ -17,15 +17,6 @@ from visiontune.detect.task import detect_image
 from visiontune.testing.detect_fixtures import CLASSES, write_detection_sets
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one torch thread is several times faster than two on cores other jobs share."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     folder = write_detection_sets(tmp_path_factory.mktemp("boxes"))["coco-train"].parent / "images"

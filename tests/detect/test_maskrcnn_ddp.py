@@ -5,21 +5,15 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from tests.conftest import train_two_ranks
-from tests.detect.test_maskrcnn_e2e import _recipe
+from tests.detect.conftest import detect_recipe
 from visiontune.detect.config import MASK_METRICS
-from visiontune.testing.detect_fixtures import write_instance_sets
 
 
-@pytest.fixture(scope="module")
-def sets(tmp_path_factory):
-    return write_instance_sets(tmp_path_factory.mktemp("instances"))
-
-
-def test_two_ranks_train_in_step_and_score_every_mask_once(fixtures_dir, sets, write_recipe, tmp_path):
-    recipe = _recipe(fixtures_dir, sets, tmp_path / "ddp", train={"epochs": 1, "batch_size": 2})
+def test_two_ranks_train_in_step_and_score_every_mask_once(fixtures_dir, instance_sets, write_recipe, tmp_path):
+    recipe = detect_recipe(
+        fixtures_dir, instance_sets, tmp_path / "ddp", detector="maskrcnn", train={"epochs": 1, "batch_size": 2}
+    )
     ranks = train_two_ranks(write_recipe(recipe))
     assert [r["world_size"] for r in ranks] == [2, 2] and all(r["samples_seen"] == 4 for r in ranks)
     assert ranks[0]["weight_checksum"] == ranks[1]["weight_checksum"], "ranks ended with different weights"

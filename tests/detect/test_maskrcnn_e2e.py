@@ -12,44 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.detect.conftest import detect_recipe
 from visiontune.detect.config import DETECTION_METRICS, MASK_METRICS
 from visiontune.detect.masks import decoded
-from visiontune.testing.detect_fixtures import CLASSES, COCO_IDS, write_detection_sets, write_instance_sets
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one torch thread is several times faster than two on cores other jobs share."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def sets(tmp_path_factory) -> dict[str, Path]:
-    return write_instance_sets(tmp_path_factory.mktemp("instances"))
-
-
-def _recipe(fixtures_dir: Path, sets: dict, out: Path, **sections) -> dict:
-    recipe = {
-        "task": "detect",
-        "model": f"timm:local-dir:{fixtures_dir / 'timm-cnn'}",
-        "detector": "maskrcnn",
-        "fpn_channels": 32,
-        "output_dir": str(out),
-        "data": {
-            "train": str(sets["coco-train"]),
-            "val": str(sets["coco-val"]),
-            "image_size": 64,
-            "augment": {"preset": "none"},
-            "workers": 0,
-        },
-        "train": {"epochs": 2, "batch_size": 4, "lr": 1e-3, "warmup_ratio": 0.0, "logging_steps": 1},
-    }
-    for key, value in sections.items():
-        recipe.setdefault(key, {}).update(value) if isinstance(value, dict) else recipe.__setitem__(key, value)
-    return recipe
+from visiontune.testing.detect_fixtures import CLASSES, COCO_IDS, write_detection_sets
 
 
 def _maskrcnn(fixtures_dir: Path):
@@ -59,7 +25,7 @@ def _maskrcnn(fixtures_dir: Path):
     return build_detector(f"timm:local-dir:{fixtures_dir / 'timm-cnn'}", CLASSES, "maskrcnn", 32, 64)
 
 
-def test_a_training_step_learns_from_the_masks(fixtures_dir, sets, monkeypatch):
+def test_a_training_step_learns_from_the_masks(fixtures_dir, instance_sets, monkeypatch):
     """The collated masks reach torchvision's Mask R-CNN (crowd objects left out, as for boxes) and give its mask
     loss a gradient on the mask head."""
     from torchvision.models.detection import roi_heads
@@ -69,7 +35,7 @@ def test_a_training_step_learns_from_the_masks(fixtures_dir, sets, monkeypatch):
     from visiontune.detect.task import DetectionCollator
     from visiontune.detect.transforms import detection_transforms
 
-    data = read_boxes(str(sets["coco-train"]), masks=True)
+    data = read_boxes(str(instance_sets["coco-train"]), masks=True)
     dataset = DetectionDataset(data, detection_transforms("none", 64, train=False), 10**8)
     batch = DetectionCollator()([dataset[i] for i in range(4)])
     seen = []
@@ -86,9 +52,14 @@ def test_a_training_step_learns_from_the_masks(fixtures_dir, sets, monkeypatch):
 
 
 @pytest.mark.random_model  # reads what a random tiny model predicts (how many masks, their pixels)
-def test_cli_train_eval_predict(fixtures_dir, sets, write_recipe, cli, tmp_path):
+def test_cli_train_eval_predict(fixtures_dir, instance_sets, write_recipe, cli, tmp_path):
     run = tmp_path / "run"
-    code, _, err = cli("train", write_recipe(_recipe(fixtures_dir, sets, run, train={"metric": "mask_map_50"})))
+    code, _, err = cli(
+        "train",
+        write_recipe(
+            detect_recipe(fixtures_dir, instance_sets, run, detector="maskrcnn", train={"metric": "mask_map_50"})
+        ),
+    )
     assert code == 0, err
     after = json.loads((run / "eval" / "after.json").read_text())
     assert set(after["metrics"]) == {*DETECTION_METRICS, *MASK_METRICS}
@@ -100,17 +71,17 @@ def test_cli_train_eval_predict(fixtures_dir, sets, write_recipe, cli, tmp_path)
     manifest = json.loads((run / "model" / "visiontune.json").read_text())
     assert manifest["detector"] == "maskrcnn" and manifest["category_ids"] == COCO_IDS
     results = json.loads((run / "eval" / "predictions.json").read_text())
-    val = {e["id"] - 100: e for e in json.loads(sets["coco-val"].read_text())["images"]}  # image_id: position
+    val = {e["id"] - 100: e for e in json.loads(instance_sets["coco-val"].read_text())["images"]}  # image_id: position
     for r in results:
         entry = list(val.values())[r["image_id"]]
         assert r["segmentation"]["size"] == [entry["height"], entry["width"]]  # masks in the original image's frame
 
-    code, out, err = cli("eval", run, "--data", sets["coco-val"])
+    code, out, err = cli("eval", run, "--data", instance_sets["coco-val"])
     assert code == 0, err
     evaluated = json.loads((run / "eval" / "cli" / "metrics.json").read_text())
     assert "mask_map_50" in out and "mask_map_50" in evaluated["metrics"]
 
-    image = sorted((sets["coco-val"].parent / "images").glob("*.png"))[-1]
+    image = sorted((instance_sets["coco-val"].parent / "images").glob("*.png"))[-1]
     code, out, err = cli("predict", run, image, "--conf", "0.0", "--out", tmp_path / "pred")
     assert code == 0, err
     predicted = json.loads((tmp_path / "pred" / "predictions.json").read_text())
@@ -123,7 +94,7 @@ def test_cli_train_eval_predict(fixtures_dir, sets, write_recipe, cli, tmp_path)
     assert (tmp_path / "pred" / f"0000-{image.stem}.png").is_file()
 
 
-def test_export_reloads_to_the_same_boxes_and_masks(fixtures_dir, sets, tmp_path):
+def test_export_reloads_to_the_same_boxes_and_masks(fixtures_dir, instance_sets, tmp_path):
     from visiontune.detect.export import save_detector
     from visiontune.detect.model import build_detector
     from visiontune.detect.task import detect_image
@@ -134,7 +105,7 @@ def test_export_reloads_to_the_same_boxes_and_masks(fixtures_dir, sets, tmp_path
     again = build_detector(str(tmp_path / "model"), None).eval()
     again.configure(conf=0.0, iou=None, max_detections=100)
     assert again.segments and again.class_names == CLASSES
-    image = Image.open(sorted((sets["coco-val"].parent / "images").glob("*.png"))[0]).convert("RGB")
+    image = Image.open(sorted((instance_sets["coco-val"].parent / "images").glob("*.png"))[0]).convert("RGB")
     mine, theirs = detect_image(model, image), detect_image(again, image)
     assert len(mine["scores"]) > 0
     torch.testing.assert_close(theirs["boxes"], mine["boxes"], rtol=0, atol=1e-4)
@@ -142,9 +113,15 @@ def test_export_reloads_to_the_same_boxes_and_masks(fixtures_dir, sets, tmp_path
     assert theirs["masks"] == mine["masks"] and mine["masks"][0]["size"] == [image.height, image.width]
 
 
-def test_box_only_data_stops_before_a_run_folder_exists(fixtures_dir, sets, write_recipe, cli, tmp_path):
+def test_box_only_data_stops_before_a_run_folder_exists(fixtures_dir, instance_sets, write_recipe, cli, tmp_path):
     boxes = write_detection_sets(tmp_path / "boxes")
-    recipe = _recipe(fixtures_dir, sets, tmp_path / "run", data={"train": str(boxes["yolo"]), "val": None})
+    recipe = detect_recipe(
+        fixtures_dir,
+        instance_sets,
+        tmp_path / "run",
+        detector="maskrcnn",
+        data={"train": str(boxes["yolo"]), "val": None},
+    )
     code, _, err = cli("train", write_recipe(recipe))
     assert code == 2 and "maskrcnn" in err and str(boxes["yolo"]) in err
     assert not (tmp_path / "run").exists()
@@ -163,7 +140,7 @@ def _readme_maskrcnn(folder: Path) -> dict:
     return scope
 
 
-def test_the_readme_lines_rebuild_the_export_with_the_same_masks(fixtures_dir, sets, tmp_path):
+def test_the_readme_lines_rebuild_the_export_with_the_same_masks(fixtures_dir, instance_sets, tmp_path):
     from torchvision.transforms.functional import pil_to_tensor
     from torchvision.transforms.v2.functional import to_dtype
 
@@ -177,7 +154,9 @@ def test_the_readme_lines_rebuild_the_export_with_the_same_masks(fixtures_dir, s
     scope = _readme_maskrcnn(tmp_path / "model")
     plain = scope["model"]
     assert scope["names"] == CLASSES
-    image = Image.open(sorted((sets["coco-val"].parent / "images").glob("*.png"))[0]).convert("RGB")  # 64 px wide
+    image = Image.open(sorted((instance_sets["coco-val"].parent / "images").glob("*.png"))[0]).convert(
+        "RGB"
+    )  # 64 px wide
     pixels = to_dtype(pil_to_tensor(image), torch.float32, scale=True)  # 0..1 exactly as visiontune scales them
     with torch.no_grad():
         theirs = plain([pixels])[0]

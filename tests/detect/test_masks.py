@@ -17,20 +17,7 @@ from visiontune.detect.data import read_boxes
 from visiontune.detect.dataset import DetectionDataset
 from visiontune.detect.masks import decoded, encode, instance_masks
 from visiontune.detect.transforms import PRESETS, detection_transforms
-from visiontune.testing.detect_fixtures import detection_samples, write_detection_sets, write_instance_sets
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def sets(tmp_path_factory) -> dict[str, Path]:
-    return write_instance_sets(tmp_path_factory.mktemp("instances"))
+from visiontune.testing.detect_fixtures import detection_samples, write_detection_sets
 
 
 def _mask_box(mask: np.ndarray | torch.Tensor) -> tuple[int, int, int, int]:
@@ -45,12 +32,12 @@ def _iou(a, b) -> float:
     return w * h / (area(a) + area(b) - w * h)
 
 
-def test_polygons_rle_and_crowd_become_masks_of_their_rectangles(sets):
-    data = read_boxes(str(sets["coco-train"]), masks=True)
+def test_polygons_rle_and_crowd_become_masks_of_their_rectangles(instance_sets):
+    data = read_boxes(str(instance_sets["coco-train"]), masks=True)
     samples = detection_samples(12)
     assert data.has_masks and len(data) == 8
     forms = set()
-    coco = json.loads(sets["coco-train"].read_text())
+    coco = json.loads(instance_sets["coco-train"].read_text())
     for ann in coco["annotations"]:
         seg = ann["segmentation"]
         forms.add("polygon" if isinstance(seg, list) else "rle-" + type(seg["counts"]).__name__)
@@ -65,15 +52,15 @@ def test_polygons_rle_and_crowd_become_masks_of_their_rectangles(sets):
     assert data.records[0].iscrowd[-1] and not any(data.records[0].iscrowd[:-1])
 
 
-def test_without_masks_the_same_file_reads_as_boxes_only(sets):
-    data = read_boxes(str(sets["coco-train"]))
+def test_without_masks_the_same_file_reads_as_boxes_only(instance_sets):
+    data = read_boxes(str(instance_sets["coco-train"]))
     assert not data.has_masks and all(r.segments is None for r in data.records)
 
 
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("preset", PRESETS)
-def test_masks_stay_on_their_boxes_under_every_augmentation(sets, preset, train):
-    data = read_boxes(str(sets["coco-train"]), masks=True)
+def test_masks_stay_on_their_boxes_under_every_augmentation(instance_sets, preset, train):
+    data = read_boxes(str(instance_sets["coco-train"]), masks=True)
     dataset = DetectionDataset(data, detection_transforms(preset, 48, train=train, hflip=0.5), 10**8)
     checked = 0
     for seed in range(12):
@@ -121,10 +108,10 @@ def test_masks_turn_with_an_exif_rotated_image(tmp_path):
     assert shown[mask.astype(bool)].mean() > 200 and shown[~mask.astype(bool)].mean() < 30  # on the bright bar
 
 
-def _edited(sets: dict, tmp_path: Path, edit) -> Path:
-    coco = json.loads(sets["coco-train"].read_text())
+def _edited(instance_sets: dict, tmp_path: Path, edit) -> Path:
+    coco = json.loads(instance_sets["coco-train"].read_text())
     edit(coco["annotations"])
-    path = sets["coco-train"].with_name(f"edited-{tmp_path.name}.json")
+    path = instance_sets["coco-train"].with_name(f"edited-{tmp_path.name}.json")
     path.write_text(json.dumps(coco))
     return path
 
@@ -145,8 +132,8 @@ def _first_with(anns: list, kind: type) -> dict:
     ],
     ids=["polygon-outside", "rle-garbage", "rle-short-counts", "rle-wrong-size", "polygon-two-points", "missing"],
 )
-def test_a_bad_shape_is_one_sentence_naming_the_file_and_annotation(sets, tmp_path, edit, says):
-    path = _edited(sets, tmp_path, edit)
+def test_a_bad_shape_is_one_sentence_naming_the_file_and_annotation(instance_sets, tmp_path, edit, says):
+    path = _edited(instance_sets, tmp_path, edit)
     with pytest.raises(DataError) as err:
         read_boxes(str(path), masks=True)
     message = str(err.value)
@@ -182,20 +169,23 @@ def _same_masks(data, reference) -> None:
         assert np.array_equal(instance_masks(record), instance_masks(ref)[keep])
 
 
-def test_yolo_polygon_labels_give_the_same_masks(sets):
-    _same_masks(read_boxes(str(sets["yolo"]), "train", masks=True), read_boxes(str(sets["coco-train"]), masks=True))
+def test_yolo_polygon_labels_give_the_same_masks(instance_sets):
+    _same_masks(
+        read_boxes(str(instance_sets["yolo"]), "train", masks=True),
+        read_boxes(str(instance_sets["coco-train"]), masks=True),
+    )
 
 
-def test_yolo_box_lines_are_refused_for_masks(sets):
-    plain = write_detection_sets(sets["yolo"].parent.parent / "plain")["yolo"]
+def test_yolo_box_lines_are_refused_for_masks(instance_sets):
+    plain = write_detection_sets(instance_sets["yolo"].parent.parent / "plain")["yolo"]
     with pytest.raises(DataError, match="is a box line") as err:
         read_boxes(str(plain), "train", masks=True)
     assert "labels" in str(err.value) and "\n" not in str(err.value)
 
 
-def test_datasets_objects_segmentation_gives_the_same_masks(sets, tmp_path):
+def test_datasets_objects_segmentation_gives_the_same_masks(instance_sets, tmp_path):
     datasets = pytest.importorskip("datasets")
-    coco = read_boxes(str(sets["coco-train"]), masks=True)
+    coco = read_boxes(str(instance_sets["coco-train"]), masks=True)
     polygon = lambda box: [[box[0], box[1], box[2], box[1], box[2], box[3], box[0], box[3]]]  # noqa: E731
     features = datasets.Features(
         {

@@ -26,15 +26,6 @@ LOSSES = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one torch thread is several times faster than two on cores other jobs share."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def boxes(tmp_path_factory):
     return read_boxes(str(write_detection_sets(tmp_path_factory.mktemp("boxes"))["coco-train"]))

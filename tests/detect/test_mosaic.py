@@ -24,14 +24,6 @@ from visiontune.testing.detect_fixtures import write_detection_sets, write_insta
 SIZE = 48
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class _Painted(torch.utils.data.Dataset):
     """Duck-typed DetectionDataset: item j is a black image (at most SIZE a side, so no resize blurs it) with
     non-overlapping rectangles and their masks. Each object drawn gets a new id o (a mosaic may show an item twice):

@@ -17,26 +17,21 @@ from visiontune.core.errors import DataError
 from visiontune.detect.data import BoxDataset, read_boxes, split_boxes
 from visiontune.detect.dataset import DetectionDataset, detection_collate
 from visiontune.detect.readers import exif_box
-from visiontune.testing.detect_fixtures import CLASSES, COCO_IDS, detection_samples, write_detection_sets
-
-
-@pytest.fixture(scope="module")
-def sets(tmp_path_factory) -> dict[str, Path]:
-    return write_detection_sets(tmp_path_factory.mktemp("detect-sets"))
+from visiontune.testing.detect_fixtures import CLASSES, COCO_IDS, detection_samples
 
 
 @pytest.fixture
-def copy(sets, tmp_path):
-    """A private copy of the generated sets, for tests that damage them."""
-    root = next(iter(sets.values())).parent.parent
-    shutil.copytree(root, tmp_path / "sets")
-    return {key: tmp_path / "sets" / path.relative_to(root) for key, path in sets.items()}
+def copy(box_sets, tmp_path):
+    """A private copy of the generated box_sets, for tests that damage them."""
+    root = next(iter(box_sets.values())).parent.parent
+    shutil.copytree(root, tmp_path / "box_sets")
+    return {key: tmp_path / "box_sets" / path.relative_to(root) for key, path in box_sets.items()}
 
 
-def _read(sets: dict[str, Path], form: str, split: str = "train", **kw) -> BoxDataset:
+def _read(box_sets: dict[str, Path], form: str, split: str = "train", **kw) -> BoxDataset:
     if form == "coco":
-        return read_boxes(str(sets[f"coco-{split}"]), **kw)
-    return read_boxes(str(sets[form]), split=split, **kw)
+        return read_boxes(str(box_sets[f"coco-{split}"]), **kw)
+    return read_boxes(str(box_sets[form]), split=split, **kw)
 
 
 def _content(data: BoxDataset) -> list:
@@ -56,9 +51,9 @@ def _content(data: BoxDataset) -> list:
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
-def test_same_set_read_from_every_format(sets, split):
+def test_same_set_read_from_every_format(box_sets, split):
     samples = detection_samples()
-    read = {form: _read(sets, form, split) for form in ("coco", "yolo", "voc")}
+    read = {form: _read(box_sets, form, split) for form in ("coco", "yolo", "voc")}
     expected = _content(read["coco"])
     for form, data in read.items():
         assert data.class_names == CLASSES, form
@@ -71,9 +66,9 @@ def test_same_set_read_from_every_format(sets, split):
     assert negatives and all(not r.labels and not r.iscrowd for r in negatives)
 
 
-def test_datasets_objects_column(sets, tmp_path):
+def test_datasets_objects_column(box_sets, tmp_path):
     datasets = pytest.importorskip("datasets")
-    coco = _read(sets, "coco")
+    coco = _read(box_sets, "coco")
     features = datasets.Features(
         {
             "image": datasets.Image(),
@@ -103,15 +98,15 @@ def test_datasets_objects_column(sets, tmp_path):
     assert target["boxes"].tolist() == [list(b) for b in coco.records[1].boxes]
 
 
-def test_class_names_reorder_and_refuse_unknown(sets):
-    data = _read(sets, "coco", class_names=["red", "green", "blue"])
-    plain = _read(sets, "coco")
+def test_class_names_reorder_and_refuse_unknown(box_sets):
+    data = _read(box_sets, "coco", class_names=["red", "green", "blue"])
+    plain = _read(box_sets, "coco")
     assert data.category_ids == [11, 7, 3]
     assert [[2 - lab for lab in r.labels] for r in data.records] == [r.labels for r in plain.records]
     unknown = r"annotation 3 \(image img_002.png\) has category 3 \('blue'\), which is not among the classes \['red'"
     with pytest.raises(DataError, match=unknown):
-        _read(sets, "coco", class_names=["red", "green"])
-    assert _read(sets, "yolo", class_names=["red", "green", "blue"]).category_ids == [2, 1, 0]
+        _read(box_sets, "coco", class_names=["red", "green"])
+    assert _read(box_sets, "yolo", class_names=["red", "green", "blue"]).category_ids == [2, 1, 0]
 
 
 def test_crowd_and_difficult_are_kept_as_crowd_regions(copy):
@@ -127,10 +122,10 @@ def test_crowd_and_difficult_are_kept_as_crowd_regions(copy):
 
 
 def _coco_edit(key: str, edit):
-    def apply(sets):
-        coco = json.loads(sets["coco-train"].read_text())
+    def apply(box_sets):
+        coco = json.loads(box_sets["coco-train"].read_text())
         edit(coco)
-        sets["coco-train"].write_text(json.dumps(coco))
+        box_sets["coco-train"].write_text(json.dumps(coco))
 
     return apply
 
@@ -140,19 +135,19 @@ def _ann(field: str, value):
 
 
 def _write(rel: str, text: str):
-    return lambda sets: (sets["yolo"].parent / rel).write_text(text)
+    return lambda box_sets: (box_sets["yolo"].parent / rel).write_text(text)
 
 
 def _xml(old: str, new: str):
-    def apply(sets):
-        xml = sets["voc"] / "Annotations" / "img_000.xml"
+    def apply(box_sets):
+        xml = box_sets["voc"] / "Annotations" / "img_000.xml"
         xml.write_text(xml.read_text().replace(old, new, 1))
 
     return apply
 
 
 def _remove(form: str, rel: str):
-    return lambda sets: (sets[form].parent / rel if form == "coco-train" else sets[form] / rel).unlink()
+    return lambda box_sets: (box_sets[form].parent / rel if form == "coco-train" else box_sets[form] / rel).unlink()
 
 
 BAD = {  # name: (form, damage, words the sentence must hold, whether an image is dropped with skip)
@@ -197,7 +192,7 @@ def test_bad_annotation_named_or_skipped(copy, case):
     assert words[0] in data.skipped[0].ref
 
 
-def _file_of(sets, form: str, case: str) -> str:
+def _file_of(box_sets, form: str, case: str) -> str:
     """The file a message must name: the annotation file, or the label / image file of the case."""
     if form == "coco":
         return "img_000.png" if "missing" in case else "train.json"
@@ -215,14 +210,14 @@ def test_errors_list_every_problem_at_once(copy):
     assert len(data.skipped) == 3 and len(data) == 6
 
 
-def test_unknown_path_and_pixel_cap(sets, tmp_path):
+def test_unknown_path_and_pixel_cap(box_sets, tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         read_boxes(str(tmp_path / "nope.json"))
     (tmp_path / "x.csv").write_text("a,b\n")
     with pytest.raises(DataError, match="not a detection set"):
         read_boxes(str(tmp_path / "x.csv"))
     with pytest.raises(DataError, match="over the data.max_image_pixels cap"):
-        _read(sets, "coco", max_image_pixels=1000)
+        _read(box_sets, "coco", max_image_pixels=1000)
 
 
 # ---------------------------------------------------------------------------------------------- EXIF
@@ -302,8 +297,8 @@ def test_exif_rotated_photo_boxes_follow_the_pixels(tmp_path, orientation):
 # ---------------------------------------------------------------------------------------------- split, Dataset
 
 
-def test_split_boxes_is_seeded_and_disjoint(sets):
-    data = _read(sets, "coco")
+def test_split_boxes_is_seeded_and_disjoint(box_sets):
+    data = _read(box_sets, "coco")
     train, val = split_boxes(data, 0.25, seed=3)
     again = split_boxes(data, 0.25, seed=3)
     assert [r.image for r in val.records] == [r.image for r in again[1].records]
@@ -314,8 +309,8 @@ def test_split_boxes_is_seeded_and_disjoint(sets):
         split_boxes(data, 0.01, seed=0)
 
 
-def test_dataset_items_and_collate(sets):
-    data = _read(sets, "voc")
+def test_dataset_items_and_collate(box_sets):
+    data = _read(box_sets, "voc")
     ds = DetectionDataset(data, None, 10**8)
     items = [ds[i] for i in range(4)]
     images, targets = detection_collate(items)

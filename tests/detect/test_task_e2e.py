@@ -5,59 +5,21 @@ a run folder exists, two DDP ranks in step."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
 from tests.conftest import train_two_ranks
+from tests.detect.conftest import detect_recipe
 from visiontune.detect.config import DETECTION_METRICS
 from visiontune.run.folder import last_checkpoint
 from visiontune.run.trainer import VisiontuneTrainer
-from visiontune.testing.detect_fixtures import CLASSES, COCO_IDS, write_detection_sets
+from visiontune.testing.detect_fixtures import CLASSES, COCO_IDS
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one torch thread is several times faster than two on cores other jobs share."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def sets(tmp_path_factory) -> dict[str, Path]:
-    return write_detection_sets(tmp_path_factory.mktemp("boxes"))
-
-
-def _recipe(fixtures_dir: Path, sets: dict, out: Path, **sections) -> dict:
-    recipe = {
-        "task": "detect",
-        "model": f"timm:local-dir:{fixtures_dir / 'timm-cnn'}",
-        "fpn_channels": 32,
-        "output_dir": str(out),
-        "data": {
-            "train": str(sets["coco-train"]),
-            "val": str(sets["coco-val"]),
-            "image_size": 64,
-            "augment": {"preset": "none"},
-            "workers": 0,
-        },
-        "train": {"epochs": 2, "batch_size": 4, "lr": 1e-3, "warmup_ratio": 0.0, "logging_steps": 1},
-    }
-    for key, value in sections.items():
-        if isinstance(value, dict):
-            recipe.setdefault(key, {}).update(value)
-        else:
-            recipe[key] = value
-    return recipe
-
-
-def test_cli_train_eval_predict(fixtures_dir, sets, write_recipe, cli, tmp_path):
+def test_cli_train_eval_predict(fixtures_dir, box_sets, write_recipe, cli, tmp_path):
     run = tmp_path / "run"
-    code, _, err = cli("train", write_recipe(_recipe(fixtures_dir, sets, run, train={"metric": "map_50"})))
+    code, _, err = cli("train", write_recipe(detect_recipe(fixtures_dir, box_sets, run, train={"metric": "map_50"})))
     assert code == 0, err
     summary = json.loads((run / "summary.json").read_text())
     assert summary["task"] == "detect" and summary["train_samples"] == 8 and summary["val_samples"] == 4
@@ -75,11 +37,11 @@ def test_cli_train_eval_predict(fixtures_dir, sets, write_recipe, cli, tmp_path)
     results = json.loads((run / "eval" / "predictions.json").read_text())
     assert results and {r["category_id"] for r in results} <= set(COCO_IDS)
 
-    code, out, err = cli("eval", run, "--data", sets["yolo"])  # any format; YOLO's val split
+    code, out, err = cli("eval", run, "--data", box_sets["yolo"])  # any format; YOLO's val split
     assert code == 0, err
     assert "map_50" in out and (run / "eval" / "cli" / "metrics.json").is_file()
 
-    image = sorted((sets["coco-val"].parent / "images").glob("*.png"))[0]
+    image = sorted((box_sets["coco-val"].parent / "images").glob("*.png"))[0]
     code, out, err = cli("predict", run, image, "--conf", "0.0", "--out", tmp_path / "pred")
     assert code == 0, err
     assert str(image) in out and any(name in out for name in CLASSES)
@@ -87,13 +49,15 @@ def test_cli_train_eval_predict(fixtures_dir, sets, write_recipe, cli, tmp_path)
     assert predicted and {p["image_id"] for p in predicted} == {0} and len(list((tmp_path / "pred").glob("*.png"))) == 1
 
 
-def test_transformers_detector_run_exports_for_plain_transformers(fixtures_dir, sets, tmp_path):
+def test_transformers_detector_run_exports_for_plain_transformers(fixtures_dir, box_sets, tmp_path):
     from transformers import AutoModelForObjectDetection
 
     from visiontune.detect.task import DetectTask
     from visiontune.recipe import parse_config
 
-    recipe = _recipe(fixtures_dir, sets, tmp_path / "run", model=str(fixtures_dir / "detr"), train={"epochs": 1})
+    recipe = detect_recipe(
+        fixtures_dir, box_sets, tmp_path / "run", model=str(fixtures_dir / "detr"), train={"epochs": 1}
+    )
     del recipe["fpn_channels"]
     run = DetectTask().train(parse_config(recipe))
     model = AutoModelForObjectDetection.from_pretrained(run / "model")
@@ -113,15 +77,15 @@ def _interrupt_at(monkeypatch, step: int) -> None:
 
 
 def test_resume_after_an_interruption_trains_as_the_uninterrupted_run(
-    fixtures_dir, sets, write_recipe, cli, monkeypatch, tmp_path
+    fixtures_dir, box_sets, write_recipe, cli, monkeypatch, tmp_path
 ):
     train = {"max_steps": 6, "eval_steps": 3, "save_total_limit": 5}
     # Augmentation on, mosaic too: each item draws from (seed, epoch, index), which the resumed run replays. Batch 4
     # of 8 images: the cut falls in the second epoch, which the resumed run starts again from its sampler.
     augment = {"augment": {"preset": "strong", "mosaic": 0.5}}
-    full = _recipe(fixtures_dir, sets, tmp_path / "full", train=train, data=augment)
+    full = detect_recipe(fixtures_dir, box_sets, tmp_path / "full", train=train, data=augment)
     assert cli("train", write_recipe(full, "full.yaml"))[0] == 0
-    cut = _recipe(fixtures_dir, sets, tmp_path / "cut", train=train, data=augment)
+    cut = detect_recipe(fixtures_dir, box_sets, tmp_path / "cut", train=train, data=augment)
     recipe = write_recipe(cut, "cut.yaml")
     with monkeypatch.context() as m:
         _interrupt_at(m, 3)
@@ -137,19 +101,19 @@ def test_resume_after_an_interruption_trains_as_the_uninterrupted_run(
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
-def test_a_bad_annotation_stops_before_a_run_folder_exists(fixtures_dir, sets, write_recipe, cli, tmp_path):
-    coco = json.loads(sets["coco-train"].read_text())
+def test_a_bad_annotation_stops_before_a_run_folder_exists(fixtures_dir, box_sets, write_recipe, cli, tmp_path):
+    coco = json.loads(box_sets["coco-train"].read_text())
     coco["annotations"][0]["bbox"] = [10, 10, 0, 5]
-    bad = sets["coco-train"].with_name("zero-area.json")
+    bad = box_sets["coco-train"].with_name("zero-area.json")
     bad.write_text(json.dumps(coco))
-    recipe = _recipe(fixtures_dir, sets, tmp_path / "run", data={"train": str(bad)})
+    recipe = detect_recipe(fixtures_dir, box_sets, tmp_path / "run", data={"train": str(bad)})
     code, _, err = cli("train", write_recipe(recipe))
     assert code == 2 and "zero area" in err and str(bad) in err
     assert not (tmp_path / "run").exists()
 
 
-def test_two_ranks_train_in_step_and_export_once(fixtures_dir, sets, write_recipe, tmp_path):
-    recipe = _recipe(fixtures_dir, sets, tmp_path / "ddp", train={"epochs": 1, "batch_size": 2})
+def test_two_ranks_train_in_step_and_export_once(fixtures_dir, box_sets, write_recipe, tmp_path):
+    recipe = detect_recipe(fixtures_dir, box_sets, tmp_path / "ddp", train={"epochs": 1, "batch_size": 2})
     ranks = train_two_ranks(write_recipe(recipe))
     assert [r["world_size"] for r in ranks] == [2, 2] and all(r["samples_seen"] == 4 for r in ranks)
     assert ranks[0]["weight_checksum"] == ranks[1]["weight_checksum"], "ranks ended with different weights"

@@ -15,15 +15,6 @@ from visiontune.detect.transforms import PRESETS, detection_transforms
 SIZE = 48
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """As in a DataLoader worker: on tiny images torch's intra-op threads cost far more than they give."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _sample(gen: torch.Generator, n_boxes: int) -> tuple[tv_tensors.Image, dict]:
     """A black image with n white, non-overlapping rectangles; label k marks box k (its crowd flag: k % 3 == 0)."""
     h, w = (int(v) for v in torch.randint(40, 90, (2,), generator=gen))
