@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup quickstart test test-portable test-slow lint bench clean
+.PHONY: setup setup-browser quickstart test test-portable test-slow test-browser lint bench clean
 
 $(BIN)/visiontune: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,20 @@ test-portable: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
+
+# The headless-browser tests (marker `browser`): Debian's Chromium, apt-installed when /usr/bin/chromium is missing and
+# we are root (elsewhere: `sudo apt-get install chromium`), and the `browser` extra (Playwright's Python package, which
+# drives that Chromium; `playwright install` is never run: it would download a browser).
+setup-browser: setup
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	  else echo "No /usr/bin/chromium and not root: run \`sudo apt-get install chromium\`, or the browser tests skip."; fi; \
+	fi
+	$(BIN)/pip install -q -e ".[browser]"
+
+test-browser: setup-browser
+	$(BIN)/python -m pytest -q -m browser -rs --durations=5
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

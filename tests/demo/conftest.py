@@ -1,8 +1,11 @@
-"""Serving a demo page on a free local port for gradio_client, and an image to send it."""
+"""Serving a demo page on a free local port for gradio_client, waiting for a page served by another process, and an
+image to send it."""
 
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import time
 
 import pytest
 from PIL import Image
@@ -29,3 +32,19 @@ def served(source: str):
         yield Client(url, verbose=False), url
     finally:
         app.close()
+
+
+def wait_for(url: str, process: subprocess.Popen, seconds: float = 180) -> None:
+    """Until `url` answers; a process that exits first fails with the end of its stderr."""
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"{process.args} exited with {process.returncode}: {process.stderr.read()[-2000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{process.args} did not serve {url} within {seconds} s")

@@ -8,11 +8,12 @@ import ast
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
 from PIL import Image
+
+from tests.demo.conftest import wait_for
 
 pytest.importorskip("gradio")
 pytest.importorskip("gradio_client")
@@ -25,21 +26,6 @@ def _run_folder(tmp_path, fixtures_dir, fixture: str):
     resolve_classifier(str(fixtures_dir / fixture)).save(run / "model")  # as a classify run saves it
     (run / "config.yaml").write_text(yaml.safe_dump({"task": "classify", "model": str(fixtures_dir / fixture)}))
     return run
-
-
-def _wait_for(url: str, process: subprocess.Popen, seconds: float = 120) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"app.py exited with {process.returncode}: {process.stderr.read()[-2000:]}")
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"app.py did not serve {url} within {seconds} s")
 
 
 def test_space_folder_runs_without_visiontune(cli, fixtures_dir, tmp_path):
@@ -68,7 +54,7 @@ def test_space_folder_runs_without_visiontune(cli, fixtures_dir, tmp_path):
         [sys.executable, "app.py"], cwd=space, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     try:
-        _wait_for(f"http://127.0.0.1:{port}/", process)
+        wait_for(f"http://127.0.0.1:{port}/", process)
         image = tmp_path / "photo.png"
         Image.new("RGB", (50, 34), (30, 160, 60)).save(image)
         answer = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(
