@@ -47,6 +47,11 @@ class AssembleDataConfig(Strict):
     max_image_pixels: int = Field(512 * 512, gt=0)
     on_bad_sample: Literal["error", "skip"] = "error"
     group_by_length: bool = True
+    packing: bool = Field(
+        False,
+        description="Each batch's records as one padding-free row, each with its own positions and attention that "
+        "never crosses a record; the loss is unchanged.",
+    )
     workers: int = Field(0, ge=0)
     cache: bool = True
 

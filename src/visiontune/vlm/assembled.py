@@ -160,10 +160,16 @@ class AssembledVlm(nn.Module):
         attention_mask: Tensor | None = None,
         pixel_values: Tensor | None = None,
         labels: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        use_cache: bool | None = None,
         **_: Any,
     ) -> Any:
         out = self.language(
-            inputs_embeds=self.embed(input_ids, pixel_values), attention_mask=attention_mask, labels=labels
+            inputs_embeds=self.embed(input_ids, pixel_values),
+            attention_mask=attention_mask,
+            labels=labels,
+            position_ids=position_ids,  # packed rows (data.packing): positions restart at every record
+            use_cache=use_cache,
         )
         aux = getattr(self.projector, "aux_loss", None)
         if labels is not None and pixel_values is not None and aux is not None:

@@ -148,7 +148,12 @@ class VlmPreferenceTask(VlmSftTask):
         if cfg.train.grad_checkpointing:
             enable_grad_checkpointing(model)
         d, processor = prepared.data, prepared.processor
-        collator = PairCollator(processor, cfg.data.max_image_pixels)
+        if cfg.data.packing:
+            from visiontune.vlm.packing import PackedPairCollator, rope_index_of
+
+            collator = PackedPairCollator(processor, cfg.data.max_image_pixels, rope_index_of(model))
+        else:
+            collator = PairCollator(processor, cfg.data.max_image_pixels)
         train, val = PairDataset(d.train_tokens, d.train), PairDataset(d.val_tokens, d.val)
         mode = reference_mode(cfg, model)
         if mode == "precomputed":
@@ -316,9 +321,8 @@ class PreferenceTrainer(VlmTrainer):
         output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self.averaged("eval").items()})
         return output
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        self.samples_seen -= int(inputs["input_ids"].shape[0]) // 2  # VlmTrainer counts rows: two per pair
-        return super().training_step(model, inputs, num_items_in_batch)
+    def records(self, inputs: dict) -> int:
+        return super().records(inputs) // 2  # pairs: a chosen and a rejected record each
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs:

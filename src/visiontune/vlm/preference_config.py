@@ -47,6 +47,11 @@ class PreferenceDataConfig(Strict):
     max_length: int = Field(2048, gt=0, description="LLaMA-Factory `cutoff_len`: tokens per answer, images included.")
     max_image_pixels: int = Field(512 * 512, gt=0, description="LLaMA-Factory `image_max_pixels`.")
     on_bad_sample: Literal["error", "skip"] = "error"
+    packing: bool = Field(
+        False,
+        description="Each batch's answers (chosen, then rejected) as one padding-free row, each record with its own "
+        "positions and attention that never crosses a record; the pair loss is unchanged.",
+    )
     workers: int = Field(0, ge=0)
     cache: bool = Field(
         True, description="Cache tokenised pairs (and, for full tuning, the reference log-probabilities)."

@@ -26,15 +26,42 @@ def answer_logps(model: Any, inputs: dict[str, torch.Tensor], labels: torch.Tens
     from visiontune.vlm.preference_loss import sequence_logps
     from visiontune.vlm.tokenize import IGNORE
 
+    if "pair_lengths" in inputs:  # one packed row (data.packing)
+        text = {k: v for k, v in inputs.items() if k != "pair_lengths"}
+        return packed_logps(model, text, labels, inputs["pair_lengths"], unwrapped)
     labelled = (labels != IGNORE).any(0).nonzero()
     start = max(1, int(labelled[0])) if len(labelled) else 1
     logits = pair_logits(model, inputs, unwrapped, keep=labels.shape[1] - start + 1)
     return sequence_logps(logits, labels[:, start - 1 :])
 
 
-def pair_logits(model: Any, inputs: dict[str, torch.Tensor], unwrapped: Any = None, keep: int = 0) -> torch.Tensor:
-    """Logits of the 2B rows of `inputs` (the last `keep` positions; 0: all), the images of its B chosen rows
-    encoded once. `unwrapped` is the model without its DDP / accelerate wrapper (default: `model`)."""
+def packed_logps(
+    model: Any, inputs: dict[str, torch.Tensor], labels: torch.Tensor, lengths: torch.Tensor, unwrapped: Any = None
+) -> Any:
+    """`answer_logps` of a packed row ([1, T], records of `lengths`): logits only at the positions that predict an
+    answer token (`logits_to_keep` as indices), each token's log-prob summed into its record."""
+    from visiontune.vlm.preference_loss import SequenceLogps
+    from visiontune.vlm.tokenize import IGNORE
+
+    keep = (labels[0, 1:] != IGNORE).nonzero().squeeze(1)  # [K]: position j predicts label j + 1
+    logits = pair_logits(model, inputs, unwrapped, keep=keep)[0].float()  # [K, V]
+    targets = labels[0, keep + 1]
+    logps = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(1)  # [K]
+    n = len(lengths)
+    record = torch.repeat_interleave(torch.arange(n, device=labels.device), lengths.to(labels.device))[keep + 1]
+    column = torch.arange(len(keep), device=labels.device)
+    per_token = logps.new_zeros(n, len(keep)).index_put((record, column), logps)  # [2B, K], zero off-record
+    mask = torch.zeros(n, len(keep), dtype=torch.bool, device=labels.device).index_put(
+        (record, column), torch.tensor(True, device=labels.device)
+    )
+    return SequenceLogps(per_token.sum(-1), mask.sum(-1), per_token, mask)
+
+
+def pair_logits(
+    model: Any, inputs: dict[str, torch.Tensor], unwrapped: Any = None, keep: int | torch.Tensor = 0
+) -> torch.Tensor:
+    """Logits of the 2B rows of `inputs` (the last `keep` positions, or the positions `keep` lists; 0: all), the
+    images of its B chosen rows encoded once. `unwrapped`: the model without its DDP / accelerate wrapper."""
     images = {k: inputs[k] for k in IMAGE_INPUTS if k in inputs}
     text = {k: v for k, v in inputs.items() if k not in IMAGE_INPUTS}
     if images:

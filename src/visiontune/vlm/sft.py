@@ -258,8 +258,16 @@ class VlmTrainer(VisiontuneTrainer):
         return output
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        self.samples_seen += int(inputs["input_ids"].shape[0])
+        self.samples_seen += self.records(inputs)
         return super(VisiontuneTrainer, self).training_step(model, inputs, num_items_in_batch)
+
+    def records(self, inputs: dict) -> int:
+        """Records in a batch: its rows, or those packed into its one row (data.packing)."""
+        if "position_ids" in inputs and "attention_mask" not in inputs:
+            from visiontune.vlm.packing import records_in
+
+            return records_in(inputs["position_ids"])
+        return int(inputs["input_ids"].shape[0])
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self.collator_stats is not None and "loss" in logs:
