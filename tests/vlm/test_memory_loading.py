@@ -8,31 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from visiontune.recipe import parse_config
 from visiontune.vlm.model import load_vlm
 
 pytest.importorskip("bitsandbytes")
-
-
-@pytest.fixture(scope="module")
-def qwen2_vl(tmp_path_factory) -> Path:
-    from visiontune.testing.vlm_fixtures import tiny_vlm
-
-    return tiny_vlm("qwen2_vl", tmp_path_factory.mktemp("qwen2_vl"))
-
-
-@pytest.fixture(scope="module")
-def conversations(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("conversations")
-    records = []
-    for i, (name, rgb) in enumerate([("red", (255, 0, 0)), ("green", (0, 255, 0)), ("blue", (0, 0, 255))] * 2):
-        Image.new("RGB", (32, 32), rgb).save(root / f"{i}.png")
-        turns = [{"role": "user", "content": "<image>Colour?"}, {"role": "assistant", "content": name}]
-        records.append({"messages": turns, "images": [f"{i}.png"]})
-    (root / "data.json").write_text(json.dumps(records))
-    return root / "data.json"
 
 
 def _config(model: Path, **sections: dict) -> object:

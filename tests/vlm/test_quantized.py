@@ -143,26 +143,7 @@ def test_a_layer_packed_before_the_fix_is_unpacked():
     assert torch.allclose(model(IDS), before, atol=2e-2)
 
 
-# The real thing: a Qwen2-VL fixture (q/k/v with bias) through vlm_sft with QLoRA.
-
-
-@pytest.fixture(scope="module")
-def qwen2_vl(tmp_path_factory) -> Path:
-    from visiontune.testing.vlm_fixtures import tiny_vlm
-
-    return tiny_vlm("qwen2_vl", tmp_path_factory.mktemp("qwen2_vl"))
-
-
-@pytest.fixture(scope="module")
-def conversations(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("conversations")
-    records = []
-    for i, (name, rgb) in enumerate([("red", (255, 0, 0)), ("green", (0, 255, 0)), ("blue", (0, 0, 255))] * 2):
-        Image.new("RGB", (32, 32), rgb).save(root / f"{i}.png")
-        turns = [{"role": "user", "content": "<image>Colour?"}, {"role": "assistant", "content": name}]
-        records.append({"messages": turns, "images": [f"{i}.png"]})
-    (root / "data.json").write_text(json.dumps(records))
-    return root / "data.json"
+# The real thing: the Qwen2-VL fixture (q/k/v with bias; tests/vlm/conftest.py) through vlm_sft with QLoRA.
 
 
 def _qlora_config(model: Path) -> object:

@@ -1,0 +1,30 @@
+"""Fixtures several VLM test modules share (a module's own fixture of the same name takes precedence)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(scope="module")
+def qwen2_vl(tmp_path_factory) -> Path:
+    """The tiny random Qwen2-VL checkpoint folder (q/k/v with bias, image_grid_thw)."""
+    from visiontune.testing.vlm_fixtures import tiny_vlm
+
+    return tiny_vlm("qwen2_vl", tmp_path_factory.mktemp("qwen2_vl"))
+
+
+@pytest.fixture(scope="module")
+def conversations(tmp_path_factory) -> Path:
+    """Six one-turn conversations naming the colour of a plain 32 px image, in the messages/images JSON shape."""
+    root = tmp_path_factory.mktemp("conversations")
+    records = []
+    for i, (name, rgb) in enumerate([("red", (255, 0, 0)), ("green", (0, 255, 0)), ("blue", (0, 0, 255))] * 2):
+        Image.new("RGB", (32, 32), rgb).save(root / f"{i}.png")
+        turns = [{"role": "user", "content": "<image>Colour?"}, {"role": "assistant", "content": name}]
+        records.append({"messages": turns, "images": [f"{i}.png"]})
+    (root / "data.json").write_text(json.dumps(records))
+    return root / "data.json"
