@@ -1,6 +1,6 @@
 """vlm_preference's losses agree with TRL 1.16's on the same log-probabilities: DPOTrainer._compute_loss run with a
 stand-in model that returns those log-probs (its loss code cannot be called without a model), and CPOTrainer's
-SimPO (which vlm_preference calls itself) against its formula."""
+SimPO and ORPOTrainer's ORPO (which vlm_preference calls themselves) against their formula / TRL's whole ORPO loss."""
 
 from collections import defaultdict
 from types import SimpleNamespace
@@ -26,10 +26,13 @@ def _batch(seed: int = 0):
     return per_token, mask, ref
 
 
-def _trl_loss(loss_types: list[str], loss_weights: list[float], beta: float, smoothing: float) -> torch.Tensor:
+def trl_dpo_loss(loss_types: list[str], loss_weights: list[float], beta: float, smoothing: float, batch=None):
+    """TRL's DPOTrainer._compute_loss on `batch` = (per-token answer log-probs [2B, T-1], answer mask [2B, T],
+    reference sums [2B]) of [chosen; rejected] rows, and the metrics it logged."""
     from trl import DPOTrainer
 
-    per_token, mask, ref = _batch()
+    per_token, mask, ref = batch if batch is not None else _batch()
+    pairs, length = per_token.shape[0] // 2, mask.shape[1]
     outputs = SimpleNamespace(
         log_probs=per_token,
         entropy=torch.zeros_like(per_token),
@@ -56,8 +59,8 @@ def _trl_loss(loss_types: list[str], loss_weights: list[float], beta: float, smo
     )
     ref_chosen, ref_rejected = ref.chunk(2)
     inputs = {
-        "input_ids": torch.zeros(2 * PAIRS, LENGTH, dtype=torch.long),
-        "attention_mask": torch.ones(2 * PAIRS, LENGTH, dtype=torch.long),
+        "input_ids": torch.zeros(2 * pairs, length, dtype=torch.long),
+        "attention_mask": torch.ones(2 * pairs, length, dtype=torch.long),
         "completion_mask": mask.long(),
         "ref_chosen_logps": ref_chosen,
         "ref_rejected_logps": ref_rejected,
@@ -76,7 +79,7 @@ def _ours(cfg: PreferenceLossConfig):
     [("sigmoid", 0.1, 0.0), ("sigmoid", 0.5, 0.0), ("hinge", 0.3, 0.0), ("ipo", 0.2, 0.0), ("robust", 0.1, 0.2)],
 )
 def test_dpo_losses_and_metrics_equal_trl(kind, beta, smoothing):
-    trl_loss, trl_metrics = _trl_loss([kind], [1.0], beta, smoothing)
+    trl_loss, trl_metrics = trl_dpo_loss([kind], [1.0], beta, smoothing)
     loss, metrics = _ours(PreferenceLossConfig(type=kind, beta=beta, label_smoothing=smoothing))
     torch.testing.assert_close(loss, trl_loss)
     for key, values in metrics.items():  # TRL's names, TRL's values
@@ -84,7 +87,7 @@ def test_dpo_losses_and_metrics_equal_trl(kind, beta, smoothing):
 
 
 def test_rpo_term_equals_trl_sft_loss_type_weighted_by_alpha():
-    trl_loss, _ = _trl_loss(["sigmoid", "sft"], [1.0, 0.7], 0.1, 0.0)
+    trl_loss, _ = trl_dpo_loss(["sigmoid", "sft"], [1.0, 0.7], 0.1, 0.0)
     loss, _ = _ours(PreferenceLossConfig(type="sigmoid", beta=0.1, rpo_alpha=0.7))
     torch.testing.assert_close(loss, trl_loss)
     plain, _ = _ours(PreferenceLossConfig(type="sigmoid", beta=0.1))
@@ -111,3 +114,54 @@ def test_sequence_logps_scores_only_labelled_tokens_from_the_previous_position()
     lp = logits.log_softmax(-1)
     torch.testing.assert_close(got.logps, torch.stack([lp[0, 1, 3] + lp[0, 2, 1], lp[1, 0, 2]]))
     assert got.tokens.tolist() == [2, 1]
+
+
+def test_orpo_equals_trl_orpo_trainer_loss_and_metrics():
+    """TRL's ORPOTrainer.get_batch_loss_metrics (NLL of the chosen answer minus the mean odds-ratio term) with its
+    forward stood in by our length-averaged log-probs and our chosen-answer NLL."""
+    from trl.experimental.orpo import ORPOTrainer
+
+    per_token, mask, _ = _batch()
+    tokens = mask[:, 1:].sum(-1)
+    cfg = PreferenceLossConfig(type="orpo", beta=0.25)
+    policy = SequenceLogps(per_token.sum(-1), tokens, per_token, mask[:, 1:])
+    loss, metrics = preference_loss(policy, None, None, **loss_settings(cfg))
+    chosen, rejected = (per_token.sum(-1) / tokens).chunk(2)
+    nll = -per_token[:PAIRS][mask[:PAIRS, 1:]].mean()
+    logits = torch.zeros(PAIRS, LENGTH, 5)
+    trainer = SimpleNamespace(
+        beta=cfg.beta,
+        aux_loss_enabled=False,
+        accelerator=SimpleNamespace(device="cpu", gather_for_metrics=lambda x: x),
+        concatenated_forward=lambda model, batch: (chosen, rejected, logits, logits, nll),
+    )
+    trainer.odds_ratio_loss = lambda c, r: ORPOTrainer.odds_ratio_loss(trainer, c, r)
+    trl_loss, trl_metrics = ORPOTrainer.get_batch_loss_metrics(trainer, None, {})
+    torch.testing.assert_close(loss, trl_loss)
+    for key in (
+        "rewards/chosen",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "nll_loss",
+        "log_odds_ratio",
+    ):
+        assert trl_metrics[key] == pytest.approx(metrics[key].float().mean().item(), abs=1e-6), key
+    # by hand: the odds of an answer are p / (1 - p) of its length-averaged probability
+    log_odds = (chosen - rejected) - (torch.log1p(-chosen.exp()) - torch.log1p(-rejected.exp()))
+    torch.testing.assert_close(loss, nll - cfg.beta * F.logsigmoid(log_odds).mean())
+
+
+def test_orpo_refuses_the_keys_it_does_not_use():
+    from visiontune.core.errors import RecipeError
+    from visiontune.recipe import parse_config
+
+    base = {"task": "vlm_preference", "model": "m", "output_dir": "o", "data": {"train": "p.jsonl"}}
+    for key, value, match in [
+        ("rpo_alpha", 0.5, "loss.rpo_alpha acts only with the losses other than orpo"),
+        ("label_smoothing", 0.1, "loss.label_smoothing acts only with loss.type robust or simpo"),
+        ("simpo_gamma", 1.0, "loss.simpo_gamma acts only with loss.type: simpo"),
+    ]:
+        with pytest.raises(RecipeError, match=match):
+            parse_config({**base, "loss": {"type": "orpo", key: value}})
+    assert parse_config({**base, "loss": {"type": "orpo", "beta": 0.2}}).loss.beta == 0.2

@@ -139,14 +139,17 @@ class AssembledVlm(nn.Module):
             features = self.vision(pixel_values)  # [I, N, Dv]
         return self.projector(features)  # [I, M, Dt]
 
-    def embed(self, input_ids: Tensor, pixel_values: Tensor | None) -> Tensor:
+    def embed(self, input_ids: Tensor, pixel_values: Tensor | None, image: Tensor | None = None) -> Tensor:
+        """Token embeddings with the image tokens' rows replaced; `image`: projected image embeddings computed
+        already (vlm_preference encodes a pair's images once for both answers), instead of `pixel_values`."""
         embeds = self.language.get_input_embeddings()(input_ids)  # [B, T, Dt]
         mask = input_ids == self.image_token_id  # [B, T]
-        if pixel_values is None:
+        if pixel_values is None and image is None:
             if mask.any():
                 raise ModelError("the inputs hold image tokens but no pixel_values were given.")
             return embeds
-        image = self.image_embeds(pixel_values.to(embeds.dtype))  # [I, M, Dt]
+        if image is None:
+            image = self.image_embeds(pixel_values.to(embeds.dtype))  # [I, M, Dt]
         if int(mask.sum()) != image.shape[0] * image.shape[1]:
             raise ModelError(
                 f"the inputs hold {int(mask.sum())} image tokens but {image.shape[0]} images make "
@@ -162,14 +165,17 @@ class AssembledVlm(nn.Module):
         labels: Tensor | None = None,
         position_ids: Tensor | None = None,
         use_cache: bool | None = None,
+        image_embeds: Tensor | None = None,
+        logits_to_keep: int = 0,
         **_: Any,
     ) -> Any:
         out = self.language(
-            inputs_embeds=self.embed(input_ids, pixel_values),
+            inputs_embeds=self.embed(input_ids, pixel_values, image_embeds),
             attention_mask=attention_mask,
             labels=labels,
             position_ids=position_ids,  # packed rows (data.packing): positions restart at every record
             use_cache=use_cache,
+            logits_to_keep=logits_to_keep,  # vlm_preference: logits of the answers only
         )
         aux = getattr(self.projector, "aux_loss", None)
         if labels is not None and pixel_values is not None and aux is not None:
@@ -185,7 +191,8 @@ class AssembledVlm(nn.Module):
         new = self.language.generate(
             inputs_embeds=self.embed(input_ids, pixel_values), attention_mask=attention_mask, **kwargs
         )
-        return torch.cat([input_ids, new], dim=1)
+        # several sequences per prompt (num_return_sequences, beams) come back as consecutive rows
+        return torch.cat([input_ids.repeat_interleave(new.shape[0] // input_ids.shape[0], dim=0), new], dim=1)
 
     def save_pretrained(self, folder: str | Path, processor: AssembledProcessor | None = None) -> Path:
         """`language/` (transformers folder + tokenizer), `vision/`, `projector.safetensors`, `visiontune.json`."""

@@ -1,5 +1,6 @@
-"""`task: vlm_preference` — preference tuning (DPO, IPO, hinge, robust DPO, SimPO; optional RPO term) of a VLM on
-pairs of answers to the same prompt and image(s), for every family vlm_sft supports.
+"""`task: vlm_preference` — preference tuning (DPO, IPO, hinge, robust DPO, SimPO, ORPO; optional RPO term) of a VLM
+on pairs of answers to the same prompt and image(s), for every family vlm_sft supports and for assembled VLMs
+(`init_from` a vlm_assemble run; vlm/preference_assembled.py).
 
 What is its own: the pairs (vlm/preference_data.py; checked like SFT conversations, tokenised once per answer and
 cached), the reference, the loss and TRL's reward metrics. The model, LoRA / QLoRA, the generation evaluation and the
@@ -7,9 +8,9 @@ export are vlm_sft's; the runner does the rest.
 
 The reference costs no second model: with LoRA / QLoRA it is the same model with its adapters switched off (PEFT's
 `disable_adapter()`), with full tuning its log-probabilities are computed once before training and cached in
-safetensors, keyed on the model's files and the pairs' tokens and images (vlm/preference_reference.py). SimPO needs
-none. Each step runs one forward over [chosen; rejected] (as TRL does), but each pair's images go through the vision
-tower and projector once, not once per answer (vlm/preference_forward.py).
+safetensors, keyed on the model's files and the pairs' tokens and images (vlm/preference_reference.py). SimPO and
+ORPO need none. Each step runs one forward over [chosen; rejected] (as TRL does), but each pair's images go through
+the vision tower and projector once, not once per answer (vlm/preference_forward.py).
 
 TRL's `DPOTrainer` is not used: it tokenises per epoch with its own prompt/completion split, and its VLM path is
 where users lose `pixel_values` / `image_grid_thw`; here the SFT task's tokenisation (assistant-only labels, image-safe
@@ -116,7 +117,12 @@ class VlmPreferenceTask(VlmSftTask):
     name = "vlm_preference"
 
     def prepare(self, cfg: VlmPreferenceConfig) -> PreferencePrepared:
-        model, processor = load_vlm(cfg)
+        if cfg.init_from:
+            from visiontune.vlm.preference_assembled import load_assembled_start
+
+            model, processor = load_assembled_start(cfg)
+        else:
+            model, processor = load_vlm(cfg)
         return PreferencePrepared(model, processor, prepare_preferences(cfg, processor))
 
     def skipped(self, prepared: PreferencePrepared) -> list[Skipped]:
@@ -139,14 +145,17 @@ class VlmPreferenceTask(VlmSftTask):
         }
 
     def build(self, cfg: VlmPreferenceConfig, prepared: PreferencePrepared, run_dir: Path) -> Fit:
-        from transformers import set_seed
-
+        from visiontune.vlm.preference_assembled import tune_assembled
         from visiontune.vlm.preference_reference import reference_mode, set_reference
 
-        set_seed(cfg.seed)  # LoRA's A matrices start from the recipe's seed (the Trainer seeds only later)
-        model = apply_tuning(prepared.model, cfg.tune)
-        if cfg.train.grad_checkpointing:
-            enable_grad_checkpointing(model)
+        if cfg.init_from:
+            model = tune_assembled(prepared.model, cfg.tune)
+            if cfg.train.grad_checkpointing:
+                enable_grad_checkpointing(prepared.model.language)
+        else:
+            model = apply_tuning(prepared.model, cfg.tune)
+            if cfg.train.grad_checkpointing:
+                enable_grad_checkpointing(model)
         d, processor = prepared.data, prepared.processor
         if cfg.data.packing:
             from visiontune.vlm.packing import PackedPairCollator, rope_index_of
@@ -179,10 +188,16 @@ class VlmPreferenceTask(VlmSftTask):
         return evaluate_vlm(trainer, name)
 
     def save(self, cfg: Any, fit: Fit, trainer: Any, prepared: Any, run_dir: Path, after: dict) -> dict:
-        """vlm_sft's export (adapter/ or model/), plus the reward and margin curves for the report."""
+        """vlm_sft's export (adapter/ or model/; an assembled VLM: model/, merged), plus the reward and margin curves
+        for the report."""
         from visiontune.vlm.preference_report import add_reward_section
 
-        extras = super().save(cfg, fit, trainer, prepared, run_dir, after)
+        if cfg.init_from:
+            from visiontune.vlm.preference_assembled import save_assembled
+
+            extras = save_assembled(trainer.model, prepared.processor, run_dir)
+        else:
+            extras = super().save(cfg, fit, trainer, prepared, run_dir, after)
         add_reward_section(run_dir)
         return extras
 
@@ -227,7 +242,7 @@ def _tokenize_pairs(
         "cache": d.cache,
     }
     sides = [
-        tokenize_cached(processor, [getattr(p, side) for p in pairs], cfg.model, **settings)
+        tokenize_cached(processor, [getattr(p, side) for p in pairs], cfg.model_name(), **settings)
         for side in ("chosen", "rejected")
     ]
     (chosen, bad_c), (rejected, bad_r) = sides

@@ -17,7 +17,7 @@ from visiontune.vlm.config import (
     generation_metric_keys,
 )
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "simpo")
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo")
 # What validation reports besides the generation metrics: TRL's names, so dashboards read the same.
 REWARD_METRICS = (
     "rewards/chosen",
@@ -64,10 +64,14 @@ class PreferenceDataConfig(Strict):
 
 
 class PreferenceLossConfig(Strict):
-    type: Literal["sigmoid", "ipo", "hinge", "robust", "simpo"] = Field(
-        "sigmoid", description="TRL `loss_type`: DPO (sigmoid), IPO, hinge, robust DPO, or SimPO (no reference)."
+    type: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"] = Field(
+        "sigmoid",
+        description="TRL `loss_type`: DPO (sigmoid), IPO, hinge, robust DPO; or, with no reference model, SimPO or "
+        "ORPO (odds-ratio term plus the NLL of the chosen answer).",
     )
-    beta: float = Field(0.1, gt=0, description="TRL `beta`: how far from the reference the policy may move.")
+    beta: float = Field(
+        0.1, gt=0, description="TRL `beta`: how far from the reference the policy may move (ORPO: the odds weight)."
+    )
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="TRL `label_smoothing`: share of flipped labels.")
     rpo_alpha: float | None = Field(None, gt=0, description="Weight of an SFT term on the chosen answer (RPO).")
     simpo_gamma: float = Field(0.5, ge=0, description="TRL CPO `simpo_gamma`: SimPO's target reward margin.")
@@ -82,6 +86,12 @@ class PreferenceLossConfig(Strict):
                 "set one of those types",
             ),
             Inert(("simpo_gamma",), self.type != "simpo", "with loss.type: simpo", "set loss.type: simpo"),
+            Inert(
+                ("rpo_alpha",),
+                self.type == "orpo",
+                "with the losses other than orpo (ORPO's loss already holds the NLL of the chosen answer)",
+                "choose another loss.type",
+            ),
         ]
         refuse_inert(self, info, rules, prefix="loss.")
         return self
@@ -89,7 +99,12 @@ class PreferenceLossConfig(Strict):
 
 class VlmPreferenceConfig(Strict):
     task: Literal["vlm_preference"] = "vlm_preference"
-    model: str = Field(description="The VLM to tune (hub id or folder; often an SFT run's merged model).")
+    model: str | None = Field(
+        None, description="The VLM to tune (hub id or folder; often an SFT run's merged model). Or init_from."
+    )
+    init_from: str | None = Field(
+        None, description="A vlm_assemble run (or its model/ folder) to tune instead of `model`: the assembled VLM."
+    )
     output_dir: str
     seed: int = 42
     chat_template: str | None = Field(None, description="Jinja template when the processor has none.")
@@ -106,5 +121,32 @@ class VlmPreferenceConfig(Strict):
 
     @model_validator(mode="after")
     def _something_trains(self, info: ValidationInfo) -> VlmPreferenceConfig:
+        if (self.model is None) == (self.init_from is None):
+            raise ValueError(
+                "set exactly one of `model` (a transformers VLM) and `init_from` (a vlm_assemble run to tune)"
+            )
         check_something_trains(self, info)
+        if self.init_from is not None:
+            refuse_assembled_tuning(self.tune, info)
         return self
+
+    def model_name(self) -> str:
+        """What the tokenisation and reference caches key on: the hub id / folder, or the assembled run."""
+        return self.model or f"assembled:{self.init_from}"
+
+
+def refuse_assembled_tuning(tune: VlmTuneConfig, info: ValidationInfo) -> None:
+    """The assembled model loads in fp32 and has no quantised loading path (vlm_assemble's own format)."""
+    rules = [
+        Inert(
+            ("dtype",),
+            True,
+            "with `model` (an assembled VLM from init_from loads in fp32)",
+            "tune a transformers VLM through `model`",
+        )
+    ]
+    refuse_inert(tune, info, rules, prefix="tune.")
+    if tune.method == "qlora":
+        raise ValueError(
+            "tune.method: qlora needs a transformers VLM (`model`); an assembled VLM (init_from) takes lora or full"
+        )

@@ -4,7 +4,8 @@ A pair batch holds 2B text rows ([chosen; rejected]: the same prompt and images,
 of the B chosen rows only (`PairCollator`). The vision tower and projector run once on those, through the model's
 own `get_image_features`, and their output is given twice, as `mm_encoder_outputs`, to the forward over the 2B
 rows: transformers 5 takes precomputed image features that way for every family vlm_sft supports (Idefics3 /
-SmolVLM, Qwen2-VL, Qwen2.5-VL, LLaVA). TRL's DPOTrainer instead encodes each image once per answer.
+SmolVLM, Qwen2-VL, Qwen2.5-VL, LLaVA); an assembled VLM (vlm_assemble) takes them as `image_embeds`. TRL's
+DPOTrainer instead encodes each image once per answer.
 Why our own code: neither TRL nor transformers shares image features across the two answers of a pair.
 """
 
@@ -67,6 +68,9 @@ def pair_logits(
     if images:
         base = unwrapped if unwrapped is not None else model
         base = base.get_base_model() if hasattr(base, "get_base_model") else base  # PEFT: adapters stay in place
+        if hasattr(base, "image_embeds"):  # an assembled VLM (vlm/assembled.py): projected image tokens
+            text["image_embeds"] = twice(base.image_embeds(images["pixel_values"]))
+            return model(**text, use_cache=False, logits_to_keep=keep).logits
         defaults = {k: getattr(base.config, k) for k in _CONFIG_DEFAULTS if hasattr(base.config, k)}
         encoded = base.get_image_features(**images, **defaults, return_dict=True)
         encoded.pooler_output = twice(encoded.pooler_output)

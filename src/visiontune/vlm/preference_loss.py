@@ -4,8 +4,8 @@ Why not TRL's code for DPO: `DPOTrainer._compute_loss` takes the model and a bat
 forward itself, with a fused LM head), so its formulas cannot be called on log-probabilities. They are written out
 here, the same formulas term for term (sigmoid, hinge, IPO with its per-token normalisation, robust; the RPO/`sft`
 term as a token mean over the chosen answers), and tests/vlm/test_preference_loss.py runs TRL's `_compute_loss` on
-the same log-probabilities to show they agree. SimPO calls TRL's `CPOTrainer.cpo_loss` itself (a function of
-log-probabilities).
+the same log-probabilities to show they agree. SimPO calls TRL's `CPOTrainer.cpo_loss` and ORPO TRL's
+`ORPOTrainer.odds_ratio_loss` themselves (functions of log-probabilities).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from visiontune.vlm.tokenize import IGNORE
 
-REFERENCE_FREE = ("simpo",)
+REFERENCE_FREE = ("simpo", "orpo")
 
 
 @dataclass
@@ -70,7 +70,11 @@ def preference_loss(
     """The loss (TRL's `loss_type` `kind`, its `beta`, ...) and the per-pair metrics TRL logs (detached)."""
     chosen, rejected = policy.halves()
     chosen_n, rejected_n = (t.clamp(min=1).to(chosen.dtype) for t in policy.tokens.chunk(2))
-    if kind in REFERENCE_FREE:
+    extra: dict[str, torch.Tensor] = {}
+    if kind == "orpo":  # TRL's ORPO scores length-averaged log-probs; its rewards and logps/* are those averages
+        chosen, rejected = chosen / chosen_n, rejected / rejected_n
+        per_pair, chosen_rewards, rejected_rewards, extra = _orpo(beta, chosen, rejected, policy)
+    elif kind in REFERENCE_FREE:
         averages = (chosen / chosen_n, rejected / rejected_n)
         per_pair, chosen_rewards, rejected_rewards = _simpo(beta, label_smoothing, simpo_gamma, *averages)
     else:
@@ -88,6 +92,7 @@ def preference_loss(
         "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
         "logps/chosen": chosen.detach(),
         "logps/rejected": rejected.detach(),
+        **extra,
     }
     return loss, metrics
 
@@ -114,6 +119,29 @@ def dpo_losses(
         flipped = -label_smoothing * F.logsigmoid(-beta * delta)
         return (clean - flipped) / (1 - 2 * label_smoothing)
     raise ValueError(f"unknown DPO loss {kind!r}")
+
+
+def _orpo(
+    beta: float, chosen_avg: torch.Tensor, rejected_avg: torch.Tensor, policy: SequenceLogps
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """ORPO: the NLL of the chosen answer minus `beta` x log sigmoid(log odds ratio), per pair. The odds-ratio term,
+    the rewards and TRL's extra metrics are TRL's `ORPOTrainer.odds_ratio_loss` itself. The NLL is the token mean over
+    the chosen answers (the paper's L_SFT, and our RPO term): TRL's decoder-only path also scores the prompt, which
+    here holds the image tokens and is never a training target."""
+    with warnings.catch_warnings():  # TRL flags ORPO as experimental; tests pin what we use of it
+        warnings.simplefilter("ignore")
+        from trl.experimental.orpo import ORPOTrainer
+
+    settings = SimpleNamespace(beta=beta, accelerator=SimpleNamespace(device=chosen_avg.device))
+    odds, chosen_rewards, rejected_rewards, ratio, log_odds = ORPOTrainer.odds_ratio_loss(
+        settings, chosen_avg, rejected_avg
+    )
+    chosen_tokens, chosen_mask = policy.per_token.chunk(2)[0], policy.mask.chunk(2)[0]
+    nll = -chosen_tokens[chosen_mask].mean()
+    # per pair: mean(nll - odds) == nll - mean(odds), TRL's `policy_nll_loss - losses.mean()`
+    per_pair = nll - odds
+    extra = {"nll_loss": nll.detach(), "log_odds_ratio": ratio.detach(), "log_odds_chosen": log_odds.detach()}
+    return per_pair, chosen_rewards, rejected_rewards, extra
 
 
 def _simpo(

@@ -39,7 +39,7 @@ def set_reference(cfg: Any, model: Any, collator: Any, datasets: dict[str, Any])
     for dataset in datasets.values():
         if len(dataset) == 0:
             continue
-        key = reference_key(cfg.model, dataset, cfg.data.max_image_pixels)
+        key = reference_key(_model_source(cfg), dataset, cfg.data.max_image_pixels)
         path = _cache_dir() / f"{key}.safetensors"
         cached = _load(path, len(dataset)) if cfg.data.cache else None
         dataset.reference = cached if cached is not None else compute_reference(model, collator, dataset)
@@ -73,13 +73,22 @@ def reference_key(model: str, dataset: Any, max_pixels: int) -> str:
     images' content."""
     h = hashlib.sha256(REFERENCE_FORMAT.encode())
     folder = Path(model)
-    weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) if folder.is_dir() else []
+    weights = sorted(folder.rglob("*.safetensors")) + sorted(folder.rglob("*.bin")) if folder.is_dir() else []
     h.update(json.dumps([model, max_pixels, [f"{p.name}:{file_digest(p)}" for p in weights]]).encode())
     for t in dataset.tokens:
         pair = dataset.pairs[t.index]
         record = [t.chosen.input_ids, t.chosen.labels, t.rejected.input_ids, t.rejected.labels]
         h.update(json.dumps([record, [_image_identity(s) for s in pair.chosen.images]]).encode())
     return h.hexdigest()[:32]
+
+
+def _model_source(cfg: Any) -> str:
+    """The hub id or folder of `model`, or the assembled model's folder (its language/, vision/ and projector files)."""
+    if cfg.init_from:
+        from visiontune.vlm.preference_assembled import assembled_folder
+
+        return str(assembled_folder(cfg.init_from))
+    return cfg.model
 
 
 def _cache_dir() -> Path:
