@@ -17,6 +17,33 @@ from visiontune.run.trainer import VisiontuneTrainer
 from visiontune.testing.detect_fixtures import CLASSES, COCO_IDS
 
 
+def test_after_reuses_the_last_validation_of_the_same_weights(
+    fixtures_dir, box_sets, write_recipe, cli, monkeypatch, tmp_path
+):
+    """Detection runs its own evaluation loop (records, not tensors): the "after" evaluation of the weights the
+    last validation scored is not run again, and after.json is still the full report."""
+    from visiontune.detect.task import DetectionTrainer
+
+    passes = []
+    collect = DetectionTrainer.collect
+
+    def spy(model, loader, prepare):
+        passes.append(len(loader.dataset))
+        return collect(model, loader, prepare)
+
+    monkeypatch.setattr(DetectionTrainer, "collect", staticmethod(spy))
+    recipe = detect_recipe(fixtures_dir, box_sets, tmp_path / "run", train={"epochs": 1})
+    code, _, err = cli("train", write_recipe(recipe))
+    assert code == 0, err
+    assert passes == [4, 4]  # "before" and the epoch's validation; no third pass for "after"
+    run = tmp_path / "run"
+    after = json.loads((run / "eval" / "after.json").read_text())
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    validation = [row for row in logged if "eval_map_50" in row][-1]
+    assert after["metrics"]["map_50"] == validation["eval_map_50"]
+    assert len(after["samples"]) == 4 and [c["label"] for c in after["per_class_ap"]] == CLASSES
+
+
 def test_cli_train_eval_predict(fixtures_dir, box_sets, write_recipe, cli, tmp_path):
     run = tmp_path / "run"
     code, _, err = cli("train", write_recipe(detect_recipe(fixtures_dir, box_sets, run, train={"metric": "map_50"})))

@@ -37,7 +37,7 @@ class RecordsTrainer(VisiontuneTrainer):
     def collect(model: Any, loader: Any, prepare: Callable) -> list[dict]:
         raise NotImplementedError
 
-    def evaluation_loop(
+    def run_evaluation(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
     ) -> EvalLoopOutput:
         self.callback_handler.eval_dataloader = dataloader

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from transformers import Trainer
@@ -45,15 +47,41 @@ class VisiontuneTrainer(Trainer):
         """Trainer lacks: an evaluation of the same weights on the same data is not run again. The "after"
         evaluation (and the trained-weights side of the EMA comparison) usually follows a validation of the very
         weights training ended with; its results are reused, renamed to the new prefix."""
+        if self.is_deepspeed_enabled and self.deepspeed is None:
+            return self._evaluate_before_deepspeed(
+                dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+            )
         key = evaluation_key(self, dataloader, prediction_loss_only, ignore_keys)
         last = self._last_evaluation
         if every_rank(key is not None and last is not None and last[0] == key):
             return renamed(last[2], last[1], metric_key_prefix)
-        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        output = self.run_evaluation(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         self._last_evaluation = (key, metric_key_prefix, output) if key is not None else None
         return output
 
     _last_evaluation = None  # (key, metric prefix, EvalLoopOutput) of the last evaluation loop
+
+    def _evaluate_before_deepspeed(self, *args):
+        """Trainer lacks: an evaluation before `train()` under DeepSpeed. Trainer would build an inference-only
+        DeepSpeed engine (refused under ZeRO-2; under ZeRO-3 `train()` then finds the model wrapped and never builds
+        the training engine, failing at the first backward). Before training every rank still holds the whole model
+        (it is built before the DeepSpeed config exists), so the evaluation runs as plain data-parallel evaluation and
+        the model is left unprepared for `train()` to wrap."""
+        self.is_deepspeed_enabled = False
+        try:
+            return super().evaluation_loop(*args)
+        finally:
+            self.is_deepspeed_enabled = True
+            model = self.model
+            self.model_wrapped = model
+            if getattr(model, "_is_accelerate_prepared", False):
+                del model._is_accelerate_prepared
+            self.accelerator._models = [m for m in self.accelerator._models if m is not model]
+
+    def run_evaluation(self, dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix):
+        """The pass over the validation set itself (Trainer's loop); a task with its own loop overrides this, not
+        `evaluation_loop`, so its evaluations are reused too."""
+        return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
 
     def _save_checkpoint(self, model, trial):
         """Write the checkpoint under `.partial/`, fsync it, then move it into place with one atomic rename, so a
@@ -91,7 +119,8 @@ class VisiontuneTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
     def record_rank(self, run_dir: Path) -> dict:
-        """Write `ranks/rank{R}.json`: samples trained on and a weight checksum (DDP ranks must agree)."""
+        """Write `ranks/rank{R}.json`: samples trained on and a weight checksum (DDP ranks must agree). Under ZeRO-3
+        call it inside `full_weights` (every rank), else a rank sums its shard only."""
         model = self.accelerator.unwrap_model(self.model)
         checksum = float(sum(p.detach().double().abs().sum() for p in model.parameters()))
         record = {
@@ -104,6 +133,21 @@ class VisiontuneTrainer(Trainer):
         out.mkdir(exist_ok=True)
         (out / f"rank{self.args.process_index}.json").write_text(json.dumps(record))
         return record
+
+
+@contextlib.contextmanager
+def full_weights(trainer: Trainer) -> Iterator[None]:
+    """Every rank holds the whole model inside (collective: all ranks enter it). Under ZeRO-3 a rank holds a shard
+    of each parameter; the exports, the rank record and anything else reading weights outside a forward need them
+    whole. Elsewhere the weights are whole already."""
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or plugin.zero_stage != 3:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(trainer.model.parameters()), modifier_rank=None):
+        yield
 
 
 def forget_evaluation_prepare(trainer: Trainer) -> None:
