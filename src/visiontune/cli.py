@@ -254,6 +254,7 @@ def pairs(
     temperature: float = typer.Option(1.0, "--temperature", min=0.01, help="Sampling temperature."),
     beams: bool = typer.Option(False, "--beams", help="The --samples best beams instead of sampled answers."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Ask only a seeded sample of N questions."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip bad records instead of stopping."),
 ) -> None:
     """Preference pairs from a VLM's own mistakes: chosen = the reference answer, rejected = a wrong answer it gave."""
@@ -264,7 +265,15 @@ def pairs(
         raise RecipeError("--temperature is for sampled answers; --beams searches without one: drop one of the two.")
     target = check_output_file(out, "pairs --out", inputs=[model, data])
     found = mine_pairs(
-        model, data, target, samples, temperature, beams, max_new_tokens, on_bad_sample="skip" if skip_bad else "error"
+        model,
+        data,
+        target,
+        samples,
+        temperature,
+        beams,
+        max_new_tokens,
+        on_bad_sample="skip" if skip_bad else "error",
+        limit=limit,
     )
     mark_output_file(target, "pairs --out")
     _say_skipped(found["skipped"])

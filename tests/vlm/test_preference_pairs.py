@@ -54,6 +54,11 @@ def test_wrong_answers_become_pairs_that_vlm_preference_reads(vlm, questions, tm
     (tmp_path / "mine.jsonl").write_text("keep me\n")
     code, _, err = cli("pairs", vlm, "--data", questions, "--out", tmp_path / "mine.jsonl")
     assert code != 0 and "left alone" in err and (tmp_path / "mine.jsonl").read_text() == "keep me\n"
+    asked = []
+    monkeypatch.setattr(mining, "sample_answers", lambda model, proc, prompt, *a: asked.append(prompt) or ["green"])
+    code, stdout, err = cli("pairs", vlm, "--data", questions, "--out", out, "--limit", "1")
+    assert code == 0, err
+    assert len(asked) == 1 and "from 1 of 1 question(s)" in stdout  # --limit: a sample of the questions
 
 
 @pytest.mark.parametrize("beams", [False, True])

@@ -30,12 +30,17 @@ def mine_pairs(
     max_pixels: int = 512 * 512,
     on_bad_sample: str = "error",
     seed: int = 0,
+    limit: int | None = None,
 ) -> dict[str, Any]:
-    """Write `out` (JSONL pairs) and return counts: questions asked, questions with a mistake, pairs written."""
+    """Write `out` (JSONL pairs) and return counts: questions asked, questions with a mistake, pairs written.
+    `limit`: ask a seeded sample of that many questions (in their order; files may be sorted by label)."""
     from visiontune.vlm.generate import checked_conversations, load_trained
     from visiontune.vlm.generation_metrics import normalize_exact
 
     convs, skipped = checked_conversations(data, on_bad_sample)
+    if limit and limit < len(convs):
+        keep = torch.randperm(len(convs), generator=torch.Generator().manual_seed(seed))[:limit]
+        convs = [convs[i] for i in sorted(keep.tolist())]
     vlm, processor = load_trained(model)
     torch.manual_seed(seed)
     images_dir = out.with_name(f"{out.stem}_images")
