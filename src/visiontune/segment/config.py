@@ -104,8 +104,8 @@ class SegmentConfig(Strict):
     task: Literal["segment"] = "segment"
     model: str = Field(
         description="A backbone (builtin:efficientnet-lite0, timm:NAME, timm:local-dir:PATH) under `decoder`, or a "
-        "transformers semantic-segmentation checkpoint (hub id or folder: SegFormer, UperNet, DPT, ...), or a "
-        "segment run."
+        "transformers semantic-segmentation checkpoint (hub id or folder: SegFormer, UperNet, DPT, ...; Mask2Former / "
+        "MaskFormer in semantic mode), or a segment run."
     )
     decoder: Literal["fpn", "unet"] = Field(
         "fpn", description="Decoder built on a builtin:/timm: backbone: FPN (sum of pyramid levels) or U-Net."

@@ -1,8 +1,9 @@
 """Exports of a trained segmenter, in forms the plain libraries load:
 
 - transformers model: a `save_pretrained` folder with the classes in `id2label` and an image processor that resizes
-  to the training square, so `AutoModelForSemanticSegmentation` + `AutoImageProcessor` +
-  `post_process_semantic_segmentation` predict the masks visiontune predicts (eval.mode: resize);
+  to the training square, so `AutoModelForSemanticSegmentation` (Mask2Former / MaskFormer:
+  `AutoModelForUniversalSegmentation`) + `AutoImageProcessor` + `post_process_semantic_segmentation` predict the
+  masks visiontune predicts (eval.mode: resize);
 - decoder on a timm backbone: `model.safetensors` (the decoder's state dict) plus `visiontune.json`, which holds
   what rebuilds it with timm and segment/decoders.py (a file of plain torch; the README shows the lines).
 """
@@ -41,4 +42,6 @@ def export_processor(model: Segmenter):
     processor.image_mean, processor.image_std = list(model.spec["image_mean"]), list(model.spec["image_std"])
     if hasattr(processor, "do_reduce_labels"):
         processor.do_reduce_labels = bool(model.spec.get("reduce_labels", False))
+    if hasattr(processor, "ignore_index"):  # Mask2Former / MaskFormer: the label left out of the binary masks
+        processor.ignore_index = model.ignore_index
     return processor

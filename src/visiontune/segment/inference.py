@@ -22,6 +22,7 @@ from visiontune.segment.data import MaskDataset
 from visiontune.segment.dataset import SegmentationDataset, segmentation_collate
 from visiontune.segment.metrics import pixel_confusion, segmentation_scores
 from visiontune.segment.model import Segmenter, resized
+from visiontune.segment.universal import scores_as_logits
 
 SAMPLES = 4  # validation images whose predicted masks are kept for the report's pictures
 WINDOWS_PER_BATCH = 16
@@ -119,6 +120,8 @@ class SegmentationEvaluator:
 
         def per_batch(batch: dict) -> list[dict]:
             logits = image_logits(model, batch["images"], self.mode, self.stride)
+            if getattr(model, "universal", False):  # mask-query scores: their log for the loss, the same argmax
+                logits = [scores_as_logits(found) for found in logits]
             return [self._record(*found) for found in zip(logits, batch["masks"], batch["index"].tolist(), strict=True)]
 
         return collect_records(model, loader, prepare, per_batch)

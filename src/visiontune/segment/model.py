@@ -1,6 +1,6 @@
 """Semantic segmenters behind one training interface: a decoder (FPN / U-Net, segment/decoders.py) on a timm
-backbone, and transformers `AutoModelForSemanticSegmentation` checkpoints (SegFormer, UperNet, DPT, ...) with the
-class head replaced.
+backbone, transformers `AutoModelForSemanticSegmentation` checkpoints (SegFormer, UperNet, DPT, ...) and
+Mask2Former / MaskFormer in semantic mode (segment/universal.py), with the class head replaced.
 
 `Segmenter.forward(pixel_values, labels=None)` takes images 0..1 [B, 3, H, W] and class-id masks [B, H, W] and
 returns {"loss", "logits"}: logits resized (bilinear) to the masks' size, cross-entropy over every pixel but
@@ -27,9 +27,18 @@ _LORA_TARGETS = ("query", "value", "q_proj", "v_proj", "qkv")
 class Segmenter(nn.Module):
     """One forward for the Trainer over a decoder on a timm backbone (`library="timm"`) or a transformers model."""
 
-    def __init__(self, net: nn.Module, library: str, class_names: list[str], spec: dict[str, Any], processor=None):
+    def __init__(
+        self,
+        net: nn.Module,
+        library: str,
+        class_names: list[str],
+        spec: dict[str, Any],
+        processor=None,
+        universal: bool = False,
+    ):
         super().__init__()
         self.net, self.library, self.class_names = net, library, list(class_names)
+        self.universal = universal  # mask queries (Mask2Former, MaskFormer): scores, not logits (segment/universal.py)
         self.spec = spec  # what rebuilds it (the export's visiontune.json): image_size, mean, std, decoder...
         self.processor = processor  # transformers: the checkpoint's image processor (exported resized)
         self.dice = False  # train.loss dice_ce: add soft_dice_loss to the cross-entropy (set by the task)
@@ -40,6 +49,8 @@ class Segmenter(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         size = tuple(labels.shape[-2:]) if labels is not None else tuple(pixel_values.shape[-2:])
+        if self.universal and labels is not None:
+            return self._universal_forward(pixel_values, labels, size)
         if self.library == "transformers" and labels is not None:
             out = self.net(pixel_values=self._normalized(pixel_values), labels=labels.long())
             logits = resized(out.logits, size)
@@ -51,6 +62,17 @@ class Segmenter(nn.Module):
         loss = masked_cross_entropy(logits, labels, self.ignore_index) + self._dice(logits, labels)
         return {"loss": loss, "logits": logits}
 
+    def _universal_forward(self, pixels: torch.Tensor, labels: torch.Tensor, size: tuple[int, int]) -> dict:
+        from visiontune.segment.universal import mask_targets, scores_as_logits, semantic_scores
+
+        x = self._normalized(pixels)
+        if not self._any_counted(labels):  # nothing to match: the library's loss would divide by no mask
+            logits = resized(semantic_scores(self.processor, self.net(pixel_values=x)), size)
+            return {"loss": 0 * logits.sum(), "logits": scores_as_logits(logits)}
+        masks, classes = mask_targets(labels, self.ignore_index)
+        out = self.net(pixel_values=x, mask_labels=masks, class_labels=classes)
+        return {"loss": out.loss, "logits": scores_as_logits(resized(semantic_scores(self.processor, out), size))}
+
     def _dice(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | float:
         return soft_dice_loss(logits, labels, self.ignore_index) if self.dice else 0.0
 
@@ -59,8 +81,14 @@ class Segmenter(nn.Module):
         return resized(self.raw_logits(pixel_values), size or tuple(pixel_values.shape[-2:]))
 
     def raw_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The network's logits at its own resolution (a decoder's finest level, SegFormer's quarter size)."""
+        """The network's logits at its own resolution (a decoder's finest level, SegFormer's quarter size); for
+        mask-query models the per-class scores of their processor's semantic post-processing (argmax the same,
+        resized as transformers resizes them)."""
         x = self._normalized(pixel_values)
+        if self.universal:
+            from visiontune.segment.universal import semantic_scores
+
+            return semantic_scores(self.processor, self.net(pixel_values=x))
         return self.net(x) if self.library == "timm" else self.net(pixel_values=x).logits
 
     def _normalized(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -74,6 +102,8 @@ class Segmenter(nn.Module):
     def backbone_prefix(self) -> str:
         if self.library == "timm":
             return "net.body."
+        if self.universal:  # the image backbone inside the pixel-level module; the rest is the decode head
+            return "net.model.pixel_level_module.encoder."
         prefix = getattr(self.net, "base_model_prefix", "") or "backbone"
         return f"net.{prefix if hasattr(self.net, prefix) else 'backbone'}."
 
@@ -214,21 +244,25 @@ def saved_spec(manifest: dict) -> dict[str, Any]:
 def _transformers(
     name: str, class_names: list[str] | None, image_size: int | None, ignore_index: int, manifest: dict
 ) -> Segmenter:
-    from transformers import AutoModelForSemanticSegmentation
+    from transformers import AutoModelForSemanticSegmentation, AutoModelForUniversalSegmentation
 
     from visiontune.classify.resolve import pretrained_with_head
     from visiontune.detect.model import processor_size
+    from visiontune.segment.universal import check_universal, model_type
 
     instead = (
-        "a checkpoint folder or cached hub id of an AutoModelForSemanticSegmentation (SegFormer, UperNet, DPT, ...), "
-        "or a backbone (builtin:efficientnet-lite0, timm:NAME) under `decoder`"
+        "a checkpoint folder or cached hub id of an AutoModelForSemanticSegmentation (SegFormer, UperNet, DPT, ...) "
+        "or a Mask2Former / MaskFormer, or a backbone (builtin:efficientnet-lite0, timm:NAME) under `decoder`"
     )
-    net = pretrained_with_head(AutoModelForSemanticSegmentation, name, class_names, "segmentation model", instead)
+    kind = model_type(name)
+    universal = check_universal(kind)
+    auto = AutoModelForUniversalSegmentation if universal else AutoModelForSemanticSegmentation
+    net = pretrained_with_head(auto, name, class_names, "segmentation model", instead)
     if class_names is None:
         ignore_index = manifest.get("ignore_index", ignore_index)
     net.config.semantic_loss_ignore_index = ignore_index  # the library's loss then skips our ignored pixels
     names = class_names or [net.config.id2label[i] for i in sorted(net.config.id2label)]
-    processor = _processor(name)
+    processor = _processor(name, kind if universal else None)
     spec = {
         **(saved_spec(manifest) if class_names is None else {}),  # a saved model's inference and mask reading
         "image_size": image_size or manifest.get("image_size") or processor_size(processor),
@@ -236,17 +270,20 @@ def _transformers(
         "image_std": list(getattr(processor, "image_std", None) or (0.229, 0.224, 0.225)),
         "ignore_index": ignore_index,
     }
-    return Segmenter(net, "transformers", names, spec, processor)
+    return Segmenter(net, "transformers", names, spec, processor, universal)
 
 
-def _processor(name: str):
-    """The checkpoint's image processor; SegFormer's defaults (ImageNet statistics) when it saved none."""
+def _processor(name: str, universal: str | None = None):
+    """The checkpoint's image processor; when it saved none, its family's (universal models: they post-process
+    the queries) or SegFormer's defaults (ImageNet statistics)."""
     from transformers import AutoImageProcessor, SegformerImageProcessor
+
+    from visiontune.segment.universal import default_processor
 
     try:
         return AutoImageProcessor.from_pretrained(name)
     except (OSError, ValueError):
-        return SegformerImageProcessor()
+        return default_processor(universal) if universal else SegformerImageProcessor()
 
 
 def apply_lora(model: Segmenter, cfg) -> None:
@@ -254,8 +291,11 @@ def apply_lora(model: Segmenter, cfg) -> None:
     trainable (`modules_to_save`)."""
     from visiontune.classify.lora import wrap_lora
 
-    if model.library != "transformers":
-        raise ModelError("tune.method lora applies to transformers segmentation models; use full or linear_probe.")
+    if model.library != "transformers" or model.universal:
+        raise ModelError(
+            "tune.method lora applies to transformers semantic-segmentation models (not to decoders on a timm "
+            "backbone or Mask2Former / MaskFormer); use full, linear_probe or gradual_unfreeze."
+        )
     encoder = model.backbone_prefix().removeprefix("net.").rstrip(".")
     heads = [name for name, _ in model.net.named_children() if name != encoder]
     model.net = wrap_lora(model.net, cfg, _LORA_TARGETS, heads, "the segmentation model")

@@ -20,6 +20,7 @@ from visiontune.classify.task import ClassifierTrainer, lone_last_batch
 from visiontune.core.check import CheckedSplits, check_splits, read_splits
 from visiontune.core.config import PIL_MAX_PIXELS
 from visiontune.core.dataset import SetEpoch
+from visiontune.core.errors import ModelError
 from visiontune.detect.check import find_bad_images
 from visiontune.run.arguments import loader_workers
 from visiontune.run.records import RecordsTrainer
@@ -58,6 +59,11 @@ class SegmentTask(Task):
             cfg.model, names, cfg.decoder, cfg.decoder_channels, d.image_size, d.ignore_index, cfg.decoder_refine
         )
         model.dice = cfg.train.loss == "dice_ce"
+        if model.dice and model.universal:
+            raise ModelError(
+                f"train.loss dice_ce needs per-pixel logits and {cfg.model} predicts mask queries (it trains with its "
+                "own matched mask loss); remove train.loss."
+            )
         # what eval / predict of the saved model must do as this recipe did (the manifest keeps it)
         model.spec |= {
             "inference": {"mode": cfg.eval.mode, "stride": cfg.eval.stride},

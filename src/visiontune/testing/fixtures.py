@@ -102,6 +102,44 @@ def tiny_hf_segformer(out: Path, num_classes: int = 3) -> Path:
     return out
 
 
+def tiny_hf_mask2former(out: Path, num_classes: int = 3, image_size: int = 64) -> Path:
+    """transformers Mask2FormerForUniversalSegmentation (a one-block-per-stage Swin of width 8, 6 queries, 115k
+    parameters) + its image processor at `image_size`: the mask-query kind of `task: segment` (semantic mode).
+    Widths of 32: the pixel decoder's GroupNorm takes 32 groups."""
+    from transformers import (
+        Mask2FormerConfig,
+        Mask2FormerForUniversalSegmentation,
+        Mask2FormerImageProcessor,
+        SwinConfig,
+    )
+
+    swin = SwinConfig(
+        image_size=image_size,
+        embed_dim=8,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 1, 1, 1],
+        window_size=4,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    config = Mask2FormerConfig(
+        backbone_config=swin,
+        feature_size=32,
+        mask_feature_size=32,
+        hidden_dim=32,
+        encoder_layers=1,
+        decoder_layers=2,
+        num_queries=6,
+        encoder_feedforward_dim=32,
+        dim_feedforward=32,
+        num_attention_heads=2,
+        train_num_points=256,
+        id2label={i: f"class_{i}" for i in range(num_classes)},
+    )
+    Mask2FormerForUniversalSegmentation(config).save_pretrained(out)
+    Mask2FormerImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(out)
+    return out
+
+
 def image_folder(root: Path, classes: int = 3, per_class: int = 12, size: int = 32, seed: int = 0) -> Path:
     """A learnable image-folder dataset: each class has its own colour and stripe direction, plus noise."""
     rng = np.random.default_rng(seed)
@@ -212,6 +250,20 @@ def tiny_siglip(out: Path) -> Path:
     text = {**_tiny_text(word_tokenizer(out)), "projection_size": 32}
     SiglipModel(SiglipConfig(text_config=text, vision_config=TINY_VISION)).save_pretrained(out)
     SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(out)
+    return out
+
+
+def tiny_lite0_minilm(out: Path) -> Path:
+    """The built-in dual encoder's own class (`BuiltinDualEncoder`: EfficientNet-Lite0 image tower, random here, + a
+    BERT text tower as MiniLM is one, 2 layers of width 32) saved as a lite0-minilm run saves it. Not in `write_all`:
+    the Lite0 tower is 4.6M parameters, built only by the tests that need this family."""
+    from transformers import BertConfig, BertModel
+
+    from visiontune.clip.dual_encoder import BuiltinDualEncoder, DualEncoder
+
+    tok = word_tokenizer(out)
+    model = BuiltinDualEncoder(BertModel(BertConfig(**_tiny_text(tok))))
+    DualEncoder(model, tok, BuiltinDualEncoder.PREPROCESS, "lite0-minilm", "fixture").save(out)
     return out
 
 
