@@ -509,7 +509,6 @@ ALT: dict[str, Any] = {
     "tune.qlora_bits": 8,
     "train.cpu": lambda w: _has_gpu(),  # the opposite of what the unset key picks on this machine
     "train.deepspeed": "zero2",
-    "train.fsdp": "full_shard auto_wrap",
     "track.wandb_project": "elsewhere",
     "track.wandb_mode": "disabled",
     "eval.metrics": ["exact_match", "anls"],
@@ -620,7 +619,6 @@ LEVEL: dict[str, str] = {
     "skip_training": "entry",
     "train.resume": "resume",
     "train.deepspeed": "kwargs",
-    "train.fsdp": "kwargs",
     "tune.unfreeze[].*": "epochs",
     "scheduled_sampling": "step",
     "scheduled_sampling.*": "step",
@@ -631,6 +629,13 @@ LEVEL: dict[str, str] = {
 POINTERS: dict[str, str] = {
     # refused on a machine that trains on CPU; a spy on transformers' save_on_cpu shows it acting where a GPU would
     "train.grad_checkpointing_offload": "tests/vlm/test_grad_offload.py::test_offload_reaches_the_checkpointed_blocks",
+    # refused on a machine that trains on CPU (accelerate sets FSDP up on GPUs only); the arguments where a GPU would
+    "train.fsdp": "tests/run/test_sharding_config.py::test_fsdp_reaches_training_arguments_as_fsdp2",
+    # refused for every CLIP task (DeepSpeed cannot broadcast CLIP's 0-dim logit_scale); acts for the other tasks
+    **{
+        f"{task}:train.deepspeed": "tests/run/test_sharding_config.py::test_deepspeed_is_refused_for_clip_tasks"
+        for task in ("clip_classify", "clip_continual", "clip_contrastive")
+    },
 }
 
 # Keys that reach nothing (bugs): each case is xfail(strict=True), so it flips once the key acts or is removed.
@@ -1133,7 +1138,8 @@ def level_kwargs(runner: Runner, cfg: Any, mp: Any) -> dict:
         seen.update(kwargs)
         return real(**{**kwargs, "deepspeed": None, "fsdp": ""})
 
-    mp.setattr(arguments, "_check_deepspeed", lambda train: None)
+    mp.setattr(arguments, "check_deepspeed", lambda train: None)
+    mp.setattr(arguments, "deepspeed_on_cpu", lambda: {})  # the process group set-up: nothing to set up here
     mp.setattr(arguments, "TrainingArguments", record)
     if cfg.task == "clip_continual":
         _continual(cfg, mp)

@@ -42,6 +42,19 @@ def test_a_missing_path_is_refused_when_the_recipe_is_read(tmp_path):
 def test_training_arguments_get_the_packaged_file(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(arguments, "TrainingArguments", lambda **kwargs: seen.update(kwargs))
-    monkeypatch.setattr(arguments, "_check_deepspeed", lambda cfg: None)  # the deepspeed package need not be here
+    monkeypatch.setattr(arguments, "check_deepspeed", lambda cfg: None)  # the deepspeed package need not be here
+    monkeypatch.setattr(arguments, "deepspeed_on_cpu", lambda: {"accelerator_config": "ours"})
     arguments.training_arguments(TrainConfig(deepspeed="zero3", cpu=True), tmp_path, 0, 0, [])
     assert seen["deepspeed"] == str(DEEPSPEED_DIR / "zero3.json")
+    # on CPU: not use_cpu, which would take transformers past its DeepSpeed set-up (plain DDP, silently)
+    assert seen["use_cpu"] is False and seen["accelerator_config"] == "ours"
+
+
+def test_one_cpu_process_is_refused(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: object())  # as if deepspeed were installed
+    with pytest.raises(RecipeError, match=r"train.deepspeed on CPU needs several ranks: launch with `visiontune train"):
+        arguments.check_deepspeed(TrainConfig(deepspeed="zero2"))

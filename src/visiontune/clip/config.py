@@ -26,6 +26,16 @@ from visiontune.run.config import (
 )
 
 
+def _refuse_deepspeed(train: ClassifierTrainConfig | EmaTrainConfig) -> None:
+    # DeepSpeed (0.19.8) broadcasts every parameter as bytes when its engine starts and cannot view a 0-dimensional
+    # one so: CLIP's temperature `logit_scale` stops it before the first step (seen on two CPU ranks, ZeRO-2 and 3)
+    if train.deepspeed:
+        raise ValueError(
+            "train.deepspeed cannot train CLIP models (DeepSpeed fails to broadcast their 0-dimensional logit_scale "
+            "parameter); remove it and train with DDP (`--nproc N`)"
+        )
+
+
 class ClipTrainConfig(ClassifierTrainConfig):
     """CLIP fine-tuning defaults (FusionBench's): small LR, no weight decay, no warmup. A recipe's own `train:`
     section starts from these, not from the image-classifier defaults."""
@@ -35,6 +45,11 @@ class ClipTrainConfig(ClassifierTrainConfig):
     epochs: float = Field(1, gt=0)
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
 
+    @model_validator(mode="after")
+    def _no_deepspeed(self) -> ClipTrainConfig:
+        _refuse_deepspeed(self)
+        return self
+
 
 class ContrastiveTrainConfig(EmaTrainConfig):
     # the batch is also the set of in-batch negatives, part of the loss: never chosen by memory (no `auto`)
@@ -43,6 +58,11 @@ class ContrastiveTrainConfig(EmaTrainConfig):
     weight_decay: float = Field(0.1, ge=0)
     epochs: float = Field(1, gt=0)
     metric: str = "mean_recall"
+
+    @model_validator(mode="after")
+    def _no_deepspeed(self) -> ContrastiveTrainConfig:
+        _refuse_deepspeed(self)
+        return self
 
 
 class ClipLoraConfig(Strict):

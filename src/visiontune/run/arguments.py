@@ -9,21 +9,30 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-from visiontune.run.config import TrainConfig, deepspeed_file
+from visiontune.run.config import TrainConfig, deepspeed_file, gpu_training
 from visiontune.run.distributed import launched_world_size
 from visiontune.run.folder import CHECKPOINTS
 from visiontune.run.optim import TRAINER_OPTIM
 
 
-def _check_deepspeed(cfg: TrainConfig) -> None:
+def check_deepspeed(cfg: TrainConfig) -> None:
+    """What `train.deepspeed` needs besides its file; the runner asks before it creates the run folder."""
     import importlib.util
 
     from visiontune.core.errors import RecipeError
 
-    if cfg.deepspeed and importlib.util.find_spec("deepspeed") is None:
+    if not cfg.deepspeed:
+        return
+    if importlib.util.find_spec("deepspeed") is None:
         raise RecipeError(
             "train.deepspeed needs the deepspeed package: `pip install 'visiontune[deepspeed]'` (pip install "
             "deepspeed==0.19.8), or remove it."
+        )
+    # one CPU process has no process group for DeepSpeed to shard over; transformers would run without it
+    if launched_world_size() == 1 and not gpu_training(cfg.cpu):
+        raise RecipeError(
+            "train.deepspeed on CPU needs several ranks: launch with `visiontune train RECIPE --nproc 2` (or more), "
+            "or remove train.deepspeed."
         )
 
 
@@ -38,8 +47,11 @@ def training_arguments(
 ) -> TrainingArguments:
     """`validate`: evaluate (and keep the best checkpoint by `cfg.metric`) every epoch or every `eval_steps`.
     `overrides`: arguments a task must set itself (e.g. `dataloader_drop_last` for contrastive batches)."""
-    _check_deepspeed(cfg)
+    check_deepspeed(cfg)
     use_cpu = cfg.cpu if cfg.cpu is not None else not torch.cuda.is_available()
+    if cfg.deepspeed and use_cpu:
+        overrides = {**deepspeed_on_cpu(), **overrides}
+        use_cpu = False  # use_cpu=True would take transformers past its DeepSpeed set-up: plain DDP, silently
     per_epoch = cfg.eval_steps is None
     kwargs: dict[str, Any] = dict(
         output_dir=str(run_dir / CHECKPOINTS),
@@ -73,7 +85,8 @@ def training_arguments(
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,
         deepspeed=str(deepspeed_file(cfg.deepspeed)) if cfg.deepspeed else None,  # a name or a checked path
-        fsdp=cfg.fsdp or "",
+        fsdp=bool(cfg.fsdp),
+        fsdp_config={"version": 2, "reshard_after_forward": cfg.fsdp == "full_shard"} if cfg.fsdp else None,
         # the Trainer's name for a bitsandbytes optimiser, for what reads the arguments; the optimiser itself is
         # run/optim.py's (parameter groups)
         optim=TRAINER_OPTIM.get(cfg.optimizer, "adamw_torch"),
@@ -81,6 +94,27 @@ def training_arguments(
     )
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
+
+
+def deepspeed_on_cpu() -> dict[str, Any]:
+    """What DeepSpeed needs to run on CPU ranks through transformers, which lacks it: with `use_cpu` transformers
+    and accelerate set up plain gloo DDP and drop the DeepSpeed config without a word; without it accelerate asks
+    DeepSpeed for the backend, gets none on a machine without GPUs and counts one process. So the process group
+    state is made here, as DeepSpeed on gloo (accelerate's own launcher variable ACCELERATE_USE_DEEPSPEED), and
+    transformers is told to use it. Returns the TrainingArguments that say so."""
+    from accelerate import PartialState
+
+    os.environ.pop("ACCELERATE_USE_CPU", None)  # `run_ranks` sets it for DDP ranks; it would force the DDP path
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # read again when Trainer builds its Accelerator
+    state = PartialState(backend="gloo")
+    if state.distributed_type.name != "DEEPSPEED" and launched_world_size() > 1:
+        from visiontune.core.errors import DistributedError
+
+        raise DistributedError(
+            f"accelerate set up {state.distributed_type.name} instead of DeepSpeed on these CPU ranks; "
+            "run without train.deepspeed or report the accelerate version."
+        )
+    return {"accelerator_config": {"use_configured_state": True}}
 
 
 def loader_workers(setting: int | str, in_memory: bool) -> int:

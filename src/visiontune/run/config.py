@@ -155,7 +155,12 @@ class TrainConfig(Strict):
         description="DeepSpeed config: a built-in name (zero2: optimizer states and gradients sharded; zero3: "
         "parameters too) or the path of a DeepSpeed JSON file; needs the deepspeed package.",
     )
-    fsdp: str | None = Field(None, description="FSDP policy for transformers, e.g. `full_shard auto_wrap`.")
+    fsdp: Literal["full_shard", "shard_grad_op"] | None = Field(
+        None,
+        description="FSDP2 (PyTorch fully_shard through accelerate), GPU only: full_shard shards parameters, "
+        "gradients and optimizer states and reshards parameters after each forward; shard_grad_op keeps them "
+        "gathered until the backward.",
+    )
 
     @model_validator(mode="after")
     def _inert_keys(self, info: ValidationInfo) -> TrainConfig:
@@ -189,6 +194,24 @@ class TrainConfig(Strict):
             raise ValueError(
                 f"train.optimizer: {self.optimizer} pages optimiser states out of GPU memory and this run trains on "
                 "CPU; use adamw_8bit or adamw"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _one_sharding(self) -> TrainConfig:
+        if self.fsdp and self.deepspeed:
+            raise ValueError("train.fsdp and train.deepspeed both shard the model; keep one")
+        # accelerate sets up FSDP only on GPUs: on CPU ranks transformers would train plain DDP without a word
+        if self.fsdp and not gpu_training(self.cpu):
+            raise ValueError(
+                "train.fsdp needs GPUs (accelerate sets FSDP up only there) and this run trains on CPU; use "
+                "train.deepspeed: zero3, which shards the model on CPU ranks too"
+            )
+        # transformers refuses bf16/fp16 on a machine without GPUs unless use_cpu, and use_cpu turns DeepSpeed off
+        if self.deepspeed and self.precision != "fp32" and not gpu_training(self.cpu):
+            raise ValueError(
+                f"train.precision: {self.precision} with train.deepspeed needs GPUs (transformers allows "
+                f"{self.precision} on CPU only without DeepSpeed); set train.precision: fp32 for DeepSpeed on CPU"
             )
         return self
 

@@ -38,6 +38,9 @@ def run_task(task: Task, cfg: BaseModel, overwrite: bool = False, resume: bool =
     start = time.perf_counter()
     run_dir = Path(cfg.output_dir).expanduser()
     check_launch_environment()  # a refused launch must not leave a run folder behind
+    from visiontune.run.arguments import check_deepspeed
+
+    check_deepspeed(cfg.train)
     checkpoint = resume_point(run_dir, resume, resume_wanted(resume, cfg.train.resume, overwrite))
     if checkpoint is not None:
         cfg = resumed_batch(run_dir, cfg)
@@ -53,11 +56,14 @@ def run_task(task: Task, cfg: BaseModel, overwrite: bool = False, resume: bool =
     write_data_report(run_dir, task, data)
     trainer = make_trainer(cfg, fit, run_dir)
     after = fit_and_evaluate(task, cfg, fit, trainer, data, run)
-    trainer.record_rank(run_dir)
-    if is_main_process():
-        extras = task.save(cfg, fit, trainer, data, run_dir, after)
-        state = {"best_checkpoint": trainer.state.best_model_checkpoint, "global_step": trainer.state.global_step}
-        write_summary(run_dir, cfg, task, data, start, state, after, extras)
+    from visiontune.run.trainer import full_weights
+
+    with full_weights(trainer):  # ZeRO-3: the record and the exports need whole weights
+        trainer.record_rank(run_dir)
+        if is_main_process():
+            extras = task.save(cfg, fit, trainer, data, run_dir, after)
+            state = {"best_checkpoint": trainer.state.best_model_checkpoint, "global_step": trainer.state.global_step}
+            write_summary(run_dir, cfg, task, data, start, state, after, extras)
     return run_dir
 
 

@@ -69,7 +69,7 @@ class VisiontuneTrainer(Trainer):
         the model is left unprepared for `train()` to wrap."""
         self.is_deepspeed_enabled = False
         try:
-            return super().evaluation_loop(*args)
+            return self.run_evaluation(*args)
         finally:
             self.is_deepspeed_enabled = True
             model = self.model

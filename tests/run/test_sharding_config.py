@@ -1,0 +1,74 @@
+"""`train.fsdp` and `train.deepspeed` where they cannot act: refused in one sentence when the recipe is read. FSDP2 on
+a CPU run (accelerate sets FSDP up only on GPUs; transformers would train plain DDP without a word), both at once,
+and bf16/fp16 with DeepSpeed on CPU (transformers allows them there only with use_cpu, which turns DeepSpeed off).
+Where a GPU trains, `train.fsdp` reaches TrainingArguments as an FSDP2 config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from visiontune.core.errors import RecipeError
+from visiontune.recipe import parse_config
+from visiontune.run import arguments
+
+
+def _train(**train) -> object:
+    recipe = {"task": "classify", "model": "unused", "output_dir": "unused", "data": {"train": "x"}}
+    return parse_config({**recipe, "train": train}).train
+
+
+@pytest.mark.parametrize("value", ["full_shard", "shard_grad_op"])
+def test_fsdp_is_refused_on_cpu(monkeypatch, value):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RecipeError) as err:
+        _train(fsdp=value)
+    assert "train.fsdp needs GPUs (accelerate sets FSDP up only there) and this run trains on CPU" in str(err.value)
+    assert "\n" not in str(err.value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine ...
+    with pytest.raises(RecipeError, match="train.fsdp needs GPUs"):
+        _train(fsdp=value, cpu=True)  # ... told to train on CPU
+
+
+def test_fsdp_and_deepspeed_together_are_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(RecipeError, match="train.fsdp and train.deepspeed both shard the model; keep one"):
+        _train(fsdp="full_shard", deepspeed="zero3")
+
+
+def test_fsdp1_policy_strings_are_refused():
+    with pytest.raises(RecipeError, match="train.fsdp"):
+        _train(fsdp="full_shard auto_wrap")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_with_deepspeed_on_cpu_is_refused(monkeypatch, precision):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RecipeError) as err:
+        _train(deepspeed="zero2", precision=precision)
+    assert f"train.precision: {precision} with train.deepspeed needs GPUs" in str(err.value)
+    assert _train(deepspeed="zero2", precision="fp32").deepspeed == "zero2"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _train(deepspeed="zero2", precision=precision).precision == precision  # GPUs: DeepSpeed's own bf16
+
+
+@pytest.mark.parametrize(("value", "reshard"), [("full_shard", True), ("shard_grad_op", False)])
+def test_fsdp_reaches_training_arguments_as_fsdp2(monkeypatch, tmp_path, value, reshard):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    train = _train(fsdp=value)
+    seen = {}
+    monkeypatch.setattr(arguments, "TrainingArguments", lambda **kwargs: seen.update(kwargs))
+    arguments.training_arguments(train, tmp_path, 0, 0, [])
+    assert seen["fsdp"] is True
+    assert seen["fsdp_config"] == {"version": 2, "reshard_after_forward": reshard}
+    arguments.training_arguments(_train(), tmp_path, 0, 0, [])
+    assert seen["fsdp"] is False and seen["fsdp_config"] is None
+
+
+@pytest.mark.parametrize("task", ["clip_classify", "clip_continual", "clip_contrastive"])
+def test_deepspeed_is_refused_for_clip_tasks(task):
+    # DeepSpeed 0.19.8 broadcasts parameters as bytes and stops on CLIP's 0-dim logit_scale (seen on two CPU ranks)
+    recipe = {"task": task, "model": "unused", "output_dir": "unused", "train": {"deepspeed": "zero2"}}
+    recipe |= {"tasks": [{"name": "a", "train": "x"}]} if task == "clip_continual" else {"data": {"train": "x"}}
+    with pytest.raises(RecipeError, match="train.deepspeed cannot train CLIP models"):
+        parse_config(recipe)
