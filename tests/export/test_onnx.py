@@ -72,18 +72,26 @@ def test_classifier_onnx_matches_pytorch(cli, fixtures_dir, tmp_path, fixture, m
     assert label in clf.class_names and float(prob) == pytest.approx(probs.max().item(), abs=1e-4)
 
 
-@pytest.mark.parametrize("fixture", ["clip"])
+@pytest.mark.parametrize("fixture", ["clip", "lite0-minilm"])  # transformers CLIP; the built-in dual encoder's class
 def test_dual_encoder_towers_match_pytorch(cli, fixtures_dir, tmp_path, fixture):
     from transformers import AutoTokenizer
 
+    from tests.conftest import fixture_seed
     from visiontune.clip.dual_encoder import image_features, resolve_dual_encoder, text_features
+    from visiontune.testing.fixtures import tiny_lite0_minilm
 
+    if fixture == "lite0-minilm":
+        with fixture_seed():
+            source = tiny_lite0_minilm(tmp_path / "lite0-minilm")
+    else:
+        source = fixtures_dir / fixture
     out = tmp_path / "onnx"
-    code, _, err = cli("export", fixtures_dir / fixture, "--onnx", "--out", out)
+    code, _, err = cli("export", source, "--onnx", "--out", out)
     assert code == 0, err
     info = json.loads((out / "preprocessing.json").read_text())
-    assert info["kind"] == "dual_encoder" and info["opset"] == 18
-    enc = resolve_dual_encoder(str(fixtures_dir / fixture))
+    assert info["kind"] == "dual_encoder" and info["family"] == fixture and info["opset"] == 18
+    enc = resolve_dual_encoder(str(source))
+    enc.model.eval()  # the built-in class loads in training mode (BatchNorm on batch statistics); the export is eval
     pixels = torch.randn(3, *info["inputs"]["pixel_values"][1:], generator=torch.Generator().manual_seed(0))
     image = ort.InferenceSession(str(out / info["files"]["image"])).run(None, {"pixel_values": pixels.numpy()})[0]
     tokenizer = AutoTokenizer.from_pretrained(out)  # the tokenizer written beside the towers
