@@ -233,3 +233,25 @@ def test_init_from_a_folder_that_is_not_an_assembled_run_is_named(world, tmp_pat
     cfg = parse_config(_raw(world, tmp_path / "run") | {"init_from": str(tmp_path)})
     with pytest.raises(RecipeError, match="is not a vlm_assemble run"):
         TASKS["vlm_preference"].create().prepare(cfg)
+
+
+def test_full_tuning_reference_is_computed_once_and_fixed_and_the_model_is_exported(world, tmp_path):
+    from visiontune.vlm.assembled import load_assembled
+
+    cfg = parse_config(_raw(world, tmp_path / "run", tune={"method": "full", "train_language": False}))
+    prepared, fit, trainer = _built(cfg)
+    assert trainer.mode == "precomputed"
+    start = fit.train_dataset.reference.clone()
+    frozen, _ = load_assembled(world["run"] / "model")
+    items = [fit.train_dataset[i] for i in range(len(fit.train_dataset))]
+    expected, _ = _plain_logps(frozen.eval(), prepared.processor, items, cfg.data.max_image_pixels)
+    torch.testing.assert_close(start, torch.stack(expected.logps.chunk(2), dim=1), rtol=1e-5, atol=1e-4)
+    projector = frozen.projector.net[0].weight.clone()
+    trainer.train()
+    assert torch.equal(fit.train_dataset.reference, start)
+    assert not torch.equal(trainer.model.projector.net[0].weight, projector)
+    assert all(not p.requires_grad for p in trainer.model.language.parameters())
+    extras = TASKS["vlm_preference"].create().save(cfg, fit, trainer, prepared, tmp_path / "run", {})
+    assert extras["trainable_parameters"]["language"] == 0
+    saved, _ = load_assembled(tmp_path / "run" / "model")
+    assert torch.equal(saved.projector.net[0].weight, trainer.model.projector.net[0].weight)

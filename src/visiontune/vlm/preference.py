@@ -145,7 +145,7 @@ class VlmPreferenceTask(VlmSftTask):
         }
 
     def build(self, cfg: VlmPreferenceConfig, prepared: PreferencePrepared, run_dir: Path) -> Fit:
-        from visiontune.vlm.preference_assembled import tune_assembled
+        from visiontune.vlm.preference_assembled import full_tuning_trainer, tune_assembled
         from visiontune.vlm.preference_reference import reference_mode, set_reference
 
         if cfg.init_from:
@@ -158,9 +158,11 @@ class VlmPreferenceTask(VlmSftTask):
                 enable_grad_checkpointing(model)
         d, processor = prepared.data, prepared.processor
         if cfg.data.packing:
+            from visiontune.vlm.packed_attention import use_packed_attention
             from visiontune.vlm.packing import PackedPairCollator, rope_index_of
 
             collator = PackedPairCollator(processor, cfg.data.max_image_pixels, rope_index_of(model))
+            use_packed_attention(model)  # SDPA per record, not over the whole row
         else:
             collator = PairCollator(processor, cfg.data.max_image_pixels)
         train, val = PairDataset(d.train_tokens, d.train), PairDataset(d.val_tokens, d.val)
@@ -173,7 +175,7 @@ class VlmPreferenceTask(VlmSftTask):
             train_dataset=train,
             eval_dataset=val,
             collator=collator,
-            trainer_class=PreferenceTrainer,
+            trainer_class=full_tuning_trainer() if cfg.init_from and cfg.tune.method == "full" else PreferenceTrainer,
             trainer_attrs={
                 "collator_stats": collator,
                 "generation": generation,

@@ -64,9 +64,17 @@ def tune_assembled(model: AssembledVlm, tune: Any) -> nn.Module:
     return get_peft_model(model, config)
 
 
-def is_assembled_model(model: Any) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return isinstance(base, AssembledVlm)
+def full_tuning_trainer() -> type:
+    """PreferenceTrainer whose checkpoints hold only the trained parameters, as vlm_assemble's: the assembled VLM is
+    no transformers model, and its tied LM embeddings stop safetensors from saving its whole state dict."""
+    from visiontune.vlm.assemble import AssembleTrainer
+    from visiontune.vlm.preference import PreferenceTrainer
+
+    return type(
+        "AssembledPreferenceTrainer",
+        (PreferenceTrainer,),
+        {"_save": AssembleTrainer._save, "_issue_warnings_after_load": AssembleTrainer._issue_warnings_after_load},
+    )
 
 
 def trainable_parts(model: Any) -> dict[str, int]:
