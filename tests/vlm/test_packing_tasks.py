@@ -46,6 +46,7 @@ def test_packed_pairs_give_each_answer_its_padded_logps_and_the_same_loss_and_gr
     from transformers import AutoModelForImageTextToText
 
     from visiontune.testing.vlm_fixtures import tiny_vlm
+    from visiontune.vlm.packed_attention import use_packed_attention
     from visiontune.vlm.packing import PackedPairCollator, rope_index_of
     from visiontune.vlm.preference import PairCollator, PairDataset
     from visiontune.vlm.preference_forward import answer_logps
@@ -74,7 +75,9 @@ def test_packed_pairs_give_each_answer_its_padded_logps_and_the_same_loss_and_gr
         assert packed["position_ids"].shape[0] == 4  # text positions + the 3-D rotary ones
 
     results = []
-    for batch in (padded, packed):
+    for batch in (padded, packed, packed):  # the last: attention per record (vlm/packed_attention.py)
+        if len(results) == 2:
+            assert use_packed_attention(model)
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         model.zero_grad()
         policy = answer_logps(model, inputs, batch["labels"])
@@ -83,14 +86,15 @@ def test_packed_pairs_give_each_answer_its_padded_logps_and_the_same_loss_and_gr
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append((policy, loss.detach(), grads))
-    (pol_p, loss_p, grads_p), (pol_k, loss_k, grads_k) = results
-    assert torch.equal(pol_k.tokens, pol_p.tokens) and pol_p.tokens.min() > 0
-    torch.testing.assert_close(pol_k.logps, pol_p.logps, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(pol_k.per_token[pol_k.mask], pol_p.per_token[pol_p.mask], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(loss_k, loss_p, rtol=1e-5, atol=1e-6)
-    assert grads_k.keys() == grads_p.keys() and grads_p
-    for name, grad in grads_p.items():
-        torch.testing.assert_close(grads_k[name], grad, rtol=1e-3, atol=1e-6, msg=name)
+    pol_p, loss_p, grads_p = results[0]
+    for pol_k, loss_k, grads_k in results[1:]:
+        assert torch.equal(pol_k.tokens, pol_p.tokens) and pol_p.tokens.min() > 0
+        torch.testing.assert_close(pol_k.logps, pol_p.logps, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(pol_k.per_token[pol_k.mask], pol_p.per_token[pol_p.mask], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(loss_k, loss_p, rtol=1e-5, atol=1e-6)
+        assert grads_k.keys() == grads_p.keys() and grads_p
+        for name, grad in grads_p.items():
+            torch.testing.assert_close(grads_k[name], grad, rtol=1e-3, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("lm", ["qwen2", "llama"])
@@ -100,6 +104,7 @@ def test_packed_assembled_rows_give_each_record_its_padded_loss_and_the_same_gra
     from visiontune.vlm.assembled import build_assembled
     from visiontune.vlm.collate import VlmCollator
     from visiontune.vlm.conversations import Conversation, Turn
+    from visiontune.vlm.packed_attention import use_packed_attention
     from visiontune.vlm.packing import PackedCollator, rope_index_of
     from visiontune.vlm.tokenize import IGNORE, tokenize
 
@@ -120,7 +125,10 @@ def test_packed_assembled_rows_give_each_record_its_padded_loss_and_the_same_gra
     assert rope_index_of(model) is None
 
     results = []
-    for collator in (VlmCollator(processor, 512 * 512), PackedCollator(processor, 512 * 512)):
+    packed_collator = PackedCollator(processor, 512 * 512)
+    for collator in (VlmCollator(processor, 512 * 512), packed_collator, packed_collator):
+        if len(results) == 2:  # the last: attention per record (vlm/packed_attention.py)
+            assert use_packed_attention(model)
         batch = collator(items)
         model.zero_grad()
         out = model(**batch)
@@ -129,14 +137,15 @@ def test_packed_assembled_rows_give_each_record_its_padded_loss_and_the_same_gra
         token_loss = torch.nn.functional.cross_entropy(lg.transpose(1, 2), lb, ignore_index=IGNORE, reduction="none")
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append((batch, out.loss.detach(), token_loss[lb != IGNORE], grads))
-    (padded, loss_p, tok_p, grads_p), (packed, loss_k, tok_k, grads_k) = results
-    assert packed["input_ids"].shape == (1, sum(len(t) for t in tokens))
-    assert "attention_mask" not in packed and padded["attention_mask"].eq(0).any()
-    torch.testing.assert_close(tok_k, tok_p, rtol=1e-4, atol=1e-5)  # each record's tokens, in record order
-    torch.testing.assert_close(loss_k, loss_p, rtol=1e-5, atol=1e-6)
-    assert grads_k.keys() == grads_p.keys() and any("language" in n for n in grads_p)
-    for name, grad in grads_p.items():
-        torch.testing.assert_close(grads_k[name], grad, rtol=1e-3, atol=1e-6, msg=name)
+    padded, loss_p, tok_p, grads_p = results[0]
+    for packed, loss_k, tok_k, grads_k in results[1:]:
+        assert packed["input_ids"].shape == (1, sum(len(t) for t in tokens))
+        assert "attention_mask" not in packed and padded["attention_mask"].eq(0).any()
+        torch.testing.assert_close(tok_k, tok_p, rtol=1e-4, atol=1e-5)  # each record's tokens, in record order
+        torch.testing.assert_close(loss_k, loss_p, rtol=1e-5, atol=1e-6)
+        assert grads_k.keys() == grads_p.keys() and any("language" in n for n in grads_p)
+        for name, grad in grads_p.items():
+            torch.testing.assert_close(grads_k[name], grad, rtol=1e-3, atol=1e-6, msg=name)
 
 
 def _padding(run: Path) -> list[float]:

@@ -183,9 +183,11 @@ def vlm_fit(cfg: Any, model: Any, processor: Any, data: VlmData, trainer_class: 
     """What the Trainer needs for a VLM: tokenised records, the padding collator, and validation that reports
     the loss plus the recipe's generation metrics on a bounded sample (`eval.samples_during_training`)."""
     if getattr(cfg.data, "packing", False):
+        from visiontune.vlm.packed_attention import use_packed_attention
         from visiontune.vlm.packing import PackedCollator, rope_index_of
 
         collator = PackedCollator(processor, cfg.data.max_image_pixels, rope_index_of(model))
+        use_packed_attention(model)  # SDPA per record, not over the whole row
     else:
         collator = VlmCollator(processor, cfg.data.max_image_pixels)
     generation = GenerationEval(processor, data.val, cfg.eval, cfg.data.max_image_pixels)

@@ -1,0 +1,103 @@
+"""Packed rows attended one record at a time (vlm/packed_attention.py): the same logits and gradients as SDPA over
+the whole row with transformers' block-diagonal mask, for every family's language model; the per-record path really
+runs on packed rows; padded batches and cached generation are left to transformers' SDPA; saved configs stay plain."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from visiontune.vlm import packed_attention
+
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "idefics3", "llava"]
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("packed-attention")
+    rows = []
+    for i in range(3):
+        Image.new("RGB", (64 + 32 * i, 64), (200 * (i % 2), 60, 90)).save(root / f"{i}.png")
+        answer = " ".join(["red"] * (1 + 2 * i))
+        messages = [{"role": "user", "content": "<image>Which colour?"}, {"role": "assistant", "content": answer}]
+        rows.append({"messages": messages, "images": [f"{i}.png"]})
+    (root / "data.json").write_text(json.dumps(rows))
+    return root / "data.json"
+
+
+def _step(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    out = model(**batch)
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_per_record_attention_equals_the_masked_row_and_leaves_other_batches_alone(
+    family, records, tmp_path, monkeypatch
+):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from visiontune.testing.vlm_fixtures import tiny_vlm
+    from visiontune.vlm.collate import VlmCollator
+    from visiontune.vlm.conversations import read_conversations
+    from visiontune.vlm.packing import PackedCollator, rope_index_of
+    from visiontune.vlm.tokenize import tokenize
+
+    path = tiny_vlm(family, tmp_path / family)
+    processor = AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa").eval()
+    convs = read_conversations(str(records))
+    tokens = [tokenize(processor, c, 512, 512 * 512, "assistant") for c in convs]
+    items = [
+        {"input_ids": t.input_ids, "labels": t.labels, "extra": t.extra, "conv": c}
+        for t, c in zip(tokens, convs, strict=True)
+    ]
+    packed = PackedCollator(processor, 512 * 512, rope_index_of(model))(items)
+    padded = VlmCollator(processor, 512 * 512)(items)
+    prompt = VlmCollator(processor, 512 * 512)(items[:1])
+    masked = [_step(model, packed), _step(model, padded)]
+    with torch.no_grad():
+        greedy = model.generate(**prompt, max_new_tokens=4, do_sample=False)
+
+    assert packed_attention.use_packed_attention(model)
+    per_record = []
+    starts = packed_attention.record_starts
+    monkeypatch.setattr(packed_attention, "record_starts", lambda *a: per_record.append(starts(*a)) or per_record[-1])
+    for (logits, grads), batch in zip(masked, (packed, padded), strict=True):
+        per_record.clear()
+        got_logits, got_grads = _step(model, batch)
+        ran = [s for s in per_record if s is not None]
+        if batch is packed:  # every layer of the language model, records where they start
+            assert ran and all(s == [0, len(tokens[0]), len(tokens[0]) + len(tokens[1])] for s in ran)
+        else:
+            assert not ran
+        torch.testing.assert_close(got_logits, logits, rtol=1e-4, atol=1e-5)
+        assert got_grads.keys() == grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(got_grads[name], grad, rtol=1e-3, atol=1e-6, msg=name)
+    with torch.no_grad():
+        assert torch.equal(model.generate(**prompt, max_new_tokens=4, do_sample=False), greedy)
+    model.save_pretrained(tmp_path / "saved")
+    assert packed_attention.NAME not in (tmp_path / "saved" / "config.json").read_text()
+
+
+def test_an_assembled_model_and_a_non_sdpa_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from visiontune.testing.fixtures import tiny_clip
+    from visiontune.testing.vlm_fixtures import tiny_causal_lm
+    from visiontune.vlm.assembled import build_assembled
+
+    lm = tiny_causal_lm("llama", tmp_path / "llama")
+    model, _ = build_assembled(str(tiny_clip(tmp_path / "clip")), str(lm), {"kind": "mlp2x_gelu"})
+    assert packed_attention.use_packed_attention(model)
+    assert model.language.config._attn_implementation == packed_attention.NAME
+    from transformers import PreTrainedModel
+
+    towers = [m for m in model.vision.modules() if isinstance(m, PreTrainedModel)]
+    assert towers and all(m.config._attn_implementation == "sdpa" for m in towers)
+    eager = AutoModelForCausalLM.from_pretrained(lm, attn_implementation="eager")
+    assert not packed_attention.use_packed_attention(eager) and eager.config._attn_implementation == "eager"
