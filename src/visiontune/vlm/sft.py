@@ -36,6 +36,7 @@ from visiontune.vlm.conversations import (
     refuse_conversation_leak,
 )
 from visiontune.vlm.generate import generation_report
+from visiontune.vlm.mixed_batches import refuse_text_only
 from visiontune.vlm.model import apply_tuning, enable_grad_checkpointing, load_vlm, trainable_summary
 from visiontune.vlm.token_cache import tokenize_cached
 from visiontune.vlm.tokenize import Tokenized, say_truncation, truncation
@@ -191,6 +192,7 @@ def vlm_fit(cfg: Any, model: Any, processor: Any, data: VlmData, trainer_class: 
     else:
         collator = VlmCollator(processor, cfg.data.max_image_pixels)
     generation = GenerationEval(processor, data.val, cfg.eval, cfg.data.max_image_pixels)
+    refuse_text_only(cfg.train, data.train + data.val)  # DeepSpeed ranks would hang or crash on mixed batches
     return Fit(
         model=model,
         train_dataset=TokenizedDataset(data.train_tokens, data.train),
