@@ -184,3 +184,25 @@ def test_plan_shows_the_batch_auto_would_choose(tiny_recipe, write_recipe, cli, 
     batch = json.loads(out.read_text())["batch"]
     # 27 training images: the largest power of two they fill; a tiny model fits it in any machine's memory
     assert batch["auto"] is True and batch["per_device"] == 16
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_eight_bit_adamw_state_is_counted_as_bitsandbytes_keeps_it(dtype):
+    """About 2 bytes per element (two uint8 moments, block absmax, quantisation maps), whatever the parameters'
+    dtype; tensors under bitsandbytes' min_8bit_size keep fp32 moments. Compared with the state bitsandbytes' own
+    AdamW8bit holds after a step."""
+    import torch
+
+    bnb = pytest.importorskip("bitsandbytes")
+    from visiontune.plan.memory import optimizer_bytes
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(*shape, dtype=getattr(torch, dtype))) for shape in [(256, 64), (100,)]]
+    optimizer = bnb.optim.AdamW8bit(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    tensors = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
+    held = sum(v.numel() * v.element_size() for v in tensors)  # moments, absmax, maps (not the step counters)
+    assert optimizer_bytes(params, "adamw_8bit", 0.0) == held
+    assert optimizer_bytes(params[:1], "adamw_8bit", 0.0) < 2.2 * params[0].numel()  # not two fp32 copies (8 B)

@@ -7,7 +7,11 @@ for the backward pass of one forward on a real batch, counted through `torch.aut
 (each storage once, parameters excluded), plus a working set (how far the live outputs of leaf modules rose
 above that during the forward).
 What it leaves out: allocator slack, kernel workspaces and the temporaries inside single ops, which is why the
-comparison with a measured peak carries a tolerance (tests/test_plan.py).
+comparison with a measured peak carries a tolerance (tests/test_plan.py). Kernel workspace is not modelled because
+no simple rule fits it: on this project's CPU, oneDNN's bf16 kernels take per-thread scratch that varies with the
+op's shape (measured 0.015-0.92 MiB per thread for single bf16 linear layers, 0.23 MiB for a small conv, none in
+fp32), 0.39 MiB per thread on the tiny test classifier (small next to a real model's peak, large next to that
+fixture's 1 MiB).
 
 The measurement on CPU reads torch's profiler memory timeline (`export_memory_timeline`, the one CPU allocation
 record torch keeps); on GPU, `torch.cuda.max_memory_allocated`.
@@ -28,9 +32,14 @@ from typing import Any
 
 import torch
 
-# Bytes of optimiser state per trainable parameter element, in units of the parameter's own element size.
-# 8-bit AdamW keeps its two moments in one byte each: half a slot of an fp32 parameter.
-OPTIMIZER_SLOTS = {"adamw": 2.0, "paged_adamw": 2.0, "adamw_8bit": 0.5, "paged_adamw_8bit": 0.5, "sgd": 1.0}
+# Optimiser state per trainable parameter element, in units of the parameter's own element size (torch keeps the
+# moments in the parameter's dtype). 8-bit AdamW is counted in bytes instead (EIGHT_BIT).
+OPTIMIZER_SLOTS = {"adamw": 2.0, "paged_adamw": 2.0, "sgd": 1.0}
+EIGHT_BIT = ("adamw_8bit", "paged_adamw_8bit")
+# bitsandbytes' 8-bit AdamW, per tensor: two uint8 moments, for each an fp32 absmax per 256-element block (blockwise
+# quantisation) and a 256-entry fp32 quantisation map; tensors under `min_8bit_size` (4096 elements) keep two fp32
+# moments, whatever the parameter's dtype. About 2 bytes per element (checked against bitsandbytes' own state).
+EIGHT_BIT_BLOCK, EIGHT_BIT_MIN = 256, 4096
 
 
 @dataclass
@@ -66,6 +75,19 @@ def optimizer_slots(optimizer: str, momentum: float) -> float:
     if optimizer == "sgd" and momentum == 0:
         return 0.0
     return OPTIMIZER_SLOTS.get(optimizer, 2.0)  # an unknown optimiser: assume Adam-like, the common worst case
+
+
+def _eight_bit_state(n: int) -> int:
+    if n < EIGHT_BIT_MIN:
+        return 8 * n
+    return 2 * (n + 4 * -(-n // EIGHT_BIT_BLOCK) + 4 * 256)
+
+
+def optimizer_bytes(params: list[torch.nn.Parameter], optimizer: str, momentum: float) -> int:
+    """Optimiser state of `params`: slots of the parameters' own size, or 8-bit AdamW's bytes per element."""
+    if optimizer in EIGHT_BIT:
+        return sum(_eight_bit_state(p.numel()) for p in params)
+    return int(sum(tensor_bytes(p) for p in params) * optimizer_slots(optimizer, momentum))
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
@@ -135,7 +157,7 @@ def estimate_memory(
     return MemoryEstimate(
         weights=weight_bytes(model),
         gradients=grads,
-        optimizer=int(grads * optimizer_slots(optimizer, momentum)),
+        optimizer=optimizer_bytes(params, optimizer, momentum),
         batch=batch_bytes(batch),
         activations=saved,
         working=working,
