@@ -137,9 +137,13 @@ class VisiontuneTrainer(Trainer):
 
 @contextlib.contextmanager
 def full_weights(trainer: Trainer) -> Iterator[None]:
-    """Every rank holds the whole model inside (collective: all ranks enter it). Under ZeRO-3 a rank holds a shard
-    of each parameter; the exports, the rank record and anything else reading weights outside a forward need them
-    whole. Elsewhere the weights are whole already."""
+    """Every rank holds the whole model inside (collective: all ranks enter it). Under ZeRO-3 and FSDP2 a rank holds
+    a shard of each parameter; the exports, the rank record and anything else reading weights outside a forward need
+    them whole. Elsewhere the weights are whole already."""
+    if trainer.is_fsdp_enabled:
+        with fsdp2_unsharded(trainer.model):
+            yield
+        return
     plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
     if plugin is None or plugin.zero_stage != 3:
         yield
@@ -148,6 +152,22 @@ def full_weights(trainer: Trainer) -> Iterator[None]:
 
     with deepspeed.zero.GatheredParameters(list(trainer.model.parameters()), modifier_rank=None):
         yield
+
+
+@contextlib.contextmanager
+def fsdp2_unsharded(model) -> Iterator[None]:
+    """FSDP2 (`fully_shard`) modules hold DTensor shards; `unshard()` swaps whole parameters in (collective), and
+    `reshard()` the shards back."""
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for module in sharded:
+        module.unshard()
+    try:
+        yield
+    finally:
+        for module in sharded:
+            module.reshard()
 
 
 def forget_evaluation_prepare(trainer: Trainer) -> None:
