@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -34,14 +35,16 @@ def served(source: str):
         app.close()
 
 
-def wait_for(url: str, process: subprocess.Popen, seconds: float = 180) -> None:
-    """Until `url` answers; a process that exits first fails with the end of its stderr."""
+def wait_for(url: str, process: subprocess.Popen, seconds: float = 180, log: Path | None = None) -> None:
+    """Until `url` answers; a process that exits first fails with the end of its stderr (or of `log`, where its
+    stderr goes)."""
     import urllib.request
 
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise AssertionError(f"{process.args} exited with {process.returncode}: {process.stderr.read()[-2000:]}")
+            said = log.read_text(errors="replace") if log is not None else process.stderr.read()
+            raise AssertionError(f"{process.args} exited with {process.returncode}: {said[-2000:]}")
         try:
             urllib.request.urlopen(url, timeout=2)
             return

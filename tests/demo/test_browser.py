@@ -1,8 +1,9 @@
 """The demo and the report as a person sees them: `visiontune demo` (the installed CLI, in its own process, on a free
-local port) driven in headless Chromium — upload an image, press the button, read what the page shows — against what
-`visiontune predict` / `visiontune ask` print for the same image; and a run's report.html opened in the same browser
-(every picture decoded, no console error). Debian's Chromium through Playwright's Python package, which is pointed at
-it and downloads no browser: `make setup-browser` installs both, `make test-browser` runs these (marker `browser`)."""
+local port) for every kind of model, driven in headless Chromium — upload an image, press the button, read what the
+page shows — against what `visiontune predict` / `visiontune ask` print for the same image; and a run's report.html
+opened in the same browser (every picture decoded, no console error). Debian's Chromium through Playwright's Python
+package, which is pointed at it and downloads no browser: `make setup-browser` installs both, `make test-browser` runs
+these (marker `browser`)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from tests.demo.conftest import wait_for
 
@@ -67,20 +67,22 @@ def _open(context, url: str):
     return page
 
 
-def _demo(source: Path):
-    """`visiontune demo SOURCE --port P` started (not waited for); returns (process, url)."""
+def _demo(source: Path, log: Path):
+    """`visiontune demo SOURCE --port P` started (not waited for; its stderr to `log`); returns (process, url)."""
     from visiontune.demo.serve import free_port
 
     port = free_port()
     command = [str(Path(sys.executable).with_name("visiontune")), "demo", str(source), "--port", str(port)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=sink, text=True)
     return process, f"http://127.0.0.1:{port}/"
 
 
 @pytest.fixture(scope="module")
 def demos(browser, fixtures_dir, tmp_path_factory):
-    """Both demos started at once (their imports overlap): a classify run folder and a tiny Idefics3 VLM."""
+    """One demo per kind of model, all started at once (their imports overlap): a classify run folder, a tiny CLIP,
+    a tiny Idefics3 VLM, a tiny DETR and a tiny SegFormer. {kind: (source, process, url, stderr log)}."""
     from tests.conftest import fixture_seed
     from visiontune.testing.vlm_fixtures import tiny_vlm
 
@@ -88,21 +90,18 @@ def demos(browser, fixtures_dir, tmp_path_factory):
     shutil.copytree(fixtures_dir / "timm-vit", root / "run" / "model")
     with fixture_seed():
         vlm = tiny_vlm("idefics3", root / "idefics3")
-    started = {"classifier": (root / "run", *_demo(root / "run")), "vlm": (vlm, *_demo(vlm))}
+    sources = {
+        "classifier": root / "run",
+        "dual_encoder": fixtures_dir / "clip",
+        "vlm": vlm,
+        "detector": fixtures_dir / "detr",
+        "segmenter": fixtures_dir / "segformer",
+    }
+    started = {kind: (src, *_demo(src, root / f"{kind}.log"), root / f"{kind}.log") for kind, src in sources.items()}
     yield started
-    for _, process, _ in started.values():
+    for _, process, _, _ in started.values():
         process.terminate()
         process.wait(timeout=30)
-
-
-@pytest.fixture
-def upload(tmp_path) -> Path:
-    """A non-square picture with some structure (a bar on a gradient), so the answer is about real pixels."""
-    image = Image.linear_gradient("L").resize((60, 44)).convert("RGB")
-    image.paste((230, 40, 40), (10, 8, 22, 36))
-    path = tmp_path / "upload.png"
-    image.save(path)
-    return path
 
 
 @contextlib.contextmanager
@@ -118,58 +117,116 @@ def _one_thread():
         torch.set_num_threads(before)
 
 
-def _upload(page, image: Path) -> None:
+def _page(browser, demos, kind: str, image: Path):
+    """The `kind` demo's page once it serves, with `image` uploaded (its preview shown)."""
+    _, process, url, log = demos[kind]
+    wait_for(url, process, log=log)
+    page = _open(browser, url)
     page.wait_for_selector("input[type=file]", state="attached", timeout=WAIT_MS)
     page.locator("input[type=file]").first.set_input_files(str(image))
-    page.locator("[data-testid=image] img").first.wait_for(timeout=WAIT_MS)  # the preview: the upload landed
+    page.locator("[data-testid=image] img").first.wait_for(timeout=WAIT_MS)
+    return page
 
 
-def test_classifier_page_shows_what_predict_prints(browser, demos, upload, cli, tmp_path):
-    run, process, url = demos["classifier"]
-    with _one_thread():
-        code, printed, err = cli("predict", run, upload, "--top-k", "3")
-    assert code == 0, err
-    # `  44.28%  cat` per line, best first
-    expected = [(label, float(p) / 100) for p, label in re.findall(r"^\s+([\d.]+)%\s+(\S.*)$", printed, re.M)]
-    assert len(expected) == 3
+def _screenshot(page, path: Path) -> None:
+    page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 0
+    assert page.errors == []
 
-    wait_for(url, process)
-    page = _open(browser, url)
-    _upload(page, upload)
-    page.get_by_role("button", name="Classify").click()
+
+def _printed_top(printed: str) -> list[tuple[str, float]]:
+    """`  44.28%  cat` lines of `visiontune predict` as (label, probability), best first."""
+    return [(label, float(p) / 100) for p, label in re.findall(r"^\s+([\d.]+)%\s+(\S.*?)\s*$", printed, re.M)]
+
+
+def _shown_bars(page, expected: list[tuple[str, float]]) -> None:
+    """The gr.Label shows `expected`: each bar's probability within 5e-5 (predict prints two decimals of a percent),
+    its rounded percent as text."""
     output = page.get_by_test_id("label")
     page.get_by_test_id("label-output-value").filter(has_text=expected[0][0]).wait_for(timeout=WAIT_MS)
     bars = output.locator("meter")
     shown = {bars.nth(i).get_attribute("aria-label"): float(bars.nth(i).get_attribute("value")) for i in range(3)}
-    for label, prob in expected:  # predict prints two decimals of a percent: within 5e-5
+    for label, prob in expected:
         assert shown[label] == pytest.approx(prob, abs=5e-5)
         percent = output.locator(f"[data-testid='{label}-confidence-set'] dd").inner_text()
         assert percent == f"{round(prob * 100)}%"
-    page.screenshot(path=str(tmp_path / "classifier.png"), full_page=True)
-    assert (tmp_path / "classifier.png").stat().st_size > 0
-    assert page.errors == []
 
 
-def test_vlm_page_shows_what_ask_prints(browser, demos, upload, cli, tmp_path):
-    folder, process, url = demos["vlm"]
-    question = "What colour is the bar?"
+def test_classifier_page_shows_what_predict_prints(browser, demos, photo, cli, tmp_path):
     with _one_thread():
-        code, printed, err = cli("ask", folder, "--image", upload, question)
+        code, printed, err = cli("predict", demos["classifier"][0], photo, "--top-k", "3")
+    assert code == 0, err
+    expected = _printed_top(printed)
+    assert len(expected) == 3
+    page = _page(browser, demos, "classifier", photo)
+    page.get_by_role("button", name="Classify").click()
+    _shown_bars(page, expected)
+    _screenshot(page, tmp_path / "classifier.png")
+
+
+def test_dual_encoder_page_zero_shot_over_typed_labels(browser, demos, photo, cli, tmp_path):
+    with _one_thread():
+        code, printed, err = cli("predict", demos["dual_encoder"][0], photo, "--labels", "red,green,blue")
+    assert code == 0, err
+    expected = _printed_top(printed)
+    assert sorted(label for label, _ in expected) == ["blue", "green", "red"]
+    page = _page(browser, demos, "dual_encoder", photo)
+    page.get_by_label("Labels (comma-separated)").fill("red, green ,blue")
+    page.get_by_role("button", name="Classify").click()
+    _shown_bars(page, expected)
+    _screenshot(page, tmp_path / "dual_encoder.png")
+
+
+def test_vlm_page_shows_what_ask_prints(browser, demos, photo, cli, tmp_path):
+    from playwright.sync_api import expect
+
+    question = "What colour is it?"
+    with _one_thread():
+        code, printed, err = cli("ask", demos["vlm"][0], "--image", photo, question)
     assert code == 0, err
     expected = printed.strip()
     assert expected, "the tiny VLM answered nothing: the comparison would show nothing"
-
-    wait_for(url, process)
-    page = _open(browser, url)
-    _upload(page, upload)
+    page = _page(browser, demos, "vlm", photo)
     page.get_by_label("Question").fill(question)
     page.get_by_role("button", name="Ask").click()
-    from playwright.sync_api import expect
+    expect(page.get_by_label("Fine-tuned answer")).to_have_value(expected, timeout=WAIT_MS)
+    _screenshot(page, tmp_path / "vlm.png")
 
-    answer = page.get_by_label("Fine-tuned answer")
-    expect(answer).to_have_value(expected, timeout=WAIT_MS)
-    page.screenshot(path=str(tmp_path / "vlm.png"), full_page=True)
-    assert page.errors == []
+
+def _legend(page) -> list[str]:
+    """The annotated image's legend, sorted: one entry per box (detector) or per class present (segmenter)."""
+    items = page.locator(".legend-item")
+    items.first.wait_for(timeout=WAIT_MS)
+    return sorted(items.all_inner_texts())
+
+
+def test_detector_page_shows_the_boxes_predict_prints(browser, demos, photo, cli, tmp_path):
+    with _one_thread():  # both at the default score threshold (0.25)
+        code, printed, err = cli("predict", demos["detector"][0], photo, "--out", tmp_path / "predict")
+    assert code == 0, err
+    boxes = sorted(  # `  25.35%  cat  [12, 9, 36, 27]` per box -> (label, score)
+        (label, float(p) / 100) for p, label in re.findall(r"^\s+([\d.]+)%\s+(\S+)\s+\[", printed, re.M)
+    )
+    assert boxes, "the tiny detector found nothing: the comparison would show nothing"
+    page = _page(browser, demos, "detector", photo)
+    page.get_by_role("button", name="Detect").click()
+    shown = sorted((label, float(score)) for label, score in (item.rsplit(" ", 1) for item in _legend(page)))
+    assert [label for label, _ in shown] == [label for label, _ in boxes]
+    for (_, score), (_, expected) in zip(shown, boxes, strict=True):
+        assert score == pytest.approx(expected, abs=0.0051)  # the page shows two decimals, predict two of a percent
+    _screenshot(page, tmp_path / "detector.png")
+
+
+def test_segmenter_page_shows_the_classes_predict_prints(browser, demos, photo, cli, tmp_path):
+    with _one_thread():
+        code, printed, err = cli("predict", demos["segmenter"][0], photo, "--top-k", "10", "--out", tmp_path / "out")
+    assert code == 0, err
+    expected = sorted(label for label, _ in _printed_top(printed))
+    assert expected
+    page = _page(browser, demos, "segmenter", photo)
+    page.get_by_role("button", name="Segment").click()
+    assert _legend(page) == expected
+    _screenshot(page, tmp_path / "segmenter.png")
 
 
 def test_report_html_pictures_render(browser, tmp_path):
@@ -182,5 +239,4 @@ def test_report_html_pictures_render(browser, tmp_path):
     sizes = page.evaluate("[...document.images].map(img => [img.alt, img.complete, img.naturalWidth])")
     assert len(sizes) >= 3  # loss, metrics, confusion matrix at least
     assert [alt for alt, complete, width in sizes if not (complete and width > 0)] == []
-    page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
-    assert page.errors == []
+    _screenshot(page, tmp_path / "report.png")

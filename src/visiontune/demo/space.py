@@ -96,8 +96,8 @@ tags:
 
 # {name}
 
-A demo of a `{PIPELINES.get(kind, "vision")}` model ({library}) fine-tuned with visiontune. The model is in `model/`;
-`app.py` loads it with {library} alone. Locally: `pip install -r requirements.txt && python app.py`.
+A demo of a model fine-tuned with visiontune (task `{PIPELINES.get(kind, "vision")}`, {library}). The model is in
+`model/`; `app.py` loads it with {library} alone. Locally: `pip install -r requirements.txt && python app.py`.
 """
 
 
