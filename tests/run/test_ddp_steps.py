@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.detect.test_task_e2e import _recipe as detect_recipe
+from tests.detect.conftest import detect_recipe
 from tests.segment.test_task_e2e import _recipe as segment_recipe
 
 # Runs in each rank: `visiontune train RECIPE` for each recipe in turn (one launch: starting ranks is most of the
