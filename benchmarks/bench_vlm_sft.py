@@ -67,7 +67,9 @@ from PIL import Image, ImageDraw  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-SIDES = ("visiontune", "trl", "trl_nogc", "visiontune_packed")  # packed: the same with data.packing: true
+# packed: the same with data.packing: true (attention per record, vlm/packed_attention.py); packed_masked: packed,
+# but SDPA over the whole row with transformers' block-diagonal mask (what packing did before per-record attention)
+SIDES = ("visiontune", "trl", "trl_nogc", "visiontune_packed", "visiontune_packed_masked")
 MiB = 1024  # ru_maxrss is in KiB on Linux
 BATCH = 4
 IGNORE = -100
@@ -264,7 +266,11 @@ def measure(side: str, root: str, total_steps: int, warmup: int, threads: int | 
     root_dir = Path(root)
     os.environ["VISIONTUNE_CACHE"] = str(root_dir / "cache")
     run_dir = Path(tempfile.mkdtemp(prefix=f"run-{side}-", dir=root_dir))
-    cfg = recipe(root_dir, run_dir, total_steps, packing=side == "visiontune_packed")
+    cfg = recipe(root_dir, run_dir, total_steps, packing=side.startswith("visiontune_packed"))
+    if side == "visiontune_packed_masked":
+        import visiontune.vlm.packed_attention as packed_attention
+
+        packed_attention.use_packed_attention = lambda model: False
     if side.startswith("visiontune"):
         from visiontune.run.runner import make_trainer
         from visiontune.vlm.model import load_vlm
@@ -440,11 +446,14 @@ def report(results: dict[str, list[dict]], sides: list[str], prep: dict) -> None
             f"{m['real_per_step']:.0f} | {m['trained_per_step']:.0f} | {mem[s][0]:.0f} | {mem[s][1]:.0f} |"
         )
     packed = med.get("visiontune_packed")
-    for base in ("visiontune", "trl_nogc", "trl"):
+    for base in ("visiontune", "visiontune_packed_masked", "trl_nogc", "trl"):
         if packed and base in med:
+            pairs = zip(results["visiontune_packed"], results[base], strict=True)
+            rounds = [a["cpu_tps"] / b["cpu_tps"] for a, b in pairs]
             print(
                 f"visiontune_packed / {base}: {packed['tps'] / med[base]['tps']:.3f} tok/s, "
-                f"{packed['cpu_tps'] / med[base]['cpu_tps']:.3f} tok/CPU-s"
+                f"{packed['cpu_tps'] / med[base]['cpu_tps']:.3f} tok/CPU-s (per round, tok/CPU-s: "
+                f"{' '.join(f'{r:.2f}' for r in rounds)}; median {statistics.median(rounds):.3f})"
             )
     print()
     print(
