@@ -104,3 +104,19 @@ def test_a_concurrent_train_gets_one_sentence_and_changes_nothing(tiny_recipe, w
     proc.wait()
     code, _, err = cli("train", write_recipe(recipe))
     assert code == 0, err
+
+
+@pytest.mark.parametrize("code", ["ENOLCK", "EOPNOTSUPP"])
+def test_a_filesystem_without_locks_is_named_not_taken_for_a_holder(tmp_path, monkeypatch, code):
+    # NFS without a lock manager, Lustre mounted without -o flock: flock fails, and nobody holds the folder
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(RunDirError) as err:
+        lock_run_dir(tmp_path)
+    assert str(err.value).startswith(f"Run folder {tmp_path} is on a filesystem without file locks (")
+    assert "being written by" not in str(err.value)

@@ -192,7 +192,14 @@ def lock_run_dir(path: Path) -> None:
     fd = os.open(key / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as err:
+        if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # no locks on this filesystem, not "held"
+            os.close(fd)
+            raise RunDirError(
+                f"Run folder {path} is on a filesystem without file locks ({os.strerror(err.errno)}), so visiontune "
+                "cannot keep a second run out of it; mount it with locking (Lustre: -o flock) or set output_dir on a "
+                "filesystem that has locks."
+            ) from None
         holder = _holder(fd)
         os.close(fd)
         raise RunDirError(
