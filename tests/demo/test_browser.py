@@ -11,6 +11,7 @@ import contextlib
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -67,11 +68,17 @@ def _open(context, url: str):
     return page
 
 
-def _demo(source: Path, log: Path):
-    """`visiontune demo SOURCE --port P` started (not waited for; its stderr to `log`); returns (process, url)."""
-    from visiontune.demo.serve import free_port
+def _free_ports(count: int) -> list[int]:
+    """`count` distinct free local ports (all held while they are picked, so no two are the same)."""
+    with contextlib.ExitStack() as stack:
+        probes = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
 
-    port = free_port()
+
+def _demo(source: Path, port: int, log: Path):
+    """`visiontune demo SOURCE --port PORT` started (not waited for; its stderr to `log`); returns (process, url)."""
     command = [str(Path(sys.executable).with_name("visiontune")), "demo", str(source), "--port", str(port)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     with log.open("w") as sink:
@@ -97,7 +104,9 @@ def demos(browser, fixtures_dir, tmp_path_factory):
         "detector": fixtures_dir / "detr",
         "segmenter": fixtures_dir / "segformer",
     }
-    started = {kind: (src, *_demo(src, root / f"{kind}.log"), root / f"{kind}.log") for kind, src in sources.items()}
+    ports = dict(zip(sources, _free_ports(len(sources)), strict=True))
+    logs = {kind: root / f"{kind}.log" for kind in sources}
+    started = {kind: (src, *_demo(src, ports[kind], logs[kind]), logs[kind]) for kind, src in sources.items()}
     yield started
     for _, process, _, _ in started.values():
         process.terminate()
