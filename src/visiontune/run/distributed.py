@@ -64,6 +64,28 @@ def check_process_group(num_processes: int) -> None:
         )
 
 
+def check_same_checkpoint(checkpoint: Path | None) -> None:
+    """Every rank must resume from the same checkpoint. Each looks for the newest one in output_dir on its own
+    machine; on node-local disks (docs/multi-node.md) they would find different ones, or none, and train from
+    different states. Collective: call it on every rank once the process group exists."""
+    import socket
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    seen: list = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, (checkpoint.name if checkpoint else None, socket.gethostname()))
+    first = seen[0]
+    other = next((rank for rank, found in enumerate(seen) if found[0] != first[0]), None)
+    if other is not None:
+        raise DistributedError(
+            f"rank 0 on {first[1]} resumes from {first[0] or 'no checkpoint'} but rank {other} on {seen[other][1]} "
+            f"finds {seen[other][0] or 'none'} in output_dir: the run folder must be on a filesystem every node "
+            "shares, at the same path (docs/multi-node.md)."
+        )
+
+
 def relaunch(nproc: int, argv: list[str]) -> int:
     """Re-run this command under torchrun with `nproc` ranks (gloo on CPU); returns the exit status."""
     return run_ranks(nproc, ["-m", "visiontune", *_without_nproc(argv)])

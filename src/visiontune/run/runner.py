@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from visiontune.run.distributed import check_launch_environment, is_main_process
+from visiontune.run.distributed import check_launch_environment, check_same_checkpoint, is_main_process
 from visiontune.run.folder import last_checkpoint, lock_run_dir, open_run_dir, recipe_paths, resume_wanted
 from visiontune.run.task import Fit, Skipped, Task
 
@@ -55,6 +55,7 @@ def run_task(task: Task, cfg: BaseModel, overwrite: bool = False, resume: bool =
     run.begin(cfg)  # only now, with data and model loaded, may --overwrite remove the previous run's files
     write_data_report(run_dir, task, data)
     trainer = make_trainer(cfg, fit, run_dir)
+    check_same_checkpoint(checkpoint)  # the process group exists now: all ranks resume from one checkpoint
     after = fit_and_evaluate(task, cfg, fit, trainer, data, run)
     from visiontune.run.trainer import full_weights
 
