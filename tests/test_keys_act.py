@@ -636,6 +636,9 @@ POINTERS: dict[str, str] = {
         f"{task}:train.deepspeed": "tests/run/test_sharding_config.py::test_deepspeed_is_refused_for_clip_tasks"
         for task in ("clip_classify", "clip_continual", "clip_contrastive")
     },
+    # takes the place of `model` (an assembled VLM instead of a transformers one), so no single-key variant exists
+    "vlm_preference:init_from": "tests/vlm/test_preference_assembled.py::"
+    "test_two_steps_move_adapters_and_projector_and_the_reference_stays_the_frozen_start",
 }
 
 # Keys that reach nothing (bugs): each case is xfail(strict=True), so it flips once the key acts or is removed.
