@@ -159,11 +159,9 @@ class VlmPreferenceTask(VlmSftTask):
         d, processor = prepared.data, prepared.processor
         if cfg.data.packing:
             from visiontune.vlm.packed_attention import use_packed_attention
-            from visiontune.vlm.packed_attention import use_packed_attention
             from visiontune.vlm.packing import PackedPairCollator, rope_index_of
 
             collator = PackedPairCollator(processor, cfg.data.max_image_pixels, rope_index_of(model))
-            use_packed_attention(model)  # SDPA per record, not over the whole row
             use_packed_attention(model)  # SDPA per record, not over the whole row
         else:
             collator = PairCollator(processor, cfg.data.max_image_pixels)
