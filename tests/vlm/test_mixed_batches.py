@@ -31,3 +31,39 @@ def test_mixed_records_pass_without_deepspeed():
 def test_uniform_records_pass_under_deepspeed():
     refuse_text_only(TrainConfig(deepspeed="zero3"), _records(1, 2, 1))
     refuse_text_only(TrainConfig(deepspeed="zero3"), _records(0, 0))  # text only: the vision tower never runs
+
+
+def test_mixed_images_means_both_kinds():
+    from visiontune.vlm.mixed_batches import mixed_images
+
+    assert mixed_images(_records(1, 0)) and not mixed_images(_records(1, 2)) and not mixed_images(_records(0, 0))
+
+
+@pytest.mark.slow
+def test_ddp_trains_mixed_batches(tmp_path, write_recipe):
+    """Two gloo ranks, batch 1, records alternating with and without an image: without DDP told that the vision
+    path may go unused on a rank, the ranks waited for each other in the gradient all-reduce until killed."""
+    import json
+
+    from PIL import Image
+
+    from tests.conftest import train_two_ranks
+    from visiontune.testing.vlm_fixtures import tiny_vlm
+
+    records = []
+    for i, (name, rgb) in enumerate([("red", (220, 30, 30)), ("green", (30, 200, 30))] * 4):
+        Image.new("RGB", (40, 30), rgb).save(tmp_path / f"{i}.png")
+        question = "<image>What colour is this?" if i % 2 == 0 else "Say a colour."
+        turns = [{"role": "user", "content": question}, {"role": "assistant", "content": name}]
+        records.append({"messages": turns, **({"images": [f"{i}.png"]} if i % 2 == 0 else {})})
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    recipe = {
+        "task": "vlm_sft",
+        "model": str(tiny_vlm("qwen2_vl", tmp_path / "vlm")),
+        "output_dir": str(tmp_path / "run"),
+        "data": {"train": str(tmp_path / "data.json"), "val_split": 0, "max_length": 256, "group_by_length": False},
+        "train": {"max_steps": 3, "batch_size": 1, "logging_steps": 1},
+    }
+    ranks = train_two_ranks(write_recipe(recipe))
+    assert ranks[0]["weight_checksum"] == ranks[1]["weight_checksum"]
+    assert [r["samples_seen"] for r in ranks] == [3, 3]

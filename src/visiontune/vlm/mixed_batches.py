@@ -16,15 +16,20 @@ from __future__ import annotations
 from typing import Any
 
 
+def mixed_images(records: list[Any]) -> bool:
+    """Some records have images and some have none."""
+    return len({bool(r.images) for r in records}) == 2
+
+
 def refuse_text_only(train: Any, records: list[Any]) -> None:
     """Refuse `train.deepspeed` when some but not all records (conversations with `.images` and `.ref`) have no
     image, naming the first."""
     from visiontune.core.errors import DataError
 
-    if not getattr(train, "deepspeed", None):
+    if not getattr(train, "deepspeed", None) or not mixed_images(records):
         return
     bare = [r for r in records if not r.images]
-    if bare and len(bare) < len(records):
+    if bare:
         raise DataError(
             f"{bare[0].ref} has no image, and under train.deepspeed a batch without images next to one with images "
             f"stops every rank ({len(bare)} of {len(records)} records have none); train without train.deepspeed, "

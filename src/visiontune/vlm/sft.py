@@ -36,7 +36,7 @@ from visiontune.vlm.conversations import (
     refuse_conversation_leak,
 )
 from visiontune.vlm.generate import generation_report
-from visiontune.vlm.mixed_batches import refuse_text_only
+from visiontune.vlm.mixed_batches import mixed_images, refuse_text_only
 from visiontune.vlm.model import apply_tuning, enable_grad_checkpointing, load_vlm, trainable_summary
 from visiontune.vlm.token_cache import tokenize_cached
 from visiontune.vlm.tokenize import Tokenized, say_truncation, truncation
@@ -193,6 +193,11 @@ def vlm_fit(cfg: Any, model: Any, processor: Any, data: VlmData, trainer_class: 
         collator = VlmCollator(processor, cfg.data.max_image_pixels)
     generation = GenerationEval(processor, data.val, cfg.eval, cfg.data.max_image_pixels)
     refuse_text_only(cfg.train, data.train + data.val)  # DeepSpeed ranks would hang or crash on mixed batches
+    args: dict[str, Any] = {"train_sampling_strategy": "group_by_length"} if cfg.data.group_by_length else {}
+    if mixed_images(data.train + data.val):
+        # DDP: on a rank whose batch has no image the vision path gets no gradients; the ranks wait for each other in
+        # the gradient all-reduce unless DDP is told some parameters may go unused
+        args["ddp_find_unused_parameters"] = True
     return Fit(
         model=model,
         train_dataset=TokenizedDataset(data.train_tokens, data.train),
@@ -200,7 +205,7 @@ def vlm_fit(cfg: Any, model: Any, processor: Any, data: VlmData, trainer_class: 
         collator=collator,
         trainer_class=trainer_class or VlmTrainer,
         trainer_attrs={"collator_stats": collator, "generation": generation},
-        args={"train_sampling_strategy": "group_by_length"} if cfg.data.group_by_length else {},
+        args=args,
         items="seq",
         workers=cfg.data.workers,
     )
