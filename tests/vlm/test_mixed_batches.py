@@ -67,3 +67,32 @@ def test_ddp_trains_mixed_batches(tmp_path, write_recipe):
     ranks = train_two_ranks(write_recipe(recipe))
     assert ranks[0]["weight_checksum"] == ranks[1]["weight_checksum"]
     assert [r["samples_seen"] for r in ranks] == [3, 3]
+
+
+@pytest.mark.slow
+def test_ddp_trains_mixed_preference_pairs(tmp_path, write_recipe):
+    """The same for vlm_preference: pairs whose prompts alternate with and without an image, two ranks, batch 1."""
+    import json
+
+    from PIL import Image
+
+    from tests.conftest import train_two_ranks
+    from visiontune.testing.fixtures import preference_pairs
+    from visiontune.testing.vlm_fixtures import tiny_vlm
+
+    convs = []
+    for i, (name, rgb) in enumerate([("red", (220, 30, 30)), ("green", (30, 200, 30))] * 4):
+        Image.new("RGB", (40, 30), rgb).save(tmp_path / f"{i}.png")
+        question = "<image>What colour is this?" if i % 2 == 0 else "Say a colour."
+        turns = [{"role": "user", "content": question}, {"role": "assistant", "content": name}]
+        convs.append({"messages": turns, "images": [f"{i}.png"] if i % 2 == 0 else []})
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(p) for p in preference_pairs(convs)) + "\n")
+    recipe = {
+        "task": "vlm_preference",
+        "model": str(tiny_vlm("qwen2_vl", tmp_path / "vlm")),
+        "output_dir": str(tmp_path / "run"),
+        "data": {"train": str(tmp_path / "pairs.jsonl"), "val_split": 0, "max_length": 256},
+        "train": {"max_steps": 3, "batch_size": 1, "logging_steps": 1},
+    }
+    ranks = train_two_ranks(write_recipe(recipe))
+    assert ranks[0]["weight_checksum"] == ranks[1]["weight_checksum"]
