@@ -28,3 +28,18 @@ def conversations(tmp_path_factory) -> Path:
         records.append({"messages": turns, "images": [f"{i}.png"]})
     (root / "data.json").write_text(json.dumps(records))
     return root / "data.json"
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory) -> Path:
+    """Three one-turn records of different lengths and image sizes (so their image token counts differ for
+    Qwen2-VL): the packing tests' rows."""
+    root = tmp_path_factory.mktemp("packing")
+    rows = []
+    for i in range(3):
+        Image.new("RGB", (64 + 32 * i, 64), (200 * (i % 2), 60, 90)).save(root / f"{i}.png")
+        answer = " ".join(["red"] * (1 + 2 * i))
+        messages = [{"role": "user", "content": "<image>Which colour?"}, {"role": "assistant", "content": answer}]
+        rows.append({"messages": messages, "images": [f"{i}.png"]})
+    (root / "data.json").write_text(json.dumps(rows))
+    return root / "data.json"

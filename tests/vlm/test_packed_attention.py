@@ -2,29 +2,12 @@
 the whole row with transformers' block-diagonal mask, for every family's language model; the per-record path really
 runs on packed rows; padded batches and cached generation are left to transformers' SDPA; saved configs stay plain."""
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
-from PIL import Image
 
 from visiontune.vlm import packed_attention
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "idefics3", "llava"]
-
-
-@pytest.fixture(scope="module")
-def records(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("packed-attention")
-    rows = []
-    for i in range(3):
-        Image.new("RGB", (64 + 32 * i, 64), (200 * (i % 2), 60, 90)).save(root / f"{i}.png")
-        answer = " ".join(["red"] * (1 + 2 * i))
-        messages = [{"role": "user", "content": "<image>Which colour?"}, {"role": "assistant", "content": answer}]
-        rows.append({"messages": messages, "images": [f"{i}.png"]})
-    (root / "data.json").write_text(json.dumps(rows))
-    return root / "data.json"
 
 
 def _step(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from visiontune.vlm.collate import VlmCollator
 from visiontune.vlm.conversations import read_conversations
@@ -15,20 +14,6 @@ from visiontune.vlm.packing import PackedCollator, rope_index_of
 from visiontune.vlm.tokenize import IGNORE, tokenize
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "idefics3", "llava"]
-
-
-@pytest.fixture(scope="module")
-def records(tmp_path_factory) -> Path:
-    """Three records of different lengths and image sizes (so their image token counts differ for Qwen2-VL)."""
-    root = tmp_path_factory.mktemp("packing")
-    rows = []
-    for i in range(3):
-        Image.new("RGB", (64 + 32 * i, 64), (200 * (i % 2), 60, 90)).save(root / f"{i}.png")
-        answer = " ".join(["red"] * (1 + 2 * i))
-        messages = [{"role": "user", "content": "<image>Which colour?"}, {"role": "assistant", "content": answer}]
-        rows.append({"messages": messages, "images": [f"{i}.png"]})
-    (root / "data.json").write_text(json.dumps(rows))
-    return root / "data.json"
 
 
 def _per_record_losses(logits: torch.Tensor, labels: torch.Tensor, starts: list[int]) -> list[torch.Tensor]:

@@ -22,7 +22,13 @@ from visiontune.core.errors import DataError, RecipeError
 from visiontune.run.runner import save_eval
 from visiontune.run.task import Fit
 from visiontune.vlm.assemble_config import VlmAssembleConfig
-from visiontune.vlm.assembled import AssembledProcessor, AssembledVlm, build_assembled, is_assembled, load_assembled
+from visiontune.vlm.assembled import (
+    AssembledProcessor,
+    AssembledVlm,
+    assembled_in,
+    build_assembled,
+    load_assembled,
+)
 from visiontune.vlm.conversations import IMAGE_TOKEN, Conversation, Turn, read_conversations
 from visiontune.vlm.generate import generation_report
 from visiontune.vlm.model import enable_grad_checkpointing
@@ -93,10 +99,8 @@ def load_model(cfg: VlmAssembleConfig) -> tuple[AssembledVlm, AssembledProcessor
 
 
 def _stage_one_folder(init_from: str) -> Path:
-    path = Path(init_from).expanduser()
-    for candidate in (path / "model", path):
-        if is_assembled(candidate):
-            return candidate
+    if folder := assembled_in(init_from):
+        return folder
     raise RecipeError(
         f"init_from: {init_from} is not the output of a vlm_assemble align run (no model/visiontune.json of an "
         "assembled VLM); run the align stage first and point init_from at its run folder."

@@ -219,6 +219,12 @@ def is_assembled(folder: str | Path) -> bool:
     return read_manifest(Path(folder)).get("kind") == KIND
 
 
+def assembled_in(run_or_model: str | Path) -> Path | None:
+    """The assembled model of a run folder (its `model/`) or of a model folder itself; None when neither holds one."""
+    path = Path(run_or_model).expanduser()
+    return next((c for c in (path / "model", path) if is_assembled(c)), None)
+
+
 def load_assembled(folder: str | Path) -> tuple[AssembledVlm, AssembledProcessor]:
     """Model + processor from a folder `AssembledVlm.save_pretrained` wrote (a run's `model/`)."""
     from safetensors.torch import load_file

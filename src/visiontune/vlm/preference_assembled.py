@@ -17,14 +17,12 @@ from typing import Any
 from torch import nn
 
 from visiontune.core.errors import ModelError, RecipeError
-from visiontune.vlm.assembled import AssembledProcessor, AssembledVlm, is_assembled, load_assembled
+from visiontune.vlm.assembled import AssembledProcessor, AssembledVlm, assembled_in, load_assembled
 
 
 def assembled_folder(init_from: str) -> Path:
-    path = Path(init_from).expanduser()
-    for candidate in (path / "model", path):
-        if is_assembled(candidate):
-            return candidate
+    if folder := assembled_in(init_from):
+        return folder
     raise RecipeError(
         f"init_from: {init_from} is not a vlm_assemble run (no model/visiontune.json of an assembled VLM); point it "
         "at the run folder of a vlm_assemble instruct (or align) stage, or use `model` for a transformers VLM."
