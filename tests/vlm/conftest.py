@@ -43,3 +43,24 @@ def records(tmp_path_factory) -> Path:
         rows.append({"messages": messages, "images": [f"{i}.png"]})
     (root / "data.json").write_text(json.dumps(rows))
     return root / "data.json"
+
+
+def sdpa_model_and_items(family: str, records: Path, folder: Path) -> tuple:
+    """(model with SDPA attention in eval mode, its processor, the token lists, the collator items) of the tiny
+    `family` checkpoint over `records`: what the packing tests collate padded and packed."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from visiontune.testing.vlm_fixtures import tiny_vlm
+    from visiontune.vlm.conversations import read_conversations
+    from visiontune.vlm.tokenize import tokenize
+
+    path = tiny_vlm(family, folder / family)
+    processor = AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa").eval()
+    convs = read_conversations(str(records))
+    tokens = [tokenize(processor, c, 512, 512 * 512, "assistant") for c in convs]
+    items = [
+        {"input_ids": t.input_ids, "labels": t.labels, "extra": t.extra, "conv": c}
+        for t, c in zip(tokens, convs, strict=True)
+    ]
+    return model, processor, tokens, items

@@ -21,23 +21,11 @@ def _step(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
 def test_per_record_attention_equals_the_masked_row_and_leaves_other_batches_alone(
     family, records, tmp_path, monkeypatch
 ):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from visiontune.testing.vlm_fixtures import tiny_vlm
+    from tests.vlm.conftest import sdpa_model_and_items
     from visiontune.vlm.collate import VlmCollator
-    from visiontune.vlm.conversations import read_conversations
     from visiontune.vlm.packing import PackedCollator, rope_index_of
-    from visiontune.vlm.tokenize import tokenize
 
-    path = tiny_vlm(family, tmp_path / family)
-    processor = AutoProcessor.from_pretrained(path)
-    model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa").eval()
-    convs = read_conversations(str(records))
-    tokens = [tokenize(processor, c, 512, 512 * 512, "assistant") for c in convs]
-    items = [
-        {"input_ids": t.input_ids, "labels": t.labels, "extra": t.extra, "conv": c}
-        for t, c in zip(tokens, convs, strict=True)
-    ]
+    model, processor, tokens, items = sdpa_model_and_items(family, records, tmp_path)
     packed = PackedCollator(processor, 512 * 512, rope_index_of(model))(items)
     padded = VlmCollator(processor, 512 * 512)(items)
     prompt = VlmCollator(processor, 512 * 512)(items[:1])

@@ -29,19 +29,9 @@ def _per_record_losses(logits: torch.Tensor, labels: torch.Tensor, starts: list[
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_packed_row_gives_each_record_its_padded_loss_and_the_same_gradients(family, records, tmp_path):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from tests.vlm.conftest import sdpa_model_and_items
 
-    from visiontune.testing.vlm_fixtures import tiny_vlm
-
-    path = tiny_vlm(family, tmp_path / family)
-    processor = AutoProcessor.from_pretrained(path)
-    model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa").eval()
-    convs = read_conversations(str(records))
-    tokens = [tokenize(processor, c, 512, 512 * 512, "assistant") for c in convs]
-    items = [
-        {"input_ids": t.input_ids, "labels": t.labels, "extra": t.extra, "conv": c}
-        for t, c in zip(tokens, convs, strict=True)
-    ]
+    model, processor, tokens, items = sdpa_model_and_items(family, records, tmp_path)
     assert len({len(t) for t in tokens}) == 3  # different lengths: the padded batch really pads
 
     results = []
