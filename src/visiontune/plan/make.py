@@ -85,15 +85,20 @@ def batch_settings(cfg: BaseModel, trainer: Any) -> dict[str, int]:
 
 
 def token_section(data: Any, trainer: Any, cfg: BaseModel) -> dict | None:
-    """For tasks whose prepared data holds tokenised records (the VLM tasks)."""
-    from visiontune.plan.tokens import token_report
+    """For tasks whose prepared data holds tokenised records (the VLM tasks) or pairs of them (vlm_preference)."""
+    from visiontune.plan.tokens import pair_token_report, token_report
 
     vlm = getattr(data, "data", None)
     records = getattr(vlm, "train_tokens", None)
-    if not records or not all(hasattr(r, "input_ids") and hasattr(r, "labels") for r in records):
-        return None  # no tokenised records, or records of another shape (preference pairs)
+    if not records:
+        return None
+    pairs = all(hasattr(r, "chosen") and hasattr(r, "rejected") for r in records)
+    if not pairs and not all(hasattr(r, "input_ids") and hasattr(r, "labels") for r in records):
+        return None  # records of another shape
     sampler = trainer._get_train_sampler(trainer.train_dataset)  # the order training draws (length grouping)
-    report = token_report(records, data.processor, sampler, cfg.train.batch_size, cfg.seed)
+    report = (pair_token_report if pairs else token_report)(
+        records, data.processor, sampler, cfg.train.batch_size, cfg.seed
+    )
     if getattr(cfg.data, "packing", False):  # one row per batch, nothing padded
         report["padding"]["as_training_draws"] = 0.0
     report["packing"] = bool(getattr(cfg.data, "packing", False))

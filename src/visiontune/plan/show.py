@@ -66,6 +66,11 @@ def rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
         hist = per["histogram"]
         bins = " ".join(f"{lo}+:{n}" for lo, n in zip(hist["edges"], hist["counts"], strict=False))
         out.append(("tokens/record", f"min {per['min']}, mean {per['mean']}, max {per['max']} ({bins})"))
+        if "tokens_per_pair" in tokens:  # vlm_preference: the records are both answers of each pair
+            pair = tokens["tokens_per_pair"]
+            out.append(
+                ("tokens/pair", f"min {pair['min']}, mean {pair['mean']}, max {pair['max']} (chosen + rejected)")
+            )
         if tokens["image_tokens_per_record"]:
             images = tokens["image_tokens_per_record"]
             out.append(

@@ -44,11 +44,57 @@ def token_report(records: list[Any], processor: Any, sampler: Any, batch_size: i
     """`records`: the task's tokenised training records; `sampler`: the training loader's own sampler (length
     grouping when the recipe asks for it)."""
     lengths = [len(r) for r in records]
+    shuffled = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
+    return {
+        **record_stats(records, processor),
+        "padding": {
+            "shuffled": padding_fraction(lengths, shuffled, batch_size),
+            "as_training_draws": padding_fraction(lengths, list(iter(sampler)), batch_size),
+        },
+        "batches_per_epoch": math.ceil(len(lengths) / batch_size),
+    }
+
+
+def pair_token_report(pairs: list[Any], processor: Any, sampler: Any, batch_size: int, seed: int) -> dict[str, Any]:
+    """Preference pairs (`.chosen`, `.rejected` tokenised records; the sampler draws pairs): the records are the
+    answers, both of each pair, and a batch of B pairs is 2B rows padded together to its longest answer (as
+    vlm/preference.py's PairCollator pads them)."""
+    n = len(pairs)
+    rows = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    lengths = [len(r) for r in rows]
+    per_pair = [lengths[i] + lengths[n + i] for i in range(n)]
+    shuffled = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return {
+        **record_stats(rows, processor),
+        "pairs": n,
+        "tokens_per_pair": {"min": min(per_pair), "mean": round(sum(per_pair) / n, 1), "max": max(per_pair)},
+        "padding": {
+            "shuffled": padding_fraction(lengths, pair_rows(shuffled, batch_size, n), 2 * batch_size),
+            "as_training_draws": padding_fraction(
+                lengths, pair_rows(list(iter(sampler)), batch_size, n), 2 * batch_size
+            ),
+        },
+        "batches_per_epoch": math.ceil(n / batch_size),
+    }
+
+
+def pair_rows(order: list[int], batch_size: int, pairs: int) -> list[int]:
+    """The rows of the pair batches drawn in `order`: each batch's chosen answers (row i), then its rejected ones
+    (row pairs + i)."""
+    rows = []
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        rows += batch + [pairs + i for i in batch]
+    return rows
+
+
+def record_stats(records: list[Any], processor: Any) -> dict[str, Any]:
+    """Tokens per record (image tokens included), image tokens, trained tokens and the records max_length cut."""
+    lengths = [len(r) for r in records]
     image_id = image_token_id(processor)
     images = [r.input_ids.count(image_id) for r in records] if image_id is not None else []
     trained = [sum(label != -100 for label in r.labels) for r in records]
-    shuffled = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
-    report = {
+    return {
         "records": len(lengths),
         "tokens_per_record": {
             "min": min(lengths),
@@ -61,10 +107,4 @@ def token_report(records: list[Any], processor: Any, sampler: Any, batch_size: i
         ),
         "trained_tokens": sum(trained),
         "truncated": [{"ref": r.ref, "tokens_cut": r.cut, "answer_tokens_lost": r.lost} for r in records if r.cut > 0],
-        "padding": {
-            "shuffled": padding_fraction(lengths, shuffled, batch_size),
-            "as_training_draws": padding_fraction(lengths, list(iter(sampler)), batch_size),
-        },
-        "batches_per_epoch": math.ceil(len(lengths) / batch_size),
     }
-    return report
