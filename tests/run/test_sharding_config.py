@@ -1,7 +1,7 @@
-"""`train.fsdp` and `train.deepspeed` where they cannot act: refused in one sentence when the recipe is read. FSDP2 on
-a CPU run (accelerate sets FSDP up only on GPUs; transformers would train plain DDP without a word), both at once,
-and bf16/fp16 with DeepSpeed on CPU (transformers allows them there only with use_cpu, which turns DeepSpeed off).
-Where a GPU trains, `train.fsdp` reaches TrainingArguments as an FSDP2 config."""
+"""`train.fsdp` and `train.deepspeed` where they cannot act: refused in one sentence when the recipe is read. Both at
+once, and bf16/fp16 with DeepSpeed on CPU (transformers allows them there only with use_cpu, which turns DeepSpeed
+off); FSDP2 on one CPU process (nothing to shard over) before the run folder. `train.fsdp` reaches TrainingArguments
+as an FSDP2 config; on CPU ranks it trains (tests/run/test_fsdp_ranks.py)."""
 
 from __future__ import annotations
 
@@ -19,15 +19,19 @@ def _train(**train) -> object:
 
 
 @pytest.mark.parametrize("value", ["full_shard", "shard_grad_op"])
-def test_fsdp_is_refused_on_cpu(monkeypatch, value):
+def test_fsdp_on_cpu_needs_several_ranks(monkeypatch, value):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    train = _train(fsdp=value)  # accepted when read: FSDP2 trains on CPU ranks
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(RecipeError) as err:
-        _train(fsdp=value)
-    assert "train.fsdp needs GPUs (accelerate sets FSDP up only there) and this run trains on CPU" in str(err.value)
+        arguments.check_deepspeed(train)
+    assert "train.fsdp on CPU needs several ranks: launch with `visiontune train RECIPE --nproc 2`" in str(err.value)
     assert "\n" not in str(err.value)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine ...
-    with pytest.raises(RecipeError, match="train.fsdp needs GPUs"):
-        _train(fsdp=value, cpu=True)  # ... told to train on CPU
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    arguments.check_deepspeed(train)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU run: one process is accelerate's to judge
+    monkeypatch.delenv("WORLD_SIZE")
+    arguments.check_deepspeed(_train(fsdp=value))
 
 
 def test_fsdp_and_deepspeed_together_are_refused(monkeypatch):
@@ -65,10 +69,10 @@ def test_fsdp_reaches_training_arguments_as_fsdp2(monkeypatch, tmp_path, value, 
     assert seen["fsdp"] is False and seen["fsdp_config"] is None
 
 
-@pytest.mark.parametrize("task", ["clip_classify", "clip_continual", "clip_contrastive"])
-def test_deepspeed_is_refused_for_clip_tasks(task):
-    # DeepSpeed 0.19.8 broadcasts parameters as bytes and stops on CLIP's 0-dim logit_scale (seen on two CPU ranks)
-    recipe = {"task": task, "model": "unused", "output_dir": "unused", "train": {"deepspeed": "zero2"}}
-    recipe |= {"tasks": [{"name": "a", "train": "x"}]} if task == "clip_continual" else {"data": {"train": "x"}}
-    with pytest.raises(RecipeError, match="train.deepspeed cannot train CLIP models"):
+def test_deepspeed_is_refused_for_clip_continual():
+    # each task of the sequence makes a new Trainer, and accelerate refuses a second DeepSpeed Accelerator (seen on two
+    # CPU ranks); the other CLIP tasks train under DeepSpeed: tests/clip/test_deepspeed_ranks.py
+    recipe = {"task": "clip_continual", "model": "unused", "output_dir": "unused", "train": {"deepspeed": "zero2"}}
+    recipe |= {"tasks": [{"name": "a", "train": "x"}, {"name": "b", "train": "y"}]}
+    with pytest.raises(RecipeError, match="train.deepspeed cannot train clip_continual: each task of the sequence"):
         parse_config(recipe)

@@ -16,11 +16,18 @@ from visiontune.run.optim import TRAINER_OPTIM
 
 
 def check_deepspeed(cfg: TrainConfig) -> None:
-    """What `train.deepspeed` needs besides its file; the runner asks before it creates the run folder."""
+    """What `train.deepspeed` needs besides its file, and `train.fsdp` on CPU; the runner asks before it creates the run
+    folder."""
     import importlib.util
 
     from visiontune.core.errors import RecipeError
 
+    # one CPU process has no process group for FSDP2 to shard over (fsdp_on_cpu below)
+    if cfg.fsdp and launched_world_size() == 1 and not gpu_training(cfg.cpu):
+        raise RecipeError(
+            "train.fsdp on CPU needs several ranks: launch with `visiontune train RECIPE --nproc 2` (or more), or "
+            "remove train.fsdp."
+        )
     if not cfg.deepspeed:
         return
     if importlib.util.find_spec("deepspeed") is None:
@@ -93,7 +100,10 @@ def training_arguments(
         ddp_backend="gloo" if use_cpu and launched_world_size() > 1 else None,
     )
     kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
+    args = TrainingArguments(**kwargs)
+    if cfg.fsdp and use_cpu:
+        fsdp_on_cpu(args)
+    return args
 
 
 def deepspeed_on_cpu() -> dict[str, Any]:
@@ -115,6 +125,33 @@ def deepspeed_on_cpu() -> dict[str, Any]:
             "run without train.deepspeed or report the accelerate version."
         )
     return {"accelerator_config": {"use_configured_state": True}}
+
+
+def fsdp_on_cpu(args: TrainingArguments) -> None:
+    """What FSDP2 needs to run on CPU ranks through transformers, which accelerate lacks: AcceleratorState turns a
+    process group into FSDP only on GPU-like devices, and on gloo CPU ranks the Trainer would train plain DDP without
+    a word. accelerate's FSDP2 path itself (fully_shard over the default mesh, torch.distributed.checkpoint for
+    checkpoints) runs on gloo. So the accelerator state is made here, ahead of the Trainer, as FSDP over the gloo
+    process group `args` set up, with the FSDP plugin the Trainer would build; the Trainer's Accelerator reuses it."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, TorchDynamoPlugin
+
+    partial = PartialState()  # made by `args` (use_cpu, gloo)
+    if partial.distributed_type != DistributedType.MULTI_CPU:
+        from visiontune.core.errors import DistributedError
+
+        raise DistributedError(
+            f"train.fsdp on CPU needs several ranks and accelerate set up {partial.distributed_type.name}; launch "
+            "with `visiontune train RECIPE --nproc 2` (or more), or remove train.fsdp."
+        )
+    plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
+    # the plugins the Trainer's Accelerator passes (transformers Trainer._build_accelerator_args); it keeps these
+    dynamo = TorchDynamoPlugin(backend=args.torch_compile_backend, mode=args.torch_compile_mode)
+    state = AcceleratorState(
+        mixed_precision=args.mixed_precision, cpu=True, dynamo_plugin=dynamo, fsdp_plugin=plugin, _from_accelerator=True
+    )
+    state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    state.fsdp_plugin = plugin
 
 
 def loader_workers(setting: int | str, in_memory: bool) -> int:

@@ -157,9 +157,9 @@ class TrainConfig(Strict):
     )
     fsdp: Literal["full_shard", "shard_grad_op"] | None = Field(
         None,
-        description="FSDP2 (PyTorch fully_shard through accelerate), GPU only: full_shard shards parameters, "
-        "gradients and optimizer states and reshards parameters after each forward; shard_grad_op keeps them "
-        "gathered until the backward.",
+        description="FSDP2 (PyTorch fully_shard through accelerate; on CPU with several ranks, --nproc 2): full_shard "
+        "shards parameters, gradients and optimizer states and reshards parameters after each forward; shard_grad_op "
+        "keeps them gathered until the backward.",
     )
 
     @model_validator(mode="after")
@@ -201,12 +201,6 @@ class TrainConfig(Strict):
     def _one_sharding(self) -> TrainConfig:
         if self.fsdp and self.deepspeed:
             raise ValueError("train.fsdp and train.deepspeed both shard the model; keep one")
-        # accelerate sets up FSDP only on GPUs: on CPU ranks transformers would train plain DDP without a word
-        if self.fsdp and not gpu_training(self.cpu):
-            raise ValueError(
-                "train.fsdp needs GPUs (accelerate sets FSDP up only there) and this run trains on CPU; use "
-                "train.deepspeed: zero3, which shards the model on CPU ranks too"
-            )
         # transformers refuses bf16/fp16 on a machine without GPUs unless use_cpu, and use_cpu turns DeepSpeed off
         if self.deepspeed and self.precision != "fp32" and not gpu_training(self.cpu):
             raise ValueError(

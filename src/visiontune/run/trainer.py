@@ -47,8 +47,8 @@ class VisiontuneTrainer(Trainer):
         """Trainer lacks: an evaluation of the same weights on the same data is not run again. The "after"
         evaluation (and the trained-weights side of the EMA comparison) usually follows a validation of the very
         weights training ended with; its results are reused, renamed to the new prefix."""
-        if self.is_deepspeed_enabled and self.deepspeed is None:
-            return self._evaluate_before_deepspeed(
+        if (self.is_deepspeed_enabled and self.deepspeed is None) or (self.is_fsdp_enabled and not fsdp2_sharded(self)):
+            return self._evaluate_before_sharding(
                 dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
             )
         key = evaluation_key(self, dataloader, prediction_loss_only, ignore_keys)
@@ -61,17 +61,19 @@ class VisiontuneTrainer(Trainer):
 
     _last_evaluation = None  # (key, metric prefix, EvalLoopOutput) of the last evaluation loop
 
-    def _evaluate_before_deepspeed(self, *args):
-        """Trainer lacks: an evaluation before `train()` under DeepSpeed. Trainer would build an inference-only
-        DeepSpeed engine (refused under ZeRO-2; under ZeRO-3 `train()` then finds the model wrapped and never builds
-        the training engine, failing at the first backward). Before training every rank still holds the whole model
-        (it is built before the DeepSpeed config exists), so the evaluation runs as plain data-parallel evaluation and
-        the model is left unprepared for `train()` to wrap."""
-        self.is_deepspeed_enabled = False
+    def _evaluate_before_sharding(self, *args):
+        """Trainer lacks: an evaluation before `train()` under DeepSpeed or FSDP2. Trainer would build an
+        inference-only DeepSpeed engine (refused under ZeRO-2; under ZeRO-3 `train()` then finds the model wrapped and
+        never builds the training engine, failing at the first backward), or have accelerate shard the model without
+        its optimiser (refused under FSDP2). Before training every rank still holds the whole model (it is built
+        before the DeepSpeed config exists; FSDP2 shards it in `train()`), so the evaluation runs as plain
+        data-parallel evaluation and the model is left unprepared for `train()` to wrap."""
+        flag = "is_deepspeed_enabled" if self.is_deepspeed_enabled else "is_fsdp_enabled"
+        setattr(self, flag, False)
         try:
             return self.run_evaluation(*args)
         finally:
-            self.is_deepspeed_enabled = True
+            setattr(self, flag, True)
             model = self.model
             self.model_wrapped = model
             if getattr(model, "_is_accelerate_prepared", False):
@@ -154,20 +156,40 @@ def full_weights(trainer: Trainer) -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def fsdp2_unsharded(model) -> Iterator[None]:
-    """FSDP2 (`fully_shard`) modules hold DTensor shards; `unshard()` swaps whole parameters in (collective), and
-    `reshard()` the shards back."""
+def fsdp2_sharded(trainer: Trainer) -> bool:
+    """Whether `train()` has sharded the model with FSDP2 (`fully_shard` turns the module into an FSDPModule)."""
     from torch.distributed.fsdp import FSDPModule
 
-    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for module in sharded:
-        module.unshard()
+    return isinstance(trainer.model, FSDPModule)
+
+
+@contextlib.contextmanager
+def fsdp2_unsharded(model) -> Iterator[None]:
+    """FSDP2 (`fully_shard`) modules hold DTensor shards, and their `state_dict()` returns shards even after
+    `unshard()` (its hook reshards first), so library saves would write shards. Inside, each sharded parameter is
+    swapped for a plain one holding the whole tensor (gathered: collective, every rank the same order; a tied
+    parameter stays tied), and the shards are put back after."""
+    import torch
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    for module in model.modules():  # shard_grad_op leaves parameters gathered after an evaluation forward
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    whole: dict[int, torch.nn.Parameter] = {}
+    swapped = []
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if isinstance(param, DTensor):
+                if id(param) not in whole:
+                    whole[id(param)] = torch.nn.Parameter(param.full_tensor(), requires_grad=param.requires_grad)
+                swapped.append((module, name, param))
+                module._parameters[name] = whole[id(param)]
     try:
         yield
     finally:
-        for module in sharded:
-            module.reshard()
+        for module, name, param in swapped:
+            module._parameters[name] = param
 
 
 def forget_evaluation_prepare(trainer: Trainer) -> None:
