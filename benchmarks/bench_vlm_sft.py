@@ -30,7 +30,14 @@ Tokens/s = non-padding tokens (sum of `attention_mask`) of the batches trained b
 `--warmup` and the end of the last step, divided by the wall time between them (tok/CPU-s: by process CPU time);
 the batches are counted where `training_step` receives them. Padding = padded positions / all positions of those
 batches; trained tokens/step = positions with label != -100 per step. Ratios are visiontune / TRL of the medians
-over rounds.
+over rounds; for the packed side also of the means, and per round (both sides measured back to back), with the
+mean and median of those. The defaults time 48 steps (three epochs of the 64 records) after a 16-step (one epoch)
+warm-up, so every side trains on the same records equally often inside the timed window, and one measurement is
+long enough (~10 CPU-s) that the scheduler's noise on a shared machine averages out.
+
+`--width W` builds the same fixture with text width W (MLP 4W, heads of 32): at the default 128 (1.36 M parameters)
+a step is dominated by per-op overhead (LoRA dropout's RNG, Python, small matmuls), which padding does not scale;
+a wider model shows the comparison where the matmuls dominate, as they do at real sizes. Both are reported.
 
 Preprocessing (one forked process, cache in a fresh `VISIONTUNE_CACHE`): `prepare_data` with the cache cold
 (read + check + tokenise 64 records + write the cache) and warm (read + check + load), and one epoch of collation
@@ -42,7 +49,8 @@ RSS once the model is loaded (before data, adapters and trainer). Every measurem
 from a `forkserver` that has imported torch / transformers / peft / trl / visiontune once. Measurements are
 interleaved (the order of the sides rotates every round) so background load hits all sides alike.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_vlm_sft.py --steps 16 --warmup 4 --rounds 2 --threads 1
+    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_vlm_sft.py --rounds 5 --threads 1 \
+        --sides visiontune_packed trl_nogc visiontune [--width 512]
 """
 
 from __future__ import annotations
@@ -91,8 +99,9 @@ hf_logging.disable_progress_bar()
 # ------------------------------------------------------------------------------------------------ model and data
 
 
-def build_qwen2_vl(out: Path) -> Path:
-    """`vlm_fixtures.tiny_qwen2_vl`, wider and deeper: text 128 x 4 layers (MLP 512), vision 64 x 2 layers."""
+def build_qwen2_vl(out: Path, width: int = 128) -> Path:
+    """`vlm_fixtures.tiny_qwen2_vl`, wider and deeper: text `width` (128) x 4 layers (MLP 4 x width, heads of 32,
+    half as many KV heads), vision 64 x 2 layers merged to `width`."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     from visiontune.testing.vlm_fixtures import _ids, _qwen_ids, _qwen_parts, _save, _text_config
@@ -105,16 +114,16 @@ def build_qwen2_vl(out: Path) -> Path:
         tok,
         bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
         rope_parameters=rope,
-        hidden_size=128,
-        intermediate_size=512,
+        hidden_size=width,
+        intermediate_size=4 * width,
         num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=width // 32,
+        num_key_value_heads=width // 64,
     )
     vision = {
         "depth": 2,
         "embed_dim": 64,
-        "hidden_size": 128,
+        "hidden_size": width,
         "num_heads": 2,
         "mlp_ratio": 2,
         "patch_size": 14,
@@ -248,6 +257,7 @@ def rates(stamps: list[tuple], warmup: int) -> dict:
         "padding": 1 - (r1 - r0) / (t1 - t0),
         "real_per_step": (r1 - r0) / steps,
         "trained_per_step": (l1 - l0) / steps,
+        "cpu_s": c1 - c0,
     }
 
 
@@ -385,19 +395,24 @@ def run(ctx, fn, *args):
         return pool.submit(fn, *args).result()
 
 
-def main(steps: int, warmup: int, rounds: int, sides: list[str], threads: int | None, verbose: bool) -> None:
+def main(
+    steps: int, warmup: int, rounds: int, sides: list[str], threads: int | None, verbose: bool, width: int = 128
+) -> None:
+    if width % 64:
+        raise SystemExit(f"--width must be a multiple of 64 (heads of 32, half as many KV heads), got {width}")
     total = warmup + steps
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
     with tempfile.TemporaryDirectory(prefix="vt-bench-vlm-") as tmp:
         root = Path(tmp)
-        build_qwen2_vl(root / "qwen2_vl")
+        build_qwen2_vl(root / "qwen2_vl", width)
         make_data(root)
         from transformers import AutoModelForImageTextToText
 
         n_params = sum(p.numel() for p in AutoModelForImageTextToText.from_pretrained(root / "qwen2_vl").parameters())
         print(
-            f"torch {torch.__version__}; Qwen2-VL fixture with {n_params:,} parameters; 64 conversations; "
+            f"torch {torch.__version__}; Qwen2-VL fixture (text width {width}) with {n_params:,} parameters; "
+            "64 conversations; "
             f"{rounds} rounds x {steps} timed steps (+{warmup} warm-up), batch {BATCH}",
             flush=True,
         )
@@ -413,6 +428,7 @@ def main(steps: int, warmup: int, rounds: int, sides: list[str], threads: int | 
                 results.setdefault(side, []).append(res)
                 print(
                     f"round {r + 1} {side:10s}: {res['tps']:7.1f} tok/s  {res['cpu_tps']:7.1f} tok/CPU-s  "
+                    f"({res['cpu_s']:.1f} CPU-s timed)  "
                     f"padding {res['padding']:.3f}  trained/step {res['trained_per_step']:.0f}  "
                     f"real/step {res['real_per_step']:.0f}  peak {res['peak_mib']:.0f} MiB "
                     f"(delta {res['delta_mib']:.0f})  {res['trainable']:,} trainable  gc={res['gc']}  "
@@ -420,6 +436,19 @@ def main(steps: int, warmup: int, rounds: int, sides: list[str], threads: int | 
                     flush=True,
                 )
     report(results, sides, prep)
+
+
+def ratio_line(side: str, base: str, results: dict[str, list[dict]]) -> str:
+    """side / base in tokens per CPU-second: ratio of the means, of the medians, and of each round (the two ran
+    back to back in that round, so the per-round ratios cancel the load that round had)."""
+    a, b = [r["cpu_tps"] for r in results[side]], [r["cpu_tps"] for r in results[base]]
+    rounds = [x / y for x, y in zip(a, b, strict=True)]
+    wall = statistics.median(r["tps"] for r in results[side]) / statistics.median(r["tps"] for r in results[base])
+    return (
+        f"{side} / {base} tok/CPU-s: mean {statistics.mean(a) / statistics.mean(b):.3f}, "
+        f"median {statistics.median(a) / statistics.median(b):.3f}; per round {' '.join(f'{r:.2f}' for r in rounds)} "
+        f"(mean {statistics.mean(rounds):.3f}, median {statistics.median(rounds):.3f}); tok/s median {wall:.3f}"
+    )
 
 
 def report(results: dict[str, list[dict]], sides: list[str], prep: dict) -> None:
@@ -445,16 +474,18 @@ def report(results: dict[str, list[dict]], sides: list[str], prep: dict) -> None
             f"| {s} | {m['tps']:.0f} | {m['cpu_tps']:.0f} | {ratio} | {m['padding']:.3f} | "
             f"{m['real_per_step']:.0f} | {m['trained_per_step']:.0f} | {mem[s][0]:.0f} | {mem[s][1]:.0f} |"
         )
-    packed = med.get("visiontune_packed")
-    for base in ("visiontune", "visiontune_packed_masked", "trl_nogc", "trl"):
-        if packed and base in med:
-            pairs = zip(results["visiontune_packed"], results[base], strict=True)
-            rounds = [a["cpu_tps"] / b["cpu_tps"] for a, b in pairs]
-            print(
-                f"visiontune_packed / {base}: {packed['tps'] / med[base]['tps']:.3f} tok/s, "
-                f"{packed['cpu_tps'] / med[base]['cpu_tps']:.3f} tok/CPU-s (per round, tok/CPU-s: "
-                f"{' '.join(f'{r:.2f}' for r in rounds)}; median {statistics.median(rounds):.3f})"
-            )
+    print()
+    for s in sides:  # the spread a single measurement has on this machine
+        cpu = [r["cpu_tps"] for r in results[s]]
+        spread = statistics.stdev(cpu) / statistics.mean(cpu) if len(cpu) > 1 else 0.0
+        print(
+            f"{s}: tok/CPU-s mean {statistics.mean(cpu):.0f}, median {statistics.median(cpu):.0f}, "
+            f"rounds {' '.join(f'{c:.0f}' for c in cpu)} (spread {spread:.1%})"
+        )
+    if "visiontune_packed" in med:
+        for base in ("visiontune", "visiontune_packed_masked", "trl_nogc", "trl"):
+            if base in med:
+                print(ratio_line("visiontune_packed", base, results))
     print()
     print(
         f"records: {prep['records']}, {prep['len_min']}-{prep['len_max']} tokens (mean {prep['len_mean']:.0f}); "
@@ -472,11 +503,20 @@ def report(results: dict[str, list[dict]], sides: list[str], prep: dict) -> None
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=16, help="timed optimiser steps per measurement")
-    parser.add_argument("--warmup", type=int, default=4, help="untimed steps at the start of each measurement")
+    parser.add_argument(
+        "--steps", type=int, default=48, help="timed optimiser steps per measurement (16 = one epoch of the 64 records)"
+    )
+    parser.add_argument("--warmup", type=int, default=16, help="untimed steps at the start of each measurement")
     parser.add_argument("--rounds", type=int, default=2, help="measurements per side, interleaved")
     parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per measurement")
     parser.add_argument("--verbose", action="store_true", help="show the measurement processes' own output")
+    parser.add_argument(
+        "--width",
+        type=int,
+        default=128,
+        help="text hidden size of the fixture (MLP 4x, heads of 32); 128 is the reported figure's 1.36 M-parameter "
+        "model, a wider one shows the same comparison where matmuls, not per-op overhead, dominate",
+    )
     args = parser.parse_args()
-    main(args.steps, args.warmup, args.rounds, args.sides, args.threads, args.verbose)
+    main(args.steps, args.warmup, args.rounds, args.sides, args.threads, args.verbose, args.width)

@@ -2,17 +2,25 @@
 
 With no attention mask and positions that restart per record, transformers builds a block-diagonal [T, T] mask and
 SDPA computes every query against every key of the row, masked entries included (on CPU, and on GPUs without flash
-attention's variable-length kernel). This function, registered with transformers' `AttentionInterface` (and SDPA's
-own mask builder under the same name in `AttentionMaskInterface`), finds the records where the text positions
-restart at 0 and runs SDPA per record with `is_causal` and no mask — what flash attention's varlen kernel does.
-Anything else (padded batches, generation with a cache, bidirectional vision encoders) goes to transformers'
-`sdpa_attention_forward` unchanged.
+attention's variable-length kernel). This function, registered with transformers' `AttentionInterface` (and a mask
+builder under the same name in `AttentionMaskInterface`), finds the records where the text positions restart and
+runs SDPA per record with `is_causal` and no mask — what flash attention's varlen kernel does.
+Anything else (padded batches, generation with a cache, sliding-window layers, bidirectional vision encoders) goes
+to transformers' `sdpa_attention_forward` unchanged.
+
+Per forward, not per layer: the record starts are found once for the `position_ids` tensor every layer receives
+(remembered through a weak reference, so nothing outlives the forward), and the mask builder registered under our
+name (`packed_causal_mask`) returns no mask for a row without padding or cache — the T x T block-diagonal mask that
+`sdpa_mask` would build is never read by the per-record path, and a single unpadded row needs none under
+`is_causal`. Records of a row are attended one SDPA call each: padding them into one [R, H, L_max, D] batch was
+measured slower on CPU for rows of unequal lengths (copies in and out, and Σ L_max^2 instead of Σ L_i^2).
 
 Why our own code: transformers' varlen paths are the flash-attention kernels (CUDA only); its SDPA path has none.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -35,7 +43,8 @@ def packed_sdpa(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    starts = record_starts(kwargs.get("position_ids"), query, key) if causal else None
+    sliding = kwargs.get("sliding_window") is not None  # per-record is_causal would ignore the window
+    starts = _starts_once(kwargs.get("position_ids"), query, key) if causal and not sliding else None
     if starts is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
@@ -58,23 +67,75 @@ def packed_sdpa(
 
 
 def record_starts(position_ids: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> list[int] | None:
-    """Where the records of a packed row begin (text positions back to 0), or None when this is not a packed row:
-    several rows, a cache (queries shorter than keys), or positions that never restart."""
+    """Where the records of a packed row begin, or None when this is not a packed row: several rows, a cache
+    (queries shorter than keys), or positions that never restart. A record starts wherever the text position does
+    not follow the previous one — transformers' own test for packed rows (`find_packed_sequence_indices`), so every
+    row it would mask block-diagonally is attended per record here."""
     if position_ids is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         return None
     text = position_ids.reshape(-1, position_ids.shape[-1])[0]  # [T]: [1, T], or the text row of [4, 1, T]
-    if text.shape[0] != query.shape[2] or int(text[0]) != 0:
+    if text.shape[0] != query.shape[2]:
         return None
-    starts = (text == 0).nonzero().squeeze(1).tolist()
+    starts = [0, *((text[1:] - text[:-1]) != 1).nonzero().squeeze(1).add(1).tolist()]
     return starts if len(starts) > 1 else None
+
+
+_last: tuple[Any, tuple, list[int] | None] = (None, (), None)  # (weakref to position_ids, shapes, its starts)
+
+
+def _starts_once(position_ids: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> list[int] | None:
+    """`record_starts`, computed once for the `position_ids` tensor every layer of a forward receives."""
+    global _last
+    if position_ids is None:
+        return record_starts(None, query, key)
+    shapes = (position_ids._version, query.shape[0], query.shape[2], key.shape[2])
+    ref, seen, starts = _last
+    if ref is not None and ref() is position_ids and seen == shapes:
+        return starts
+    starts = record_starts(position_ids, query, key)
+    _last = (weakref.ref(position_ids), shapes, starts)
+    return starts
+
+
+def packed_causal_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    attention_mask: torch.Tensor | None = None,
+    local_size: int | None = None,
+    use_vmap: bool = False,
+    **kwargs: Any,
+) -> torch.Tensor | None:
+    """No mask for one unpadded row without a cache under a plain causal pattern (a packed row is then attended per
+    record, a single record with `is_causal`); transformers' `sdpa_mask` for everything else (padding, a cache, a
+    sliding window or chunk, custom and/or patterns, bidirectional masks)."""
+    from transformers.masking_utils import sdpa_mask
+
+    plain = attention_mask is None and local_size is None and not use_vmap
+    plain = plain and not kwargs.get("allow_is_bidirectional_skip", False)
+    if plain and batch_size == 1 and q_length == kv_length and q_offset == 0 and kv_offset == 0:
+        return None
+    return sdpa_mask(
+        batch_size,
+        q_length,
+        kv_length,
+        q_offset,
+        kv_offset,
+        attention_mask=attention_mask,
+        local_size=local_size,
+        use_vmap=use_vmap,
+        **kwargs,
+    )
 
 
 def register() -> None:
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(NAME, packed_sdpa)
-    AttentionMaskInterface.register(NAME, sdpa_mask)  # padded batches still need SDPA's masks
+    AttentionMaskInterface.register(NAME, packed_causal_mask)  # padded batches still get SDPA's masks
 
 
 def use_packed_attention(model: torch.nn.Module) -> bool:
