@@ -17,6 +17,32 @@ def qwen2_vl(tmp_path_factory) -> Path:
     return tiny_vlm("qwen2_vl", tmp_path_factory.mktemp("qwen2_vl"))
 
 
+@pytest.fixture(scope="session")
+def assembled_preference_world(tmp_path_factory) -> dict[str, Path]:
+    """The vlm_preference tests on an assembled VLM (test_preference_assembled*.py, test_preference_plan.py): a
+    vlm_assemble-format model folder (tiny CLIP + mlp2x_gelu + tiny Qwen2) as `init_from` (`run`), colour pairs and
+    their questions. Read-only for the tests."""
+    from tests.conftest import fixture_seed
+    from visiontune.testing.fixtures import preference_pairs, tiny_clip
+    from visiontune.testing.vlm_fixtures import tiny_causal_lm
+    from visiontune.vlm.assembled import build_assembled
+
+    root = tmp_path_factory.mktemp("pref-assembled")
+    with fixture_seed():
+        clip, lm = tiny_clip(root / "clip"), tiny_causal_lm("qwen2", root / "qwen2")
+        model, processor = build_assembled(str(clip), str(lm), {"kind": "mlp2x_gelu"})
+    model.save_pretrained(root / "instruct" / "model", processor)
+    convs = []
+    colours = [("red", (220, 30, 30)), ("green", (30, 200, 30)), ("blue", (30, 30, 220))]
+    for i, (name, rgb) in enumerate(colours * 4):
+        Image.new("RGB", (32, 32), tuple(min(255, c + 3 * i) for c in rgb)).save(root / f"{i}.png")
+        question = {"role": "user", "content": "<image>What colour is this image?"}
+        convs.append({"messages": [question, {"role": "assistant", "content": name}], "images": [f"{i}.png"]})
+    (root / "pairs.jsonl").write_text("\n".join(json.dumps(p) for p in preference_pairs(convs)) + "\n")
+    (root / "questions.json").write_text(json.dumps(convs[:3]))
+    return {"run": root / "instruct", "pairs": root / "pairs.jsonl", "questions": root / "questions.json"}
+
+
 @pytest.fixture(scope="module")
 def conversations(tmp_path_factory) -> Path:
     """Six one-turn conversations naming the colour of a plain 32 px image, in the messages/images JSON shape."""

@@ -1,7 +1,8 @@
 """vlm_preference on an assembled VLM (`init_from` a vlm_assemble run; tiny CLIP + Qwen2 parts as in
 test_assembled.py): two steps move the adapters and the projector while the reference (PEFT adapters off: LoRA off and
 the original projector) stays the frozen start; the loss equals TRL's DPO loss on log-probs from a plain per-answer
-forward; ORPO runs no reference forward; resume; the merged export; pairs mined from the assembled model."""
+forward; ORPO runs no reference forward; the merged export; pairs mined from the assembled model (resume:
+test_preference_assembled_resume.py; two ranks: test_preference_assembled_ddp.py; the plan: test_preference_plan.py)."""
 
 from __future__ import annotations
 
@@ -11,39 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
-from safetensors.torch import load_file
 
-from tests.conftest import fixture_seed
 from tests.vlm.test_preference_loss import trl_dpo_loss
 from visiontune.core.errors import RecipeError
 from visiontune.recipe import parse_config
 from visiontune.registry import TASKS
-from visiontune.testing.fixtures import preference_pairs
-
-COLOURS = [("red", (220, 30, 30)), ("green", (30, 200, 30)), ("blue", (30, 30, 220))]
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict[str, Path]:
-    """A vlm_assemble-format model folder (tiny CLIP + mlp2x_gelu + tiny Qwen2), colour pairs and their questions."""
-    from visiontune.testing.fixtures import tiny_clip
-    from visiontune.testing.vlm_fixtures import tiny_causal_lm
-    from visiontune.vlm.assembled import build_assembled
-
-    root = tmp_path_factory.mktemp("pref-assembled")
-    with fixture_seed():
-        clip, lm = tiny_clip(root / "clip"), tiny_causal_lm("qwen2", root / "qwen2")
-        model, processor = build_assembled(str(clip), str(lm), {"kind": "mlp2x_gelu"})
-    model.save_pretrained(root / "instruct" / "model", processor)
-    convs = []
-    for i, (name, rgb) in enumerate(COLOURS * 4):
-        Image.new("RGB", (32, 32), tuple(min(255, c + 3 * i) for c in rgb)).save(root / f"{i}.png")
-        question = {"role": "user", "content": "<image>What colour is this image?"}
-        convs.append({"messages": [question, {"role": "assistant", "content": name}], "images": [f"{i}.png"]})
-    (root / "pairs.jsonl").write_text("\n".join(json.dumps(p) for p in preference_pairs(convs)) + "\n")
-    (root / "questions.json").write_text(json.dumps(convs[:3]))
-    return {"run": root / "instruct", "pairs": root / "pairs.jsonl", "questions": root / "questions.json"}
+@pytest.fixture
+def world(assembled_preference_world) -> dict[str, Path]:
+    return assembled_preference_world  # tests/vlm/conftest.py: built once for every module that tunes it
 
 
 @pytest.fixture(autouse=True)
@@ -166,42 +144,6 @@ def test_orpo_trains_without_any_reference_forward(world, tmp_path, monkeypatch)
     full = parse_config(_raw(world, tmp_path / "full", loss={"type": "orpo"}, tune={"method": "full"}))
     _, fit, trainer = _built(full)
     assert trainer.mode == "none" and entered == []
-
-
-def test_resume_trains_as_the_uninterrupted_run_and_the_export_loads(world, write_recipe, cli, monkeypatch, tmp_path):
-    from visiontune.run.folder import last_checkpoint
-    from visiontune.vlm.assembled import load_assembled
-    from visiontune.vlm.preference import PreferenceTrainer
-
-    train = {"max_steps": 4, "eval_steps": 2, "save_total_limit": 5}
-    assert cli("train", write_recipe(_raw(world, tmp_path / "full", train=train), "full.yaml"))[0] == 0
-    recipe = write_recipe(_raw(world, tmp_path / "cut", train=train), "cut.yaml")
-    original = PreferenceTrainer.training_step
-
-    def step_then_stop(self, model, inputs, num_items_in_batch=None):
-        if self.state.global_step == 2:
-            raise KeyboardInterrupt
-        return original(self, model, inputs, num_items_in_batch)
-
-    with monkeypatch.context() as m:
-        m.setattr(PreferenceTrainer, "training_step", step_then_stop)
-        assert cli("train", recipe)[0] == 130
-    assert last_checkpoint(tmp_path / "cut").name == "checkpoint-2"
-    code, _, err = cli("train", recipe, "--resume")
-    assert code == 0, err
-    name = "checkpoints/checkpoint-4/adapter_model.safetensors"
-    a, b = load_file(str(tmp_path / "full" / name)), load_file(str(tmp_path / "cut" / name))
-    assert any("projector" in k for k in a) and a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
-    model, _ = load_assembled(tmp_path / "full" / "model")  # LoRA merged, the trained projector in place
-    start, _ = load_assembled(world["run"] / "model")
-    key = "base_model.model.projector.net.0.bias"
-    saved = [load_file(str(p))[key] for p in (tmp_path / "full" / "checkpoints").glob("checkpoint-*/adapter_model*")]
-    assert any(torch.equal(model.projector.net[0].bias, s) for s in saved)  # the best (kept) checkpoint's
-    assert not torch.equal(model.projector.net[0].bias, start.projector.net[0].bias)
-    summary = json.loads((tmp_path / "full" / "summary.json").read_text())
-    assert summary["trainable_parameters"]["projector"] > 0 and summary["trainable_parameters"]["vision"] == 0
 
 
 def test_pairs_from_an_assembled_models_beams(world, tmp_path):
