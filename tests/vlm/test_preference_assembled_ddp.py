@@ -1,7 +1,8 @@
-"""vlm_preference on an assembled VLM (`init_from`, LoRA: one PEFT model, the projector trained as
-modules_to_save) on two DDP ranks (CPU, gloo, `visiontune train --nproc 2`): finite losses, the ranks end with the
-same weights, rank 0 alone exports, and on both ranks the reference (adapters off: LoRA off and the original
-projector) is the init_from model at every step and after training.
+"""vlm_preference on an assembled VLM (`init_from`; LoRA: one PEFT model, the projector trained as modules_to_save;
+full tuning) on two DDP ranks (CPU, gloo, `visiontune train --nproc 2`): finite losses, the ranks end with the same
+weights, rank 0 alone exports, and on both ranks the reference (LoRA: adapters off, i.e. LoRA off and the original
+projector; full: the log-probs each rank computed before training) is the init_from model at every step and after
+training.
 
 What the ranks compute is seen through a `sitecustomize` module the test puts on the ranks' PYTHONPATH: in a rank
 process (RANK set) it wraps PreferenceTrainer's reference, loss and train, and the assembled export, and writes what
@@ -51,6 +52,12 @@ if "RANK" in os.environ and os.environ.get("PREFERENCE_PROBE"):
         return out
 
     def compute_loss(self, model, inputs, *args, **kwargs):
+        if "ref_logps" in inputs:  # full tuning: computed before training
+            text = {k: v for k, v in inputs.items() if k not in ("labels", "ref_logps")}
+            with torch.no_grad():
+                expected = answer_logps(start, text, inputs["labels"]).logps
+            ref = inputs["ref_logps"].tolist()
+            write(self, what="reference", training=model.training, ref=ref, start=expected.tolist())
         out = loss(self, model, inputs, *args, **kwargs)
         value = out[0] if isinstance(out, tuple) else out
         write(self, what="loss", training=model.training, loss=float(value))
@@ -64,7 +71,10 @@ if "RANK" in os.environ and os.environ.get("PREFERENCE_PROBE"):
         with torch.no_grad():
             policy = answer_logps(self.model, batch, labels, self.accelerator.unwrap_model(self.model)).logps
             expected = answer_logps(start, batch, labels).logps
-        ref = self.reference_logps(self.model, batch, labels)
+        if self.mode == "adapters_off":
+            ref = self.reference_logps(self.model, batch, labels)
+        else:  # the precomputed [N, 2] (chosen, rejected) of pairs 0 and 1, as the batch's [chosen; rejected] rows
+            ref = self.train_dataset.reference[:2].T.reshape(-1)
         write(self, what="final", ref=ref.tolist(), policy=policy.tolist(), start=expected.tolist())
         return result
 
@@ -84,9 +94,11 @@ def _close(a: list[float], b: list[float], tol: float = 1e-4) -> bool:
     return len(a) == len(b) and all(abs(x - y) <= tol + 1e-5 * abs(y) for x, y in zip(a, b, strict=True))
 
 
-@pytest.mark.slow  # two rank processes that each import torch, transformers and PEFT: ~1 CPU-minute
+@pytest.mark.slow  # two rank processes that each import torch, transformers and PEFT: ~35 CPU-seconds
+@pytest.mark.parametrize("method", ["lora", "full"])
 def test_two_ranks_train_in_step_against_the_start_reference_and_export_once(
     world,  # noqa: F811
+    method,
     write_recipe,
     tmp_path,
     monkeypatch,
@@ -98,7 +110,8 @@ def test_two_ranks_train_in_step_against_the_start_reference_and_export_once(
     monkeypatch.setenv("PREFERENCE_PROBE", str(world["run"] / "model"))
     run = tmp_path / "ddp"
     train = {"max_steps": 3, "batch_size": 2, "eval_steps": 3}
-    ranks = train_two_ranks(write_recipe(_raw(world, run, train=train, eval={"max_samples": 2})))
+    recipe = _raw(world, run, train=train, eval={"max_samples": 2}, tune={"method": method})
+    ranks = train_two_ranks(write_recipe(recipe))
 
     assert [r["world_size"] for r in ranks] == [2, 2] and [r["samples_seen"] for r in ranks] == [6, 6]
     assert ranks[0]["weight_checksum"] == ranks[1]["weight_checksum"], "ranks ended with different weights"
