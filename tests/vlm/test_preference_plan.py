@@ -60,3 +60,26 @@ def test_plan_of_an_assembled_preference_recipe(world, write_recipe, cli, tmp_pa
     assert plan["memory"]["weights"] == _bytes(start) + 4 * added  # fp32: no second model for the reference
     assert plan["memory"]["gradients"] == 4 * trainable and plan["memory"]["optimizer"] == 8 * trainable
     assert plan["memory"]["measured_peak"] > plan["memory"]["weights"]
+    # full tuning's pass over every pair for the reference log-probs is timed and counted, not run, nor cached
+    assert ("expected_setup_s" in plan["time"]) == (method == "full") and ("of which setup" in out) == (
+        method == "full"
+    )
+    assert not (tmp_path / "cache" / "reference").exists()
+
+
+def test_the_plan_times_the_reference_pass_on_a_few_batches(monkeypatch):
+    import torch
+
+    import visiontune.vlm.preference_reference as reference
+
+    seen = []
+
+    def compute(model, collator, subset, batch_size=4):
+        seen.append(list(subset.indices))
+        return torch.full((len(subset), 2), -1.0)
+
+    monkeypatch.setattr(reference, "compute_reference", compute)
+    ref, seconds = reference.timed_reference(None, None, list(range(100)), batches=3, batch_size=4)
+    assert seen == [[0, 1, 2, 3], list(range(4, 16))]  # a warm-up batch, then three timed ones
+    assert ref.shape == (100, 2) and (ref[:16] == -1).all() and (ref[16:] == 0).all()
+    assert seconds >= 0

@@ -6,6 +6,7 @@ so no copy is needed (a copy would double the weights and spoil the memory measu
 
 from __future__ import annotations
 
+import contextvars
 import math
 import tempfile
 from pathlib import Path
@@ -18,6 +19,13 @@ from visiontune.plan.probe import StepProbe
 from visiontune.run.task import Fit, Task
 
 TIMED_STEPS = 3
+# True while `make_plan` prepares and builds: a task may then time a pass over all its data (vlm_preference's
+# reference log-probs for full tuning) on a few batches and scale it, instead of running it (`setup_seconds`).
+_PLANNING = contextvars.ContextVar("visiontune_planning", default=False)
+
+
+def planning() -> bool:
+    return _PLANNING.get()
 
 
 def plan_config(cfg: BaseModel) -> BaseModel:
@@ -40,9 +48,17 @@ def build_fit(task: Task, cfg: BaseModel, data: Any, folder: Path) -> tuple[Base
 
 
 def make_plan(task: Task, cfg: BaseModel, steps: int = TIMED_STEPS) -> dict[str, Any]:
+    cfg = plan_config(cfg)
+    planning_now = _PLANNING.set(True)
+    try:
+        return _make_plan(task, cfg, steps)
+    finally:
+        _PLANNING.reset(planning_now)
+
+
+def _make_plan(task: Task, cfg: BaseModel, steps: int) -> dict[str, Any]:
     from visiontune.run.runner import make_trainer, settled_batch, skipped_json
 
-    cfg = plan_config(cfg)
     data = task.prepare(cfg)
     with tempfile.TemporaryDirectory(prefix="visiontune-plan-") as tmp:
         cfg, fit = build_fit(task, cfg, data, Path(tmp))
@@ -144,7 +160,14 @@ def time_section(probe: StepProbe, trainer: Any, cfg: BaseModel, steps: int) -> 
         section["validation_batches_timed"] = batches
         section["validations"] = validations
         section["expected_validation_s"] = round(validations * eval_s, 1)
-    section["expected_wall_s"] = round(section["expected_train_s"] + section.get("expected_validation_s", 0.0), 1)
+    setup = sum(
+        getattr(d, "setup_seconds", 0.0) for d in (trainer.train_dataset, trainer.eval_dataset) if d is not None
+    )
+    if setup:  # a pass over the data before training (vlm_preference full tuning: the reference log-probs)
+        section["expected_setup_s"] = round(setup, 1)
+    section["expected_wall_s"] = round(
+        section["expected_train_s"] + section.get("expected_validation_s", 0.0) + setup, 1
+    )
     return section
 
 

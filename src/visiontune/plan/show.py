@@ -100,6 +100,8 @@ def rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
     ]
     if "expected_validation_s" in time:
         out.append(("  of which validation", f"{duration(time['expected_validation_s'])} ({time['validations']}x)"))
+    if "expected_setup_s" in time:
+        out.append(("  of which setup", f"{duration(time['expected_setup_s'])} (a pass over the data before training)"))
     return out
 
 

@@ -3,7 +3,8 @@
 LoRA / QLoRA: the reference is the trained model with its adapters switched off (done per step by the trainer).
 Full tuning: the reference log-probabilities of every pair are computed once, before training, by the model as it
 starts, and cached in one safetensors file keyed on the model's weight files, the pairs' tokens and their images'
-content (a re-run, or a resume, reads them back). SimPO has no reference.
+content (a re-run, or a resume, reads them back); `visiontune plan` times that pass on a few batches instead of
+running it. SimPO has no reference.
 """
 
 from __future__ import annotations
@@ -36,12 +37,17 @@ def reference_mode(cfg: Any, model: Any) -> str:
 
 def set_reference(cfg: Any, model: Any, collator: Any, datasets: dict[str, Any]) -> None:
     """Give each dataset its [N, 2] reference log-probs (chosen, rejected), from the cache or computed now."""
+    from visiontune.plan.make import planning
+
     for dataset in datasets.values():
         if len(dataset) == 0:
             continue
         key = reference_key(_model_source(cfg), dataset, cfg.data.max_image_pixels)
         path = _cache_dir() / f"{key}.safetensors"
         cached = _load(path, len(dataset)) if cfg.data.cache else None
+        if cached is None and planning():
+            dataset.reference, dataset.setup_seconds = timed_reference(model, collator, dataset)
+            continue
         dataset.reference = cached if cached is not None else compute_reference(model, collator, dataset)
         if cached is None and cfg.data.cache:
             _save(path, dataset.reference)
@@ -66,6 +72,27 @@ def compute_reference(model: Any, collator: Any, dataset: Any, batch_size: int =
     finally:
         model.train(was_training)
     return torch.cat(out)
+
+
+def timed_reference(model: Any, collator: Any, dataset: Any, batches: int = 3, batch_size: int = 4) -> tuple:
+    """For `visiontune plan`: the pass over every pair timed on a few batches (the first one untimed, a warm-up) and
+    scaled to the dataset, instead of run; the log-probs of the pairs it saw, zeros for the rest (the plan measures
+    costs, not losses). Nothing is cached."""
+    import math
+    import time
+
+    from torch.utils.data import Subset
+
+    n = min(len(dataset), (batches + 1) * batch_size)
+    start = time.perf_counter()
+    head = [compute_reference(model, collator, Subset(dataset, range(min(n, batch_size))), batch_size)]
+    per_batch = time.perf_counter() - start  # what a dataset of one batch has
+    if n > batch_size:
+        start = time.perf_counter()
+        head.append(compute_reference(model, collator, Subset(dataset, range(batch_size, n)), batch_size))
+        per_batch = (time.perf_counter() - start) / (math.ceil(n / batch_size) - 1)
+    reference = torch.cat([*head, torch.zeros(len(dataset) - n, 2)])
+    return reference, per_batch * math.ceil(len(dataset) / batch_size)
 
 
 def reference_key(model: str, dataset: Any, max_pixels: int) -> str:
