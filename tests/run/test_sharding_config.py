@@ -76,3 +76,11 @@ def test_deepspeed_is_refused_for_clip_tasks(task):
     recipe |= {"tasks": [{"name": "a", "train": "x"}]} if task == "clip_continual" else {"data": {"train": "x"}}
     with pytest.raises(RecipeError, match="train.deepspeed cannot train CLIP models"):
         parse_config(recipe)
+
+
+def test_fsdp_is_refused_for_vlm_preference():
+    # the loss encodes each pair's images before the model's forward; FSDP2 had freed those weights by the time the
+    # backward reached them (seen on two CPU ranks); vlm_preference trains under DeepSpeed instead
+    recipe = {"task": "vlm_preference", "model": "unused", "output_dir": "unused", "data": {"train": "x"}}
+    with pytest.raises(RecipeError, match="train.fsdp cannot train vlm_preference: its loss encodes each pair's"):
+        parse_config({**recipe, "train": {"fsdp": "full_shard"}})

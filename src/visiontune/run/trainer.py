@@ -29,6 +29,10 @@ class VisiontuneTrainer(Trainer):
         forget_evaluation_prepare(self)
         return super().train(*args, **kwargs)
 
+    def evaluate(self, *args, **kwargs):
+        with fsdp2_gathered(self):
+            return super().evaluate(*args, **kwargs)
+
     def get_train_dataloader(self):
         return _own_generator(super().get_train_dataloader(), self.args.seed)
 
@@ -161,6 +165,40 @@ def fsdp2_sharded(trainer: Trainer) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(trainer.model, FSDPModule)
+
+
+@contextlib.contextmanager
+def fsdp2_gathered(trainer: Trainer) -> Iterator[None]:
+    """FSDP2 gathers a module's parameters in that module's forward hooks only, so an evaluation that calls other
+    methods or submodules (segment's logits, a VLM's generate) would meet shards. Inside (collective: every rank
+    evaluates), each FSDP2 module holds its whole parameters and keeps them through forwards (torch's
+    `set_reshard_after_forward(False)`, its documented use for evaluations); after, the shards are back. A no-op
+    unless `train()` has sharded the model."""
+    from torch.distributed.fsdp import FSDPModule
+
+    model = trainer.model
+    if not (trainer.is_fsdp_enabled and fsdp2_sharded(trainer)):
+        yield
+        return
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    # what each unit does after a forward: accelerate chose it per unit (the root and the head keep their parameters)
+    # and torch has a setter but no getter, so its private record is kept and put back
+    states = {id(s): s for s in (m._get_fsdp_state() for m in sharded)}.values()
+    saved = [
+        (s, s._auto_reshard_after_forward, [g.post_forward_mesh_info for g in s._fsdp_param_groups]) for s in states
+    ]
+    for module in sharded:
+        module.set_reshard_after_forward(False, recurse=False)
+        module.unshard()
+    try:
+        yield
+    finally:
+        for module in sharded:
+            module.reshard()
+        for state, auto, infos in saved:
+            state._auto_reshard_after_forward = auto
+            for group, info in zip(state._fsdp_param_groups, infos, strict=True):
+                group.post_forward_mesh_info = info
 
 
 @contextlib.contextmanager

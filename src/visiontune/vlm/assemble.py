@@ -244,12 +244,16 @@ class AssembleTrainer(VlmTrainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         from safetensors.torch import save_file
 
+        if not self.args.should_save:  # FSDP calls it on every rank, after gathering the weights on the main one
+            return
         output_dir = output_dir or self.args.output_dir
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model)
         trained, seen = {}, set()
         for name, param in model.named_parameters():
-            if param.requires_grad and param.data_ptr() not in seen:  # tied weights: save one copy
+            if self.is_fsdp_enabled and param.requires_grad:  # the parameters are shards; accelerate gathered these
+                trained[name] = state_dict[name].contiguous()
+            elif param.requires_grad and param.data_ptr() not in seen:  # tied weights: save one copy
                 seen.add(param.data_ptr())
                 trained[name] = param.detach().contiguous()
         save_file(trained, str(Path(output_dir) / "model.safetensors"), metadata={"format": "pt"})
