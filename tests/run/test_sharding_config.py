@@ -84,3 +84,9 @@ def test_fsdp_is_refused_for_vlm_preference():
     recipe = {"task": "vlm_preference", "model": "unused", "output_dir": "unused", "data": {"train": "x"}}
     with pytest.raises(RecipeError, match="train.fsdp cannot train vlm_preference: its loss encodes each pair's"):
         parse_config({**recipe, "train": {"fsdp": "full_shard"}})
+
+
+def test_ema_with_fsdp_is_refused():
+    with pytest.raises(RecipeError, match="train.ema cannot average FSDP2 shards"):
+        _train(fsdp="full_shard", ema={"decay": 0.9})
+    assert _train(ema={"decay": 0.9}).ema.decay == 0.9

@@ -235,6 +235,16 @@ class EmaTrainConfig(TrainConfig):
 
     ema: EmaConfig | None = None
 
+    @model_validator(mode="after")
+    def _ema_of_whole_weights(self) -> EmaTrainConfig:
+        # seen on two ranks: timm's EMA averages whole tensors and FSDP2 hands it DTensor shards
+        if self.ema is not None and self.fsdp:
+            raise ValueError(
+                "train.ema cannot average FSDP2 shards (timm's EMA needs the whole weights on every rank); remove "
+                "train.ema or train.fsdp"
+            )
+        return self
+
 
 class ClassifierTrainConfig(EmaTrainConfig):
     """`train` for tasks whose loss is a classifier's cross-entropy (classify, the CLIP classifier tasks)."""
