@@ -1,5 +1,5 @@
 """DeepSpeed ZeRO-2 and ZeRO-3 for real, on two CPU ranks (gloo), for every task that takes them (the CLIP tasks
-refuse `train.deepspeed`: tests/run/test_sharding_config.py; FSDP2 is refused on CPU there too). Per backend, one
+refuse `train.deepspeed`: tests/run/test_sharding_config.py; FSDP2: tests/run/test_fsdp_ranks.py). Per backend, one
 launch trains each task's built-in recipe on the tiny fixtures for two steps, then resumes each run from its
 checkpoint for a third. Checked: every training step went through DeepSpeed's engine (before the fix transformers
 trained plain DDP without a word), finite losses, the same weights on both ranks (ZeRO-3: gathered), one export with
