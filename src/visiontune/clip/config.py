@@ -26,16 +26,6 @@ from visiontune.run.config import (
 )
 
 
-def _refuse_deepspeed(train: ClassifierTrainConfig | EmaTrainConfig) -> None:
-    # DeepSpeed (0.19.8) broadcasts every parameter as bytes when its engine starts and cannot view a 0-dimensional
-    # one so: CLIP's temperature `logit_scale` stops it before the first step (seen on two CPU ranks, ZeRO-2 and 3)
-    if train.deepspeed:
-        raise ValueError(
-            "train.deepspeed cannot train CLIP models (DeepSpeed fails to broadcast their 0-dimensional logit_scale "
-            "parameter); remove it and train with DDP (`--nproc N`)"
-        )
-
-
 class ClipTrainConfig(ClassifierTrainConfig):
     """CLIP fine-tuning defaults (FusionBench's): small LR, no weight decay, no warmup. A recipe's own `train:`
     section starts from these, not from the image-classifier defaults."""
@@ -45,11 +35,6 @@ class ClipTrainConfig(ClassifierTrainConfig):
     epochs: float = Field(1, gt=0)
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
 
-    @model_validator(mode="after")
-    def _no_deepspeed(self) -> ClipTrainConfig:
-        _refuse_deepspeed(self)
-        return self
-
 
 class ContrastiveTrainConfig(EmaTrainConfig):
     # the batch is also the set of in-batch negatives, part of the loss: never chosen by memory (no `auto`)
@@ -58,11 +43,6 @@ class ContrastiveTrainConfig(EmaTrainConfig):
     weight_decay: float = Field(0.1, ge=0)
     epochs: float = Field(1, gt=0)
     metric: str = "mean_recall"
-
-    @model_validator(mode="after")
-    def _no_deepspeed(self) -> ContrastiveTrainConfig:
-        _refuse_deepspeed(self)
-        return self
 
 
 class ClipLoraConfig(Strict):
@@ -156,6 +136,13 @@ class ClipClassifyConfig(Strict):
     def _wise_ft_needs_mergeable_weights(self, info: ValidationInfo) -> ClipClassifyConfig:
         if self.wise_ft is not None and self.tune.method == "l_lora":
             raise ValueError("wise_ft needs tune.method full or lora (L-LoRA weights are not a plain model)")
+        if self.tune.method == "l_lora" and self.train.deepspeed and _zero_stage(self.train.deepspeed) == 3:
+            # seen on two CPU ranks: "You must implement the jvp function for custom autograd.Function"
+            raise ValueError(
+                "tune.method: l_lora cannot train under ZeRO-3: L-LoRA's forward-mode derivative (torch.func.jvp) "
+                "runs through the autograd functions ZeRO-3 wraps module outputs in, and DeepSpeed (0.19.8) gives "
+                "them no jvp; use train.deepspeed: zero2, or DDP (`--nproc N`)"
+            )
         _ema_needs_full(self)
         # skip_training only scores the zero-shot head on the validation split (ClipClassifyTask.zero_shot_only).
         training = Inert(
@@ -215,6 +202,13 @@ class ClipContinualConfig(Strict):
         if len(names) < 2 or len(set(names)) != len(names):
             raise ValueError("tasks must list at least two tasks with distinct names")
         _ema_needs_full(self)
+        if self.train.deepspeed:
+            # seen on two CPU ranks: the second task's Trainer stops with accelerate's NotImplementedError
+            raise ValueError(
+                "train.deepspeed cannot train clip_continual: each task of the sequence trains with a new Trainer, "
+                "and accelerate (1.15) refuses a second DeepSpeed Accelerator in one process; remove it and train "
+                "with DDP (`--nproc N`), or run the tasks as clip_classify runs chained by init_from"
+            )
         split = Inert(
             ("data.val_split",),
             all(t.val is not None for t in self.tasks),
@@ -223,6 +217,18 @@ class ClipContinualConfig(Strict):
         )
         refuse_inert(self, info, [split])
         return self
+
+
+def _zero_stage(deepspeed: str) -> int:
+    """The ZeRO stage of a `train.deepspeed` value (a built-in name or a JSON path checked by TrainConfig)."""
+    import json
+
+    from visiontune.run.config import deepspeed_file
+
+    try:
+        return int(json.loads(deepspeed_file(deepspeed).read_text()).get("zero_optimization", {}).get("stage", 0))
+    except (OSError, ValueError, TypeError, AttributeError):  # an unreadable file is TrainConfig's to report
+        return 0
 
 
 def _ema_needs_full(cfg: ClipClassifyConfig | ClipContinualConfig) -> None:

@@ -41,7 +41,13 @@ from visiontune.clip.captions import (
     stack_pixels,
 )
 from visiontune.clip.config import CaptionDataConfig, ClipContrastiveConfig
-from visiontune.clip.dual_encoder import DualEncoder, image_features, resolve_dual_encoder, text_features
+from visiontune.clip.dual_encoder import (
+    DualEncoder,
+    hold_scalars_for_deepspeed,
+    image_features,
+    resolve_dual_encoder,
+    text_features,
+)
 from visiontune.clip.retrieval import retrieval_metrics
 from visiontune.clip.zero_shot import zero_shot_head
 from visiontune.core.check import BadSample, clean
@@ -122,6 +128,8 @@ class ClipContrastiveTask(Task):
         encoder.preprocess = with_image_size(encoder.preprocess, cfg.data.image_size)
         model = ContrastiveModel(encoder)
         set_trainable(model.model, cfg.trainable, cfg.model)
+        if cfg.train.deepspeed:
+            hold_scalars_for_deepspeed(model.model)
         if cfg.train.grad_checkpointing:
             _enable_grad_checkpointing(model.model, cfg.model)
         pre, max_pixels, seed, aug = encoder.preprocess, cfg.data.max_image_pixels, cfg.seed, cfg.data.augment

@@ -64,16 +64,47 @@ class DualEncoder:
 
     def save(self, directory: Path, extra_meta: dict | None = None) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
+        state = plain_state(self.model)  # scalars held as vectors for DeepSpeed go back to 0-dim
         if isinstance(self.model, BuiltinDualEncoder):
-            self.model.save(directory)
+            self.model.save(directory, state)
         else:
-            self.model.save_pretrained(directory)
+            self.model.save_pretrained(directory, state_dict=state)
         self.tokenizer.save_pretrained(directory)
         if self.image_processor is not None:
             self.image_processor.save_pretrained(directory)
         fields = {"family": self.family, "preprocess": self.preprocess.to_dict(), **self.meta, **(extra_meta or {})}
         write_manifest(directory, "dual_encoder", **fields)
         return directory
+
+
+SCALARS_HELD = "_visiontune_scalars_held"  # attribute on the model: names of 0-dim parameters held as [1] vectors
+
+
+def hold_scalars_for_deepspeed(model: nn.Module) -> list[str]:
+    """Hold each 0-dimensional parameter (CLIP's temperature `logit_scale`) as a 1-element vector while DeepSpeed
+    trains it; returns their names.
+
+    What DeepSpeed (0.19.8) lacks: its engine starts by broadcasting every whole parameter from rank 0 as bytes,
+    `p.data.view(torch.uint8)`, and torch cannot view a 0-dim float tensor as bytes ("self.dim() cannot be 0"), so
+    both ZeRO-2 and ZeRO-3 stop before the first step. A [1] vector broadcasts the same way wherever the scalar is
+    used (`logit_scale.exp() * logits`; our own readers `.reshape(())` it). `DualEncoder.save` writes the 0-dim shape
+    back, so the export is what plain transformers / open_clip load."""
+    held = []
+    for name, p in list(model.named_parameters()):
+        if p.dim() == 0 and not hasattr(p, "ds_id"):  # ds_id: partitioned at load (zero.Init), never broadcast
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, nn.Parameter(p.detach().reshape(1), p.requires_grad))
+            held.append(name)
+    setattr(model, SCALARS_HELD, [*getattr(model, SCALARS_HELD, []), *held])
+    return held
+
+
+def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with the parameters `hold_scalars_for_deepspeed` reshaped back to 0-dim."""
+    state = model.state_dict()
+    for name in getattr(model, SCALARS_HELD, []):
+        state[name] = state[name].reshape(())
+    return state
 
 
 def image_features(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -223,11 +254,12 @@ class BuiltinDualEncoder(nn.Module):
         pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # mean pooling, as MiniLM was trained
         return self.text_projection(pooled)
 
-    def save(self, directory: Path) -> None:
+    def save(self, directory: Path, state: dict[str, torch.Tensor] | None = None) -> None:
         from safetensors.torch import save_file
 
         self.text_model.config.save_pretrained(directory / "text_config")
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(directory / "model.safetensors"))
+        state = self.state_dict() if state is None else state
+        save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"))
 
     @classmethod
     def load(cls, directory: Path) -> BuiltinDualEncoder:
