@@ -1,10 +1,12 @@
-"""FSDP2 (`train.fsdp`: full_shard, shard_grad_op) for real, on two CPU ranks (gloo), for every task. accelerate sets
-FSDP up only on GPUs; run/arguments.py `fsdp_on_cpu` makes its state on CPU ranks (before, transformers trained plain
-DDP on CPU). Per sharding, one launch trains each task's built-in recipe on the tiny fixtures for two steps, then
-resumes each run from its checkpoint for a third. Checked: every training step went through an FSDP2 (`fully_shard`)
-model with sharded (DTensor) parameters, finite losses, the same weights on both ranks (gathered), one export with
-whole tensors the plain library loads, accelerate's FSDP checkpoints, and a resume that continues at step 3. Slow
-(two ranks train twenty runs)."""
+"""FSDP2 (`train.fsdp`: full_shard, shard_grad_op) for real, on two CPU ranks (gloo). accelerate sets FSDP up only on
+GPUs; run/arguments.py `fsdp_on_cpu` makes its state on CPU ranks (else transformers trains plain DDP there). Per
+sharding, one launch trains each task's built-in recipe on the tiny fixtures for two steps, then resumes each run from
+its checkpoint for a third. Checked: every training step went through an FSDP2 (`fully_shard`) model whose parameters
+are DTensor shards after the step, finite losses, the same weights on both ranks (gathered), one export of whole
+tensors that its library loads, accelerate's FSDP checkpoint (optimiser included), and a resume that trains step 3
+only (segment's gradual unfreeze: a frozen parameter without optimiser state). vlm_preference refuses train.fsdp
+(tests/run/test_sharding_config.py); the CLIP tasks are not covered: torch's fully_shard refuses their 0-dimensional
+logit_scale. Slow (two ranks train twenty runs)."""
 
 from __future__ import annotations
 
@@ -119,8 +121,35 @@ def _train(sharding: str, fx: Path, tmp: Path, tasks: tuple[str, ...] = TASKS) -
 
 
 @pytest.fixture(scope="module", params=["full_shard", "shard_grad_op"])
-def trained(request, fixtures_all, tmp_path_factory) -> Path:
-    return _train(request.param, fixtures_all, tmp_path_factory.mktemp(request.param))
+def trained(request, fixtures_all, tmp_path_factory) -> tuple[Path, Path]:
+    return fixtures_all, _train(request.param, fixtures_all, tmp_path_factory.mktemp(request.param))
+
+
+def _load_plain(task: str, export: Path, fx: Path) -> None:
+    """Load the export as its library does (a saved shard in place of a whole tensor fails on its shape). detect and
+    segment (torchvision nets) and vlm_assemble are rebuilt from their manifests, as `visiontune eval` does."""
+    import timm
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    if task == "classify":
+        timm.create_model(f"local-dir:{export}")
+    elif task == "detect":
+        from visiontune.detect.model import build_detector
+
+        build_detector(str(export), None)
+    elif task == "segment":
+        from visiontune.segment.model import build_segmenter
+
+        build_segmenter(str(export), None)
+    elif task == "vlm_sft":
+        from peft import PeftModel
+
+        PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(fx / "vlm" / "qwen2_vl"), export)
+    else:  # transformers for the language model; the rest rebuilt from the manifest (the assembled format)
+        from visiontune.vlm.assembled import load_assembled
+
+        AutoModelForCausalLM.from_pretrained(export / "language")
+        load_assembled(export)
 
 
 def _export(run: Path) -> Path:
@@ -134,6 +163,7 @@ def _export(run: Path) -> Path:
 def test_task_trains_and_resumes_under_fsdp2(trained, task):
     from safetensors import safe_open
 
+    fx, trained = trained
     run = trained / task
     for out in (run, trained / f"{task}-resumed"):
         steps = [json.loads((out / f"steps-rank{r}.json").read_text()) for r in (0, 1)]
@@ -151,10 +181,12 @@ def test_task_trains_and_resumes_under_fsdp2(trained, task):
     assert len(losses) >= 3 and all(math.isfinite(v) for v in losses), rows  # steps 1, 2 and the resumed 3
     assert json.loads((run / "summary.json").read_text())["global_step"] == 3
     checkpoint = run / "checkpoints" / "checkpoint-3"
+    assert (checkpoint / "pytorch_model_fsdp.bin").is_file(), f"{checkpoint}: not accelerate's FSDP checkpoint"
     assert list(checkpoint.glob("optimizer*")), f"{checkpoint} holds no optimiser state"
     export = _export(run)
     files = sorted(export.rglob("*.safetensors"))
     assert files, f"{export} holds no weights"
-    for file in files:  # whole tensors: an FSDP2 shard saved as is would be half a tensor (or a DTensor)
+    for file in files:  # plain tensors (an FSDP2 state_dict holds DTensor shards)
         with safe_open(file, "pt") as f:
             assert all(f.get_slice(k).get_shape() != [0] for k in f.keys()), f"{file} holds an empty tensor"
+    _load_plain(task, export, fx)

@@ -29,6 +29,24 @@ class VisiontuneTrainer(Trainer):
         forget_evaluation_prepare(self)
         return super().train(*args, **kwargs)
 
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """accelerate loads an FSDP2 optimiser with torch's strict default, which refuses a trainable parameter the
+        checkpoint has no optimiser state for; torch's own `Optimizer.load_state_dict` (DDP) accepts it. It is the
+        usual case with tune.method: gradual_unfreeze: parameters a schedule keeps frozen never got state, and on
+        resume they are frozen again only when the epoch begins, after this load. So the load is made non-strict."""
+        if checkpoint is None or not self.is_fsdp_enabled:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        import dataclasses
+
+        import accelerate.utils.fsdp_utils as fsdp_utils
+
+        strict = fsdp_utils._prepare_sd_options  # private: accelerate takes no options for this load
+        fsdp_utils._prepare_sd_options = lambda plugin: dataclasses.replace(strict(plugin), strict=False)
+        try:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        finally:
+            fsdp_utils._prepare_sd_options = strict
+
     def evaluate(self, *args, **kwargs):
         with fsdp2_gathered(self):
             return super().evaluate(*args, **kwargs)
