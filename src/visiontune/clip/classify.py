@@ -7,8 +7,6 @@ and L-LoRA (linearised LoRA). Optional WiSE-FT sweep afterwards.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +37,12 @@ class ClipClassifyTask(ClassifyTask):
     ) -> dict:
         """The model, then (rank 0 only, after it is written) the exported vision state and the WiSE-FT sweep."""
         extras = super().save(cfg, fit, trainer, data, run_dir, after)
-        with loading_whole():
-            if cfg.export_state_to:
-                _export_vision_state(run_dir / "model", Path(cfg.export_state_to).expanduser())
-            if cfg.wise_ft is not None:
-                from visiontune.clip.wise_ft import sweep
+        if cfg.export_state_to:
+            _export_vision_state(run_dir / "model", Path(cfg.export_state_to).expanduser())
+        if cfg.wise_ft is not None:
+            from visiontune.clip.wise_ft import sweep
 
-                sweep(cfg, run_dir)
+            sweep(cfg, run_dir)
         return extras
 
     def build_model(self, cfg: ClipClassifyConfig, class_names: list[str]) -> CLIPClassifier:
@@ -93,22 +90,6 @@ class ClipClassifyTask(ClassifyTask):
         save_eval(run_dir, "after", self.evaluate_loaded(clf, data.val, run_dir / "eval"))
         write_report(run_dir)
         return run_dir
-
-
-@contextlib.contextmanager
-def loading_whole() -> Iterator[None]:
-    """Models that rank 0 alone reads back (the export, for WiSE-FT and export_state_to) load whole. While a ZeRO-3
-    Trainer lives, transformers' `from_pretrained` partitions every new model over all ranks (DeepSpeed's zero.Init),
-    a collective the other ranks never join (a ZeRO-3 run with WiSE-FT stopped at gloo's timeout on two CPU ranks)."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    live = hf_deepspeed._hf_deepspeed_config_weak_ref  # transformers' own global; no public getter
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        if live is not None and live() is not None:
-            hf_deepspeed.set_hf_deepspeed_config(live())
 
 
 def prompt_names(configured: list[str] | None, class_names: list[str]) -> list[str]:

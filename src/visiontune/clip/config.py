@@ -23,6 +23,7 @@ from visiontune.run.config import (
     TrackConfig,
     refuse_inert,
     val_split_rule,
+    zero_stage,
 )
 
 
@@ -136,7 +137,7 @@ class ClipClassifyConfig(Strict):
     def _wise_ft_needs_mergeable_weights(self, info: ValidationInfo) -> ClipClassifyConfig:
         if self.wise_ft is not None and self.tune.method == "l_lora":
             raise ValueError("wise_ft needs tune.method full or lora (L-LoRA weights are not a plain model)")
-        if self.tune.method == "l_lora" and self.train.deepspeed and _zero_stage(self.train.deepspeed) == 3:
+        if self.tune.method == "l_lora" and zero_stage(self.train.deepspeed) == 3:
             # seen on two CPU ranks: "You must implement the jvp function for custom autograd.Function"
             raise ValueError(
                 "tune.method: l_lora cannot train under ZeRO-3: L-LoRA's forward-mode derivative (torch.func.jvp) "
@@ -217,18 +218,6 @@ class ClipContinualConfig(Strict):
         )
         refuse_inert(self, info, [split])
         return self
-
-
-def _zero_stage(deepspeed: str) -> int:
-    """The ZeRO stage of a `train.deepspeed` value (a built-in name or a JSON path checked by TrainConfig)."""
-    import json
-
-    from visiontune.run.config import deepspeed_file
-
-    try:
-        return int(json.loads(deepspeed_file(deepspeed).read_text()).get("zero_optimization", {}).get("stage", 0))
-    except (OSError, ValueError, TypeError, AttributeError):  # an unreadable file is TrainConfig's to report
-        return 0
 
 
 def _ema_needs_full(cfg: ClipClassifyConfig | ClipContinualConfig) -> None:

@@ -53,6 +53,18 @@ def deepspeed_file(value: str) -> Path:
     return DEEPSPEED_DIR / f"{value}.json" if value in DEEPSPEED else Path(value).expanduser()
 
 
+def zero_stage(value: str | None) -> int:
+    """The ZeRO stage of a `train.deepspeed` value (0: none, or a file TrainConfig reports as unreadable)."""
+    import json
+
+    if not value:
+        return 0
+    try:
+        return int(json.loads(deepspeed_file(value).read_text()).get("zero_optimization", {}).get("stage", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
+
+
 @dataclass(frozen=True)
 class Inert:
     """Keys (dotted, relative to the validated model; a section stands for the keys written inside it) that act on

@@ -62,10 +62,27 @@ def run_task(task: Task, cfg: BaseModel, overwrite: bool = False, resume: bool =
     with full_weights(trainer):  # ZeRO-3: the record and the exports need whole weights
         trainer.record_rank(run_dir)
         if is_main_process():
-            extras = task.save(cfg, fit, trainer, data, run_dir, after)
+            with models_load_whole():
+                extras = task.save(cfg, fit, trainer, data, run_dir, after)
             state = {"best_checkpoint": trainer.state.best_model_checkpoint, "global_step": trainer.state.global_step}
             write_summary(run_dir, cfg, task, data, start, state, after, extras)
     return run_dir
+
+
+@contextlib.contextmanager
+def models_load_whole() -> Iterator[None]:
+    """Models that rank 0 alone builds or reads while saving (the LLaVA export, WiSE-FT, export_state_to) stay whole.
+    While a ZeRO-3 Trainer lives, transformers partitions every new model over all ranks (DeepSpeed's zero.Init), a
+    collective the other ranks never join: rank 0 waited there until gloo's timeout (seen on two CPU ranks)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    live = hf_deepspeed._hf_deepspeed_config_weak_ref  # transformers' own global; it has no public getter
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if live is not None and live() is not None:
+            hf_deepspeed.set_hf_deepspeed_config(live())
 
 
 def seed_build(seed: int) -> None:
