@@ -1,10 +1,10 @@
-"""DeepSpeed ZeRO-2 and ZeRO-3 for real, on two CPU ranks (gloo), for every task that takes them (the CLIP tasks
-refuse `train.deepspeed`: tests/run/test_sharding_config.py; FSDP2: tests/run/test_fsdp_ranks.py). Per backend, one
+"""DeepSpeed ZeRO-2 and ZeRO-3 for real, on two CPU ranks (gloo), for every task that takes them (the CLIP tasks:
+tests/clip/test_deepspeed_ranks.py; FSDP2: tests/run/test_fsdp_ranks.py). Per backend, one
 launch trains each task's built-in recipe on the tiny fixtures for two steps, then resumes each run from its
 checkpoint for a third. Checked: every training step went through DeepSpeed's engine (before the fix transformers
 trained plain DDP without a word), finite losses, the same weights on both ranks (ZeRO-3: gathered), one export with
 whole tensors, DeepSpeed checkpoints, and a resume that continues at step 3. VLM data mixing text-only and image
-records (where ZeRO-3 peers hang and ZeRO-2's gradient reduce fails) is refused before training:
+records (where ZeRO-3 peers hung and ZeRO-2's gradient reduce failed before the stand-in image):
 tests/vlm/test_mixed_batches.py. Slow (DeepSpeed builds its CPU comm op on a first run) and needs the `deepspeed`
 extra."""
 

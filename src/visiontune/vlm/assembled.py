@@ -147,7 +147,8 @@ class AssembledVlm(nn.Module):
         if pixel_values is None and image is None:
             if mask.any():
                 raise ModelError("the inputs hold image tokens but no pixel_values were given.")
-            return embeds
+            stand_in = getattr(self, "visiontune_stand_in", None)  # ranks on mixed data: vlm/mixed_batches.py
+            return embeds if stand_in is None else embeds + stand_in.zero_for(embeds)
         if image is None:
             image = self.image_embeds(pixel_values.to(embeds.dtype))  # [I, M, Dt]
         if int(mask.sum()) != image.shape[0] * image.shape[1]:

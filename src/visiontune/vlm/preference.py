@@ -37,7 +37,7 @@ from visiontune.vlm.conversations import (
     identify_conversations,
     refuse_conversation_leak,
 )
-from visiontune.vlm.mixed_batches import mixed_images, refuse_text_only
+from visiontune.vlm.mixed_batches import keep_ranks_in_step
 from visiontune.vlm.model import apply_tuning, enable_grad_checkpointing, load_vlm
 from visiontune.vlm.preference_config import VlmPreferenceConfig
 from visiontune.vlm.preference_data import PreferencePair, read_preferences
@@ -172,9 +172,7 @@ class VlmPreferenceTask(VlmSftTask):
             set_reference(cfg, model, collator, {"train": train, "val": val})
         generation = GenerationEval(processor, [p.chosen for p in d.val], cfg.eval, cfg.data.max_image_pixels)
         prompts = [p.chosen for p in d.train + d.val]  # a pair's images are its prompt's, on both answers
-        refuse_text_only(cfg.train, prompts)  # DeepSpeed ranks would hang or crash on mixed batches
-        # DDP: a rank whose batch has no image gives the vision path no gradients (as in vlm_sft's vlm_fit)
-        args = {"ddp_find_unused_parameters": True} if mixed_images(prompts) else {}
+        keep_ranks_in_step(model, processor, cfg.data.max_image_pixels, prompts, cfg.train.deepspeed)
         return Fit(
             model=model,
             train_dataset=train,
@@ -187,7 +185,6 @@ class VlmPreferenceTask(VlmSftTask):
                 "loss_settings": loss_settings(cfg.loss),
                 "mode": mode,
             },
-            args=args,
             items="pair",
             workers=cfg.data.workers,
         )

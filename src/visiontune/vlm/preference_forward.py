@@ -63,21 +63,29 @@ def pair_logits(
 ) -> torch.Tensor:
     """Logits of the 2B rows of `inputs` (the last `keep` positions, or the positions `keep` lists; 0: all), the
     images of its B chosen rows encoded once. `unwrapped`: the model without its DDP / accelerate wrapper."""
+    from visiontune.vlm.mixed_batches import ATTRIBUTE
+
     images = {k: inputs[k] for k in IMAGE_INPUTS if k in inputs}
     text = {k: v for k, v in inputs.items() if k not in IMAGE_INPUTS}
+    base = unwrapped if unwrapped is not None else model
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base  # PEFT: adapters stay in place
+    if not images and getattr(base, ATTRIBUTE, None) is not None:
+        getattr(base, ATTRIBUTE).encode()  # mixed data: a stand-in image, encoded where images are (mixed_batches.py)
     if images:
-        base = unwrapped if unwrapped is not None else model
-        base = base.get_base_model() if hasattr(base, "get_base_model") else base  # PEFT: adapters stay in place
         if hasattr(base, "image_embeds"):  # an assembled VLM (vlm/assembled.py): projected image tokens
             text["image_embeds"] = twice(base.image_embeds(images["pixel_values"]))
             return model(**text, use_cache=False, logits_to_keep=keep).logits
-        defaults = {k: getattr(base.config, k) for k in _CONFIG_DEFAULTS if hasattr(base.config, k)}
-        encoded = base.get_image_features(**images, **defaults, return_dict=True)
+        encoded = base.get_image_features(**images, **image_feature_defaults(base), return_dict=True)
         encoded.pooler_output = twice(encoded.pooler_output)
         text["mm_encoder_outputs"] = {"image": encoded}
         if "image_grid_thw" in images:  # Qwen's 3-D positions need every row's image grid
             text["image_grid_thw"] = torch.cat([images["image_grid_thw"]] * 2)
     return model(**text, use_cache=False, logits_to_keep=keep).logits
+
+
+def image_feature_defaults(model: Any) -> dict[str, Any]:
+    """The arguments of `get_image_features` the model's forward takes from its config."""
+    return {k: getattr(model.config, k) for k in _CONFIG_DEFAULTS if hasattr(model.config, k)}
 
 
 def twice(features: Any) -> Any:

@@ -36,7 +36,7 @@ from visiontune.vlm.conversations import (
     refuse_conversation_leak,
 )
 from visiontune.vlm.generate import generation_report
-from visiontune.vlm.mixed_batches import mixed_images, refuse_text_only
+from visiontune.vlm.mixed_batches import keep_ranks_in_step
 from visiontune.vlm.model import apply_tuning, enable_grad_checkpointing, load_vlm, trainable_summary
 from visiontune.vlm.token_cache import tokenize_cached
 from visiontune.vlm.tokenize import Tokenized, say_truncation, truncation
@@ -192,12 +192,8 @@ def vlm_fit(cfg: Any, model: Any, processor: Any, data: VlmData, trainer_class: 
     else:
         collator = VlmCollator(processor, cfg.data.max_image_pixels)
     generation = GenerationEval(processor, data.val, cfg.eval, cfg.data.max_image_pixels)
-    refuse_text_only(cfg.train, data.train + data.val)  # DeepSpeed ranks would hang or crash on mixed batches
+    keep_ranks_in_step(model, processor, cfg.data.max_image_pixels, data.train + data.val, cfg.train.deepspeed)
     args: dict[str, Any] = {"train_sampling_strategy": "group_by_length"} if cfg.data.group_by_length else {}
-    if mixed_images(data.train + data.val):
-        # DDP: on a rank whose batch has no image the vision path gets no gradients; the ranks wait for each other in
-        # the gradient all-reduce unless DDP is told some parameters may go unused
-        args["ddp_find_unused_parameters"] = True
     return Fit(
         model=model,
         train_dataset=TokenizedDataset(data.train_tokens, data.train),
