@@ -26,14 +26,9 @@ order, produces the gradients in the same order on every rank and ZeRO's gradien
 reduced whenever `reduce_bucket_size` fills) hold the same parameters at the same offsets. vlm_preference
 encodes images before its forward (`preference_forward.pair_logits`), so there the stand-in is encoded at that same
 place (`StandIn.encode`); an assembled VLM (vlm_assemble) calls it from its own `embed`, where its image features go.
+And it takes nothing from a parameter (see `_vision_path`: under ZeRO-3 that read is itself a collective).
 tests/vlm/test_mixed_batches.py checks the order and the unchanged loss in one process, and trains on two ranks under
-DDP, ZeRO-2 and ZeRO-3 with one rank's batch an image and the other's text only.
-
-Still refused: an assembled VLM on such data under ZeRO-3. Its two ranks fetched the same modules in the same order
-(logged), yet the first parameter gather of the vision tower met the token embedding's gather of the other rank
-(gloo: "32960 vs 32", a collective mismatch), with the stand-in in the language model's pre-hook or in `embed`, and
-with prefetching off; the same run with an image in every record trains. Not found in the time given; transformers
-VLMs (vlm_sft, vlm_preference) train under ZeRO-3 on mixed data."""
+DDP, ZeRO-2 and ZeRO-3 with one rank's batch an image and the other's text only."""
 
 from __future__ import annotations
 
@@ -69,24 +64,28 @@ class StandIn:
             self.vision.register_forward_hook(self._vision_ran)
             self.language.register_forward_pre_hook(self._before_language, with_kwargs=True)
 
-    def encode(self) -> None:
+    def encode(self, device: torch.device) -> None:
         """The stand-in through the vision path now, added in the next language-model forward (vlm_preference
         encodes a pair batch's images before its forward; the stand-in of a text-only batch must run there too)."""
-        self.features = _tensors(self._vision_path())
+        self.features = _tensors(self._vision_path(device))
         self.ran = True
 
     def zero_for(self, embeds: torch.Tensor) -> torch.Tensor:
         """0 x the stand-in's features (encoded ahead by `encode`, else now), in `embeds`' dtype."""
-        features, self.features = self.features or _tensors(self._vision_path()), []
+        features, self.features = self.features or _tensors(self._vision_path(embeds.device, embeds.dtype)), []
         self.ran = False
         return (sum(f.float().sum() for f in features) * 0.0).to(embeds.dtype)  # exactly 0: the features are finite
 
-    def _vision_path(self) -> Any:
-        device = next(self.vision.parameters()).device
+    def _vision_path(self, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+        """The stand-in through the model's image encoder, on the batch's `device` (`dtype`: the embeddings', which an
+        assembled VLM's `embed` casts pixels to). Device and dtype come from the batch, never from a parameter: under
+        ZeRO-3, reading a module's parameter attribute in a forward gathers it from all ranks (DeepSpeed's
+        ZeROOrderedDict), a collective that only this rank would enter; one `.weight.dtype` here put the ranks'
+        gathers out of step (gloo's "collective mismatch" on two CPU ranks)."""
         inputs = {k: v.to(device) for k, v in self.inputs.items()}
-        if hasattr(self.model, "image_embeds"):  # an assembled VLM (vlm/assembled.py), as its `embed` calls it
-            dtype = self.model.language.get_input_embeddings().weight.dtype
-            return self.model.image_embeds(inputs["pixel_values"].to(dtype))
+        if hasattr(self.model, "image_embeds"):  # an assembled VLM: as its `embed` (or pair_logits) passes pixels
+            pixels = inputs["pixel_values"]
+            return self.model.image_embeds(pixels if dtype is None else pixels.to(dtype))
         from visiontune.vlm.preference_forward import image_feature_defaults
 
         out = self.model.get_image_features(**inputs, **image_feature_defaults(self.model), return_dict=True)
@@ -110,26 +109,12 @@ class StandIn:
         return args, {**kwargs, "inputs_embeds": embeds + self.zero_for(embeds)}
 
 
-def keep_ranks_in_step(
-    model: nn.Module, processor: Any, max_pixels: int, records: list[Any], deepspeed: str | None
-) -> StandIn | None:
-    """A `StandIn` for `model` when several ranks train on `records` (with `.images` and `.ref`) that mix images and
-    text only; `deepspeed`: the recipe's train.deepspeed."""
-    from visiontune.run.config import zero_stage
+def keep_ranks_in_step(model: nn.Module, processor: Any, max_pixels: int, records: list[Any]) -> StandIn | None:
+    """A `StandIn` for `model` when several ranks train on `records` (with `.images`) that mix images and text only."""
     from visiontune.run.distributed import launched_world_size
 
     if launched_world_size() < 2 or not mixed_images(records):
         return None
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if hasattr(base, "image_embeds") and zero_stage(deepspeed) == 3:
-        from visiontune.core.errors import DataError
-
-        bare = next(r for r in records if not r.images)
-        raise DataError(
-            f"{bare.ref} has no image, and an assembled VLM cannot yet train records with and without images under "
-            "ZeRO-3 (the ranks' parameter gathers went out of step on two CPU ranks, stand-in image or not); use "
-            "train.deepspeed: zero2 or DDP, or give every record an image."
-        )
     return install_stand_in(model, processor, max_pixels)
 
 

@@ -172,7 +172,7 @@ class VlmPreferenceTask(VlmSftTask):
             set_reference(cfg, model, collator, {"train": train, "val": val})
         generation = GenerationEval(processor, [p.chosen for p in d.val], cfg.eval, cfg.data.max_image_pixels)
         prompts = [p.chosen for p in d.train + d.val]  # a pair's images are its prompt's, on both answers
-        keep_ranks_in_step(model, processor, cfg.data.max_image_pixels, prompts, cfg.train.deepspeed)
+        keep_ranks_in_step(model, processor, cfg.data.max_image_pixels, prompts)  # mixed_batches.py
         return Fit(
             model=model,
             train_dataset=train,

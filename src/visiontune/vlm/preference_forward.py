@@ -70,7 +70,7 @@ def pair_logits(
     base = unwrapped if unwrapped is not None else model
     base = base.get_base_model() if hasattr(base, "get_base_model") else base  # PEFT: adapters stay in place
     if not images and getattr(base, ATTRIBUTE, None) is not None:
-        getattr(base, ATTRIBUTE).encode()  # mixed data: a stand-in image, encoded where images are (mixed_batches.py)
+        getattr(base, ATTRIBUTE).encode(text["input_ids"].device)  # mixed data: a stand-in image (mixed_batches.py)
     if images:
         if hasattr(base, "image_embeds"):  # an assembled VLM (vlm/assembled.py): projected image tokens
             text["image_embeds"] = twice(base.image_embeds(images["pixel_values"]))

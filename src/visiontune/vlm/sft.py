@@ -192,7 +192,7 @@ def vlm_fit(cfg: Any, model: Any, processor: Any, data: VlmData, trainer_class: 
     else:
         collator = VlmCollator(processor, cfg.data.max_image_pixels)
     generation = GenerationEval(processor, data.val, cfg.eval, cfg.data.max_image_pixels)
-    keep_ranks_in_step(model, processor, cfg.data.max_image_pixels, data.train + data.val, cfg.train.deepspeed)
+    keep_ranks_in_step(model, processor, cfg.data.max_image_pixels, data.train + data.val)  # mixed_batches.py
     args: dict[str, Any] = {"train_sampling_strategy": "group_by_length"} if cfg.data.group_by_length else {}
     return Fit(
         model=model,
