@@ -20,13 +20,13 @@ def test_held_scale_computes_the_same_and_exports_0_dim(fixtures_dir, tmp_path):
     from transformers import CLIPModel
 
     from visiontune.clip.contrastive import ContrastiveModel
-    from visiontune.clip.dual_encoder import hold_scalars_for_deepspeed, resolve_dual_encoder
+    from visiontune.clip.dual_encoder import hold_scalars_as_vectors, resolve_dual_encoder
 
     encoder = resolve_dual_encoder(str(fixtures_dir / "clip"))
     encoder.model.logit_scale.data.fill_(2.5)  # not the fixture's value, so the export must carry this one
     model = ContrastiveModel(encoder).eval()
     before = model(**_batch(encoder))
-    assert hold_scalars_for_deepspeed(encoder.model) == ["logit_scale"]
+    assert hold_scalars_as_vectors(encoder.model) == ["logit_scale"]
     assert encoder.model.logit_scale.shape == (1,) and encoder.model.logit_scale.requires_grad
     after = model(**_batch(encoder))
     assert torch.equal(before["logits"], after["logits"]) and torch.equal(before["loss"], after["loss"])

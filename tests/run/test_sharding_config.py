@@ -78,6 +78,15 @@ def test_deepspeed_is_refused_for_clip_continual():
         parse_config(recipe)
 
 
+def test_fsdp_is_refused_for_clip_continual():
+    # seen on two CPU ranks: after the first task the sharded model met the between-task evaluation and checkpoint;
+    # clip_classify and clip_contrastive train under FSDP2: tests/clip/test_fsdp_ranks.py
+    recipe = {"task": "clip_continual", "model": "unused", "output_dir": "unused", "train": {"fsdp": "full_shard"}}
+    recipe |= {"tasks": [{"name": "a", "train": "x"}, {"name": "b", "train": "y"}]}
+    with pytest.raises(RecipeError, match="train.fsdp cannot train clip_continual: FSDP2 shards the shared model"):
+        parse_config(recipe)
+
+
 def test_fsdp_is_refused_for_vlm_preference():
     # the loss encodes each pair's images before the model's forward; FSDP2 had freed those weights by the time the
     # backward reached them (seen on two CPU ranks); vlm_preference trains under DeepSpeed instead

@@ -14,7 +14,7 @@ import torch
 
 from visiontune.classify.task import ClassifyTask, SplitData, TuningPlan
 from visiontune.clip.config import ClipClassifyConfig, ClipLoraConfig
-from visiontune.clip.dual_encoder import hold_scalars_for_deepspeed, resolve_dual_encoder
+from visiontune.clip.dual_encoder import hold_scalars_as_vectors, resolve_dual_encoder
 from visiontune.clip.vision_lora import apply_vision_lora
 from visiontune.clip.zero_shot import CLIPClassifier, read_saved_meta
 from visiontune.core.errors import DataError, ModelError
@@ -55,8 +55,8 @@ class ClipClassifyTask(ClassifyTask):
 
     def plan_tuning(self, model: CLIPClassifier, cfg: ClipClassifyConfig) -> TuningPlan:
         model.label_smoothing = cfg.train.label_smoothing
-        if cfg.train.deepspeed:  # before LoRA wraps the tower, so every wrapper sees the vector
-            hold_scalars_for_deepspeed(model.encoder.model)
+        if cfg.train.deepspeed or cfg.train.fsdp:  # before LoRA wraps the tower, so every wrapper sees the vector
+            hold_scalars_as_vectors(model.encoder.model)
         if cfg.train.grad_checkpointing:
             model.enable_grad_checkpointing()
         if cfg.tune.method == "full":

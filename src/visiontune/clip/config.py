@@ -210,6 +210,15 @@ class ClipContinualConfig(Strict):
                 "and accelerate (1.15) refuses a second DeepSpeed Accelerator in one process; remove it and train "
                 "with DDP (`--nproc N`), or run the tasks as clip_classify runs chained by init_from"
             )
+        if self.train.fsdp:
+            # seen on two CPU ranks: after the first task the evaluation met DTensor shards and the task's checkpoint
+            # an invalid storage
+            raise ValueError(
+                "train.fsdp cannot train clip_continual: FSDP2 shards the shared model in place when the first task "
+                "trains (torch's fully_shard has no undo), and the evaluation and per-task checkpoint between tasks "
+                "read its weights outside a forward; remove it and train with DDP (`--nproc N`), or run the tasks as "
+                "clip_classify runs chained by init_from"
+            )
         split = Inert(
             ("data.val_split",),
             all(t.val is not None for t in self.tasks),

@@ -43,7 +43,7 @@ from visiontune.clip.captions import (
 from visiontune.clip.config import CaptionDataConfig, ClipContrastiveConfig
 from visiontune.clip.dual_encoder import (
     DualEncoder,
-    hold_scalars_for_deepspeed,
+    hold_scalars_as_vectors,
     image_features,
     resolve_dual_encoder,
     text_features,
@@ -60,7 +60,7 @@ from visiontune.core.transforms import eval_transform, train_transform, with_ima
 from visiontune.run.arguments import loader_workers
 from visiontune.run.distributed import launched_world_size
 from visiontune.run.task import Fit, Skipped, Task
-from visiontune.run.trainer import VisiontuneTrainer
+from visiontune.run.trainer import VisiontuneTrainer, fsdp2_gathered
 
 TRAINABLE = {
     "both": ("vision_model.", "visual_projection.", "text_model.", "text_projection."),
@@ -128,8 +128,8 @@ class ClipContrastiveTask(Task):
         encoder.preprocess = with_image_size(encoder.preprocess, cfg.data.image_size)
         model = ContrastiveModel(encoder)
         set_trainable(model.model, cfg.trainable, cfg.model)
-        if cfg.train.deepspeed:
-            hold_scalars_for_deepspeed(model.model)
+        if cfg.train.deepspeed or cfg.train.fsdp:
+            hold_scalars_as_vectors(model.model)
         if cfg.train.grad_checkpointing:
             _enable_grad_checkpointing(model.model, cfg.model)
         pre, max_pixels, seed, aug = encoder.preprocess, cfg.data.max_image_pixels, cfg.seed, cfg.data.augment
@@ -160,7 +160,10 @@ class ClipContrastiveTask(Task):
         metrics = dict(trainer.last)
         if data.zero_shot is not None:
             args = trainer.args
-            extra = zero_shot_metrics(trainer.model, data.zero_shot, args.eval_batch_size, args.dataloader_num_workers)
+            with fsdp2_gathered(trainer):  # it calls the towers outside the model's forward
+                extra = zero_shot_metrics(
+                    trainer.model, data.zero_shot, args.eval_batch_size, args.dataloader_num_workers
+                )
             trainer.log({f"{name}_{k}": v for k, v in extra.items()})
             metrics |= extra
         return {"metrics": metrics}
@@ -327,13 +330,14 @@ class ContrastiveTrainer(VisiontuneTrainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         start = time.perf_counter()
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
-        self.last, _ = retrieval_scores(
-            self.model,
-            dataset,
-            self.args.eval_batch_size,
-            self.args.dataloader_num_workers,
-            self.args.per_device_train_batch_size,
-        )
+        with fsdp2_gathered(self):  # FSDP2: the towers run outside the model's forward, so whole weights first
+            self.last, _ = retrieval_scores(
+                self.model,
+                dataset,
+                self.args.eval_batch_size,
+                self.args.dataloader_num_workers,
+                self.args.per_device_train_batch_size,
+            )
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in self.last.items()}
         metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - start, 4)
         self.log(metrics)

@@ -64,7 +64,7 @@ class DualEncoder:
 
     def save(self, directory: Path, extra_meta: dict | None = None) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
-        state = plain_state(self.model)  # scalars held as vectors for DeepSpeed go back to 0-dim
+        state = plain_state(self.model)  # scalars held as vectors for sharding go back to 0-dim
         if isinstance(self.model, BuiltinDualEncoder):
             self.model.save(directory, state)
         else:
@@ -80,14 +80,15 @@ class DualEncoder:
 SCALARS_HELD = "_visiontune_scalars_held"  # attribute on the model: names of 0-dim parameters held as [1] vectors
 
 
-def hold_scalars_for_deepspeed(model: nn.Module) -> list[str]:
-    """Hold each 0-dimensional parameter (CLIP's temperature `logit_scale`) as a 1-element vector while DeepSpeed
-    trains it; returns their names.
+def hold_scalars_as_vectors(model: nn.Module) -> list[str]:
+    """Hold each 0-dimensional parameter (CLIP's temperature `logit_scale`) as a 1-element vector while DeepSpeed or
+    FSDP2 trains it; returns their names.
 
-    What DeepSpeed (0.19.8) lacks: its engine starts by broadcasting every whole parameter from rank 0 as bytes,
+    What both lack: DeepSpeed's (0.19.8) engine starts by broadcasting every whole parameter from rank 0 as bytes,
     `p.data.view(torch.uint8)`, and torch cannot view a 0-dim float tensor as bytes ("self.dim() cannot be 0"), so
-    both ZeRO-2 and ZeRO-3 stop before the first step. A [1] vector broadcasts the same way wherever the scalar is
-    used (`logit_scale.exp() * logits`; our own readers `.reshape(())` it). `DualEncoder.save` writes the 0-dim shape
+    both ZeRO-2 and ZeRO-3 stop before the first step; torch's `fully_shard` shards every parameter on dim 0 and
+    refuses one without dims. A [1] vector broadcasts the same way wherever the scalar is used
+    (`logit_scale.exp() * logits`; our own readers `.reshape(())` it). `DualEncoder.save` writes the 0-dim shape
     back, so the export is what plain transformers / open_clip load."""
     held = []
     for name, p in list(model.named_parameters()):
@@ -100,7 +101,7 @@ def hold_scalars_for_deepspeed(model: nn.Module) -> list[str]:
 
 
 def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with the parameters `hold_scalars_for_deepspeed` reshaped back to 0-dim."""
+    """The model's state dict with the parameters `hold_scalars_as_vectors` reshaped back to 0-dim."""
     state = model.state_dict()
     for name in getattr(model, SCALARS_HELD, []):
         state[name] = state[name].reshape(())
