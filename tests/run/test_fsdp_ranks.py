@@ -4,9 +4,8 @@ sharding, one launch trains each task's built-in recipe on the tiny fixtures for
 its checkpoint for a third. Checked: every training step went through an FSDP2 (`fully_shard`) model whose parameters
 are DTensor shards after the step, finite losses, the same weights on both ranks (gathered), one export of whole
 tensors that its library loads, accelerate's FSDP checkpoint (optimiser included), and a resume that trains step 3
-only (segment's gradual unfreeze: a frozen parameter without optimiser state). vlm_preference refuses train.fsdp
-(tests/run/test_sharding_config.py); the CLIP tasks are not covered: torch's fully_shard refuses their 0-dimensional
-logit_scale. Slow (two ranks train twenty runs)."""
+only (segment's gradual unfreeze: a frozen parameter without optimiser state). vlm_preference:
+tests/vlm/test_preference_fsdp.py; the CLIP tasks: tests/clip/test_fsdp_ranks.py. Slow (twenty runs on two ranks)."""
 
 from __future__ import annotations
 
@@ -58,7 +57,7 @@ for run in runs:
     gc.collect()
 """
 
-TASKS = ("classify", "detect", "segment", "vlm_sft", "vlm_assemble")  # vlm_preference refuses train.fsdp
+TASKS = ("classify", "detect", "segment", "vlm_sft", "vlm_assemble")  # vlm_preference: tests/vlm/
 
 
 def _runs(fx: Path) -> dict[str, list[str]]:
@@ -141,7 +140,7 @@ def _load_plain(task: str, export: Path, fx: Path) -> None:
         from visiontune.segment.model import build_segmenter
 
         build_segmenter(str(export), None)
-    elif task == "vlm_sft":
+    elif task in ("vlm_sft", "vlm_preference"):
         from peft import PeftModel
 
         PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(fx / "vlm" / "qwen2_vl"), export)

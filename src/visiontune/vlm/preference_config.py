@@ -128,13 +128,6 @@ class VlmPreferenceConfig(Strict):
         check_something_trains(self, info)
         if self.init_from is not None:
             refuse_assembled_tuning(self.tune, info)
-        # the loss encodes a pair's images once, outside the model's forward; FSDP2 frees the weights that encoding
-        # used when the backward leaves the forward, before it reaches them (seen on two CPU ranks)
-        if self.train.fsdp:
-            raise ValueError(
-                "train.fsdp cannot train vlm_preference: its loss encodes each pair's images once, outside the "
-                "model's forward, where FSDP2 does not gather the weights for the backward; use train.deepspeed"
-            )
         return self
 
     def model_name(self) -> str:

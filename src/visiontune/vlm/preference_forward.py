@@ -69,18 +69,43 @@ def pair_logits(
     text = {k: v for k, v in inputs.items() if k not in IMAGE_INPUTS}
     base = unwrapped if unwrapped is not None else model
     base = base.get_base_model() if hasattr(base, "get_base_model") else base  # PEFT: adapters stay in place
-    if not images and getattr(base, ATTRIBUTE, None) is not None:
-        getattr(base, ATTRIBUTE).encode(text["input_ids"].device)  # mixed data: a stand-in image (mixed_batches.py)
-    if images:
-        if hasattr(base, "image_embeds"):  # an assembled VLM (vlm/assembled.py): projected image tokens
-            text["image_embeds"] = twice(base.image_embeds(images["pixel_values"]))
-            return model(**text, use_cache=False, logits_to_keep=keep).logits
-        encoded = base.get_image_features(**images, **image_feature_defaults(base), return_dict=True)
-        encoded.pooler_output = twice(encoded.pooler_output)
-        text["mm_encoder_outputs"] = {"image": encoded}
-        if "image_grid_thw" in images:  # Qwen's 3-D positions need every row's image grid
-            text["image_grid_thw"] = torch.cat([images["image_grid_thw"]] * 2)
-    return model(**text, use_cache=False, logits_to_keep=keep).logits
+
+    def run(forward: Any) -> torch.Tensor:
+        if not images and getattr(base, ATTRIBUTE, None) is not None:
+            getattr(base, ATTRIBUTE).encode(text["input_ids"].device)  # mixed data: a stand-in (mixed_batches.py)
+        if images:
+            if hasattr(base, "image_embeds"):  # an assembled VLM (vlm/assembled.py): projected image tokens
+                text["image_embeds"] = twice(base.image_embeds(images["pixel_values"]))
+                return forward(**text, use_cache=False, logits_to_keep=keep).logits
+            encoded = base.get_image_features(**images, **image_feature_defaults(base), return_dict=True)
+            encoded.pooler_output = twice(encoded.pooler_output)
+            text["mm_encoder_outputs"] = {"image": encoded}
+            if "image_grid_thw" in images:  # Qwen's 3-D positions need every row's image grid
+                text["image_grid_thw"] = torch.cat([images["image_grid_thw"]] * 2)
+        return forward(**text, use_cache=False, logits_to_keep=keep).logits
+
+    return within_forward(model, run)
+
+
+def within_forward(model: Any, run: Any) -> torch.Tensor:
+    """`run(forward)` (the image encoding, then `forward`, the model's forward) inside one call of an FSDP2 `model`.
+
+    FSDP2 gathers a unit's weights in its forward hooks and sets up the backward's gathers from there: the root
+    unit's weights (the vision embeddings and projector of a model sharded per decoder layer, LoRA's adapters)
+    are whole only inside the root's call, and a vision layer called before it would make itself the root. So the
+    encoding must run inside the root's call, which the model's own forward does not offer (it takes the features
+    precomputed, not once for two rows); for that one call the instance's `forward` is `run`, and `run` calls the
+    class's forward directly (calling `model` again would run the hooks twice). Elsewhere `run(model)` as is."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        return run(model)
+    plain = type(model).forward.__get__(model)  # the class's forward: no hooks
+    model.forward = lambda: run(plain)  # nn.Module.__call__ runs the hooks around self.forward
+    try:
+        return model()
+    finally:
+        del model.forward
 
 
 def image_feature_defaults(model: Any) -> dict[str, Any]:
