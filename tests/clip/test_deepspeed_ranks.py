@@ -4,8 +4,8 @@ as 1-element vectors while DeepSpeed trains and write them back 0-dimensional (c
 
 Per backend, one launch trains each CLIP mode's built-in recipe on the tiny CLIP fixture for two steps (zero-shot
 head full / LoRA with WiSE-FT / L-LoRA (ZeRO-2; refused under ZeRO-3: tests/clip/test_deepspeed_scalars.py),
-contrastive with the temperature trainable), then resumes each run from its checkpoint for a third (clip_continual
-stays refused: tests/run/test_sharding_config.py). Checked as in
+contrastive with the temperature trainable), then resumes each run from its checkpoint for a third (clip_continual:
+tests/clip/test_continual_deepspeed.py). Checked as in
 tests/run/test_sharded_ranks.py: every step went through DeepSpeed's engine, finite losses, the same weights on both
 ranks, DeepSpeed checkpoints, a resume that trains step 3 only; and the export is what plain transformers loads,
 with a 0-dim `logit_scale` (the trained one, for contrastive). Slow, and needs the `deepspeed` extra."""

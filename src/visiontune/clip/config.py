@@ -203,12 +203,12 @@ class ClipContinualConfig(Strict):
         if len(names) < 2 or len(set(names)) != len(names):
             raise ValueError("tasks must list at least two tasks with distinct names")
         _ema_needs_full(self)
-        if self.train.deepspeed:
-            # seen on two CPU ranks: the second task's Trainer stops with accelerate's NotImplementedError
+        if zero_stage(self.train.deepspeed) == 3:
+            # seen on two CPU ranks ("max_position_embeddings: 0"); ZeRO-2 trains it (test_continual_deepspeed.py)
             raise ValueError(
-                "train.deepspeed cannot train clip_continual: each task of the sequence trains with a new Trainer, "
-                "and accelerate (1.15) refuses a second DeepSpeed Accelerator in one process; remove it and train "
-                "with DDP (`--nproc N`), or run the tasks as clip_classify runs chained by init_from"
+                "train.deepspeed: zero3 cannot train clip_continual: ZeRO-3 partitions the shared model's weights in "
+                "place when the first task trains, and the next task's zero-shot head reads the text tower outside "
+                "DeepSpeed's engine, where its weights are empty; use train.deepspeed: zero2, or DDP (`--nproc N`)"
             )
         if self.train.fsdp:
             # seen on two CPU ranks: after the first task the evaluation met DTensor shards and the task's checkpoint

@@ -127,6 +127,8 @@ def _train_stage(task: StagedTask, cfg: BaseModel, data: Any, state: Any, index:
         folder.mkdir(parents=True, exist_ok=True)
     seed_build(cfg.seed)
     stage_cfg, fit = task.build_stage(cfg, data, state, index, folder)
+    if getattr(stage_cfg.train, "deepspeed", None):
+        forget_deepspeed_accelerator()
     trainer = make_trainer(stage_cfg, fit, folder)
     train_with_progress(trainer, last_checkpoint(folder))
     weights = keep_better_ema(trainer, stage_cfg.train.metric)
@@ -138,6 +140,19 @@ def _train_stage(task: StagedTask, cfg: BaseModel, data: Any, state: Any, index:
         "global_step": trainer.state.global_step,
         "best_checkpoint": trainer.state.best_model_checkpoint,
     }
+
+
+def forget_deepspeed_accelerator() -> None:
+    """What accelerate (1.15) lacks for stages: it keeps one AcceleratorState per process and refuses a second
+    DeepSpeed Accelerator while the state holds a DeepSpeed plugin, but each stage trains with a new Trainer (a new
+    Accelerator, a new engine). The previous stage's engine is done with by now, so its state goes (the process
+    group stays: `reset_partial_state=False`), and with it transformers' handle on its DeepSpeed config; the new
+    stage's TrainingArguments set both up again."""
+    from accelerate.state import AcceleratorState
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def read_progress(run_dir: Path, flag: bool, recipe_key: bool) -> dict | None:
