@@ -6,7 +6,8 @@ was refused. `preference_forward.within_forward` now runs the encoding inside th
 Per sharding, one launch trains the built-in DPO recipe (LoRA, reference = adapters off) on the tiny Qwen2-VL fixture
 for two steps and resumes it for a third; checked as every task of tests/run/test_fsdp_ranks.py is: every step
 through the FSDP2-sharded model, finite losses, the same weights on both ranks, accelerate's FSDP checkpoint, a
-resume that trains step 3 only, and an adapter that PEFT loads onto the plain model. Slow."""
+resume that trains step 3 only, and an adapter that PEFT loads onto the plain model. An assembled VLM (init_from)
+trains too, with LoRA and full tuning, launched through `--nproc 2`. Slow."""
 
 from __future__ import annotations
 
@@ -33,3 +34,26 @@ def fixtures_all(tmp_path_factory) -> Path:
 def test_vlm_preference_trains_and_resumes_under_fsdp2(fixtures_all, tmp_path, sharding):
     trained = fsdp._train(sharding, fixtures_all, tmp_path, ("vlm_preference",))
     fsdp.test_task_trains_and_resumes_under_fsdp2((fixtures_all, trained), "vlm_preference")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "full"])  # reference: LoRA off / log-probs computed before training
+def test_assembled_vlm_preference_trains_under_fsdp2(assembled_preference_world, method, write_recipe, tmp_path):
+    """An assembled VLM (`init_from`: its own `image_embeds` path) under full_shard, launched as users do
+    (`visiontune train RECIPE --nproc 2`): finite losses, the same weights on both ranks, one export."""
+    import json
+    import math
+
+    from tests.conftest import train_two_ranks
+    from tests.vlm.test_preference_assembled import _raw
+
+    run = tmp_path / "fsdp"
+    train = {"max_steps": 2, "batch_size": 2, "fsdp": "full_shard", "precision": "fp32"}
+    recipe = _raw(assembled_preference_world, run, train=train, tune={"method": method})
+    ranks = train_two_ranks(write_recipe(recipe))
+    assert [r["world_size"] for r in ranks] == [2, 2] and all(r["samples_seen"] > 0 for r in ranks), ranks
+    assert ranks[0]["weight_checksum"] == ranks[1]["weight_checksum"], "the ranks ended with other weights"
+    losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert len(losses) >= 2 and all(math.isfinite(v) for v in losses), losses
+    assert (run / "checkpoints" / "checkpoint-2" / "pytorch_model_fsdp.bin").is_file()
+    assert (run / "model" / "visiontune.json").is_file()
