@@ -10,150 +10,30 @@ extra."""
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests import two_ranks
+
 pytest.importorskip("deepspeed")
-
-# Runs in each rank: `visiontune train NAME OVERRIDES...` for each run in turn (one launch: starting ranks and
-# DeepSpeed is most of the time), recording the model class every training step went through.
-WORKER = """
-import gc, json, os, sys
-from transformers import Trainer
-from visiontune.cli import main
-
-runs = json.loads(open(sys.argv[1]).read())
-seen = []
-training_step = Trainer.training_step
-
-def spy(self, model, inputs, num_items_in_batch=None):
-    seen.append(type(model).__name__)
-    return training_step(self, model, inputs, num_items_in_batch)
-
-Trainer.training_step = spy
-for run in runs:
-    seen.clear()
-    sys.argv = ["visiontune", "train", *run["argv"]]
-    try:
-        main()
-    except SystemExit as done:  # the CLI exits after each run
-        if done.code:
-            raise
-    with open(os.path.join(run["out"], "steps-rank" + os.environ["RANK"] + ".json"), "w") as f:
-        json.dump(seen, f)
-    # One run per process is what the CLI does; here the next run must not find this one's DeepSpeed settings:
-    # transformers keeps a global handle on the ZeRO-3 config (models would load partitioned) and accelerate keeps
-    # its state (with this run's DeepSpeed plugin) between Trainers.
-    from accelerate.state import AcceleratorState
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-    unset_hf_deepspeed_config()
-    AcceleratorState._reset_state(reset_partial_state=False)
-    gc.collect()
-"""
 
 TASKS = ("classify", "detect", "segment", "vlm_sft", "vlm_preference", "vlm_assemble")
 
-
-def _runs(fx: Path) -> dict[str, list[str]]:
-    """Task -> built-in recipe and overrides that train it on the fixtures (as `visiontune fixtures` prints them)."""
-    detect = ["data.image_size=64", f"model=timm:local-dir:{fx / 'timm-cnn'}"]
-    vlm = ["eval.max_samples=2", "eval.max_new_tokens=2", "train.precision=fp32"]
-    return {
-        "classify": [
-            "imagefolder-convnext",
-            f"model={fx / 'timm-cnn'}",
-            f"data.train={fx / 'images'}",
-            "train.precision=fp32",
-        ],
-        "detect": ["mnist-fcos-lite0", *detect, "data.train=builtin:mnist-detect:64"]
-        + ["data.val=builtin:mnist-detect-heldout:16"],
-        "segment": ["mnist-fpn-lite0", *detect, "data.train=builtin:mnist-segment:64"]
-        + ["data.val=builtin:mnist-segment-heldout:16"],
-        "vlm_sft": ["smolvlm-lora", *vlm, f"model={fx / 'vlm' / 'qwen2_vl'}", f"data.train={fx / 'conversations.json'}"]
-        + ["data.dataset_name=null", "train.grad_accum=1"],
-        "vlm_preference": ["qwen2-vl-dpo", *vlm, f"model={fx / 'vlm' / 'qwen2_vl'}"]
-        + [f"data.train={fx / 'preferences.jsonl'}"],
-        "vlm_assemble": ["mnist-align", *vlm, "data.limit=16", f"vision=timm:local-dir:{fx / 'timm-cnn'}"]
-        + [f"language={fx / 'lm' / 'llama'}"],
-    }
-
-
-@pytest.fixture(scope="module")
-def fixtures_all(tmp_path_factory) -> Path:
-    from tests.conftest import fixture_seed
-    from visiontune.testing.fixtures import write_everything
-
-    out = tmp_path_factory.mktemp("sharded-fixtures")
-    with fixture_seed():
-        write_everything(out / "fx")
-    return out / "fx"
-
-
-def _train(backend: str, fx: Path, tmp: Path) -> Path:
-    common = [f"train.deepspeed={backend}", "train.max_steps=2", "train.logging_steps=1"]
-    runs = []
-    for task, argv in _runs(fx).items():
-        out = tmp / task
-        runs.append({"argv": [*argv, f"output_dir={out}", *common], "out": str(out)})
-    for task, argv in _runs(fx).items():  # the same runs, resumed from step 2 to step 3
-        out = tmp / task
-        (tmp / f"{task}-resumed").mkdir()
-        resumed = [*argv, f"output_dir={out}", *common, "train.max_steps=3", "train.resume=true"]
-        runs.append({"argv": resumed, "out": str(tmp / f"{task}-resumed")})
-    (tmp / "runs.json").write_text(json.dumps(runs))
-    (tmp / "worker.py").write_text(WORKER)
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "VISIONTUNE_ERROR_DIR")}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", VISIONTUNE_CACHE=str(tmp / "cache"))
-    code = "import sys; from visiontune.run.distributed import run_ranks; sys.exit(run_ranks(2, sys.argv[1:]))"
-    cmd = [sys.executable, "-c", code, str(tmp / "worker.py"), str(tmp / "runs.json")]
-    # a timeout, not a hang: ZeRO-3 peers that disagree on which parameters to gather wait for each other forever
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500, cwd=tmp)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return tmp
+fixtures_all = two_ranks.fixtures_all  # module-scoped: the tiny fixtures of every task
 
 
 @pytest.fixture(scope="module", params=["zero2", "zero3"])
 def trained(request, fixtures_all, tmp_path_factory) -> tuple[str, Path]:
-    return request.param, _train(request.param, fixtures_all, tmp_path_factory.mktemp(request.param))
-
-
-def _export(run: Path) -> Path:
-    found = [run / name for name in ("model", "adapter") if (run / name).is_dir()]
-    assert len(found) == 1, f"{run}: expected one export, found {found}"
-    return found[0]
+    tmp = tmp_path_factory.mktemp(request.param)
+    return request.param, two_ranks.train_and_resume(
+        "deepspeed", request.param, two_ranks.task_runs(fixtures_all), tmp, 1500
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("task", TASKS)
 def test_task_trains_and_resumes_under_deepspeed(trained, task):
-    from safetensors import safe_open
-
     _, tmp = trained
-    run = tmp / task
-    for out in (run, tmp / f"{task}-resumed"):
-        steps = [json.loads((out / f"steps-rank{r}.json").read_text()) for r in (0, 1)]
-        assert steps[0] and steps[0] == steps[1], steps
-        assert set(steps[0]) == {"DeepSpeedEngine"}, f"{task} trained through {set(steps[0])}, not DeepSpeed"
-    first, resumed = (len(json.loads((out / "steps-rank0.json").read_text())) for out in (run, tmp / f"{task}-resumed"))
-    assert first == 2 * resumed, (first, resumed)  # the resumed run trained step 3 only (each step: grad_accum batches)
-    ranks = [json.loads((run / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert all(r["world_size"] == 2 and r["samples_seen"] > 0 for r in ranks), ranks
-    assert ranks[0]["weight_checksum"] == ranks[1]["weight_checksum"], f"{task}: the ranks ended with other weights"
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in rows if "loss" in r]
-    assert len(losses) >= 3 and all(math.isfinite(v) for v in losses), rows  # steps 1, 2 and the resumed 3
-    assert json.loads((run / "summary.json").read_text())["global_step"] == 3
-    assert (run / "checkpoints" / "checkpoint-3" / "global_step3").is_dir()  # DeepSpeed's own checkpoint layout
-    export = _export(run)
-    files = sorted(export.rglob("*.safetensors"))
-    assert files, f"{export} holds no weights"
-    for file in files:  # whole tensors: a ZeRO-3 shard saved as is would be empty
-        with safe_open(file, "pt") as f:
-            assert all(f.get_slice(k).get_shape() != [0] for k in f.keys()), f"{file} holds an empty tensor"
+    run = two_ranks.check_resumed(tmp, task, "deepspeed")
+    two_ranks.whole_tensors(two_ranks.export(run))  # a ZeRO-3 shard saved as is would be empty

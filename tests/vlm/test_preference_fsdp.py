@@ -11,22 +11,12 @@ trains too, with LoRA and full tuning, launched through `--nproc 2`. Slow."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
+from tests import two_ranks
 from tests.run import test_fsdp_ranks as fsdp  # its runner and checks (a module alias: pytest collects none twice)
 
-
-@pytest.fixture(scope="module")
-def fixtures_all(tmp_path_factory) -> Path:
-    from tests.conftest import fixture_seed
-    from visiontune.testing.fixtures import write_everything
-
-    out = tmp_path_factory.mktemp("preference-fsdp-fixtures")
-    with fixture_seed():
-        write_everything(out / "fx")
-    return out / "fx"
+fixtures_all = two_ranks.fixtures_all  # module-scoped: the tiny fixtures of every task
 
 
 @pytest.mark.slow
@@ -41,9 +31,6 @@ def test_vlm_preference_trains_and_resumes_under_fsdp2(fixtures_all, tmp_path, s
 def test_assembled_vlm_preference_trains_under_fsdp2(assembled_preference_world, method, write_recipe, tmp_path):
     """An assembled VLM (`init_from`: its own `image_embeds` path) under full_shard, launched as users do
     (`visiontune train RECIPE --nproc 2`): finite losses, the same weights on both ranks, one export."""
-    import json
-    import math
-
     from tests.conftest import train_two_ranks
     from tests.vlm.test_preference_assembled import _raw
 
@@ -53,7 +40,6 @@ def test_assembled_vlm_preference_trains_under_fsdp2(assembled_preference_world,
     ranks = train_two_ranks(write_recipe(recipe))
     assert [r["world_size"] for r in ranks] == [2, 2] and all(r["samples_seen"] > 0 for r in ranks), ranks
     assert ranks[0]["weight_checksum"] == ranks[1]["weight_checksum"], "the ranks ended with other weights"
-    losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-    assert len(losses) >= 2 and all(math.isfinite(v) for v in losses), losses
+    two_ranks.finite_losses(run, 2)
     assert (run / "checkpoints" / "checkpoint-2" / "pytorch_model_fsdp.bin").is_file()
     assert (run / "model" / "visiontune.json").is_file()
