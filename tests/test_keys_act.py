@@ -629,10 +629,11 @@ LEVEL: dict[str, str] = {
 POINTERS: dict[str, str] = {
     # refused on a machine that trains on CPU; a spy on transformers' save_on_cpu shows it acting where a GPU would
     "train.grad_checkpointing_offload": "tests/vlm/test_grad_offload.py::test_offload_reaches_the_checkpointed_blocks",
-    # refused on a machine that trains on CPU (accelerate sets FSDP up on GPUs only); the arguments where a GPU would
+    # one CPU process refuses it (nothing to shard); the arguments it gives (two ranks: tests/run/test_fsdp_ranks.py)
     "train.fsdp": "tests/run/test_sharding_config.py::test_fsdp_reaches_training_arguments_as_fsdp2",
-    # refused for clip_continual (a second DeepSpeed Accelerator in one process); acts for the other tasks
-    "clip_continual:train.deepspeed": "tests/run/test_sharding_config.py::test_deepspeed_is_refused_for_clip_continual",
+    # one process trains no DeepSpeed on CPU; two ranks train clip_continual under ZeRO-2 there (ZeRO-3 is refused)
+    "clip_continual:train.deepspeed": "tests/clip/test_continual_deepspeed.py::"
+    "test_clip_continual_trains_under_deepspeed",
     # takes the place of `model` (an assembled VLM instead of a transformers one), so no single-key variant exists
     "vlm_preference:init_from": "tests/vlm/test_preference_assembled.py::"
     "test_two_steps_move_adapters_and_projector_and_the_reference_stays_the_frozen_start",
