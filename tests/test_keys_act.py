@@ -587,6 +587,11 @@ CONTEXT: dict[str, Any] = {
     "stage": {"data.train": lambda w: w["convs"]},  # conversations serve both stages
     "vlm_assemble:image_size": {"vision": lambda w: f"timm:local-dir:{w.fx / 'timm-cnn'}"},  # a ViT's size is fixed
     "vlm_assemble:tune.*": {"stage": "instruct", "data.train": lambda w: w["convs"]},
+    "vlm_assemble:tune.vision_lr_scale": {
+        "stage": "instruct",
+        "data.train": lambda w: w["convs"],
+        "tune.vision": "full",
+    },
     "train.momentum": {"train.optimizer": "sgd"},
     "train.ema.*": {"train.ema": {}},
     "track.wandb_project": {"track.wandb": True},
@@ -700,6 +705,7 @@ INERT_UNDER: list[tuple[str, str, dict[str, Any], Any, Any, str]] = [
     ("vlm_assemble", "tune.train_projector", {"stage": "align"}, True, False, "build"),
     ("vlm_assemble", "init_from", {"stage": "align"}, lambda w: w["align_run"], "elsewhere", "build"),
     ("vlm_assemble", "tune.lora_r", {**_INSTRUCT, "tune.language": "full"}, 4, 8, "build"),
+    ("vlm_assemble", "tune.vision_lr_scale", _INSTRUCT, 0.5, 2.0, "build"),
     ("vlm_assemble", "data.prompt", _INSTRUCT, "Describe it.", "Caption this.", "build"),
     ("vlm_assemble", "vision_layer", {**_INSTRUCT, "init_from": lambda w: w["align_run"]}, -1, -2, "build"),
     ("vlm_assemble", "scheduled_sampling.k", {"scheduled_sampling": {"schedule": "linear"}}, 2.0, 5.0, "step"),

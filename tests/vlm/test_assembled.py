@@ -15,7 +15,7 @@ from PIL import Image
 from tests.conftest import assert_same_greedy, fixture_seed
 from visiontune.core.errors import DataError, ModelError, RecipeError
 from visiontune.recipe import parse_config
-from visiontune.vlm.assemble import VlmAssembleTask, load_model, set_trainable
+from visiontune.vlm.assemble import VlmAssembleTask, load_model, optimizer_for, set_trainable
 from visiontune.vlm.assembled import build_assembled, load_assembled
 from visiontune.vlm.projectors import PROJECTORS
 
@@ -134,6 +134,52 @@ def test_gradients_flow_only_where_the_stage_says(parts, colour_data, tmp_path, 
     if language == "lora" and stage == "instruct":
         trained = [n for n, p in model.language.named_parameters() if p.requires_grad]
         assert trained and all("lora_" in n for n in trained)
+
+
+def test_vision_full_trains_the_encoder_at_its_own_lr_and_keeps_batchnorm_statistics(parts, colour_data, tmp_path):
+    recipe = _recipe(parts, colour_data, tmp_path, "instruct") | {
+        "vision": f"timm:local-dir:{parts['cnn']}",
+        "language": str(parts["qwen2"]),
+        "tune": {"vision": "full", "vision_lr_scale": 0.1},
+    }
+    cfg = parse_config(recipe)
+    model, processor = load_model(cfg)
+    model = set_trainable(model, cfg)
+    batch = _batch(processor)
+    norms = [m for m in model.vision.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    stats = [m.running_mean.clone() for m in norms]
+    model.train()
+    assert _grads(model, batch) == {"vision", "projector", "language"}  # a training forward
+    optimizer = optimizer_for(cfg)(model)
+    vision = {id(p) for p in model.vision.parameters()}
+    assert {g["lr"] for g in optimizer.param_groups if id(g["params"][0]) in vision} == {0.1 * cfg.train.lr}
+    assert {g["lr"] for g in optimizer.param_groups if id(g["params"][0]) not in vision} == {cfg.train.lr}
+    weights = [p.detach().clone() for p in model.vision.parameters()]
+    optimizer.step()
+    assert norms and not any(m.training for m in norms)  # statistics as pretrained: batches of 8 cannot estimate them
+    assert all(torch.equal(a, m.running_mean) for a, m in zip(stats, norms, strict=True))
+    assert any(not torch.equal(a, p) for a, p in zip(weights, model.vision.parameters(), strict=True))
+
+
+def test_vision_full_is_saved_and_frozen_vision_refuses_its_lr_scale(parts, colour_data, tmp_path):
+    recipe = _recipe(parts, colour_data, tmp_path, "instruct") | {
+        "vision": f"timm:local-dir:{parts['cnn']}",
+        "language": str(parts["qwen2"]),
+        "tune": {"vision": "full"},
+        "train": {"epochs": 1, "batch_size": 4, "lr": 3e-3, "logging_steps": 1, "warmup_ratio": 0.0},
+    }
+    start, _ = load_model(parse_config(recipe))
+    run = VlmAssembleTask().train(parse_config(recipe))
+    trained, _ = load_assembled(run / "model")
+    moved = [
+        not torch.equal(a, b)
+        for a, b in zip(start.vision.state_dict().values(), trained.vision.state_dict().values(), strict=True)
+    ]
+    assert any(moved)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["trainable_parameters"]["vision"] == sum(p.numel() for p in start.vision.parameters())
+    with pytest.raises(RecipeError, match="tune.vision_lr_scale"):
+        parse_config(recipe | {"tune": {"vision_lr_scale": 0.5}})
 
 
 def test_moe_balance_loss_is_added_to_the_lm_loss(parts):

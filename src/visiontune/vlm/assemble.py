@@ -1,8 +1,9 @@
 """`task: vlm_assemble` — build a VLM LLaVA-style from a vision encoder + projector + causal LM and train it.
 
 Stage `align`: vision and language frozen, only the projector learns, on image-caption pairs (each becomes a
-"<image> + prompt → caption" conversation). Stage `instruct`: vision frozen, projector + language model (full or
-LoRA) learn, on conversations in every format vlm_sft reads, starting from an `align` run's model.
+"<image> + prompt → caption" conversation). Stage `instruct`: projector + language model (full or LoRA) learn, and
+the vision encoder too with `tune.vision: full`, on conversations in every format vlm_sft reads, starting from an
+`align` run's model.
 
 Reads top to bottom like vlm_sft, whose data path (tokenise once with assistant-only labels, image-safe truncation,
 cache), collator, generation eval and report it reuses: model → stage's trainable parts → data → Trainer →
@@ -13,10 +14,12 @@ parts fit the LLaVA format).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from visiontune.core.errors import DataError, RecipeError
 from visiontune.run.runner import save_eval
@@ -51,6 +54,7 @@ class VlmAssembleTask(VlmSftTask):
         if cfg.train.grad_checkpointing:
             enable_grad_checkpointing(model.language, offload=cfg.train.grad_checkpointing_offload)
         fit = vlm_fit(cfg, model, prepared.processor, prepared.data, trainer_class=AssembleTrainer)
+        fit.make_optimizer = optimizer_for(cfg)
         fit.trainer_attrs["scheduled_sampling"] = cfg.scheduled_sampling
         return fit
 
@@ -108,8 +112,9 @@ def _stage_one_folder(init_from: str) -> Path:
 
 
 def set_trainable(model: AssembledVlm, cfg: VlmAssembleConfig) -> AssembledVlm:
-    """Gradients only where the stage says: align → projector; instruct → projector (unless turned off) + LM."""
-    model.vision.requires_grad_(False)
+    """Gradients only where the stage says: align → projector; instruct → projector (unless turned off) + LM, and
+    the vision encoder with tune.vision: full."""
+    model.vision.requires_grad_(cfg.stage == "instruct" and cfg.tune.vision == "full")
     model.projector.requires_grad_(cfg.stage == "align" or cfg.tune.train_projector)
     language = "frozen" if cfg.stage == "align" else cfg.tune.language
     model.language.requires_grad_(language == "full")
@@ -127,6 +132,21 @@ def set_trainable(model: AssembledVlm, cfg: VlmAssembleConfig) -> AssembledVlm:
     if not any(p.requires_grad for p in model.parameters()):
         raise RecipeError("nothing trains: set tune.train_projector=true or tune.language to full or lora.")
     return model
+
+
+def optimizer_for(cfg: VlmAssembleConfig) -> Callable[[nn.Module], torch.optim.Optimizer]:
+    """The runner's optimiser, with the vision encoder's parameters at tune.vision_lr_scale × train.lr."""
+    from visiontune.run.optim import build_optimizer
+
+    t = cfg.train
+
+    def make(model: nn.Module) -> torch.optim.Optimizer:
+        scales = {n: cfg.tune.vision_lr_scale for n, _ in model.named_parameters() if n.startswith("vision.")}
+        return build_optimizer(
+            model, lr=t.lr, weight_decay=t.weight_decay, optimizer=t.optimizer, momentum=t.momentum, layer_scales=scales
+        )
+
+    return make
 
 
 def trainable_counts(model: AssembledVlm) -> dict[str, int]:

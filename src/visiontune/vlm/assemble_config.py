@@ -89,6 +89,12 @@ class AssembleTuneConfig(Strict):
     lora_alpha: int = Field(32, gt=0)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     train_projector: bool = True
+    vision: Literal["frozen", "full"] = Field(
+        "frozen",
+        description="instruct stage: full trains the vision encoder too (its BatchNorm statistics stay as "
+        "pretrained); the fix when frozen features cap accuracy (a linear probe on them shows the ceiling).",
+    )
+    vision_lr_scale: float = Field(1.0, gt=0, description="The vision encoder's LR as a multiple of train.lr.")
 
 
 class AssembleTrainConfig(VlmTrainConfig):
@@ -138,6 +144,12 @@ class VlmAssembleConfig(Strict):
                 not align and self.tune.language != "lora",
                 "with tune.language: lora",
                 "set tune.language: lora",
+            ),
+            Inert(
+                ("tune.vision_lr_scale",),
+                not align and self.tune.vision == "frozen",
+                "with tune.vision: full",
+                "set tune.vision: full",
             ),
             Inert(
                 ("data.prompt",), not align, "with stage: align (the user turn before each caption)", "set stage: align"

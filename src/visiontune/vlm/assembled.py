@@ -127,10 +127,14 @@ class AssembledVlm(nn.Module):
         self.balance_loss: float | None = None  # last MoE load-balancing loss, for logging
 
     def train(self, mode: bool = True) -> AssembledVlm:
-        """A frozen encoder stays in eval mode: its BatchNorm statistics and dropout must not change."""
+        """A frozen encoder stays in eval mode: its BatchNorm statistics and dropout must not change. A trained one
+        keeps its BatchNorm statistics as pretrained too: a VLM's batches (8 images) are too small to estimate them."""
         super().train(mode)
         if not any(p.requires_grad for p in self.vision.parameters()):
             self.vision.eval()
+        for module in self.vision.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
         return self
 
     def image_embeds(self, pixel_values: Tensor) -> Tensor:
