@@ -274,6 +274,7 @@ def make_trainer(cfg: BaseModel, fit: Fit, run_dir: Path) -> Any:
 
     from visiontune.run.arguments import training_arguments
     from visiontune.run.callbacks import WeightEma
+    from visiontune.run.cpu_dropout import cheapen_lora_dropout
     from visiontune.run.distributed import check_process_group
     from visiontune.run.optim import build_optimizer
     from visiontune.run.trainer import VisiontuneTrainer
@@ -287,6 +288,8 @@ def make_trainer(cfg: BaseModel, fit: Fit, run_dir: Path) -> Any:
     ema = WeightEma(fit.model, train.ema.decay) if getattr(train, "ema", None) is not None else None
     per_step = train.batch_size * train.grad_accum * args.world_size
     callbacks = [*standard_callbacks(cfg, run_dir, per_step, fit.items, validate), *fit.callbacks]
+    if args.device.type == "cpu":
+        cheapen_lora_dropout(fit.model)  # torch's CPU dropout masks were a fifth of a LoRA step
     trainer = (fit.trainer_class or VisiontuneTrainer)(
         model=fit.model,
         args=args,
