@@ -25,6 +25,8 @@ Both sides train the same model on the same conversations with the same batch si
   images, made from the same conversations; the preprocessing step asserts that TRL's collator produces exactly the
   token ids visiontune's tokeniser does for every record.
 * TRL no-GC: the same with `gradient_checkpointing=False`, to separate that default from the rest.
+* visiontune draws its LoRA dropout masks on CPU from numpy's PCG64 (`run/cpu_dropout.py`; same p, same scaling);
+  the side `visiontune_packed_torch_dropout` is the packed run with PEFT's own `nn.Dropout`, to separate the two.
 
 Tokens/s = non-padding tokens (sum of `attention_mask`) of the batches trained between the end of warm-up step
 `--warmup` and the end of the last step, divided by the wall time between them (tok/CPU-s: by process CPU time);
@@ -76,8 +78,16 @@ from transformers import TrainerCallback  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 # packed: the same with data.packing: true (attention per record, vlm/packed_attention.py); packed_masked: packed,
-# but SDPA over the whole row with transformers' block-diagonal mask (what packing did before per-record attention)
-SIDES = ("visiontune", "trl", "trl_nogc", "visiontune_packed", "visiontune_packed_masked")
+# but SDPA over the whole row with transformers' block-diagonal mask (what packing did before per-record attention);
+# packed_torch_dropout: packed, with PEFT's own nn.Dropout in the LoRA layers (not run/cpu_dropout.py's CpuDropout)
+SIDES = (
+    "visiontune",
+    "trl",
+    "trl_nogc",
+    "visiontune_packed",
+    "visiontune_packed_masked",
+    "visiontune_packed_torch_dropout",
+)
 MiB = 1024  # ru_maxrss is in KiB on Linux
 BATCH = 4
 IGNORE = -100
@@ -281,6 +291,10 @@ def measure(side: str, root: str, total_steps: int, warmup: int, threads: int | 
         import visiontune.vlm.packed_attention as packed_attention
 
         packed_attention.use_packed_attention = lambda model: False
+    if side == "visiontune_packed_torch_dropout":
+        import visiontune.run.cpu_dropout as cpu_dropout
+
+        cpu_dropout.cheapen_lora_dropout = lambda model: 0
     if side.startswith("visiontune"):
         from visiontune.run.runner import make_trainer
         from visiontune.vlm.model import load_vlm
@@ -483,7 +497,7 @@ def report(results: dict[str, list[dict]], sides: list[str], prep: dict) -> None
             f"rounds {' '.join(f'{c:.0f}' for c in cpu)} (spread {spread:.1%})"
         )
     if "visiontune_packed" in med:
-        for base in ("visiontune", "visiontune_packed_masked", "trl_nogc", "trl"):
+        for base in ("visiontune", "visiontune_packed_masked", "visiontune_packed_torch_dropout", "trl_nogc", "trl"):
             if base in med:
                 print(ratio_line("visiontune_packed", base, results))
     print()
