@@ -103,3 +103,25 @@ def test_two_ranks_agree_on_reusing_and_on_the_auto_batch(tiny_recipe, write_rec
     assert [r["rank"] for r in ranks] == [0, 1]
     train = yaml.safe_load((Path(recipe["output_dir"]) / "config.yaml").read_text())["train"]
     assert (train["batch_size"], train["grad_accum"]) == (4, 1)  # 8 over two ranks
+
+
+def test_the_best_validation_is_reused_when_its_weights_come_back(tiny_recipe, write_recipe, tmp_path, loops):
+    """load_best_model_at_end reloads an earlier epoch's weights: the "after" evaluation is that epoch's validation."""
+    from visiontune.recipe import get_task, load_recipe
+    from visiontune.run.runner import make_trainer
+
+    cfg = load_recipe(write_recipe(tiny_recipe()), [])
+    task = get_task(cfg.task)
+    fit = task.build(cfg, task.prepare(cfg), tmp_path / "run")
+    trainer = make_trainer(cfg, fit, tmp_path / "run")
+    best = trainer.evaluate(metric_key_prefix="eval")
+    assert trainer._determine_best_metric({f"eval_{cfg.train.metric}": 1e9, "eval_loss": -1e9}, None)
+    weight = next(p for p in trainer.model.parameters() if p.requires_grad)
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight.add_(0.5)
+    trainer.evaluate(metric_key_prefix="eval")  # a later epoch, not the best
+    with torch.no_grad():
+        weight.copy_(saved)  # the best checkpoint loaded back
+    after = trainer.evaluate(metric_key_prefix="after")
+    assert loops == ["eval", "eval"] and after["after_loss"] == best["eval_loss"]

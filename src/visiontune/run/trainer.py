@@ -74,14 +74,21 @@ class VisiontuneTrainer(Trainer):
                 dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
             )
         key = evaluation_key(self, dataloader, prediction_loss_only, ignore_keys)
-        last = self._last_evaluation
-        if every_rank(key is not None and last is not None and last[0] == key):
-            return renamed(last[2], last[1], metric_key_prefix)
+        kept = next((e for e in (self._last_evaluation, self._best_evaluation) if e is not None and e[0] == key), None)
+        if every_rank(key is not None and kept is not None):
+            return renamed(kept[2], kept[1], metric_key_prefix)
         output = self.run_evaluation(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         self._last_evaluation = (key, metric_key_prefix, output) if key is not None else None
         return output
 
     _last_evaluation = None  # (key, metric prefix, EvalLoopOutput) of the last evaluation loop
+    _best_evaluation = None  # the one that set the best metric: load_best_model_at_end brings its weights back
+
+    def _determine_best_metric(self, metrics, trial):
+        new_best = super()._determine_best_metric(metrics, trial)
+        if new_best:
+            self._best_evaluation = self._last_evaluation
+        return new_best
 
     def _evaluate_before_sharding(self, *args):
         """Trainer lacks: an evaluation before `train()` under DeepSpeed or FSDP2. Trainer would build an
