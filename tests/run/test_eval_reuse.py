@@ -115,6 +115,7 @@ def test_the_best_validation_is_reused_when_its_weights_come_back(tiny_recipe, w
     fit = task.build(cfg, task.prepare(cfg), tmp_path / "run")
     trainer = make_trainer(cfg, fit, tmp_path / "run")
     best = trainer.evaluate(metric_key_prefix="eval")
+    best_logits = trainer.compute_metrics.last_logits
     assert trainer._determine_best_metric({f"eval_{cfg.train.metric}": 1e9, "eval_loss": -1e9}, None)
     weight = next(p for p in trainer.model.parameters() if p.requires_grad)
     saved = weight.detach().clone()
@@ -125,3 +126,4 @@ def test_the_best_validation_is_reused_when_its_weights_come_back(tiny_recipe, w
         weight.copy_(saved)  # the best checkpoint loaded back
     after = trainer.evaluate(metric_key_prefix="after")
     assert loops == ["eval", "eval"] and after["after_loss"] == best["eval_loss"]
+    assert trainer.compute_metrics.last_logits is best_logits  # the full report "after" writes is the best's too

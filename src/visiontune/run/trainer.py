@@ -76,13 +76,18 @@ class VisiontuneTrainer(Trainer):
         key = evaluation_key(self, dataloader, prediction_loss_only, ignore_keys)
         kept = next((e for e in (self._last_evaluation, self._best_evaluation) if e is not None and e[0] == key), None)
         if every_rank(key is not None and kept is not None):
+            if kept[3]:
+                vars(self.compute_metrics).update(kept[3])  # the full report tasks read after evaluate (`.last`)
             return renamed(kept[2], kept[1], metric_key_prefix)
         output = self.run_evaluation(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
-        self._last_evaluation = (key, metric_key_prefix, output) if key is not None else None
+        state = dict(vars(self.compute_metrics)) if hasattr(self.compute_metrics, "__dict__") else {}
+        self._last_evaluation = (key, metric_key_prefix, output, state) if key is not None else None
         return output
 
-    _last_evaluation = None  # (key, metric prefix, EvalLoopOutput) of the last evaluation loop
-    _best_evaluation = None  # the one that set the best metric: load_best_model_at_end brings its weights back
+    # (key, metric prefix, EvalLoopOutput, compute_metrics' attributes) of the last evaluation loop, and of the one
+    # that set the best metric (load_best_model_at_end brings its weights back)
+    _last_evaluation = None
+    _best_evaluation = None
 
     def _determine_best_metric(self, metrics, trial):
         new_best = super()._determine_best_metric(metrics, trial)
