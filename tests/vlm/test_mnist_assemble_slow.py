@@ -21,7 +21,8 @@ def test_align_then_instruct_answers_held_out_digit_questions(cli, tmp_path):
     )
     assert code == 0, err
     summary = json.loads((instruct / "summary.json").read_text())
-    # Measured: 0.876 (n 315, 2026-11-30) and 0.845 (n 84, 2026-12-02); the base LM scores 0 and chance is 0.1.
-    assert summary["per_question"]["What digit is shown?"]["exact_match"] >= 0.8
-    assert summary["final_metrics"]["exact_match"] >= 0.8
-    assert summary["trainable_parameters"]["vision"] == 0
+    # Measured with the encoder trained (tune.vision: full), 2026-12-05: 0.964 (n 84; 0.978 on all 315 held-out
+    # digit questions), overall 0.983; frozen it was 0.845-0.876. The base LM scores 0 and chance is 0.1.
+    assert summary["per_question"]["What digit is shown?"]["exact_match"] >= 0.9
+    assert summary["final_metrics"]["exact_match"] >= 0.9
+    assert summary["trainable_parameters"]["vision"] > 0
