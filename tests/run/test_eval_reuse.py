@@ -42,14 +42,19 @@ def test_after_reuses_the_last_validation_of_the_same_weights(tiny_recipe, write
     assert after["confusion_matrix"] and len(after["per_class"]) == 3  # the task's full report, not only scalars
 
 
-def test_other_weights_or_data_are_evaluated_again(tiny_recipe, write_recipe, tmp_path, loops):
+def _trainer(recipe: Path, run_dir: Path):
+    """The runner's Trainer for a recipe, built without training; with the recipe and the task's Fit."""
     from visiontune.recipe import get_task, load_recipe
     from visiontune.run.runner import make_trainer
 
-    cfg = load_recipe(write_recipe(tiny_recipe()), [])
+    cfg = load_recipe(recipe, [])
     task = get_task(cfg.task)
-    fit = task.build(cfg, task.prepare(cfg), tmp_path / "run")
-    trainer = make_trainer(cfg, fit, tmp_path / "run")
+    fit = task.build(cfg, task.prepare(cfg), run_dir)
+    return cfg, fit, make_trainer(cfg, fit, run_dir)
+
+
+def test_other_weights_or_data_are_evaluated_again(tiny_recipe, write_recipe, tmp_path, loops):
+    _, fit, trainer = _trainer(write_recipe(tiny_recipe()), tmp_path / "run")
     first = trainer.evaluate(metric_key_prefix="a")
     again = trainer.evaluate(metric_key_prefix="b")
     assert loops == ["a"] and again["b_loss"] == first["a_loss"]
@@ -107,13 +112,7 @@ def test_two_ranks_agree_on_reusing_and_on_the_auto_batch(tiny_recipe, write_rec
 
 def test_the_best_validation_is_reused_when_its_weights_come_back(tiny_recipe, write_recipe, tmp_path, loops):
     """load_best_model_at_end reloads an earlier epoch's weights: the "after" evaluation is that epoch's validation."""
-    from visiontune.recipe import get_task, load_recipe
-    from visiontune.run.runner import make_trainer
-
-    cfg = load_recipe(write_recipe(tiny_recipe()), [])
-    task = get_task(cfg.task)
-    fit = task.build(cfg, task.prepare(cfg), tmp_path / "run")
-    trainer = make_trainer(cfg, fit, tmp_path / "run")
+    cfg, _, trainer = _trainer(write_recipe(tiny_recipe()), tmp_path / "run")
     best = trainer.evaluate(metric_key_prefix="eval")
     best_logits = trainer.compute_metrics.last_logits
     assert trainer._determine_best_metric({f"eval_{cfg.train.metric}": 1e9, "eval_loss": -1e9}, None)
