@@ -182,6 +182,14 @@ def test_vision_full_is_saved_and_frozen_vision_refuses_its_lr_scale(parts, colo
         parse_config(recipe | {"tune": {"vision_lr_scale": 0.5}})
 
 
+def test_plan_names_how_each_part_is_tuned(parts, colour_data, tmp_path):
+    from visiontune.plan.make import method
+
+    instruct = _recipe(parts, colour_data, tmp_path, "instruct", vision="x", language="y", tune={"vision": "full"})
+    assert method(parse_config(instruct)) == "instruct: vision full, projector, language lora"
+    assert method(parse_config(_recipe(parts, colour_data, tmp_path, "align"))) == "align: projector"
+
+
 def test_moe_balance_loss_is_added_to_the_lm_loss(parts):
     model, processor = build_assembled(str(parts["clip"]), str(parts["qwen2"]), {"kind": "moe", "options": {}})
     batch = _batch(processor)

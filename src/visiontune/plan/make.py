@@ -92,6 +92,11 @@ def parameter_counts(model: Any) -> dict[str, int]:
 
 def method(cfg: BaseModel) -> str:
     tune = getattr(cfg, "tune", None)
+    if getattr(cfg, "task", None) == "vlm_assemble":  # parts tuned each their own way, no one method
+        if cfg.stage == "align":
+            return "align: projector"
+        parts = [f"vision {tune.vision}", *(["projector"] if tune.train_projector else []), f"language {tune.language}"]
+        return "instruct: " + ", ".join(parts)
     return str(getattr(tune, "method", None) or getattr(tune, "mode", None) or "full")
 
 
